@@ -1,0 +1,1 @@
+"""The ``fieldscope`` command line: one entry point, one subcommand per package."""

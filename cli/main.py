@@ -1,0 +1,72 @@
+"""``fieldscope`` entry point.
+
+Each package contributes its subcommands through a ``cli`` module with a
+``register(subparsers)`` function. Those modules must stay light (no TensorFlow
+at import time) so that ``fieldscope --help`` is instant and works on a Pi that
+has only ``fieldscope[edge]``; heavy imports happen inside the handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+# The packages that contribute subcommands, in the order they appear in --help.
+COMMAND_MODULES: tuple[str, ...] = (
+    "fieldscope.edge.cli",
+    "fieldscope.train.cli",
+    "fieldscope.convert.cli",
+    "fieldscope.deploy.cli",
+    "fieldscope.collect.cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Assemble the parser from every package's ``register`` function."""
+    parser = argparse.ArgumentParser(
+        prog="fieldscope",
+        description="Species identification on a Raspberry Pi microscope: "
+        "train, convert, deploy, classify, collect.",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)"
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            # Only a package that has no cli module yet is skipped; a missing third-party
+            # import inside a cli module is a bug, because cli modules must stay light.
+            if exc.name == name:
+                continue
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; expected failures print one line and return a non-zero code."""
+    from fieldscope.edge.errors import FieldscopeError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        result = args.handler(args)
+    except FieldscopeError as exc:
+        print(f"fieldscope {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fieldscope {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

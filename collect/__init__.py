@@ -1,0 +1,1 @@
+"""The subscriber side: collect identifications from the fleet, store, export, show."""

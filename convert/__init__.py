@@ -1,0 +1,1 @@
+"""Quantisation of a trained run into a verified, self-describing TFLite bundle."""

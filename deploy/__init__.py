@@ -1,0 +1,1 @@
+"""Fleet provisioning and model rollout with Ansible."""
