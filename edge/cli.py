@@ -87,7 +87,7 @@ def _specimens(args: argparse.Namespace) -> int:
 
 
 def _preview(args: argparse.Namespace) -> int:
-    from fieldscope.edge.errors import RecipeError
+    from fieldscope.edge.errors import FieldscopeError, RecipeError
     from fieldscope.edge.preprocess import PreprocessRecipe, load_image, preprocess, save_png
 
     params: dict[str, float | int] = {}
@@ -112,7 +112,10 @@ def _preview(args: argparse.Namespace) -> int:
         resize=args.resize,
         fill=fill,
     )
-    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FieldscopeError(f"cannot create the output folder {args.out}: {exc.strerror}") from exc
     for path in args.images:
         out = args.out / f"{path.stem}.png"
         save_png(out, preprocess(load_image(path), recipe))

@@ -3,22 +3,49 @@
 Training (``fieldscope.train``) and the edge daemon call the *same* functions, so the
 model sees identical pixels on the workstation and on the Pi. Normalisation to the
 backbone's range lives inside the model graph; everything here returns RGB uint8.
+
+The pipeline is ``load_image``/``decode_image`` (any file a microscope camera writes →
+RGB uint8), then ``preprocess``: ``denoise`` at the source resolution (the filter
+parameters are in source pixels, as in the research scripts) followed by ``resize_to``
+the model's input size. Every function is pure and deterministic: the same bytes give
+the same pixels, run after run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import math
+import os
+import struct
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple, cast
 
-from fieldscope.edge.errors import RecipeError
+import cv2
+import numpy as np
+import numpy.typing as npt
+from fieldscope.edge.errors import FieldscopeError, ImageDecodeError, RecipeError
 
 __all__ = [
     "DENOISE_DEFAULTS",
     "DENOISE_METHODS",
+    "MAX_PIXELS",
     "RESIZE_POLICIES",
     "PreprocessRecipe",
+    "decode_image",
+    "denoise",
+    "load_and_preprocess",
+    "load_image",
+    "preprocess",
+    "resize_to",
+    "save_png",
 ]
+
+RGBImage = npt.NDArray[np.uint8]
 
 # Each denoise method with its parameters and their defaults (OpenCV's names and units).
 DENOISE_DEFAULTS: Mapping[str, Mapping[str, float | int]] = {
@@ -31,6 +58,15 @@ DENOISE_DEFAULTS: Mapping[str, Mapping[str, float | int]] = {
 DENOISE_METHODS: tuple[str, ...] = tuple(DENOISE_DEFAULTS)
 RESIZE_POLICIES: tuple[str, ...] = ("stretch", "center-crop", "letterbox")
 
+# Parameters OpenCV takes as window sizes: integers, and odd so the window has a centre.
+_INTEGER_PARAMS = frozenset({"diameter", "ksize", "template_window", "search_window"})
+_ODD_PARAMS = frozenset({"ksize", "template_window", "search_window"})
+
+# Largest image (width × height) we agree to decode. A 100-megapixel RGB frame is 300 MB
+# of uint8 (1.2 GB as float), already more than a Raspberry Pi can spare; the largest
+# whole-slide tiles and stitched mosaics a field station meets are well below it.
+MAX_PIXELS = 100_000_000
+
 
 @dataclass(frozen=True)
 class PreprocessRecipe:
@@ -40,6 +76,8 @@ class PreprocessRecipe:
     re-derives preprocessing. ``size`` is (height, width) of the model input.
     ``fill`` is the letterbox padding: ``"border"`` (median of the image border, which
     suits white-background plankton and dark-field images alike) or an RGB triple.
+    Window parameters given as integral floats (``ksize = 5.0``) are stored as ints, so
+    equal recipes compare equal whatever file format they came from.
     """
 
     size: tuple[int, int] = (224, 224)
@@ -54,7 +92,8 @@ class PreprocessRecipe:
             raise RecipeError("invalid preprocessing recipe: " + "; ".join(problems))
         # Freeze the defaults-merged parameters so equal recipes compare equal.
         merged = {**DENOISE_DEFAULTS[self.denoise], **dict(self.denoise_params)}
-        object.__setattr__(self, "denoise_params", dict(sorted(merged.items())))
+        params = {k: int(v) if k in _INTEGER_PARAMS else v for k, v in sorted(merged.items())}
+        object.__setattr__(self, "denoise_params", params)
         object.__setattr__(self, "size", (int(self.size[0]), int(self.size[1])))
         if not isinstance(self.fill, str):
             object.__setattr__(self, "fill", tuple(int(c) for c in self.fill))
@@ -62,48 +101,19 @@ class PreprocessRecipe:
     def validate(self) -> list[str]:
         """Every problem with this recipe, each naming the field; empty when valid."""
         problems: list[str] = []
-        size = self.size
-        if (
-            not isinstance(size, tuple | list)
-            or len(size) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in size)
-            or not all(8 <= v <= 4096 for v in size)
-        ):
-            problems.append(f"size must be (height, width) integers in 8..4096, got {size!r}")
-        if self.denoise not in DENOISE_DEFAULTS:
-            problems.append(
-                f"denoise must be one of {', '.join(DENOISE_METHODS)}, got {self.denoise!r}"
-            )
-        else:
-            allowed = DENOISE_DEFAULTS[self.denoise]
-            for key, value in dict(self.denoise_params).items():
-                if key not in allowed:
-                    names = ", ".join(allowed) or "no parameters"
-                    problems.append(
-                        f"denoise_params.{key} is not a parameter of {self.denoise!r} "
-                        f"(it takes {names})"
-                    )
-                elif isinstance(value, bool) or not isinstance(value, int | float):
-                    problems.append(f"denoise_params.{key} must be a number, got {value!r}")
-                elif value < 0:
-                    problems.append(f"denoise_params.{key} must be >= 0, got {value!r}")
-                elif key == "ksize" and (int(value) != value or int(value) % 2 == 0):
-                    problems.append(f"denoise_params.ksize must be an odd integer, got {value!r}")
-        if self.resize not in RESIZE_POLICIES:
-            problems.append(
-                f"resize must be one of {', '.join(RESIZE_POLICIES)}, got {self.resize!r}"
-            )
-        fill = self.fill
-        if isinstance(fill, str):
-            if fill != "border":
-                problems.append(f"fill must be 'border' or an RGB triple, got {fill!r}")
-        elif (
-            not isinstance(fill, tuple | list)
-            or len(fill) != 3
-            or not all(isinstance(c, int) and 0 <= c <= 255 for c in fill)
-        ):
-            problems.append(f"fill must be 'border' or three integers 0..255, got {fill!r}")
+        problems.extend(_size_problems(self.size, "size"))
+        problems.extend(_denoise_problems(self.denoise, self.denoise_params))
+        problems.extend(_resize_problems(self.resize, self.fill))
         return problems
+
+    def __hash__(self) -> int:
+        # denoise_params is a dict, so the generated hash would fail; hash the canonical form.
+        return hash(self.fingerprint())
+
+    def fingerprint(self) -> str:
+        """A stable sha256 of the canonical recipe: a cache key for preprocessed images."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready form, as stored in the bundle manifest and the training config."""
@@ -121,7 +131,7 @@ class PreprocessRecipe:
         if not isinstance(data, Mapping):
             raise RecipeError(f"preprocessing recipe must be a table/object, got {data!r}")
         known = {"size", "denoise", "denoise_params", "resize", "fill"}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(str(key) for key in set(data) - known)
         if unknown:
             raise RecipeError(
                 f"unknown preprocessing key(s): {', '.join(unknown)} "
@@ -132,8 +142,638 @@ class PreprocessRecipe:
             kwargs["size"] = tuple(kwargs["size"])
         if "fill" in kwargs and isinstance(kwargs["fill"], list):
             kwargs["fill"] = tuple(kwargs["fill"])
-        if "denoise_params" in kwargs and not isinstance(kwargs["denoise_params"], Mapping):
-            raise RecipeError(
-                f"denoise_params must be a table/object, got {kwargs['denoise_params']!r}"
-            )
         return cls(**kwargs)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _size_problems(size: object, name: str) -> list[str]:
+    if (
+        not isinstance(size, tuple | list)
+        or len(size) != 2
+        or not all(_is_int(v) and 8 <= v <= 4096 for v in size)
+    ):
+        return [f"{name} must be (height, width) integers in 8..4096, got {size!r}"]
+    return []
+
+
+def _denoise_problems(method: object, params: object) -> list[str]:
+    """Problems with a denoise method and its parameters, each naming the field."""
+    if not isinstance(method, str) or method not in DENOISE_DEFAULTS:
+        return [f"denoise must be one of {', '.join(DENOISE_METHODS)}, got {method!r}"]
+    if not isinstance(params, Mapping):
+        return [f"denoise_params must be a table/object of numbers, got {params!r}"]
+    problems: list[str] = []
+    allowed = DENOISE_DEFAULTS[method]
+    for key, value in params.items():
+        if key not in allowed:
+            names = ", ".join(allowed) or "no parameters"
+            problems.append(
+                f"denoise_params.{key} is not a parameter of {method!r} (it takes {names})"
+            )
+        elif isinstance(value, bool) or not isinstance(value, int | float):
+            problems.append(f"denoise_params.{key} must be a number, got {value!r}")
+        elif not math.isfinite(value) or value < 0:
+            problems.append(f"denoise_params.{key} must be a finite number >= 0, got {value!r}")
+        elif key in _INTEGER_PARAMS and int(value) != value:
+            problems.append(f"denoise_params.{key} must be an integer, got {value!r}")
+        elif key in _ODD_PARAMS and int(value) % 2 == 0:
+            problems.append(f"denoise_params.{key} must be an odd integer, got {value!r}")
+    return problems
+
+
+def _resize_problems(policy: object, fill: object) -> list[str]:
+    problems: list[str] = []
+    if not isinstance(policy, str) or policy not in RESIZE_POLICIES:
+        problems.append(f"resize must be one of {', '.join(RESIZE_POLICIES)}, got {policy!r}")
+    if isinstance(fill, str):
+        if fill != "border":
+            problems.append(f"fill must be 'border' or an RGB triple, got {fill!r}")
+    elif (
+        not isinstance(fill, tuple | list)
+        or len(fill) != 3
+        or not all(_is_int(c) and 0 <= c <= 255 for c in fill)
+    ):
+        problems.append(f"fill must be 'border' or three integers 0..255, got {fill!r}")
+    return problems
+
+
+# ── decoding ──────────────────────────────────────────────────────────────────────────
+
+
+class _Header(NamedTuple):
+    """What the file's own header claims, read before any pixel is decoded."""
+
+    kind: str  # "PNG", "JPEG", "TIFF" or "BMP"
+    width: int
+    height: int
+
+
+def decode_image(data: bytes, *, source: str = "<bytes>", max_pixels: int = MAX_PIXELS) -> RGBImage:
+    """Decode a PNG, JPEG, TIFF or BMP file's bytes into a C-contiguous RGB uint8 (H, W, 3).
+
+    The header is read and checked *before* decoding: a file must be complete (PNG up to
+    its IEND chunk, JPEG up to its end-of-image marker, TIFF and BMP up to their last
+    pixel byte), because OpenCV may return a silently half-grey image for a file cut
+    short by a full SD card or an interrupted copy; and its claimed width × height must
+    not exceed ``max_pixels``, so a damaged or hostile header cannot make us allocate
+    gigabytes.
+
+    Sample conversion:
+
+    * 16-bit images are brought to 8 bits by a right shift chosen from the image's
+      largest value: the smallest of 8, 10, 12, 14 or 16 bits that holds it. Scientific
+      cameras store 10-, 12- or 14-bit data in 16-bit containers; a fixed ``>> 8`` would
+      turn a 12-bit frame nearly black, while a per-image min–max stretch would make the
+      same specimen look brighter or darker depending on what else is in the field and
+      amplify noise in empty frames. A shift keeps intensities linear, and frames from
+      one camera comparable. Caveat: a 12-bit frame whose brightest pixel is below 1024
+      reads as 10-bit, i.e. 4× brighter; brightfield frames are rarely that dark.
+    * Alpha is composited over white (straight alpha, rounded in integers): a
+      transparent pixel's stored colour is undefined, and white is the empty field of a
+      brightfield microscope. BMP's fourth byte is ignored, because most writers leave
+      it 0 as padding rather than as alpha.
+    * Grayscale becomes three equal channels; palette and 1-bit images are expanded.
+    * EXIF/TIFF orientation is ignored: pixels stay in sensor order, so one camera
+      always gives one geometry. A multi-page TIFF (a z-stack) yields its first page.
+    * Float or signed-integer TIFFs are refused: there is no scale that is right for all.
+
+    Raises:
+        ImageDecodeError: naming ``source`` and the problem (empty, truncated, not an
+            image, zero or oversized dimensions, unsupported sample type, corrupt data).
+    """
+    if len(data) == 0:
+        raise ImageDecodeError(f"{source}: the file is empty (0 bytes)")
+    header = _read_header(data, source)
+    if header.width <= 0 or header.height <= 0:
+        raise ImageDecodeError(
+            f"{source}: the {header.kind} header gives a zero-size image "
+            f"({header.width}x{header.height})"
+        )
+    pixels = header.width * header.height
+    if pixels > max_pixels:
+        raise ImageDecodeError(
+            f"{source}: the {header.kind} header claims {header.width}x{header.height} "
+            f"({pixels:,} pixels), more than the limit of {max_pixels:,}; refusing to "
+            "decode it (a damaged or hostile file can claim any size)"
+        )
+    _check_complete(data, header, source)
+    try:
+        decoded = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error as exc:
+        raise ImageDecodeError(
+            f"{source}: OpenCV could not decode the {header.kind} data: {_cv_reason(exc)}"
+        ) from exc
+    if decoded is None:
+        raise ImageDecodeError(
+            f"{source}: the {header.kind} data is corrupt (OpenCV could not decode it)"
+        )
+    array = np.asarray(decoded)
+    if array.shape[:2] != (header.height, header.width):
+        raise ImageDecodeError(
+            f"{source}: decoded {array.shape[1]}x{array.shape[0]} pixels but the "
+            f"{header.kind} header says {header.width}x{header.height}; the file is corrupt"
+        )
+    return _to_rgb8(array, header.kind, source)
+
+
+def load_image(path: str | os.PathLike[str]) -> RGBImage:
+    """Read an image file into RGB uint8 (H, W, 3); see ``decode_image`` for conversions.
+
+    Raises:
+        ImageDecodeError: the file is missing, a directory, unreadable, or not a valid
+            image; the message names the path.
+    """
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError as exc:
+        raise ImageDecodeError(f"{p}: no such file") from exc
+    except IsADirectoryError as exc:
+        raise ImageDecodeError(f"{p}: is a directory, not an image file") from exc
+    except PermissionError as exc:
+        raise ImageDecodeError(f"{p}: permission denied (check the file's owner and mode)") from exc
+    except OSError as exc:
+        raise ImageDecodeError(f"{p}: cannot read the file ({exc.strerror or exc})") from exc
+    return decode_image(data, source=str(p))
+
+
+def _cv_reason(exc: cv2.error) -> str:
+    """OpenCV's message without its source-file prefix, on one line."""
+    text = " ".join(str(exc).split())
+    return text.rsplit(" error: ", 1)[-1] or "unknown OpenCV error"
+
+
+_SIGNATURES = {
+    b"\x89PNG\r\n\x1a\n": "PNG",
+    b"\xff\xd8\xff": "JPEG",
+    b"II*\x00": "TIFF",
+    b"MM\x00*": "TIFF",
+    b"II+\x00": "TIFF",
+    b"MM\x00+": "TIFF",
+    b"BM": "BMP",
+}
+
+
+def _read_header(data: bytes, source: str) -> _Header:
+    """Recognise the format by its signature (never by the file name) and read its size."""
+    for signature, kind in _SIGNATURES.items():
+        if data.startswith(signature):
+            break
+        if len(data) < len(signature) and signature.startswith(data):
+            raise ImageDecodeError(
+                f"{source}: truncated {kind} (only {len(data)} bytes); the file was cut short"
+            )
+    else:
+        raise ImageDecodeError(
+            f"{source}: not a PNG, JPEG, TIFF or BMP image (it starts with {data[:8]!r})"
+        )
+    if kind == "PNG":
+        return _png_header(data, source)
+    if kind == "JPEG":
+        return _jpeg_header(data, source)[0]
+    if kind == "TIFF":
+        return _tiff_header(data, source)[0]
+    return _bmp_header(data, source)
+
+
+def _check_complete(data: bytes, header: _Header, source: str) -> None:
+    """Refuse a file that was cut short, before OpenCV half-decodes it."""
+    if header.kind == "PNG":
+        _check_png_complete(data, source)
+    elif header.kind == "JPEG":
+        scan_start = _jpeg_header(data, source)[1]
+        # Inside entropy-coded data every 0xFF is followed by 0x00 or a restart marker,
+        # so FF D9 after the first scan can only be the end-of-image marker.
+        if data.rfind(b"\xff\xd9", scan_start) < 0:
+            raise ImageDecodeError(
+                f"{source}: truncated JPEG (no end-of-image marker); the file was cut short"
+            )
+    elif header.kind == "TIFF":
+        _check_tiff_complete(data, source)
+    else:
+        _check_bmp_complete(data, source)
+
+
+def _png_header(data: bytes, source: str) -> _Header:
+    if len(data) < 8 + 8 + 13:
+        raise ImageDecodeError(f"{source}: truncated PNG (the header is incomplete)")
+    length, chunk_type = struct.unpack_from(">I4s", data, 8)
+    if chunk_type != b"IHDR" or length != 13:
+        raise ImageDecodeError(f"{source}: corrupt PNG (the first chunk is not IHDR)")
+    width, height = struct.unpack_from(">II", data, 16)
+    return _Header("PNG", width, height)
+
+
+def _check_png_complete(data: bytes, source: str) -> None:
+    pos, seen_data = 8, False
+    while True:
+        if pos + 8 > len(data):
+            raise ImageDecodeError(
+                f"{source}: truncated PNG (no IEND chunk after byte {pos}); the file was cut short"
+            )
+        length, chunk_type = struct.unpack_from(">I4s", data, pos)
+        end = pos + 12 + length
+        if end > len(data):
+            name = chunk_type.decode("latin-1")
+            raise ImageDecodeError(
+                f"{source}: truncated PNG (chunk {name!r} at byte {pos} runs past the end "
+                f"of the {len(data)}-byte file); the file was cut short"
+            )
+        if chunk_type == b"IDAT":
+            seen_data = True
+        elif chunk_type == b"IEND":
+            break
+        pos = end
+    if not seen_data:
+        raise ImageDecodeError(f"{source}: corrupt PNG (no image data chunk)")
+
+
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_JPEG_STANDALONE = frozenset({0x01, 0xD8, *range(0xD0, 0xD8)})
+
+
+def _jpeg_header(data: bytes, source: str) -> tuple[_Header, int]:
+    """The frame size and where the first scan's entropy-coded data starts."""
+    pos, size = 2, None
+    while True:
+        pos = data.find(b"\xff", pos)  # libjpeg also skips stray bytes between segments
+        while 0 <= pos < len(data) and data[pos] == 0xFF:
+            pos += 1
+        if pos < 0 or pos >= len(data):
+            raise ImageDecodeError(
+                f"{source}: truncated JPEG (it ends before the image data); the file was cut short"
+            )
+        marker = data[pos]
+        pos += 1
+        if marker in _JPEG_STANDALONE:
+            continue
+        if marker == 0xD9:
+            raise ImageDecodeError(f"{source}: corrupt JPEG (end-of-image before any image data)")
+        if pos + 2 > len(data):
+            raise ImageDecodeError(f"{source}: truncated JPEG (a header segment is cut off)")
+        (length,) = struct.unpack_from(">H", data, pos)
+        if length < 2:
+            raise ImageDecodeError(
+                f"{source}: corrupt JPEG (segment 0xFF{marker:02X} at byte {pos - 2})"
+            )
+        if pos + length > len(data):
+            raise ImageDecodeError(
+                f"{source}: truncated JPEG (segment 0xFF{marker:02X} at byte {pos - 2} runs "
+                f"past the end of the {len(data)}-byte file); the file was cut short"
+            )
+        if marker in _JPEG_SOF:
+            if length < 8:
+                raise ImageDecodeError(f"{source}: corrupt JPEG (frame header too short)")
+            height, width = struct.unpack_from(">HH", data, pos + 3)
+            size = (width, height)
+        elif marker == 0xDA:
+            if size is None:
+                raise ImageDecodeError(f"{source}: corrupt JPEG (no frame header before data)")
+            return _Header("JPEG", size[0], size[1]), pos + length
+        pos += length
+
+
+# TIFF field types we read: BYTE, SHORT, LONG, LONG8 (numpy dtype codes).
+_TIFF_TYPES = {1: "u1", 3: "u2", 4: "u4", 16: "u8"}
+_TIFF_WIDTH, _TIFF_HEIGHT = 256, 257
+_TIFF_STRIPS, _TIFF_STRIP_BYTES, _TIFF_TILES, _TIFF_TILE_BYTES = 273, 279, 324, 325
+_TIFF_WANTED = frozenset(
+    {_TIFF_WIDTH, _TIFF_HEIGHT, _TIFF_STRIPS, _TIFF_STRIP_BYTES, _TIFF_TILES, _TIFF_TILE_BYTES}
+)
+
+
+def _tiff_header(data: bytes, source: str) -> tuple[_Header, dict[int, npt.NDArray[Any]]]:
+    """Size of the first page, with its strip/tile tags (classic TIFF and BigTIFF)."""
+    order = "<" if data[:2] == b"II" else ">"
+    big = data[2:4] in (b"+\x00", b"\x00+")
+    # Classic TIFF uses 4-byte offsets and counts, BigTIFF 8-byte ones; a directory
+    # is an entry count, the entries (tag, type, count, value-or-offset), the next offset.
+    word = order + ("Q" if big else "I")
+    word_size = struct.calcsize(word)
+    count_fmt = order + ("Q" if big else "H")
+    entry_size = 4 + 2 * word_size
+    if len(data) < (16 if big else 8):
+        raise ImageDecodeError(f"{source}: truncated TIFF (the header is incomplete)")
+    (ifd,) = struct.unpack_from(word, data, 8 if big else 4)
+    if ifd + struct.calcsize(count_fmt) > len(data):
+        raise ImageDecodeError(f"{source}: truncated TIFF (the first directory is missing)")
+    (n_entries,) = struct.unpack_from(count_fmt, data, ifd)
+    first_entry = ifd + struct.calcsize(count_fmt)
+    if first_entry + n_entries * entry_size + word_size > len(data):
+        raise ImageDecodeError(f"{source}: truncated TIFF (the first directory is cut off)")
+    tags: dict[int, npt.NDArray[Any]] = {}
+    for i in range(n_entries):
+        entry = first_entry + i * entry_size
+        tag, field_type = struct.unpack_from(order + "HH", data, entry)
+        if tag not in _TIFF_WANTED:
+            continue
+        (count,) = struct.unpack_from(word, data, entry + 4)
+        if field_type not in _TIFF_TYPES or count == 0:
+            raise ImageDecodeError(f"{source}: corrupt TIFF (tag {tag} has an invalid type)")
+        dtype = np.dtype(order + _TIFF_TYPES[field_type])
+        value_at = entry + 4 + word_size
+        if count * dtype.itemsize > word_size:  # the values do not fit inline
+            (value_at,) = struct.unpack_from(word, data, value_at)
+        if value_at + count * dtype.itemsize > len(data):
+            raise ImageDecodeError(f"{source}: truncated TIFF (tag {tag} points past the end)")
+        tags[tag] = np.frombuffer(data, dtype=dtype, count=count, offset=value_at)
+    if _TIFF_WIDTH not in tags or _TIFF_HEIGHT not in tags:
+        raise ImageDecodeError(f"{source}: corrupt TIFF (no image width/height tags)")
+    return _Header("TIFF", int(tags[_TIFF_WIDTH][0]), int(tags[_TIFF_HEIGHT][0])), tags
+
+
+def _check_tiff_complete(data: bytes, source: str) -> None:
+    tags = _tiff_header(data, source)[1]
+    for offsets_tag, counts_tag in (
+        (_TIFF_STRIPS, _TIFF_STRIP_BYTES),
+        (_TIFF_TILES, _TIFF_TILE_BYTES),
+    ):
+        if offsets_tag not in tags or counts_tag not in tags:
+            continue
+        offsets, counts = tags[offsets_tag], tags[counts_tag]
+        # Compare each term first so that the sum cannot wrap around in uint64.
+        if (
+            len(offsets) != len(counts)
+            or int(offsets.max()) > len(data)
+            or int(counts.max()) > len(data)
+            or int((offsets.astype(np.uint64) + counts.astype(np.uint64)).max()) > len(data)
+        ):
+            raise ImageDecodeError(
+                f"{source}: truncated TIFF (the pixel data runs past the end of the "
+                f"{len(data)}-byte file); the file was cut short"
+            )
+
+
+def _bmp_fields(data: bytes, source: str) -> tuple[int, int, int, int, int]:
+    """(width, height, bits per pixel, compression, pixel data offset) of a BMP."""
+    if len(data) < 26:
+        raise ImageDecodeError(f"{source}: truncated BMP (the header is incomplete)")
+    offset, dib_size = struct.unpack_from("<II", data, 10)
+    if dib_size == 12:  # OS/2 BITMAPCOREHEADER
+        width, height, _, bpp = struct.unpack_from("<HHHH", data, 18)
+        return width, height, bpp, 0, offset
+    if dib_size < 16:
+        raise ImageDecodeError(f"{source}: corrupt BMP (unknown header size {dib_size})")
+    if len(data) < 34:
+        raise ImageDecodeError(f"{source}: truncated BMP (the header is incomplete)")
+    width, height, _, bpp, compression = struct.unpack_from("<iiHHI", data, 18)
+    if dib_size < 20:
+        compression = 0
+    return width, abs(height), bpp, compression, offset
+
+
+def _bmp_header(data: bytes, source: str) -> _Header:
+    width, height, *_ = _bmp_fields(data, source)
+    return _Header("BMP", width, height)
+
+
+def _check_bmp_complete(data: bytes, source: str) -> None:
+    width, height, bpp, compression, offset = _bmp_fields(data, source)
+    # Uncompressed and bit-field BMPs have a computable size; RLE ones OpenCV checks itself.
+    if compression in (0, 3, 6) and bpp in (1, 4, 8, 16, 24, 32):
+        stride = (width * bpp + 31) // 32 * 4
+        if offset + stride * height > len(data):
+            raise ImageDecodeError(
+                f"{source}: truncated BMP (pixel data needs {offset + stride * height} bytes, "
+                f"the file has {len(data)}); the file was cut short"
+            )
+
+
+def _to_rgb8(array: npt.NDArray[Any], kind: str, source: str) -> RGBImage:
+    """OpenCV's BGR(A)/gray output, 8- or 16-bit, to RGB uint8; see ``decode_image``."""
+    if array.dtype not in (np.uint8, np.uint16):
+        raise ImageDecodeError(
+            f"{source}: unsupported {kind} sample type {array.dtype} "
+            "(only 8- and 16-bit unsigned integer images are supported; export as such)"
+        )
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim == 2:
+        colour, alpha = array, None
+    elif array.ndim == 3 and array.shape[2] in (2, 4):
+        colour, alpha = array[:, :, :-1], array[:, :, -1]
+        if kind == "BMP":
+            alpha = None
+    elif array.ndim == 3 and array.shape[2] == 3:
+        colour, alpha = array, None
+    else:
+        raise ImageDecodeError(f"{source}: unsupported {kind} layout with shape {array.shape}")
+
+    if colour.dtype == np.uint16:
+        peak = int(colour.max())
+        bits = next(b for b in (8, 10, 12, 14, 16) if peak < 1 << b)
+        colour8 = (colour >> (bits - 8)).astype(np.uint8)
+        alpha8 = (
+            None
+            if alpha is None
+            else ((alpha.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+        )
+    else:
+        colour8, alpha8 = colour.astype(np.uint8, copy=False), alpha
+    if alpha8 is not None:
+        a = alpha8.astype(np.uint32)
+        if colour8.ndim == 3:
+            a = a[:, :, np.newaxis]
+        blended = (colour8.astype(np.uint32) * a + 255 * (255 - a) + 127) // 255
+        colour8 = blended.astype(np.uint8)
+    if colour8.ndim == 2 or colour8.shape[2] == 1:
+        gray = colour8.reshape(colour8.shape[0], colour8.shape[1], 1)
+        return np.ascontiguousarray(np.repeat(gray, 3, axis=2))
+    return np.ascontiguousarray(colour8[:, :, ::-1])
+
+
+# ── denoise, resize, preprocess ───────────────────────────────────────────────────────
+
+
+def _check_rgb(image: object, what: str) -> RGBImage:
+    """The array as C-contiguous uint8 (H, W, 3), or a ValueError saying what it is."""
+    if not isinstance(image, np.ndarray):
+        raise ValueError(f"{what} must be a numpy array, got {type(image).__name__}")
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(
+            f"{what} must be RGB uint8 of shape (height, width, 3), "
+            f"got {image.dtype} of shape {image.shape}"
+        )
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"{what} is empty (shape {image.shape})")
+    return np.ascontiguousarray(image)
+
+
+def denoise(
+    image: RGBImage, method: str, params: Mapping[str, float | int] | None = None
+) -> RGBImage:
+    """Apply one of ``DENOISE_METHODS`` at the image's own resolution; returns a new array.
+
+    ``params`` override ``DENOISE_DEFAULTS[method]`` (OpenCV's units: pixels for
+    windows, 0..255 intensity for sigmas). ``none`` returns an equal copy. ``nlmeans``
+    is the strongest and by far the slowest (about 1 s for 1280×960 on a desktop core).
+
+    Raises:
+        RecipeError: unknown method, unknown or invalid parameter.
+        ValueError: ``image`` is not RGB uint8 (H, W, 3).
+    """
+    rgb = _check_rgb(image, "denoise: image")
+    given = {} if params is None else params
+    problems = _denoise_problems(method, given)
+    if problems:
+        raise RecipeError("; ".join(problems))
+    p = {**DENOISE_DEFAULTS[method], **given}
+    try:
+        if method == "bilateral":
+            out = cv2.bilateralFilter(
+                rgb, int(p["diameter"]), float(p["sigma_color"]), float(p["sigma_space"])
+            )
+        elif method == "median":
+            out = cv2.medianBlur(rgb, int(p["ksize"]))
+        elif method == "gaussian":
+            k = int(p["ksize"])
+            out = cv2.GaussianBlur(rgb, (k, k), float(p["sigma"]))
+        elif method == "nlmeans":
+            # OpenCV converts to CIELAB assuming BGR, so hand it BGR and turn it back.
+            bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+            out = cv2.fastNlMeansDenoisingColored(
+                bgr,
+                None,
+                float(p["h"]),
+                float(p["h_color"]),
+                int(p["template_window"]),
+                int(p["search_window"]),
+            )[:, :, ::-1]
+        else:
+            out = rgb.copy()
+    except cv2.error as exc:
+        raise RecipeError(
+            f"denoise {method!r} with {dict(p)} failed in OpenCV: {_cv_reason(exc)}"
+        ) from exc
+    return np.ascontiguousarray(cast(RGBImage, out))
+
+
+def resize_to(
+    image: RGBImage,
+    size: tuple[int, int],
+    policy: str,
+    fill: str | tuple[int, int, int] = "border",
+) -> RGBImage:
+    """Bring an image to ``size`` = (height, width) by one of ``RESIZE_POLICIES``.
+
+    * ``stretch`` — resize to the size, distorting the aspect ratio.
+    * ``center-crop`` — cut the largest centred region with the target aspect ratio,
+      then resize it (the same as scaling the short side to fit and cropping).
+    * ``letterbox`` — scale to fit inside, keep the aspect ratio, pad the rest with
+      ``fill``: an RGB triple, or ``"border"`` = the per-channel median of the image's
+      outer 1-pixel border, so padding looks like the specimen's own background.
+
+    Shrinking uses INTER_AREA (averages, no aliasing of fine cell walls); enlarging on
+    either axis uses INTER_LINEAR_EXACT, OpenCV's bit-exact bilinear, so x86 and ARM
+    agree. Sizes and offsets are computed in integers; the result is deterministic.
+
+    Raises:
+        RecipeError: invalid ``size``, ``policy`` or ``fill``.
+        ValueError: ``image`` is not RGB uint8 (H, W, 3).
+    """
+    rgb = _check_rgb(image, "resize_to: image")
+    problems = _size_problems(size, "size") + _resize_problems(policy, fill)
+    if problems:
+        raise RecipeError("; ".join(problems))
+    out_h, out_w = int(size[0]), int(size[1])
+    h, w = rgb.shape[:2]
+    if policy == "stretch":
+        return _resize(rgb, out_w, out_h)
+    if policy == "center-crop":
+        if w * out_h > h * out_w:  # source is wider than the target: crop the sides
+            crop_h, crop_w = h, max(1, (2 * h * out_w + out_h) // (2 * out_h))
+        else:  # taller (or equal): crop top and bottom
+            crop_h, crop_w = max(1, (2 * w * out_h + out_w) // (2 * out_w)), w
+        top, left = (h - crop_h) // 2, (w - crop_w) // 2
+        return _resize(rgb[top : top + crop_h, left : left + crop_w], out_w, out_h)
+    colour = _border_colour(rgb) if isinstance(fill, str) else tuple(int(c) for c in fill)
+    if w * out_h >= h * out_w:  # limited by width
+        new_w, new_h = out_w, min(out_h, max(1, (2 * h * out_w + w) // (2 * w)))
+    else:
+        new_w, new_h = min(out_w, max(1, (2 * w * out_h + h) // (2 * h))), out_h
+    canvas = np.empty((out_h, out_w, 3), dtype=np.uint8)
+    canvas[:, :] = np.array(colour, dtype=np.uint8)
+    top, left = (out_h - new_h) // 2, (out_w - new_w) // 2
+    canvas[top : top + new_h, left : left + new_w] = _resize(rgb, new_w, new_h)
+    return canvas
+
+
+def _resize(image: RGBImage, width: int, height: int) -> RGBImage:
+    h, w = image.shape[:2]
+    if (h, w) == (height, width):
+        return np.array(image, dtype=np.uint8, order="C", copy=True)
+    shrink = width <= w and height <= h
+    interpolation = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR_EXACT
+    out = cv2.resize(np.ascontiguousarray(image), (width, height), interpolation=interpolation)
+    return np.ascontiguousarray(cast(RGBImage, out))
+
+
+def _border_colour(image: RGBImage) -> tuple[int, int, int]:
+    """Per-channel median of the outer 1-pixel frame, each pixel counted once."""
+    h, w = image.shape[:2]
+    if h <= 2 or w <= 2:
+        border = image.reshape(-1, 3)
+    else:
+        border = np.concatenate([image[0], image[-1], image[1:-1, 0], image[1:-1, -1]])
+    median = np.floor(np.median(border, axis=0) + 0.5)
+    return int(median[0]), int(median[1]), int(median[2])
+
+
+def preprocess(image: RGBImage, recipe: PreprocessRecipe) -> RGBImage:
+    """The model input for one decoded frame: denoise at source resolution, then resize.
+
+    Denoising first is what the filter parameters mean (a 5-pixel median of the camera's
+    pixels) and what the research scripts did; resizing first would change what each
+    parameter does with every input size. Returns C-contiguous uint8 (H, W, 3) with
+    (H, W) == ``recipe.size``.
+
+    Raises:
+        ValueError: ``image`` is not RGB uint8 (H, W, 3) or ``recipe`` is not a recipe.
+    """
+    rgb = _check_rgb(image, "preprocess: image")
+    if not isinstance(recipe, PreprocessRecipe):
+        raise ValueError(f"preprocess: recipe must be a PreprocessRecipe, got {recipe!r}")
+    if recipe.denoise != "none":
+        rgb = denoise(rgb, recipe.denoise, recipe.denoise_params)
+    return resize_to(rgb, recipe.size, recipe.resize, recipe.fill)
+
+
+def load_and_preprocess(path: str | os.PathLike[str], recipe: PreprocessRecipe) -> RGBImage:
+    """``preprocess(load_image(path), recipe)``: what training feeds the model per file.
+
+    Raises:
+        ImageDecodeError: the file cannot be read or decoded; the message names it.
+    """
+    return preprocess(load_image(path), recipe)
+
+
+def save_png(path: str | os.PathLike[str], rgb: RGBImage) -> None:
+    """Write RGB uint8 (H, W, 3) as a lossless PNG, atomically.
+
+    The bytes go to a hidden temporary file beside ``path`` that is then renamed over
+    it, so a reader (or a power cut on the Pi's SD card) never sees a half-written image.
+
+    Raises:
+        FieldscopeError: the file cannot be written; the message names the path.
+        ValueError: ``rgb`` is not RGB uint8 (H, W, 3).
+    """
+    image = _check_rgb(rgb, "save_png: rgb")
+    target = Path(path)
+    try:
+        ok, encoded = cv2.imencode(".png", np.ascontiguousarray(image[:, :, ::-1]))
+    except cv2.error as exc:
+        raise FieldscopeError(f"cannot encode {target} as PNG: {_cv_reason(exc)}") from exc
+    if not ok:
+        raise FieldscopeError(f"cannot encode {target} as PNG")
+    temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with temporary.open("xb") as handle:
+            handle.write(encoded.tobytes())
+        temporary.replace(target)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        raise FieldscopeError(f"cannot write {target}: {exc.strerror or exc}") from exc
