@@ -10,7 +10,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 
@@ -93,3 +95,104 @@ def mosquitto(tmp_path: Path) -> Iterator[Broker]:
         yield broker
     finally:
         stop_mosquitto(broker)
+
+
+# --- Tiny real TFLite models (appended for bundle/runtime/classify tests) ----------------
+
+COLOUR_LABELS: tuple[str, ...] = ("red", "green", "blue")
+
+
+@dataclass(frozen=True)
+class TinyModels:
+    """A 32x32 "colour species" classifier in Keras and converted to TFLite.
+
+    Its weights are set by hand, not trained: the class is the dominant colour channel,
+    so an image made dominant in one channel gets a confident, known answer, and a grey
+    image gets ~1/3 for every class (an uncertain one). The model takes raw 0-255 RGB;
+    scaling is the first layer of the graph, as in every fieldscope model.
+    """
+
+    keras_model: Any  # softmax head: outputs probabilities
+    keras_logits: Any  # the same graph without softmax: outputs logits
+    float32: bytes  # float32 in, float32 out
+    int8: bytes  # full int8, uint8 in and out (what `convert` ships)
+    int8_signed: bytes  # full int8, int8 in and out
+    logits_float32: bytes  # float32, no softmax
+    labels: tuple[str, ...] = COLOUR_LABELS
+    size: int = 32
+
+    def images(self, label: int, n: int, seed: int = 0) -> np.ndarray:
+        """``n`` noisy RGB uint8 images dominant in channel ``label``."""
+        return colour_images(label, n, seed, self.size)
+
+
+def colour_images(label: int, n: int, seed: int = 0, size: int = 32) -> np.ndarray:
+    """``n`` noisy RGB uint8 images dominant in colour channel ``label``."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 90, (n, size, size, 3), dtype=np.uint8)
+    images[..., label] = rng.integers(150, 256, (n, size, size), dtype=np.uint8)
+    return images
+
+
+def _convert(saved_model: Path, quantize: str | None, images: np.ndarray) -> bytes:
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
+    if quantize is not None:
+        dtype = {"uint8": tf.uint8, "int8": tf.int8}[quantize]
+
+        def representative() -> Iterator[list[np.ndarray]]:
+            for image in images:
+                yield [image[None].astype(np.float32)]
+
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = representative
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = dtype
+        converter.inference_output_type = dtype
+    return bytes(converter.convert())
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
+    """Build and convert the tiny models once per session (a few seconds, mostly TF import)."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.Rescaling(1.0 / 255.0)(inputs)
+    conv = keras.layers.Conv2D(4, 3, padding="same", activation="relu")
+    x = keras.layers.GlobalAveragePooling2D()(conv(x))
+    dense = keras.layers.Dense(3)
+    logits = dense(x)
+    probs = keras.layers.Softmax()(logits)
+    kernel = rng.normal(0.0, 0.02, (3, 3, 3, 4)).astype(np.float32)
+    for c in range(3):
+        kernel[1, 1, c, c] += 1.0  # filter c passes colour channel c
+    kernel[1, 1, :, 3] += 1.0 / 3.0  # filter 3: brightness
+    conv.set_weights([kernel, np.zeros(4, np.float32)])
+    weights = np.zeros((4, 3), np.float32)
+    weights[:3, :3] = 10.0 * np.eye(3, dtype=np.float32)
+    weights[3] = rng.normal(0.0, 0.5, 3)
+    dense.set_weights([weights, np.zeros(3, np.float32)])
+    keras_model = keras.Model(inputs, probs)
+    keras_logits = keras.Model(inputs, logits)
+
+    work = tmp_path_factory.mktemp("tiny_models")
+    calibration = np.concatenate(
+        [
+            *(colour_images(c, 8, seed=100 + c) for c in range(3)),
+            rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8),
+        ]
+    )
+    keras_model.export(str(work / "probs"), format="tf_saved_model", verbose=False)
+    keras_logits.export(str(work / "logits"), format="tf_saved_model", verbose=False)
+    return TinyModels(
+        keras_model=keras_model,
+        keras_logits=keras_logits,
+        float32=_convert(work / "probs", None, calibration),
+        int8=_convert(work / "probs", "uint8", calibration),
+        int8_signed=_convert(work / "probs", "int8", calibration),
+        logits_float32=_convert(work / "logits", None, calibration),
+    )
