@@ -25,6 +25,7 @@ setup(
     packages=packages,
     package_dir=package_dir,
     package_data={
+        "fieldscope.cli": ["py.typed"],
         "fieldscope.edge": ["py.typed", "schemas/*.json", "examples/*.toml"],
         "fieldscope.deploy": ["**/*.yml", "**/*.j2", "**/*.service", "**/*.cfg", "**/*.ini"],
         "fieldscope.collect": ["templates/*", "static/*"],

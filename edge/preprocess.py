@@ -28,6 +28,7 @@ from typing import Any, NamedTuple, cast
 import cv2
 import numpy as np
 import numpy.typing as npt
+
 from fieldscope.edge.errors import FieldscopeError, ImageDecodeError, RecipeError
 
 __all__ = [

@@ -7,6 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+
 from fieldscope.cli.main import main
 from fieldscope.edge.preprocess import load_image
 

@@ -12,6 +12,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jsonschema import Draft202012Validator
+
 from fieldscope.edge.classify import Prediction as ClassifierPrediction
 from fieldscope.edge.errors import MessageError
 from fieldscope.edge.message import (
@@ -30,9 +34,6 @@ from fieldscope.edge.message import (
     load_schema,
     schema_path,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from jsonschema import Draft202012Validator
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS_SCHEMA = REPO / "docs" / "identification.schema.json"

@@ -18,6 +18,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
+
 from fieldscope.edge.errors import FieldscopeError, ImageDecodeError, RecipeError
 from fieldscope.edge.preprocess import (
     DENOISE_DEFAULTS,

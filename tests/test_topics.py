@@ -14,6 +14,9 @@ from datetime import UTC, datetime
 import paho.mqtt.client as mqtt
 import pytest
 from conftest import Broker
+from hypothesis import given
+from hypothesis import strategies as st
+
 from fieldscope.edge.errors import ConfigError
 from fieldscope.edge.message import (
     Candidate,
@@ -36,8 +39,6 @@ from fieldscope.edge.topics import (
     shared,
     subscription_filters,
 )
-from hypothesis import given
-from hypothesis import strategies as st
 
 TOPICS = Topics("fieldscope", "pond-3", "scope-a")
 

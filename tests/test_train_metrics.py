@@ -8,6 +8,9 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from fieldscope.edge.errors import FieldscopeError
 from fieldscope.train.errors import EvaluationError
 from fieldscope.train.metrics import (
@@ -20,8 +23,6 @@ from fieldscope.train.metrics import (
     format_fold_summary,
     summarize_folds,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 ABC = ["a", "b", "c"]
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+
 from fieldscope.train.errors import EvaluationError
 from fieldscope.train.metrics import ThresholdChoice, choose_threshold
 from fieldscope.train.report import (

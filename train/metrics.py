@@ -32,9 +32,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from fieldscope.train.errors import EvaluationError
 from sklearn.metrics import classification_report, confusion_matrix
 from sklearn.metrics import precision_recall_fscore_support as _prfs
+
+from fieldscope.train.errors import EvaluationError
 
 __all__ = [
     "ECE_BINS",

@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fieldscope.train.errors import EvaluationError
-from fieldscope.train.metrics import ThresholdChoice
 from matplotlib import style as mpl_style
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from fieldscope.train.errors import EvaluationError
+from fieldscope.train.metrics import ThresholdChoice
 
 __all__ = [
     "ACCURACY_KEYS",

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from fieldscope.train import plots
 from fieldscope.train.errors import EvaluationError
 from fieldscope.train.metrics import (
