@@ -283,6 +283,14 @@ class Topics:
         """The topic a command called ``name`` arrives on."""
         return self.topic(TopicKind.COMMAND, name)
 
+    def command_result(self, name: str) -> str:
+        """Where the device replies to the command ``name`` (``.../command/{name}/result``).
+
+        One level below the command, so the device's ``command/+`` filter never
+        receives its own replies. Published with QoS 1, not retained.
+        """
+        return f"{self.command(name)}/result"
+
     @property
     def command_filter(self) -> str:
         """What the device subscribes to in order to receive every command."""

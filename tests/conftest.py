@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
@@ -66,6 +67,9 @@ def start_mosquitto(workdir: Path, port: int | None = None, persistence: bool = 
         f"persistence {'true' if persistence else 'false'}",
         f"persistence_location {workdir}/",
         "log_dest stderr",
+        # As root, mosquitto drops to the `mosquitto` user, which cannot write into pytest's
+        # root-only temp folders, and persistence then silently does nothing.
+        *(["user root"] if os.geteuid() == 0 else []),
         "log_type error",
         "log_type warning",
     ]
