@@ -37,7 +37,7 @@ import numpy as np
 
 from fieldscope.edge.errors import BundleError, RecipeError
 from fieldscope.edge.preprocess import PreprocessRecipe
-from fieldscope.edge.runtime import Interpreter, make_interpreter
+from fieldscope.edge.runtime import Interpreter, check_min_runtime, make_interpreter, runtime_info
 
 __all__ = [
     "DTYPES",
@@ -294,8 +294,9 @@ class Manifest:
 
     ``input_shape`` is NHWC with 3 (RGB) channels and must agree with
     ``preprocessing.size``; ``threshold`` is the score below which an identification is
-    reported as uncertain; ``min_runtime`` is informational (e.g. ``{"tflite_runtime":
-    "2.14"}``) and quoted when a runtime fails to load the model.
+    reported as uncertain; ``min_runtime`` lists the runtimes known to run the model with
+    their oldest versions (e.g. ``{"tflite_runtime": "2.14", "ai_edge_litert": "1.2"}``):
+    :func:`verify_bundle` refuses a runtime that is not listed or older (``None``: no claim).
     """
 
     model_name: str
@@ -831,6 +832,10 @@ def verify_bundle(path: Path, public_key: Path | None = None, *, load_model: boo
     bundle = _open(path, public_key)
     if load_model:
         manifest = bundle.manifest
+        try:
+            check_min_runtime(manifest.min_runtime, runtime_info())
+        except BundleError as exc:
+            raise BundleError(f"bundle {path}: {exc}") from exc
         try:
             interpreter = make_interpreter(bundle.model_path)
         except BundleError as exc:

@@ -19,7 +19,8 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import logging
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,6 +32,7 @@ __all__ = [
     "Interpreter",
     "RuntimeInfo",
     "RuntimeSpec",
+    "check_min_runtime",
     "make_interpreter",
     "runtime_info",
 ]
@@ -192,3 +194,51 @@ def make_interpreter(
         ) from exc
     logger.debug("loaded %s with %s %s", where, info.name, info.version)
     return interpreter
+
+
+def _version_key(text: str) -> tuple[int, ...] | None:
+    """``"2.14.0"`` -> ``(2, 14, 0)``; ``None`` when it does not start with a number."""
+    if not re.match(r"\d", text):
+        return None
+    parts = [int(m) for m in re.findall(r"\d+", text)[:3]]
+    return tuple(parts + [0] * (3 - len(parts)))
+
+
+def check_min_runtime(min_runtime: Mapping[str, str] | None, info: RuntimeInfo) -> None:
+    """Refuse to run a bundle on a runtime its manifest does not list as able to run it.
+
+    ``min_runtime`` (written by ``fieldscope convert``) lists each runtime that is known
+    to run the model, with its oldest such version. A runtime that is missing from the
+    list, or older than listed, could fail to load the model or — as tflite-runtime 2.14
+    does on aarch64 with some newer int8 models — crash in ``invoke()``; a clear refusal
+    beats either. A bundle without ``min_runtime`` makes no claim and is not checked,
+    nor is a runtime whose version is unknown (built from source, no pip metadata).
+
+    Raises:
+        BundleError: this runtime is not listed, or is older than the listed version.
+    """
+    if not min_runtime:
+        return
+    listed = ", ".join(f"{name} >= {version}" for name, version in sorted(min_runtime.items()))
+    needed = min_runtime.get(info.name)
+    if needed is None:
+        raise BundleError(
+            f"the bundle is not known to run on {info.name} {info.version} (it lists: "
+            f"{listed}); install one of those (`pip install ai-edge-litert`), or convert "
+            "the model again without --allow-newer-runtime"
+        )
+    have, want = _version_key(info.version), _version_key(needed)
+    if have is None or want is None:
+        logger.warning(
+            "cannot compare runtime %s version %r with the bundle's minimum %r; loading anyway",
+            info.name,
+            info.version,
+            needed,
+        )
+        return
+    if have < want:
+        spec = _spec(info.name)
+        raise BundleError(
+            f"the bundle needs {info.name} >= {needed} but this device has {info.version} "
+            f"(the bundle lists: {listed}); upgrade it (`pip install -U {spec.distribution}`)"
+        )

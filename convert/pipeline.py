@@ -1,0 +1,318 @@
+"""The conversion core: a Keras model and labelled images in, a checked bundle out.
+
+Nothing here knows what a training run looks like (that is :mod:`fieldscope.convert.run`):
+:func:`convert_model` takes the model, its labels and preprocessing recipe, and images
+already preprocessed by the edge's own function, and returns a :class:`ConversionResult`
+only when the converted model is safe to ship:
+
+1. export a SavedModel and convert it (:mod:`~fieldscope.convert.quantize`);
+2. read the flatbuffer's operators: no Flex/custom ops, and by default nothing that
+   tflite-runtime 2.14 cannot run (:mod:`~fieldscope.convert.opcheck`);
+3. write a throw-away bundle and run it with the edge :class:`Classifier` on the test
+   images, against the Keras model (:mod:`~fieldscope.convert.fidelity`); refuse when the
+   accuracy drops too far.
+
+:func:`write_converted_bundle` then writes the real bundle (fidelity, operators and
+``min_runtime`` in its manifest), signs it if asked, verifies it with this machine's
+runtime, and only then moves it into place, so the output folder never holds a
+half-written, unsigned or unverified bundle.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fieldscope.convert.errors import ConversionError
+from fieldscope.convert.fidelity import (
+    Fidelity,
+    check_accuracy_drop,
+    compare,
+    edge_probabilities,
+    keras_probabilities,
+)
+from fieldscope.convert.keys import check_private_key
+from fieldscope.convert.opcheck import OpReport, check_edge_compatible, min_runtime, read_operators
+from fieldscope.convert.quantize import QUANTIZE_MODES, convert_saved_model, export_saved_model
+from fieldscope.edge.bundle import (
+    Bundle,
+    Provenance,
+    read_bundle,
+    sign_bundle,
+    verify_bundle,
+    write_bundle,
+)
+from fieldscope.edge.errors import BundleError
+from fieldscope.edge.preprocess import PreprocessRecipe
+
+__all__ = [
+    "DEFAULT_MAX_ACCURACY_DROP",
+    "ConversionResult",
+    "check_output_dir",
+    "convert_model",
+    "write_converted_bundle",
+]
+
+log = logging.getLogger(__name__)
+
+# Percentage points of test accuracy the converted model may lose against Keras.
+DEFAULT_MAX_ACCURACY_DROP = 1.0
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ConversionResult:
+    """A converted model that passed the operator and fidelity checks."""
+
+    model: bytes
+    quantize: str
+    labels: tuple[str, ...]
+    recipe: PreprocessRecipe
+    fidelity: Fidelity
+    operators: OpReport
+    min_runtime: Mapping[str, str]
+    calibration_images: int
+    max_accuracy_drop: float
+    converter: str
+
+    def provenance_fidelity(self) -> dict[str, Any]:
+        """What goes into the manifest's ``provenance.fidelity``."""
+        return {
+            **self.fidelity.to_dict(),
+            "max_accuracy_drop_points": self.max_accuracy_drop,
+            "calibration_images": self.calibration_images,
+            "converter": self.converter,
+            "operators": self.operators.to_dict()["builtin"],
+        }
+
+
+def _note(progress: Progress | None, message: str) -> None:
+    log.info("%s", message)
+    if progress is not None:
+        progress(message)
+
+
+def _check_images(name: str, images: np.ndarray, recipe: PreprocessRecipe) -> np.ndarray:
+    array = np.asarray(images)
+    want = (*recipe.size, 3)
+    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[1:] != want:
+        raise ConversionError(
+            f"{name} must be N x {want[0]} x {want[1]} x 3 uint8 images preprocessed with "
+            f"the recipe, got {array.dtype} {'x'.join(str(d) for d in array.shape)}"
+        )
+    return array
+
+
+def _check_inputs(
+    keras_model: Any,
+    labels: Sequence[str],
+    recipe: PreprocessRecipe,
+    eval_images: np.ndarray,
+    eval_labels: Sequence[int] | np.ndarray,
+) -> np.ndarray:
+    outputs = int(keras_model.output_shape[-1])
+    if outputs != len(labels):
+        raise ConversionError(
+            f"the model outputs {outputs} scores but {len(labels)} labels were given"
+        )
+    model_hw = tuple(keras_model.input_shape[1:3])
+    if model_hw != tuple(recipe.size):
+        raise ConversionError(
+            f"the model takes {model_hw[0]}x{model_hw[1]} images but the preprocessing "
+            f"recipe makes {recipe.size[0]}x{recipe.size[1]}"
+        )
+    y = np.asarray(eval_labels).reshape(-1)
+    if y.size != len(eval_images):
+        raise ConversionError(f"{len(eval_images)} test images but {y.size} test labels")
+    if y.size == 0:
+        raise ConversionError(
+            "the fidelity check needs test images and there are none; a bundle is never "
+            "written without comparing it with the Keras model"
+        )
+    if y.min() < 0 or y.max() >= len(labels):
+        raise ConversionError(f"test labels must be class indices 0..{len(labels) - 1}")
+    return y
+
+
+def convert_model(
+    keras_model: Any,
+    *,
+    labels: Sequence[str],
+    recipe: PreprocessRecipe,
+    calibration_images: np.ndarray | None,
+    eval_images: np.ndarray,
+    eval_labels: Sequence[int] | np.ndarray,
+    quantize: str = "int8",
+    max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP,
+    allow_newer_runtime: bool = False,
+    progress: Progress | None = None,
+) -> ConversionResult:
+    """Convert, check the operators, check fidelity on the test images; see the module doc.
+
+    ``calibration_images`` (a stratified sample of the training split) and
+    ``eval_images`` (the test split) are RGB uint8 at ``recipe.size``, preprocessed by
+    :func:`fieldscope.edge.preprocess.load_and_preprocess`; ``eval_labels`` are class
+    indices into ``labels``. ``max_accuracy_drop`` is in percentage points.
+
+    Raises:
+        ConversionError: bad inputs, or the converter cannot express the model.
+        UnsupportedOpsError: Flex/custom ops, or ops tflite-runtime 2.14 lacks (unless
+            ``allow_newer_runtime``).
+        FidelityError: the accuracy drop exceeds ``max_accuracy_drop``.
+    """
+    import tensorflow as tf
+
+    if quantize not in QUANTIZE_MODES:
+        raise ConversionError(
+            f"unknown quantisation mode {quantize!r} (choose one of {', '.join(QUANTIZE_MODES)})"
+        )
+    if not max_accuracy_drop >= 0:
+        raise ConversionError(f"max_accuracy_drop must be >= 0 points, got {max_accuracy_drop!r}")
+    y = _check_inputs(keras_model, labels, recipe, eval_images, eval_labels)
+    eval_images = _check_images("test images", eval_images, recipe)
+    calibration = None
+    if quantize == "int8":
+        if calibration_images is None or len(calibration_images) == 0:
+            raise ConversionError("int8 quantisation needs calibration images; none were given")
+        calibration = _check_images("calibration images", calibration_images, recipe)
+
+    with tempfile.TemporaryDirectory(prefix="fieldscope-convert-") as tmp:
+        work = Path(tmp)
+        _note(progress, "exporting the Keras model as a SavedModel")
+        saved = export_saved_model(keras_model, work / "saved_model")
+        what = (
+            f" (calibrating on {len(calibration)} training images)"
+            if calibration is not None
+            else ""
+        )
+        _note(progress, f"converting to TFLite {quantize}{what}")
+        model = convert_saved_model(saved, quantize, calibration)
+        operators = read_operators(model)
+        check_edge_compatible(operators, require_tflite_runtime=not allow_newer_runtime)
+
+        _note(progress, f"checking fidelity on {len(eval_images)} test images")
+        staged = write_bundle(
+            work / "fidelity-check",
+            model,
+            model_name="fidelity-check",
+            model_version="0",
+            labels=labels,
+            preprocessing=recipe,
+        )
+        edge_probs, runtime = edge_probabilities(staged, eval_images)
+    keras_probs = keras_probabilities(keras_model, eval_images)
+    fidelity = compare(
+        keras_probs, edge_probs, y, quantize=quantize, runtime=f"{runtime.name} {runtime.version}"
+    )
+    _note(progress, fidelity.summary())
+    check_accuracy_drop(fidelity, max_accuracy_drop)
+
+    litert = runtime.version if runtime.name == "ai_edge_litert" else None
+    return ConversionResult(
+        model=model,
+        quantize=quantize,
+        labels=tuple(labels),
+        recipe=recipe,
+        fidelity=fidelity,
+        operators=operators,
+        min_runtime=min_runtime(
+            operators, litert_version=litert, tensorflow_version=tf.__version__
+        ),
+        calibration_images=0 if calibration is None else len(calibration),
+        max_accuracy_drop=float(max_accuracy_drop),
+        converter=f"tensorflow {tf.__version__}",
+    )
+
+
+def check_output_dir(out_dir: Path, *, overwrite: bool = False) -> None:
+    """Fail before any work when the bundle could not be written to ``out_dir``.
+
+    Raises:
+        BundleError: it exists and is a file, or a non-empty folder (without ``overwrite``).
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise BundleError(f"cannot write the bundle to {out}: it exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise BundleError(
+            f"cannot write the bundle to {out}: the folder is not empty (choose a new "
+            "--out, or --overwrite to replace it)"
+        )
+
+
+def write_converted_bundle(
+    result: ConversionResult,
+    out_dir: Path,
+    *,
+    model_name: str,
+    model_version: str,
+    threshold: float,
+    source_run: str | None = None,
+    training_metrics: Mapping[str, Any] | None = None,
+    sign_key: Path | None = None,
+    overwrite: bool = False,
+) -> Bundle:
+    """Write, sign (with ``sign_key``), verify, then move the bundle into ``out_dir``.
+
+    Raises:
+        BundleError: ``out_dir`` is not usable, the key cannot sign, or the written
+            bundle does not verify on this machine.
+    """
+    out = Path(out_dir)
+    check_output_dir(out, overwrite=overwrite)
+    if sign_key is not None:
+        check_private_key(sign_key)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.convert-", dir=out.parent))
+    try:
+        staged = staging / "bundle"
+        write_bundle(
+            staged,
+            result.model,
+            model_name=model_name,
+            model_version=model_version,
+            labels=result.labels,
+            preprocessing=result.recipe,
+            threshold=threshold,
+            provenance=Provenance(
+                source_run=source_run,
+                training_metrics=dict(training_metrics or {}),
+                fidelity=result.provenance_fidelity(),
+            ),
+            min_runtime=result.min_runtime,
+        )
+        if sign_key is not None:
+            sign_bundle(staged, sign_key)
+        verify_bundle(staged)
+        _move_into_place(staged, out)
+    except OSError as exc:
+        raise BundleError(f"cannot write the bundle to {out}: {exc.strerror or exc}") from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("wrote bundle %s", out)
+    return read_bundle(out)
+
+
+def _move_into_place(new: Path, target: Path) -> None:
+    """Rename ``new`` to ``target``; an old ``target`` is moved aside first, then removed."""
+    if target.is_dir() and not any(target.iterdir()):
+        target.rmdir()
+    if not target.exists():
+        new.rename(target)
+        return
+    old = new.with_name("previous")
+    target.rename(old)
+    try:
+        new.rename(target)
+    except OSError:
+        old.rename(target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,354 @@
+"""``convert_run``: the thin adapter from a training run directory to the conversion core.
+
+It reads what ``fieldscope train`` recorded, and nothing is re-derived: labels from
+``labels.json``, the preprocessing recipe from ``config.json``, which files are train and
+test from ``split.json``, the decision threshold and test metrics from ``metrics.json``,
+the model from ``model.keras``. convert/ imports only edge/ (DESIGN.md), so this is its
+own small reader of those JSON files, not ``fieldscope.train``'s.
+
+Images are decoded and preprocessed afresh by the edge's own
+:func:`~fieldscope.edge.preprocess.load_and_preprocess`, not read from the training
+cache, so calibration and the fidelity check see exactly the pixels a Pi would.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fieldscope.convert.errors import ConversionError
+from fieldscope.convert.keys import check_private_key
+from fieldscope.convert.pipeline import (
+    DEFAULT_MAX_ACCURACY_DROP,
+    ConversionResult,
+    check_output_dir,
+    convert_model,
+    write_converted_bundle,
+)
+from fieldscope.convert.quantize import QUANTIZE_MODES, stratified_sample
+from fieldscope.edge.bundle import Bundle
+from fieldscope.edge.errors import ImageDecodeError, MissingDependencyError, RecipeError
+from fieldscope.edge.preprocess import PreprocessRecipe, load_and_preprocess
+
+__all__ = [
+    "DEFAULT_CALIBRATION_IMAGES",
+    "ConvertedRun",
+    "TrainingRun",
+    "convert_run",
+    "load_images",
+    "read_run",
+]
+
+log = logging.getLogger(__name__)
+
+# TensorFlow's guidance for post-training calibration is a few hundred samples.
+DEFAULT_CALIBRATION_IMAGES = 200
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """What a finished training run says about its model (paths absolute)."""
+
+    path: Path
+    model_path: Path
+    labels: tuple[str, ...]
+    recipe: PreprocessRecipe
+    train: tuple[tuple[Path, int], ...]
+    test: tuple[tuple[Path, int], ...]
+    threshold: float | None
+    metrics: Mapping[str, Any]
+    seed: int = 0
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConversionError(
+            f"{path} is missing ({what}); is {path.parent} a finished fieldscope training run?"
+        ) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConversionError(f"cannot read {path} ({what}): {exc}") from exc
+
+
+def _split_part(
+    split: Mapping[str, Any], name: str, root: Path, labels: tuple[str, ...], where: Path
+) -> tuple[tuple[Path, int], ...]:
+    index = {label: i for i, label in enumerate(labels)}
+    items = split.get(name)
+    if not isinstance(items, list):
+        raise ConversionError(f"{where} has no {name!r} list of files")
+    out: list[tuple[Path, int]] = []
+    for item in items:
+        try:
+            path, label = Path(item["path"]), item["label"]
+        except (KeyError, TypeError) as exc:
+            raise ConversionError(f"{where}: a {name} entry lacks 'path' or 'label'") from exc
+        if label not in index:
+            raise ConversionError(
+                f"{where}: {name} file {path} has label {label!r}, which is not in labels.json"
+            )
+        out.append((path if path.is_absolute() else root / path, index[label]))
+    return tuple(out)
+
+
+def _test_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The headline figures of the run (for the manifest), without per-image detail."""
+    test = metrics.get("splits", {}).get("test", {})
+    summary = {
+        f"test_{key}": test[key]
+        for key in ("accuracy", "macro_f1", "top_k_accuracy", "ece", "n_samples")
+        if key in test
+    }
+    if "top_k" in test:
+        summary["top_k"] = test["top_k"]
+    threshold = metrics.get("threshold")
+    if isinstance(threshold, Mapping):
+        # Precision and coverage of the accepted validation predictions at the threshold.
+        for key in ("threshold", "precision", "coverage", "reached", "target_precision"):
+            if key in threshold:
+                summary["threshold" if key == "threshold" else f"threshold_{key}"] = threshold[key]
+    return summary
+
+
+def read_run(run_dir: Path, *, data_dir: Path | None = None) -> TrainingRun:
+    """Read a finished run; ``data_dir`` replaces the image folder recorded in it (moved data).
+
+    Raises:
+        ConversionError: the folder is not a finished single-split run, or a file is
+            missing or damaged (the message names it).
+    """
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise ConversionError(f"training run {run} does not exist or is not a folder")
+    record_path = run / "run.json"
+    if record_path.exists():
+        record = _read_json(record_path, "the run record")
+        if (
+            isinstance(record, Mapping)
+            and record.get("folds")
+            and not (run / "model.keras").exists()
+        ):
+            folds = sorted(p.name for p in run.glob("fold-*") if (p / "model.keras").exists())
+            example = f", e.g. {run / folds[0]}" if folds else ""
+            raise ConversionError(
+                f"{run} is a cross-validation run; convert one of its folds{example}"
+            )
+        if isinstance(record, Mapping) and record.get("status") not in (None, "complete"):
+            raise ConversionError(
+                f"training run {run} is not finished (status {record.get('status')!r}); "
+                f"finish it with fieldscope train --resume {run}"
+            )
+    model_path = run / "model.keras"
+    if not model_path.is_file():
+        raise ConversionError(f"{model_path} is missing; is {run} a finished training run?")
+    labels_data = _read_json(run / "labels.json", "class names")
+    if not isinstance(labels_data, list) or not all(isinstance(x, str) for x in labels_data):
+        raise ConversionError(f"{run / 'labels.json'} must be a list of class names")
+    labels = tuple(labels_data)
+    config = _read_json(run / "config.json", "the training config")
+    try:
+        recipe = PreprocessRecipe.from_dict(config["preprocess"])
+    except (KeyError, TypeError) as exc:
+        raise ConversionError(f"{run / 'config.json'} has no preprocessing recipe") from exc
+    except RecipeError as exc:
+        raise ConversionError(f"{run / 'config.json'}: {exc}") from exc
+    split_path = run / "split.json"
+    split = _read_json(split_path, "which files are train and test")
+    if not isinstance(split, Mapping):
+        raise ConversionError(f"{split_path} must be a JSON object")
+    if list(split.get("labels", labels)) != list(labels):
+        raise ConversionError(f"{split_path} and labels.json disagree on the classes")
+    root = Path(data_dir) if data_dir is not None else Path(str(split.get("data_dir", run)))
+    metrics_path = run / "metrics.json"
+    metrics = (
+        _read_json(metrics_path, "test metrics and threshold") if metrics_path.exists() else {}
+    )
+    threshold_record = metrics.get("threshold") if isinstance(metrics, Mapping) else None
+    threshold = None
+    if isinstance(threshold_record, Mapping) and "threshold" in threshold_record:
+        try:
+            threshold = float(threshold_record["threshold"])
+        except (TypeError, ValueError) as exc:
+            raise ConversionError(f"{metrics_path}: the threshold is not a number") from exc
+    return TrainingRun(
+        path=run,
+        model_path=model_path,
+        labels=labels,
+        recipe=recipe,
+        train=_split_part(split, "train", root, labels, split_path),
+        test=_split_part(split, "test", root, labels, split_path),
+        threshold=threshold,
+        metrics=_test_metrics(metrics) if isinstance(metrics, Mapping) else {},
+        seed=int(config.get("seed", 0)) if isinstance(config, Mapping) else 0,
+    )
+
+
+def load_images(
+    files: tuple[tuple[Path, int], ...], recipe: PreprocessRecipe, what: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Preprocess files with the edge's function; unreadable ones are skipped and logged.
+
+    Raises:
+        ConversionError: every file is missing or unreadable (a moved data folder).
+    """
+    images: list[np.ndarray] = []
+    labels: list[int] = []
+    failed: list[str] = []
+    for path, label in files:
+        try:
+            images.append(load_and_preprocess(path, recipe))
+            labels.append(label)
+        except (ImageDecodeError, OSError) as exc:
+            failed.append(str(exc))
+            log.warning("skipping %s image %s: %s", what, path, exc)
+    if files and not images:
+        raise ConversionError(
+            f"none of the {len(files)} {what} images could be read (first: {failed[0]}); "
+            "if the data folder moved, give its new place with --data-dir"
+        )
+    h, w = recipe.size
+    array = np.stack(images) if images else np.zeros((0, h, w, 3), np.uint8)
+    return array, np.asarray(labels, dtype=np.int64)
+
+
+def load_keras_model(path: Path) -> Any:
+    """Load ``model.keras``; a damaged or incompatible file becomes a ConversionError.
+
+    Raises:
+        MissingDependencyError: TensorFlow/Keras is not installed (an edge-only install).
+    """
+    try:
+        import keras
+    except ModuleNotFoundError as exc:
+        raise MissingDependencyError(
+            f"conversion needs {exc.name}, which is not installed; install the training "
+            "extra: pip install 'fieldscope[train]'"
+        ) from exc
+
+    try:
+        return keras.models.load_model(path)
+    except Exception as exc:  # keras raises many types for a damaged or foreign file
+        raise ConversionError(f"cannot load {path}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class ConvertedRun:
+    """The written bundle and the conversion behind it."""
+
+    bundle: Bundle
+    result: ConversionResult
+
+    def lines(self) -> list[str]:
+        """The closing summary for the terminal."""
+        m = self.bundle.manifest
+        size = m.files["model.tflite"].size
+        runtimes = ", ".join(f"{k} >= {v}" for k, v in sorted((m.min_runtime or {}).items()))
+        return [
+            f"wrote {self.bundle.path}: {m.model_name} {m.model_version}, "
+            f"{self.result.quantize}, {size / 1024:.0f} KiB, {len(m.labels)} labels, "
+            f"threshold {m.threshold:.4f}",
+            f"fidelity: {self.result.fidelity.summary()}",
+            f"runs on: {runtimes}",
+            "signed (manifest.sig)" if (self.bundle.path / "manifest.sig").exists() else "unsigned",
+        ]
+
+
+def _default_version() -> str:
+    return datetime.now(UTC).strftime("%Y.%m.%d-%H%M%S")
+
+
+def convert_run(
+    run_dir: Path,
+    out_dir: Path,
+    *,
+    quantize: str = "int8",
+    model_name: str | None = None,
+    model_version: str | None = None,
+    sign_key: Path | None = None,
+    max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP,
+    calibration_size: int = DEFAULT_CALIBRATION_IMAGES,
+    threshold: float | None = None,
+    data_dir: Path | None = None,
+    allow_newer_runtime: bool = False,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> ConvertedRun:
+    """Convert a training run into a bundle in ``out_dir``; see :func:`convert_model`.
+
+    Cheap checks (run files, output folder, signing key, options) come first, so a
+    mistake is reported before minutes of conversion. ``model_name`` defaults to the
+    run folder's name, ``model_version`` to the UTC time, ``threshold`` to the one the
+    run chose on validation.
+
+    Raises:
+        ConversionError: (and its subclasses) the run, the options or the conversion.
+        BundleError: the output folder or the signing key.
+    """
+    if quantize not in QUANTIZE_MODES:
+        raise ConversionError(
+            f"unknown quantisation mode {quantize!r} (choose one of {', '.join(QUANTIZE_MODES)})"
+        )
+    if calibration_size < 1:
+        raise ConversionError(f"calibration images must be >= 1, got {calibration_size}")
+    if not max_accuracy_drop >= 0:
+        raise ConversionError(
+            f"the maximum accuracy drop must be >= 0 points, got {max_accuracy_drop}"
+        )
+    run = read_run(run_dir, data_dir=data_dir)
+    check_output_dir(out_dir, overwrite=overwrite)
+    if sign_key is not None:
+        check_private_key(sign_key)
+    chosen = threshold if threshold is not None else run.threshold
+    if chosen is None:
+        raise ConversionError(
+            f"{run.path} records no decision threshold (metrics.json); give one with --threshold"
+        )
+    if not 0.0 <= chosen <= 1.0:
+        raise ConversionError(f"the threshold must be in 0..1, got {chosen}")
+
+    calibration = None
+    if quantize == "int8":
+        picked = stratified_sample([y for _, y in run.train], calibration_size, seed=run.seed)
+        files = tuple(run.train[i] for i in picked)
+        if progress:
+            progress(f"preprocessing {len(files)} calibration images (stratified from train)")
+        calibration, _ = load_images(files, run.recipe, "calibration")
+    if progress:
+        progress(f"preprocessing {len(run.test)} test images")
+    test_images, test_labels = load_images(run.test, run.recipe, "test")
+    if progress:
+        progress(f"loading {run.model_path}")
+    result = convert_model(
+        load_keras_model(run.model_path),
+        labels=run.labels,
+        recipe=run.recipe,
+        calibration_images=calibration,
+        eval_images=test_images,
+        eval_labels=test_labels,
+        quantize=quantize,
+        max_accuracy_drop=max_accuracy_drop,
+        allow_newer_runtime=allow_newer_runtime,
+        progress=progress,
+    )
+    bundle = write_converted_bundle(
+        result,
+        out_dir,
+        model_name=model_name or run.path.resolve().name,
+        model_version=model_version or _default_version(),
+        threshold=chosen,
+        source_run=str(run.path.resolve()),
+        training_metrics=run.metrics,
+        sign_key=sign_key,
+        overwrite=overwrite,
+    )
+    return ConvertedRun(bundle, result)

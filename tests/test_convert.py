@@ -1,0 +1,501 @@
+"""The conversion core: four quantisation modes, fidelity, operator checks, calibration.
+
+The model is a small inverted-residual CNN (MobileNetV2's op set: 1x1 and depthwise
+convolutions, folded BatchNorm, ReLU6, residual adds, global pooling, dense softmax)
+trained for a few seconds on the synthetic specimens until it clearly beats chance:
+a MobileNetV2 from scratch stays at chance for minutes on two cores, and a model at
+chance has near-uniform outputs, on which agreement between float and int8 says
+nothing. The real MobileNetV2 path is exercised end to end in test_convert_cli.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fieldscope.convert.errors import ConversionError, FidelityError, UnsupportedOpsError
+from fieldscope.convert.fidelity import (
+    Fidelity,
+    check_accuracy_drop,
+    compare,
+    macro_f1,
+)
+from fieldscope.convert.opcheck import (
+    TFLITE_RUNTIME_2_14,
+    check_edge_compatible,
+    min_runtime,
+    read_operators,
+)
+from fieldscope.convert.pipeline import ConversionResult, convert_model, write_converted_bundle
+from fieldscope.convert.quantize import (
+    QUANTIZE_MODES,
+    convert_saved_model,
+    export_saved_model,
+    stratified_sample,
+)
+from fieldscope.edge.bundle import verify_bundle
+from fieldscope.edge.classify import Classifier
+from fieldscope.edge.preprocess import PreprocessRecipe, load_and_preprocess
+from fieldscope.edge.specimens import write_dataset
+
+SIZE = 48
+TFLITE_214_ENV = "FIELDSCOPE_TFLITE_RUNTIME_214_PYTHON"
+
+
+@dataclass(frozen=True)
+class Trained:
+    model: Any
+    labels: tuple[str, ...]
+    recipe: PreprocessRecipe
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+
+
+def _mini_mobilenet(size: int, classes: int) -> Any:
+    import keras
+
+    layers = keras.layers
+
+    def block(x: Any, channels: int, stride: int) -> Any:
+        shortcut, width = x, int(x.shape[-1])
+        x = layers.Conv2D(width * 3, 1, use_bias=False)(x)
+        x = layers.ReLU(6.0)(layers.BatchNormalization(momentum=0.9)(x))
+        x = layers.DepthwiseConv2D(3, strides=stride, padding="same", use_bias=False)(x)
+        x = layers.ReLU(6.0)(layers.BatchNormalization(momentum=0.9)(x))
+        x = layers.BatchNormalization(momentum=0.9)(layers.Conv2D(channels, 1, use_bias=False)(x))
+        return layers.Add()([shortcut, x]) if stride == 1 and width == channels else x
+
+    inputs = keras.Input((size, size, 3), name="image")
+    x = layers.Rescaling(1.0 / 127.5, offset=-1.0)(inputs)
+    x = layers.Conv2D(16, 3, strides=2, padding="same", use_bias=False)(x)
+    x = layers.ReLU(6.0)(layers.BatchNormalization(momentum=0.9)(x))
+    for channels, stride in ((16, 1), (24, 2), (24, 1), (32, 2)):
+        x = block(x, channels, stride)
+    x = layers.GlobalAveragePooling2D()(x)
+    outputs = layers.Dense(classes, activation="softmax")(x)
+    return keras.Model(inputs, outputs)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    """A model trained on 4 synthetic species (about 20 s on two cores)."""
+    import keras
+
+    root = tmp_path_factory.mktemp("specimens")
+    write_dataset(root, classes=4, per_class=40, size=96, seed=3)
+    recipe = PreprocessRecipe(size=(SIZE, SIZE), resize="letterbox")
+    labels = tuple(sorted(p.name for p in root.iterdir() if p.is_dir()))
+    train_x, train_y, test_x, test_y = [], [], [], []
+    for index, label in enumerate(labels):
+        for i, path in enumerate(sorted((root / label).glob("*.png"))):
+            image = load_and_preprocess(path, recipe)
+            (test_x if i % 10 < 3 else train_x).append(image)
+            (test_y if i % 10 < 3 else train_y).append(index)
+    keras.utils.set_random_seed(0)
+    model = _mini_mobilenet(SIZE, len(labels))
+    model.compile(
+        optimizer=keras.optimizers.Adam(3e-3),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    x, y = np.stack(train_x), np.asarray(train_y)
+    # Specimens lie in any orientation: the 8 flips/rotations of each image make 8x the
+    # data for free, and the model generalises instead of memorising 112 images.
+    flipped = x[:, ::-1]
+    views = [np.rot90(v, k, axes=(1, 2)) for v in (x, flipped) for k in range(4)]
+    model.fit(
+        np.concatenate(views).astype(np.float32),
+        np.tile(y, len(views)),
+        epochs=6,
+        batch_size=32,
+        verbose=0,
+    )
+    return Trained(model, labels, recipe, x, y, np.stack(test_x), np.asarray(test_y))
+
+
+@pytest.fixture(scope="module")
+def conversions() -> dict[str, ConversionResult]:
+    """Conversions made so far in this module, by mode (each costs a few seconds)."""
+    return {}
+
+
+def _converted(
+    conversions: dict[str, ConversionResult], trained: Trained, mode: str
+) -> ConversionResult:
+    if mode not in conversions:
+        picked = stratified_sample(trained.train_y, 64, seed=0)
+        conversions[mode] = convert_model(
+            trained.model,
+            labels=trained.labels,
+            recipe=trained.recipe,
+            calibration_images=trained.train_x[picked],
+            eval_images=trained.test_x,
+            eval_labels=trained.test_y,
+            quantize=mode,
+            max_accuracy_drop=100.0,  # this test checks agreement itself, more strictly
+        )
+    return conversions[mode]
+
+
+# Lower bounds of top-1 agreement and upper bounds of the probability difference with
+# Keras, per mode, on 48 test images.
+AGREEMENT = {"float32": 1.0, "float16": 0.97, "dynamic": 0.9, "int8": 0.9}
+MAX_DIFF = {"float32": 1e-4, "float16": 0.02, "dynamic": 0.2, "int8": 0.2}
+
+
+@pytest.mark.slow
+def test_the_fixture_model_learned_something(trained: Trained) -> None:
+    probs = trained.model.predict(trained.test_x.astype(np.float32), verbose=0)
+    assert (probs.argmax(1) == trained.test_y).mean() >= 0.5  # chance is 0.25
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", QUANTIZE_MODES)
+def test_each_mode_runs_on_the_edge_and_agrees_with_keras(
+    mode: str, trained: Trained, conversions: dict[str, ConversionResult], tmp_path: Path
+) -> None:
+    result = _converted(conversions, trained, mode)
+    bundle = write_converted_bundle(
+        result, tmp_path / mode, model_name="specimens", model_version="1", threshold=0.5
+    )
+    verified = verify_bundle(bundle.path)
+
+    # Run it the way a field station does, independently of the fidelity figures.
+    classifier = Classifier(verified)
+    edge = np.stack([classifier.classify(image).probabilities for image in trained.test_x])
+    keras_probs = trained.model.predict(trained.test_x.astype(np.float32), verbose=0)
+    agreement = float((edge.argmax(1) == keras_probs.argmax(1)).mean())
+    assert agreement >= AGREEMENT[mode]
+    assert float(np.abs(edge - keras_probs).max()) <= MAX_DIFF[mode]
+    assert result.fidelity.top1_agreement == pytest.approx(agreement)
+    assert result.fidelity.runtime.startswith("ai_edge_litert ")
+
+    m = verified.manifest
+    fidelity = m.provenance.fidelity
+    assert fidelity["quantization"] == mode
+    assert fidelity["test_images"] == len(trained.test_y)
+    assert fidelity["top1_agreement"] == pytest.approx(agreement, abs=1e-6)
+    assert {"keras_accuracy", "edge_accuracy", "keras_macro_f1", "edge_macro_f1"} <= set(fidelity)
+    assert fidelity["max_prob_diff"] == pytest.approx(result.fidelity.max_prob_diff, abs=1e-6)
+    assert m.min_runtime == {
+        "ai_edge_litert": "1.2",
+        "tensorflow": "2.14",
+        "tflite_runtime": "2.14",
+    }
+    assert not result.operators.per_channel_dense
+    assert result.operators.tflite_runtime_2_14_problems() == []
+    if mode == "int8":
+        assert (m.input_dtype, m.output_dtype) == ("uint8", "uint8")
+        assert m.quantization is not None
+        assert m.quantization.input is not None
+        # Normalisation is in the graph, so the model takes the edge's pixels as they are.
+        assert (m.quantization.input.scale, m.quantization.input.zero_point) == (1.0, 0)
+        assert fidelity["calibration_images"] == 64
+    else:
+        assert (m.input_dtype, m.output_dtype) == ("float32", "float32")
+        assert m.quantization is None
+
+
+@pytest.mark.slow
+def test_quantisation_makes_smaller_bundles(
+    trained: Trained, conversions: dict[str, ConversionResult]
+) -> None:
+    size = {mode: len(_converted(conversions, trained, mode).model) for mode in QUANTIZE_MODES}
+    assert size["int8"] < size["float16"] < size["float32"]
+    assert size["dynamic"] < size["float16"]
+
+
+@pytest.mark.slow
+def test_calibrating_on_unrepresentative_images_is_refused(trained: Trained) -> None:
+    # Black frames (a capped lens) as calibration: the activation ranges are wrong for
+    # real specimens, which is exactly what the fidelity check is there to catch.
+    black = np.zeros((16, SIZE, SIZE, 3), np.uint8)
+    with pytest.raises(FidelityError) as info:
+        convert_model(
+            trained.model,
+            labels=trained.labels,
+            recipe=trained.recipe,
+            calibration_images=black,
+            eval_images=trained.test_x,
+            eval_labels=trained.test_y,
+        )
+    message = str(info.value)
+    assert "refusing to write the bundle" in message
+    assert "for the Keras model" in message
+    assert "--quantize float16" in message
+    assert "\n" not in message
+
+
+@pytest.mark.slow
+def test_tflite_runtime_2_14_gives_the_same_answers(
+    trained: Trained, conversions: dict[str, ConversionResult], tmp_path: Path
+) -> None:
+    """Each bundle under tflite-runtime 2.14 + numpy<2 (a separate venv) vs ai-edge-litert.
+
+    Installing that venv needs the network, which tests may not use; point
+    FIELDSCOPE_TFLITE_RUNTIME_214_PYTHON at its python (``python -m venv V &&
+    V/bin/pip install tflite-runtime==2.14.0 'numpy<2'``) to run this.
+    """
+    python = os.environ.get(TFLITE_214_ENV)
+    if not python:
+        pytest.skip(f"set {TFLITE_214_ENV} to a python with tflite-runtime 2.14 and numpy<2")
+    np.save(tmp_path / "images.npy", trained.test_x)
+    script = """
+import json, sys, numpy as np
+from tflite_runtime.interpreter import Interpreter
+images = np.load(sys.argv[1])
+out = {}
+for path in sys.argv[2:]:
+    it = Interpreter(model_path=path, num_threads=1)
+    it.allocate_tensors()
+    i, o = it.get_input_details()[0], it.get_output_details()[0]
+    rows = []
+    for image in images:
+        it.set_tensor(i["index"], image[None].astype(i["dtype"]))
+        it.invoke()
+        rows.append(it.get_tensor(o["index"])[0].astype(float).tolist())
+    out[path] = rows
+print(json.dumps(out))
+"""
+    paths = []
+    for mode in QUANTIZE_MODES:
+        path = tmp_path / f"{mode}.tflite"
+        path.write_bytes(_converted(conversions, trained, mode).model)
+        paths.append(str(path))
+    done = subprocess.run(
+        [python, "-c", script, str(tmp_path / "images.npy"), *paths],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    old = json.loads(done.stdout.strip().splitlines()[-1])
+    from ai_edge_litert.interpreter import Interpreter
+
+    for path in paths:
+        it = Interpreter(model_path=path, num_threads=1)
+        it.allocate_tensors()
+        i, o = it.get_input_details()[0], it.get_output_details()[0]
+        scale = o["quantization"][0] or 1.0
+        rows = []
+        for image in trained.test_x:
+            it.set_tensor(i["index"], image[None].astype(i["dtype"]))
+            it.invoke()
+            rows.append(it.get_tensor(o["index"])[0].astype(float))
+        new, ref = np.stack(rows) * scale, np.asarray(old[path]) * scale
+        # Float kernels agree to rounding. The quantised kernels of the two runtimes
+        # (XNNPACK in LiteRT) round differently: the same answers, with probabilities
+        # apart by up to 0.055 (int8) and 0.022 (dynamic) as measured here.
+        quantised = Path(path).stem in ("int8", "dynamic")
+        agreement = float((new.argmax(1) == ref.argmax(1)).mean())
+        assert agreement >= (0.95 if quantised else 1.0), path
+        assert np.abs(new - ref).max() <= (0.1 if quantised else 1e-5), path
+
+
+# --- calibration sample ------------------------------------------------------------------
+
+
+def test_stratified_sample_keeps_every_class_in_proportion() -> None:
+    labels = np.array([0] * 100 + [1] * 50 + [2] * 3)
+    picked = stratified_sample(labels, 30, seed=1)
+    counts = np.bincount(labels[picked], minlength=3)
+    assert len(picked) == 30 == len(set(picked.tolist()))
+    assert counts[2] >= 1  # the rare class is never left out
+    assert abs(counts[0] - 2 * counts[1]) <= 2
+    assert np.array_equal(picked, stratified_sample(labels, 30, seed=1))
+    assert not np.array_equal(picked, stratified_sample(labels, 30, seed=2))
+    assert np.array_equal(stratified_sample(labels, 500), np.arange(len(labels)))
+
+
+def test_stratified_sample_with_more_classes_than_images() -> None:
+    picked = stratified_sample(np.arange(10), 4)
+    assert len(picked) == 4
+    with pytest.raises(ConversionError, match="at least 1 image"):
+        stratified_sample(np.arange(10), 0)
+
+
+# --- fidelity figures --------------------------------------------------------------------
+
+
+def test_macro_f1_matches_scikit_learn() -> None:
+    from sklearn.metrics import f1_score
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        y, p = rng.integers(0, 5, 40), rng.integers(0, 4, 40)
+        assert macro_f1(y, p) == pytest.approx(f1_score(y, p, average="macro", zero_division=0))
+
+
+def test_compare_reports_agreement_accuracy_and_probability_difference() -> None:
+    keras_probs = np.array([[0.9, 0.1], [0.4, 0.6], [0.2, 0.8], [0.7, 0.3]])
+    edge_probs = np.array([[0.8, 0.2], [0.55, 0.45], [0.2, 0.8], [0.7, 0.3]])
+    f = compare(keras_probs, edge_probs, [0, 1, 1, 1], quantize="int8", runtime="x 1")
+    assert f.top1_agreement == 0.75
+    assert (f.keras_accuracy, f.edge_accuracy) == (0.75, 0.5)
+    assert f.accuracy_drop_points == pytest.approx(25.0)
+    assert f.max_prob_diff == pytest.approx(0.15)
+    with pytest.raises(ConversionError, match="cannot compare"):
+        compare(keras_probs, edge_probs[:2], [0, 1, 1, 1], quantize="int8", runtime="x")
+
+
+def _fidelity(keras_accuracy: float, edge_accuracy: float, mode: str = "int8") -> Fidelity:
+    return Fidelity(mode, 200, 0.95, keras_accuracy, edge_accuracy, 0.9, 0.88, 0.2, 0.01, "r 1")
+
+
+def test_accuracy_drop_gate() -> None:
+    check_accuracy_drop(_fidelity(0.900, 0.891), 1.0)  # 0.9 points: allowed
+    check_accuracy_drop(_fidelity(0.900, 0.950), 0.0)  # better than Keras: allowed
+    with pytest.raises(FidelityError) as info:
+        check_accuracy_drop(_fidelity(0.900, 0.880), 1.0)
+    message = str(info.value)
+    assert "0.880 against 0.900" in message
+    assert "drop of 2.0 points (limit 1" in message
+    assert "--quantize float16" in message
+    with pytest.raises(FidelityError) as info:
+        check_accuracy_drop(_fidelity(0.9, 0.5, "float16"), 1.0)
+    assert "--quantize float16" not in str(info.value)
+
+
+# --- operators ---------------------------------------------------------------------------
+
+
+def _patch_version(model: bytes, op: str, version: int) -> bytes:
+    """The same model with one operator code's version changed (a model from the future)."""
+    import flatbuffers
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    root = schema.ModelT.InitFromPackedBuf(bytearray(model), 0)
+    codes = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    for code in root.operatorCodes:
+        if codes[max(code.builtinCode, code.deprecatedBuiltinCode)] == op:
+            code.version = version
+    builder = flatbuffers.Builder(0)
+    builder.Finish(root.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+def test_table_holds_what_tflite_runtime_2_14_registers() -> None:
+    assert TFLITE_RUNTIME_2_14["FULLY_CONNECTED"] == (1, 10)
+    assert TFLITE_RUNTIME_2_14["CONV_2D"] == (1, 7)
+    assert TFLITE_RUNTIME_2_14["BROADCAST_TO"] == (2, 3)
+    assert all(1 <= low <= high for low, high in TFLITE_RUNTIME_2_14.values())
+
+
+def test_an_op_version_newer_than_tflite_runtime_2_14_is_caught(tiny_models: Any) -> None:
+    report = read_operators(_patch_version(tiny_models.float32, "CONV_2D", 99))
+    assert ("CONV_2D", 99) in [(op.name, op.version) for op in report.operators]
+    problems = report.tflite_runtime_2_14_problems()
+    assert problems == ["CONV_2D version 99 (tflite-runtime 2.14 has versions 1-7)"]
+    with pytest.raises(UnsupportedOpsError) as info:
+        check_edge_compatible(report)
+    assert "CONV_2D version 99" in str(info.value)
+    assert "--allow-newer-runtime" in str(info.value)
+    check_edge_compatible(report, require_tflite_runtime=False)
+    assert min_runtime(report, litert_version="2.3.0", tensorflow_version="2.21.0") == {
+        "ai_edge_litert": "2.3.0",
+        "tensorflow": "2.21.0",
+    }
+
+
+def test_per_channel_dense_weights_are_caught_and_avoided(tiny_models: Any, tmp_path: Path) -> None:
+    # conftest converts without the converter flag, as TF >= 2.16 does by default.
+    default = read_operators(tiny_models.int8)
+    assert default.per_channel_dense
+    assert any("aarch64" in p for p in default.tflite_runtime_2_14_problems())
+    saved = export_saved_model(tiny_models.keras_model, tmp_path / "saved")
+    ours = read_operators(
+        convert_saved_model(saved, "int8", np.stack(list(tiny_models.images(0, 8))))
+    )
+    assert not ours.per_channel_dense
+    assert ours.tflite_runtime_2_14_problems() == []
+
+
+def test_flex_ops_are_refused(tmp_path: Path) -> None:
+    import tensorflow as tf
+
+    def determinant(x: Any) -> Any:
+        return tf.reshape(tf.linalg.det(tf.reshape(x, (-1, 2, 2))), (-1, 1))
+
+    fn = tf.function(determinant, input_signature=[tf.TensorSpec([1, 4], tf.float32)])
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], fn)
+    converter.target_spec.supported_ops = [
+        tf.lite.OpsSet.TFLITE_BUILTINS,
+        tf.lite.OpsSet.SELECT_TF_OPS,
+    ]
+    report = read_operators(converter.convert())
+    assert report.custom_ops == ("FlexMatrixDeterminant",)
+    with pytest.raises(UnsupportedOpsError, match="Flex"):
+        check_edge_compatible(report, require_tflite_runtime=False)
+
+
+def test_a_model_needing_tensorflow_ops_does_not_convert(tiny_models: Any) -> None:
+    import keras
+    import tensorflow as tf
+
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Lambda(lambda t: tf.reshape(tf.linalg.det(t[:, :2, :2, 0]), (-1, 1)))(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(x))
+    images = np.zeros((2, 8, 8, 3), np.uint8)
+    with pytest.raises(ConversionError) as info:
+        convert_model(
+            model,
+            labels=("a", "b"),
+            recipe=PreprocessRecipe(size=(8, 8)),
+            calibration_images=images,
+            eval_images=images,
+            eval_labels=[0, 1],
+            quantize="float32",
+        )
+    message = str(info.value)
+    assert "MatrixDeterminant" in message
+    assert "\n" not in message
+    assert len(message) < 400
+
+
+def test_not_a_model() -> None:
+    with pytest.raises(ConversionError, match="not a TFLite model"):
+        read_operators(b"PK\x03\x04 a zip file, say")
+
+
+# --- inputs refused before any conversion ------------------------------------------------
+
+
+@pytest.fixture
+def colour_inputs(tiny_models: Any) -> dict[str, Any]:
+    x = np.concatenate([tiny_models.images(c, 4, seed=c) for c in range(3)])
+    return {
+        "labels": tiny_models.labels,
+        "recipe": PreprocessRecipe(size=(32, 32), resize="stretch"),
+        "calibration_images": x,
+        "eval_images": x,
+        "eval_labels": np.repeat(np.arange(3), 4),
+    }
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        ({"labels": ("a", "b")}, "outputs 3 scores but 2 labels"),
+        ({"recipe": PreprocessRecipe(size=(48, 48))}, "takes 32x32 images but"),
+        ({"eval_labels": [0, 1]}, "12 test images but 2 test labels"),
+        ({"eval_images": np.zeros((0, 32, 32, 3), np.uint8), "eval_labels": []}, "needs test"),
+        ({"eval_images": np.zeros((12, 32, 32, 3), np.float32)}, "must be N x 32 x 32 x 3 uint8"),
+        ({"calibration_images": None}, "needs calibration images"),
+        ({"quantize": "int4"}, "unknown quantisation mode 'int4'"),
+        ({"max_accuracy_drop": -1.0}, "max_accuracy_drop must be >= 0"),
+    ],
+)
+def test_bad_inputs_are_refused_before_converting(
+    tiny_models: Any, colour_inputs: dict[str, Any], change: dict[str, Any], fragment: str
+) -> None:
+    with pytest.raises(ConversionError, match=fragment.replace("(", r"\(")):
+        convert_model(tiny_models.keras_model, **{**colour_inputs, **change})
