@@ -28,7 +28,7 @@ setup(
         "fieldscope.cli": ["py.typed"],
         "fieldscope.edge": ["py.typed", "schemas/*.json", "examples/*.toml"],
         "fieldscope.deploy": ["**/*.yml", "**/*.j2", "**/*.service", "**/*.cfg", "**/*.ini"],
-        "fieldscope.collect": ["templates/*", "static/*"],
+        "fieldscope.collect": ["py.typed", "templates/*", "static/*"],
         "fieldscope.train": ["examples/*.toml"],
     },
     include_package_data=False,

@@ -1,0 +1,295 @@
+"""``fieldscope collect``: run the subscriber, export what it stored, serve the dashboard.
+
+    fieldscope collect --broker HOST[:PORT] [--db URL] [--topic-prefix P]   (same as `run`)
+    fieldscope collect run --broker HOST[:PORT] ...
+    fieldscope collect export --db URL --format csv|parquet|darwin-core|ecotaxa --out FILE
+    fieldscope collect serve --db URL [--port 8080] [--bundle DIR ...] [--archive DIR]
+
+Handlers import their modules lazily so ``fieldscope --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+__all__ = ["register"]
+
+PASSWORD_ENV = "FIELDSCOPE_MQTT_PASSWORD"
+DEFAULT_DB = "fieldscope-collect.sqlite"
+
+
+def register(subparsers: Any) -> None:
+    """Add ``collect`` and its actions to the ``fieldscope`` parser."""
+    p = subparsers.add_parser(
+        "collect",
+        help="subscribe to the fleet and store identifications; export; dashboard",
+        description="Without an action (or with `run`): subscribe to every device's "
+        "identifications, status, heartbeats and model info and store them, once each, "
+        "in SQLite or PostgreSQL. `export` writes CSV, Parquet, Darwin Core or EcoTaxa "
+        "files; `serve` runs the web dashboard.",
+    )
+    _run_arguments(p, required=False)
+    p.set_defaults(handler=_run)
+    actions = p.add_subparsers(dest="collect_action", metavar="ACTION")
+    actions.required = False
+
+    r = actions.add_parser(
+        "run",
+        help="subscribe and store (the default action)",
+        description="Subscribe with a persistent MQTT 5 session and store every message "
+        "once; a message is acknowledged to the broker only after it is committed. "
+        f"The broker password is read from ${PASSWORD_ENV}. Stop with Ctrl-C or SIGTERM.",
+    )
+    _run_arguments(r, required=True)
+    r.set_defaults(handler=_run)
+
+    e = actions.add_parser(
+        "export",
+        help="write stored identifications as CSV, Parquet, Darwin Core or EcoTaxa TSV",
+        description="Darwin Core: occurrence records of labelled identifications "
+        "(an .zip output is a Darwin Core Archive). EcoTaxa: the TSV EcoTaxa imports. "
+        "Times are UTC; a date or time without an offset is UTC.",
+    )
+    e.add_argument("--db", default=DEFAULT_DB, help=f"database URL or file (default {DEFAULT_DB})")
+    e.add_argument(
+        "--format",
+        required=True,
+        choices=("csv", "parquet", "darwin-core", "ecotaxa"),
+        dest="fmt",
+    )
+    e.add_argument("--out", type=Path, required=True, help="the file to write")
+    _filter_arguments(e)
+    e.add_argument(
+        "--id-prefix",
+        default="fieldscope",
+        help="Darwin Core occurrenceID prefix: {prefix}:{device}:{seq} (default fieldscope)",
+    )
+    e.add_argument(
+        "--media-url-prefix",
+        help="Darwin Core associatedMedia: URL under which the archives are published "
+        "({prefix}/{station}/{device}/{day}/{file})",
+    )
+    e.add_argument("--dataset-name", default="", help="Darwin Core datasetName")
+    e.set_defaults(handler=_export)
+
+    s = actions.add_parser(
+        "serve",
+        help="web dashboard: fleet, identifications, chart, try a model",
+        description="Serve the dashboard over the collector's database. Binds 127.0.0.1 "
+        "unless --host says otherwise; it has no login, so put it behind a reverse proxy "
+        "with authentication before exposing it.",
+    )
+    s.add_argument("--db", default=DEFAULT_DB, help=f"database URL or file (default {DEFAULT_DB})")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    s.add_argument(
+        "--bundle",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a model bundle offered on the upload page (repeatable)",
+    )
+    s.add_argument("--public-key", type=Path, help="verify the bundles' signatures with this key")
+    s.add_argument(
+        "--archive",
+        type=Path,
+        help="folder with copies of the stations' image archives, for thumbnails "
+        "(ARCHIVE/STATION/DEVICE/DAY/FILE, ARCHIVE/DEVICE/DAY/FILE or ARCHIVE/DAY/FILE)",
+    )
+    s.add_argument(
+        "--max-upload-mb", type=float, default=20.0, help="largest upload accepted (default 20)"
+    )
+    s.add_argument(
+        "--stale-after",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="flag devices whose last heartbeat is older (default 300)",
+    )
+    s.set_defaults(handler=_serve)
+
+
+def _run_arguments(p: argparse.ArgumentParser, *, required: bool) -> None:
+    p.add_argument(
+        "--broker", required=required, metavar="HOST[:PORT]", help="MQTT broker (port 1883)"
+    )
+    p.add_argument("--db", default=DEFAULT_DB, help=f"database URL or file (default {DEFAULT_DB})")
+    p.add_argument("--topic-prefix", default="fieldscope", help="topic prefix (default fieldscope)")
+    p.add_argument(
+        "--client-id",
+        help="MQTT client id; stable across restarts and unique per running collector "
+        "(default fieldscope-collect-HOSTNAME)",
+    )
+    p.add_argument(
+        "--share-group",
+        help="take identifications through $share/GROUP/... so several collectors split them",
+    )
+    p.add_argument(
+        "--session-expiry",
+        type=int,
+        default=7 * 24 * 3600,
+        metavar="SECONDS",
+        help="how long the broker keeps messages for a stopped collector (default 7 days)",
+    )
+    p.add_argument("--username", help=f"broker user name (password from ${PASSWORD_ENV})")
+    p.add_argument("--ca-file", help="use TLS, trusting this CA file")
+    p.add_argument(
+        "--durable",
+        action="store_true",
+        help="SQLite synchronous=FULL: also survive a power cut of this host (slower)",
+    )
+
+
+def _filter_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--station", action="append", default=[], help="only this station (repeatable)")
+    p.add_argument("--device", action="append", default=[], help="only this device (repeatable)")
+    p.add_argument("--label", action="append", default=[], help="only this label (repeatable)")
+    p.add_argument(
+        "--status",
+        action="append",
+        default=[],
+        choices=("ok", "uncertain", "rejected"),
+        help="only this status (repeatable)",
+    )
+    p.add_argument("--since", help="captured at or after (e.g. 2026-11-01 or 2026-11-01T06:00Z)")
+    p.add_argument("--until", help="captured before")
+
+
+def _broker(text: str | None) -> tuple[str, int]:
+    from fieldscope.edge.errors import ConfigError
+
+    if not text:
+        raise ConfigError("--broker HOST[:PORT] is required (e.g. --broker localhost:1883)")
+    host, sep, port_text = text.rpartition(":")
+    if not sep or "]" in port_text:
+        return text.strip("[]"), 1883
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ConfigError(f"--broker {text!r}: the port must be a number 1-65535")
+    if not host:
+        raise ConfigError(f"--broker {text!r} has no host name")
+    return host.strip("[]"), int(port_text)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from fieldscope.collect.store import open_store
+    from fieldscope.collect.subscriber import Collector, CollectorSettings, default_client_id
+
+    host, port = _broker(args.broker)
+    settings = CollectorSettings(
+        host=host,
+        port=port,
+        prefix=args.topic_prefix,
+        client_id=args.client_id or default_client_id(),
+        share_group=args.share_group,
+        session_expiry_s=args.session_expiry,
+        username=args.username,
+        password=os.environ.get(PASSWORD_ENV),
+        ca_file=args.ca_file,
+    )
+    store = open_store(args.db, durable=args.durable)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    collector = Collector(settings, store)
+    try:
+        collector.start()
+        print(
+            f"collecting from {host}:{port} (prefix {settings.prefix}, client id "
+            f"{settings.client_id}) into {store.url}; Ctrl-C to stop",
+            file=sys.stderr,
+        )
+        while not stop.wait(1.0):
+            pass
+    finally:
+        collector.stop()
+        store.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print(f"stopped: {collector.stats.line()}", file=sys.stderr)
+    return 0
+
+
+def _filters(args: argparse.Namespace) -> Any:
+    from fieldscope.collect.export import parse_time
+    from fieldscope.collect.store import Filters
+
+    return Filters(
+        stations=tuple(args.station),
+        devices=tuple(args.device),
+        labels=tuple(args.label),
+        statuses=tuple(args.status),
+        since=None if args.since is None else parse_time(args.since, "--since"),
+        until=None if args.until is None else parse_time(args.until, "--until"),
+    )
+
+
+def _export(args: argparse.Namespace) -> int:
+    from fieldscope.collect.export import export
+    from fieldscope.collect.store import open_store
+
+    filters = _filters(args)
+    with open_store(args.db, create=False) as store:
+        summary = export(
+            store,
+            args.fmt,
+            args.out,
+            filters,
+            id_prefix=args.id_prefix,
+            media_url_prefix=args.media_url_prefix,
+            dataset_name=args.dataset_name,
+            progress=lambda n: print(f"  {n:,} rows...", file=sys.stderr),
+        )
+    print(f"wrote {summary.rows:,} {summary.format} record(s) to {summary.path}")
+    if summary.skipped:
+        print(f"left out {summary.skipped:,}: {summary.skipped_why}")
+    for note in summary.notes:
+        print(f"note: {note}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from fieldscope.collect.web import Dashboard, DashboardSettings
+    from fieldscope.edge.errors import ConfigError
+
+    if args.archive is not None and not args.archive.is_dir():
+        raise ConfigError(f"--archive {args.archive} is not a folder")
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port must be 0-65535, got {args.port}")
+    if args.max_upload_mb <= 0:
+        raise ConfigError("--max-upload-mb must be > 0")
+    dashboard = Dashboard(
+        DashboardSettings(
+            db_url=args.db,
+            host=args.host,
+            port=args.port,
+            bundles=tuple(args.bundle),
+            public_key=args.public_key,
+            archive=args.archive,
+            max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+            stale_after_s=args.stale_after,
+        )
+    )
+    stop = threading.Event()
+    previous = {
+        sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)
+    }
+    try:
+        host, port = dashboard.start()
+        print(f"dashboard on http://{host}:{port}/ ; Ctrl-C to stop", file=sys.stderr)
+        while not stop.wait(1.0):
+            pass
+    finally:
+        dashboard.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0

@@ -1,0 +1,202 @@
+"""Realistic synthetic fleet payloads, for the ingest benchmark, demos and tests.
+
+Every payload is built with the edge's own dataclasses, so it is exactly what a
+station publishes (and validates the same way); nothing here is random unless a
+seed is given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+
+from fieldscope.edge.health import CameraState, FrameCounts, Heartbeat, ModelInfo
+from fieldscope.edge.message import (
+    Candidate,
+    Identification,
+    ImageRef,
+    ModelRef,
+    Quality,
+    Status,
+    Timings,
+)
+
+__all__ = [
+    "DEMO_LABELS",
+    "demo_model",
+    "sample_day",
+    "sample_heartbeat",
+    "sample_identification",
+    "sample_model_info",
+]
+
+DEMO_LABELS: tuple[str, ...] = ("Amoeba", "Euglena", "Paramecium", "Vorticella", "Stentor")
+
+
+def demo_model(name: str = "protists-mnv2", version: str = "1.2.0") -> ModelRef:
+    digest = hashlib.sha256(f"{name} {version}".encode()).hexdigest()
+    return ModelRef(name, version, digest)
+
+
+def sample_identification(
+    seq: int,
+    *,
+    device: str = "scope-a",
+    station: str = "pond-3",
+    label: str | None = "Paramecium",
+    score: float = 0.91,
+    status: Status | str | None = None,
+    captured_at: datetime | None = None,
+    labels: Sequence[str] = DEMO_LABELS,
+    model: ModelRef | None = None,
+    archived_path: str | None = None,
+    reason: str | None = None,
+) -> Identification:
+    """One identification; ``label=None`` makes it uncertain, ``status="rejected"`` rejected.
+
+    ``top_k`` holds ``label`` (or the first demo label when uncertain) at ``score``, then
+    two other labels sharing the rest, so the message obeys every rule of the contract.
+    """
+    when = captured_at or datetime(2026, 11, 23, 18, 0, tzinfo=UTC) + timedelta(seconds=seq)
+    status = Status(status) if status is not None else (Status.OK if label else Status.UNCERTAIN)
+    image = ImageRef(
+        hashlib.sha256(f"{device}/{seq}".encode()).hexdigest(), 640, 480, archived_path
+    )
+    timings = Timings(12.5, 1.2, 3.4, 2.1, 21.0)
+    if status is Status.REJECTED:
+        return Identification(
+            device=device,
+            station=station,
+            seq=seq,
+            captured_at=when,
+            label=None,
+            score=None,
+            top_k=(),
+            status=status,
+            model=model or demo_model(),
+            image=image,
+            timings_ms=Timings(12.5, 1.2, 0.0, 0.0, 14.0),
+            quality=Quality(sharpness=12.0, exposure=0.45),
+            reason=reason or "too blurry: sharpness 12.0 < 50.0",
+        )
+    top = label or labels[0]
+    others = [c for c in labels if c != top][:2]
+    rest = round((1.0 - score) / max(len(others), 1), 6)
+    top_k = (Candidate(top, score), *(Candidate(c, min(rest, score)) for c in others))
+    return Identification(
+        device=device,
+        station=station,
+        seq=seq,
+        captured_at=when,
+        label=label if status is Status.OK else None,
+        score=score,
+        top_k=top_k,
+        status=status,
+        model=model or demo_model(),
+        image=image,
+        timings_ms=timings,
+        quality=Quality(sharpness=180.0, exposure=0.52),
+        reason=reason
+        or (None if status is Status.OK else f"top score {score:.3f} is below the threshold"),
+    )
+
+
+def sample_day(
+    device: str,
+    station: str,
+    start: datetime,
+    count: int,
+    *,
+    seed: int = 0,
+    first_seq: int = 0,
+    archived: bool = False,
+    labels: Sequence[str] = DEMO_LABELS,
+) -> list[Identification]:
+    """``count`` identifications spread over a day, with a believable label mix."""
+    rng = random.Random(seed)
+    weights = [8, 5, 3, 2, 2, 1, 1, 1][: len(labels)] + [1] * max(0, len(labels) - 8)
+    out = []
+    for i in range(count):
+        when = start + timedelta(seconds=rng.uniform(0, 86_400))
+        roll = rng.random()
+        if roll < 0.08:
+            out.append(
+                sample_identification(
+                    first_seq + i,
+                    device=device,
+                    station=station,
+                    labels=labels,
+                    label=None,
+                    score=round(rng.uniform(0.35, 0.59), 3),
+                    captured_at=when,
+                )
+            )
+            continue
+        if roll < 0.11:
+            out.append(
+                sample_identification(
+                    first_seq + i,
+                    device=device,
+                    station=station,
+                    labels=labels,
+                    status="rejected",
+                    captured_at=when,
+                )
+            )
+            continue
+        label = rng.choices(list(labels), weights)[0]
+        day = when.strftime("%Y-%m-%d")
+        path = (
+            f"/var/lib/fieldscope/archive/{day}/{device}-{first_seq + i}.png" if archived else None
+        )
+        out.append(
+            sample_identification(
+                first_seq + i,
+                device=device,
+                station=station,
+                labels=labels,
+                label=label,
+                score=round(rng.uniform(0.62, 0.99), 3),
+                captured_at=when,
+                archived_path=path,
+            )
+        )
+    return sorted(out, key=lambda m: m.captured_at)
+
+
+def sample_heartbeat(
+    *,
+    time: datetime | None = None,
+    outbox_depth: int = 0,
+    model: ModelRef | None = None,
+    warnings: tuple[str, ...] = (),
+    fps: float = 0.5,
+) -> Heartbeat:
+    return Heartbeat(
+        time=time or datetime.now(UTC),
+        uptime_s=86_400.0,
+        frames=FrameCounts(seen=5210, accepted=4870, uncertain=220, rejected=110, failed=10),
+        fps=fps,
+        outbox_depth=outbox_depth,
+        outbox_dropped=0,
+        camera_state=CameraState.OK,
+        paused=False,
+        disk_free_bytes=12_884_901_888,
+        cpu_temperature_c=51.2,
+        model=model or demo_model(),
+        warnings=warnings,
+    )
+
+
+def sample_model_info(model: ModelRef | None = None) -> ModelInfo:
+    return ModelInfo(
+        model=model or demo_model(),
+        labels=DEMO_LABELS,
+        threshold=0.6,
+        loaded_at=datetime(2026, 11, 22, 9, 0, tzinfo=UTC),
+        runtime="ai_edge_litert",
+        runtime_version="2.3.0",
+        signed=True,
+    )

@@ -1,0 +1,427 @@
+"""The collector: subscribe to the fleet, store every message once, acknowledge after commit.
+
+How a message travels: paho's network thread hands each PUBLISH to :meth:`Collector._on_message`,
+which only puts it on a bounded queue. One writer thread takes whatever has queued
+up (a batch: at least one message, at most ``batch_max``), decodes every message
+(:func:`fieldscope.collect.records.decode`), stores the batch in one transaction
+and only then sends the PUBACKs (paho ``manual_ack``). A collector killed at any
+moment has acknowledged only what it committed, and the broker redelivers the rest
+— to the same persistent session after a restart (stable client id, clean start
+off, a session expiry), so nothing published while it was down is lost either.
+Redeliveries are harmless: the store drops a repeated ``(device, seq)``.
+
+Batching needs no timer: under load the queue fills while a batch is written, so
+batches grow by themselves; when messages trickle in, each is written at once.
+
+Subscriptions (``fieldscope.edge.topics.subscription_filters``): identifications,
+status, heartbeat and model of every device. With ``share_group`` the
+identifications are taken through ``$share/{group}/...`` so several collectors
+split them (one database, de-duplicated by the store); status and model are always
+subscribed plainly, because brokers do not send retained messages to shared
+subscriptions, and heartbeats too (a device update is idempotent).
+
+Acknowledgements are tied to the connection that delivered a message: after a
+reconnect the broker redelivers whatever was not acknowledged, with the same
+packet ids, so a stale ack for a message of the old connection is never sent
+(it could acknowledge a different message that reuses the id).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from fieldscope.collect.records import TopicCache, decode
+from fieldscope.collect.store import Store, StoreError
+from fieldscope.edge.errors import ConfigError, FieldscopeError
+from fieldscope.edge.topics import (
+    DEFAULT_PREFIX,
+    TopicKind,
+    check_segment,
+    shared,
+    subscription_filters,
+)
+
+__all__ = ["Collector", "CollectorSettings", "CollectorStats", "default_client_id"]
+
+logger = logging.getLogger(__name__)
+
+_RETRY_MIN_S = 0.5
+_RETRY_MAX_S = 30.0
+_PROGRESS_EVERY_S = 10.0
+_QUEUE_WAIT_S = 0.5
+
+
+def default_client_id() -> str:
+    """A stable id per host, so a restarted collector takes over its own session."""
+    host = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())
+    return f"fieldscope-collect-{host or 'host'}"[:64]
+
+
+@dataclass(frozen=True)
+class CollectorSettings:
+    """How the collector connects and what it subscribes to.
+
+    ``client_id`` must be stable across restarts (the broker keeps the session under
+    it) and different for each collector running at the same time. ``session_expiry_s``
+    is how long the broker keeps messages for a stopped collector. ``password`` comes
+    from the environment, never from the command line (see the CLI).
+    """
+
+    host: str
+    port: int = 1883
+    prefix: str = DEFAULT_PREFIX
+    client_id: str = field(default_factory=default_client_id)
+    share_group: str | None = None
+    session_expiry_s: int = 7 * 24 * 3600
+    keepalive_s: int = 30
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
+    batch_max: int = 5000
+    queue_max: int = 100_000
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.host, str) or not self.host.strip():
+            raise ConfigError(f"--broker needs a host name, got {self.host!r}")
+        if not isinstance(self.port, int) or not 1 <= self.port <= 65535:
+            raise ConfigError(f"broker port must be 1-65535, got {self.port!r}")
+        check_segment("client id", self.client_id)
+        if self.share_group is not None:
+            shared(self.share_group, "x")  # validates the group name
+        subscription_filters(self.prefix)  # validates the prefix
+        if not 0 <= self.session_expiry_s <= 2**32 - 1:
+            raise ConfigError(
+                f"session expiry must be 0..{2**32 - 1} s, got {self.session_expiry_s}"
+            )
+        if self.batch_max < 1 or self.queue_max < 1:
+            raise ConfigError("batch_max and queue_max must be >= 1")
+
+
+@dataclass
+class CollectorStats:
+    """Counters since start (read them under no lock: a snapshot for logs and tests)."""
+
+    received: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    invalid: int = 0
+    conflicts: int = 0
+    device_updates: int = 0
+    batches: int = 0
+    write_errors: int = 0
+    connects: int = 0
+
+    def line(self) -> str:
+        return (
+            f"received {self.received}, stored {self.stored}, duplicates {self.duplicates}, "
+            f"invalid {self.invalid} (conflicting seq {self.conflicts}), "
+            f"device updates {self.device_updates}, batches {self.batches}"
+        )
+
+
+@dataclass(frozen=True)
+class _Received:
+    topic: str
+    payload: bytes
+    qos: int
+    mid: int
+    generation: int
+    received_at: datetime
+
+
+class Collector:
+    """Subscribe, store in batches, acknowledge after commit. ``start()`` then ``stop()``.
+
+    The store is used only by the writer thread (a store is not thread-safe).
+    """
+
+    def __init__(self, settings: CollectorSettings, store: Store) -> None:
+        self.settings = settings
+        self.store = store
+        self.stats = CollectorStats()
+        self._queue: queue.Queue[_Received | None] = queue.Queue(settings.queue_max)
+        self._lock = threading.Lock()
+        self._generation = 0
+        self._connected = threading.Event()
+        self._subscribed = threading.Event()
+        self._stopping = threading.Event()
+        self._writer: threading.Thread | None = None
+        self._idle = threading.Event()
+        self._idle.set()
+        self._started = False
+        self._pending_sub: int | None = None
+        self._topics = TopicCache(settings.prefix)
+        self._client = self._make_client()
+
+    # --- set-up ---------------------------------------------------------------------------
+
+    def _make_client(self) -> mqtt.Client:
+        s = self.settings
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=s.client_id,
+            protocol=mqtt.MQTTv5,
+            manual_ack=True,
+        )
+        client.suppress_exceptions = True
+        client.reconnect_delay_set(1, 30)
+        if s.username is not None:
+            client.username_pw_set(s.username, s.password)
+        if s.ca_file is not None:
+            try:
+                context = ssl.create_default_context(cafile=s.ca_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"--ca-file {s.ca_file}: cannot load it: {exc}") from exc
+            client.tls_set_context(context)
+        client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
+        return client
+
+    def subscriptions(self) -> list[tuple[str, int]]:
+        """The filters (with QoS) this collector subscribes to."""
+        s = self.settings
+        plain = [TopicKind.STATUS, TopicKind.MODEL, TopicKind.HEARTBEAT]
+        subs = list(subscription_filters(s.prefix, kinds=plain))
+        subs += subscription_filters(
+            s.prefix, kinds=[TopicKind.IDENTIFICATION], share_group=s.share_group
+        )
+        return [(sub.filter, sub.qos) for sub in subs]
+
+    def start(self) -> None:
+        """Connect in the background (retrying with backoff) and start the writer."""
+        if self._started:
+            raise FieldscopeError("Collector.start() was called twice")
+        self._started = True
+        s = self.settings
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        properties.SessionExpiryInterval = s.session_expiry_s
+        properties.ReceiveMaximum = 5000
+        self._writer = threading.Thread(target=self._write_loop, name="collect-writer", daemon=True)
+        self._writer.start()
+        self._client.connect_async(
+            s.host, s.port, s.keepalive_s, clean_start=False, properties=properties
+        )
+        self._client.loop_start()
+        logger.info(
+            "collecting from %s:%d (prefix %r, client id %s%s) into %s",
+            s.host,
+            s.port,
+            s.prefix,
+            s.client_id,
+            f", shared group {s.share_group}" if s.share_group else "",
+            self.store.url,
+        )
+
+    def wait_subscribed(self, timeout: float) -> bool:
+        """True once the broker has granted the subscriptions (tests, benchmarks)."""
+        return self._subscribed.wait(timeout)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Store and acknowledge what has arrived, then disconnect (the session stays)."""
+        if not self._started:
+            return
+        self._stopping.set()
+        # Let the writer catch up while still connected, so its PUBACKs reach the broker.
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not (self._queue.empty() and self._idle.is_set()):
+            self._idle.wait(0.05)
+        with contextlib.suppress(Exception):
+            self._client.disconnect()
+        self._client.loop_stop()
+        # Whatever arrived meanwhile is stored too; the broker redelivers it (unacknowledged)
+        # to the next run, where the store recognises it as a duplicate.
+        self._put(None)
+        if self._writer is not None:
+            self._writer.join(max(1.0, deadline - time.monotonic()))
+            if self._writer.is_alive():
+                logger.error("the writer did not finish within %.0f s", timeout)
+        logger.info("collector stopped: %s", self.stats.line())
+
+    # --- paho callbacks: network thread; hand over, never block for long -----------------
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        _userdata: object,
+        flags: mqtt.ConnectFlags,
+        reason: ReasonCode,
+        _properties: Properties | None,
+    ) -> None:
+        if reason.is_failure:
+            logger.error(
+                "the broker refused the connection: %s (check --username, "
+                "FIELDSCOPE_MQTT_PASSWORD and the broker's ACL)",
+                reason,
+            )
+            return
+        with self._lock:
+            self._generation += 1
+        self.stats.connects += 1
+        self._connected.set()
+        # Subscribing on every connect is harmless with a persistent session and needed on
+        # the first; the broker answers with the retained status and model of each device.
+        _, mid = client.subscribe(self.subscriptions())
+        self._pending_sub = mid
+        logger.info(
+            "connected to %s:%d (session present: %s)",
+            self.settings.host,
+            self.settings.port,
+            flags.session_present,
+        )
+
+    def _on_subscribe(
+        self,
+        _client: mqtt.Client,
+        _userdata: object,
+        mid: int,
+        reasons: list[ReasonCode],
+        _properties: Properties | None,
+    ) -> None:
+        refused = [str(r) for r in reasons if r.is_failure]
+        if refused:
+            logger.error("the broker refused subscriptions: %s", ", ".join(refused))
+            return
+        if mid == self._pending_sub:
+            self._subscribed.set()
+
+    def _on_connect_fail(self, _client: mqtt.Client, _userdata: object) -> None:
+        logger.warning(
+            "cannot reach the broker at %s:%d; retrying", self.settings.host, self.settings.port
+        )
+
+    def _on_disconnect(
+        self,
+        _client: mqtt.Client,
+        _userdata: object,
+        _flags: mqtt.DisconnectFlags,
+        reason: ReasonCode,
+        _properties: Properties | None,
+    ) -> None:
+        self._connected.clear()
+        self._subscribed.clear()
+        if not self._stopping.is_set():
+            logger.warning("disconnected from the broker (%s); reconnecting", reason)
+
+    def _on_message(self, _client: mqtt.Client, _userdata: object, msg: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            generation = self._generation
+        item = _Received(
+            msg.topic, bytes(msg.payload), msg.qos, msg.mid, generation, datetime.now(UTC)
+        )
+        self.stats.received += 1
+        self._put(item)
+
+    def _put(self, item: _Received | None) -> None:
+        # A full queue means the writer is behind: waiting here stops reading from the
+        # socket, and the broker holds further messages (back-pressure, never a drop).
+        while True:
+            try:
+                self._queue.put(item, timeout=_QUEUE_WAIT_S)
+                return
+            except queue.Full:
+                if item is not None and self._writer is not None and not self._writer.is_alive():
+                    logger.error("the writer has died; message left to the broker")
+                    return
+
+    # --- the writer ------------------------------------------------------------------------
+
+    def _take_batch(self) -> tuple[list[_Received], bool]:
+        """Block for the first message, then take what is already queued."""
+        batch: list[_Received] = []
+        first = self._queue.get()
+        if first is None:
+            return batch, True
+        self._idle.clear()
+        batch.append(first)
+        while len(batch) < self.settings.batch_max:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                return batch, True
+            batch.append(item)
+        return batch, False
+
+    def _write_loop(self) -> None:
+        last_progress = time.monotonic()
+        reported = 0
+        done = False
+        while not done:
+            if self._queue.empty():
+                self._idle.set()
+            batch, done = self._take_batch()
+            if batch:
+                self._store_and_ack(batch)
+            now = time.monotonic()
+            if now - last_progress >= _PROGRESS_EVERY_S and self.stats.received != reported:
+                logger.info("%s; queue %d", self.stats.line(), self._queue.qsize())
+                last_progress = now
+                reported = self.stats.received
+        self._idle.set()
+
+    def _store_and_ack(self, batch: list[_Received]) -> None:
+        topics = self._topics
+        records = [decode(m.topic, m.payload, topics, m.received_at) for m in batch]
+        delay = _RETRY_MIN_S
+        while True:
+            try:
+                result = self.store.write(records)
+                break
+            except StoreError as exc:
+                self.stats.write_errors += 1
+                if self._stopping.is_set() and not self._connected.is_set():
+                    logger.error(
+                        "%s; %d message(s) not stored and not acknowledged: the broker "
+                        "redelivers them to the next run",
+                        exc,
+                        len(batch),
+                    )
+                    return
+                logger.error("%s; retrying in %.1f s", exc, delay)
+                self._stopping.wait(delay)
+                delay = min(delay * 2, _RETRY_MAX_S)
+        st = self.stats
+        st.stored += result.stored
+        st.duplicates += result.duplicates
+        st.invalid += result.invalid
+        st.conflicts += result.conflicts
+        st.device_updates += result.device_updates
+        st.batches += 1
+        if result.invalid:
+            logger.warning(
+                "%d message(s) kept apart as invalid (see invalid_messages)", result.invalid
+            )
+        with self._lock:
+            generation = self._generation
+        for m in batch:
+            if m.qos > 0 and m.generation == generation:
+                self._client.ack(m.mid, m.qos)
+
+    # --- for tests and the CLI ---------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def info(self) -> dict[str, Any]:
+        """A snapshot for logs."""
+        return {"connected": self.connected, "queue": self._queue.qsize(), **vars(self.stats)}

@@ -1,0 +1,216 @@
+"""Exports read back with independent readers: csv, pyarrow, zipfile/ElementTree."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+import zipfile
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from fieldscope.collect.export import (
+    CSV_COLUMNS,
+    DWC_TERMS,
+    ExportError,
+    export,
+    parse_time,
+    read_csv,
+)
+from fieldscope.collect.records import decode
+from fieldscope.collect.samples import sample_identification
+from fieldscope.collect.store import Filters, Store, open_store
+from fieldscope.edge.message import Identification
+from fieldscope.edge.topics import Topics
+
+BASE = datetime(2026, 11, 20, 6, 30, tzinfo=UTC)
+# What a research group adds to the Darwin Core occurrence core before GBIF accepts it.
+DWC_REQUIRED = ("occurrenceID", "basisOfRecord", "eventDate", "scientificName")
+
+
+def messages() -> list[Identification]:
+    return [
+        sample_identification(0, device="a", station="s1", label="Amoeba", captured_at=BASE,
+                              archived_path="/var/lib/fieldscope/archive/2026-11-20/a-0.png"),
+        sample_identification(1, device="a", station="s1", label="Euglena, the green one",
+                              captured_at=BASE + timedelta(hours=1)),
+        sample_identification(2, device="a", station="s1", label=None, score=0.41,
+                              captured_at=BASE + timedelta(hours=2)),
+        sample_identification(0, device="b", station="s2", status="rejected",
+                              captured_at=BASE + timedelta(days=1)),
+        sample_identification(1, device="b", station="s2", label='Vorticella "bell"\tx',
+                              captured_at=BASE + timedelta(days=1, hours=1)),
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    db = tmp_path / "collect.sqlite"
+    with open_store(str(db)) as s:
+        s.write(
+            [
+                decode(
+                    Topics("fieldscope", m.station, m.device).identification,
+                    m.to_json(),
+                    "fieldscope",
+                )
+                for m in messages()
+            ]
+        )
+    reader = open_store(str(db), create=False)
+    yield reader
+    reader.close()
+
+
+def test_csv_round_trips(store: Store, tmp_path: Path) -> None:
+    out = tmp_path / "ids.csv"
+    summary = export(store, "csv", out)
+    assert summary.rows == 5
+    rows = read_csv(out)
+    originals = {(m.device, m.seq): m for m in messages()}
+    assert len(rows) == 5
+    for row in rows:
+        m = originals[(row["device"], row["seq"])]
+        assert row["station"] == m.station
+        assert row["captured_at"] == m.captured_at
+        assert row["status"] == m.status.value
+        assert row["label"] == m.label
+        assert row["score"] == m.score
+        assert row["top_k"] == tuple((c.label, c.score) for c in m.top_k)
+        assert row["model_sha256"] == m.model.sha256
+        assert row["image_sha256"] == m.image.sha256
+        assert row["archived_path"] == m.image.archived_path
+        assert row["reason"] == m.reason
+        assert row["total_ms"] == m.timings_ms.total
+    # And any CSV reader sees the same header and the comma inside a label intact.
+    with out.open(newline="", encoding="utf-8") as fh:
+        plain = list(csv.reader(fh))
+    assert tuple(plain[0]) == CSV_COLUMNS
+    assert "Euglena, the green one" in [r[CSV_COLUMNS.index("label")] for r in plain[1:]]
+
+
+def test_parquet_has_typed_columns(store: Store, tmp_path: Path) -> None:
+    pq = pytest.importorskip("pyarrow.parquet")
+    out = tmp_path / "ids.parquet"
+    export(store, "parquet", out, Filters(stations=("s1",)))
+    table = pq.read_table(out)
+    assert table.num_rows == 3
+    assert table.column_names == list(CSV_COLUMNS)
+    assert str(table.schema.field("captured_at").type) == "timestamp[us, tz=UTC]"
+    assert str(table.schema.field("seq").type) == "int64"
+    first = table.to_pylist()[0]
+    assert first["captured_at"] == BASE
+    assert first["top_k"][0] == {"label": "Amoeba", "score": 0.91}
+
+
+def test_darwin_core_has_the_required_terms(store: Store, tmp_path: Path) -> None:
+    out = tmp_path / "occurrence.txt"
+    summary = export(store, "darwin-core", out, id_prefix="urn:example:fs")
+    # The uncertain and the rejected capture name no taxon: no occurrence.
+    assert (summary.rows, summary.skipped) == (3, 2)
+    lines = out.read_text(encoding="utf-8").splitlines()
+    header = lines[0].split("\t")
+    assert tuple(header) == DWC_TERMS
+    for term in (*DWC_REQUIRED, "identificationVerificationStatus", "identifiedBy",
+                 "associatedMedia"):  # fmt: skip
+        assert term in header
+    records = [dict(zip(header, line.split("\t"), strict=True)) for line in lines[1:]]
+    assert len(records) == 3
+    for r in records:
+        for term in DWC_REQUIRED:
+            assert r[term], f"{term} is empty in {r}"
+        assert r["basisOfRecord"] == "MachineObservation"
+        assert r["identificationVerificationStatus"] == "unverified"
+        assert datetime.fromisoformat(r["eventDate"].replace("Z", "+00:00")).tzinfo is not None
+    ids = [r["occurrenceID"] for r in records]
+    assert ids == ["urn:example:fs:a:0", "urn:example:fs:a:1", "urn:example:fs:b:1"]
+    assert len(set(ids)) == 3
+    # A tab inside a label cannot shift the columns of an unquoted text file.
+    assert records[2]["scientificName"] == 'Vorticella "bell" x'
+    assert records[0]["associatedMedia"].endswith("2026-11-20/a-0.png")
+
+
+def test_darwin_core_archive_has_meta_xml_describing_the_columns(
+    store: Store, tmp_path: Path
+) -> None:
+    out = tmp_path / "dwca.zip"
+    export(store, "darwin-core", out, media_url_prefix="https://example.org/img/")
+    with zipfile.ZipFile(out) as zf:
+        assert set(zf.namelist()) == {"occurrence.txt", "meta.xml"}
+        meta = ET.fromstring(zf.read("meta.xml"))
+        text = zf.read("occurrence.txt").decode("utf-8")
+    ns = {"d": "http://rs.tdwg.org/dwc/text/"}
+    core = meta.find("d:core", ns)
+    assert core is not None
+    assert core.get("rowType") == "http://rs.tdwg.org/dwc/terms/Occurrence"
+    terms = [f.get("term", "").rsplit("/", 1)[1] for f in core.findall("d:field", ns)]
+    assert tuple(terms) == DWC_TERMS
+    first = text.splitlines()[1].split("\t")
+    assert first[DWC_TERMS.index("associatedMedia")] == (
+        "https://example.org/img/s1/a/2026-11-20/a-0.png"
+    )
+
+
+def test_ecotaxa_tsv_has_its_two_header_lines(store: Store, tmp_path: Path) -> None:
+    out = tmp_path / "ecotaxa_fieldscope.tsv"
+    summary = export(store, "ecotaxa", out, Filters(statuses=("ok", "uncertain")))
+    assert summary.rows == 4
+    assert summary.notes  # three of them have no archived image
+    lines = out.read_text(encoding="utf-8").splitlines()
+    names = lines[0].split("\t")
+    types = lines[1].split("\t")
+    assert len(names) == len(types)
+    assert all(t in ("[t]", "[f]") for t in types)
+    for column in ("img_file_name", "object_id", "object_date", "object_time",
+                   "object_annotation_category", "object_annotation_status"):  # fmt: skip
+        assert column in names
+    rows = [dict(zip(names, line.split("\t"), strict=True)) for line in lines[2:]]
+    first = rows[0]
+    assert first["object_id"] == "a_0"
+    assert first["object_date"] == "20261120"
+    assert first["object_time"] == "063000"
+    assert first["object_annotation_category"] == "Amoeba"
+    assert first["object_annotation_status"] == "predicted"
+    assert first["img_file_name"] == "a-0.png"
+    assert types[names.index("object_score")] == "[f]"
+    uncertain = next(r for r in rows if r["object_fieldscope_status"] == "uncertain")
+    assert uncertain["object_annotation_category"] == ""
+    assert uncertain["object_annotation_status"] == ""
+
+
+def test_export_errors_are_clear(store: Store, tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="unknown export format"):
+        export(store, "xlsx", tmp_path / "x.xlsx")
+    with pytest.raises(ExportError, match="does not exist"):
+        export(store, "csv", tmp_path / "missing" / "x.csv")
+    with pytest.raises(ExportError, match="is a folder"):
+        export(store, "csv", tmp_path)
+    with pytest.raises(ExportError, match="not a date"):
+        parse_time("yesterday")
+    assert parse_time("2026-11-20") == datetime(2026, 11, 20, tzinfo=UTC)
+    assert parse_time("2026-11-20T08:00+02:00") == datetime(2026, 11, 20, 6, tzinfo=UTC)
+
+
+def test_export_command_line(store: Store, tmp_path: Path) -> None:
+    db = store.url.removeprefix("sqlite:///")
+    out = tmp_path / "s2.csv"
+    run = subprocess.run(
+        [sys.executable, "-m", "fieldscope.cli", "collect", "export", "--db", db,
+         "--format", "csv", "--out", str(out), "--station", "s2", "--since", "2026-11-21"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "wrote 2 csv record(s)" in run.stdout
+    assert {r["device"] for r in read_csv(out)} == {"b"}
+    bad = subprocess.run(
+        [sys.executable, "-m", "fieldscope.cli", "collect", "export", "--db", db,
+         "--format", "csv", "--out", str(out), "--since", "soon"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert bad.returncode == 2
+    assert bad.stderr.count("\n") == 1
+    assert "--since 'soon' is not a date" in bad.stderr

@@ -1,0 +1,368 @@
+"""The collector's store on real SQLite files and a real PostgreSQL server.
+
+The PostgreSQL server is a throw-away cluster made with ``initdb`` and started with
+``pg_ctl`` in a temporary folder on a free port (as the ``postgres`` user when the
+tests run as root); those tests are skipped, saying why, only when no server can
+be started (``apt-get install -y postgresql``).
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from fieldscope.collect.records import (
+    DeviceHeartbeat,
+    DeviceModel,
+    DeviceStatusChange,
+    Invalid,
+    StoredIdentification,
+    decode,
+)
+from fieldscope.collect.samples import (
+    demo_model,
+    sample_heartbeat,
+    sample_identification,
+    sample_model_info,
+)
+from fieldscope.collect.store import Filters, Store, StoreError, open_store
+from fieldscope.edge.message import Identification
+from fieldscope.edge.topics import DeviceStatus, Topics
+
+PREFIX = "fieldscope"
+
+
+def topics(device: str = "scope-a", station: str = "pond-3") -> Topics:
+    return Topics(PREFIX, station, device)
+
+
+def received(message: Identification, payload: bytes | None = None) -> object:
+    t = topics(message.device, message.station)
+    return decode(t.identification, message.to_json() if payload is None else payload, PREFIX)
+
+
+# --- a real PostgreSQL server --------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """A PostgreSQL cluster of its own; yields a URL of its maintenance database."""
+    bins = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if not bins:
+        pytest.skip("PostgreSQL is not installed (apt-get install -y postgresql); .ci/run does")
+    bindir = bins[-1].parent
+    user = None
+    if os.geteuid() == 0:
+        try:
+            user = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no postgres user to run the server")
+    work = Path(tempfile.mkdtemp(prefix="fieldscope-pg-"))
+    data = work / "data"
+    data.mkdir()
+    if user is not None:
+        for path in (work, data):
+            os.chown(path, user.pw_uid, user.pw_gid)
+    work.chmod(0o700)
+    port = _free_port()
+    run_as = {} if user is None else {"user": user.pw_uid, "group": user.pw_gid}
+    env = {**os.environ, "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8"}
+    started = False
+    try:
+        result = subprocess.run(
+            [str(bindir / "initdb"), "-D", str(data), "-U", "fieldscope", "--auth=trust",
+             "-E", "UTF8", "--no-sync"],
+            capture_output=True, text=True, env=env, check=False, **run_as,
+        )  # fmt: skip
+        if result.returncode != 0:
+            pytest.skip(f"initdb failed, no PostgreSQL for these tests: {result.stderr[-500:]}")
+        options = f"-p {port} -k {work} -c listen_addresses=127.0.0.1 -c fsync=off"
+        result = subprocess.run(
+            [str(bindir / "pg_ctl"), "-D", str(data), "-l", str(work / "log"), "-o", options,
+             "-w", "-t", "30", "start"],
+            capture_output=True, text=True, env=env, check=False, **run_as,
+        )  # fmt: skip
+        if result.returncode != 0:
+            log = (work / "log").read_text() if (work / "log").exists() else ""
+            pytest.skip(f"PostgreSQL did not start: {result.stderr[-300:]} {log[-500:]}")
+        started = True
+        yield f"postgresql://fieldscope@127.0.0.1:{port}/postgres"
+    finally:
+        if started:
+            subprocess.run(
+                [str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                capture_output=True, env=env, check=False, **run_as,
+            )  # fmt: skip
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def new_database(server_url: str) -> str:
+    """A fresh, empty database on the test server (one per test keeps them apart)."""
+    import psycopg
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return server_url.rsplit("/", 1)[0] + f"/{name}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return str(tmp_path / "collect.sqlite")
+    server = request.getfixturevalue("postgres_server")
+    return new_database(server)
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[Store]:
+    s = open_store(db_url)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+# --- decoding received messages (pure) --------------------------------------------------------
+
+
+def test_decode_keeps_every_kind_of_bad_message_with_a_reason() -> None:
+    good = sample_identification(1)
+    assert isinstance(received(good), StoredIdentification)
+
+    bad_json = received(good, b"{not json")
+    assert isinstance(bad_json, Invalid)
+    assert "not JSON" in bad_json.reason
+    assert bad_json.payload == b"{not json"
+
+    wrong_score = good.to_json().replace(b'"score":0.91', b'"score":1.7', 1)
+    invalid = received(good, wrong_score)
+    assert isinstance(invalid, Invalid)
+    assert "score" in invalid.reason
+
+    # A station that publishes under another device's topic is kept apart, not stored.
+    spoofed = decode(topics("scope-b").identification, good.to_json(), PREFIX)
+    assert isinstance(spoofed, Invalid)
+    assert "does not match the topic's device" in spoofed.reason
+
+    outside = decode("elsewhere/pond-3/scope-a/identification", good.to_json(), PREFIX)
+    assert isinstance(outside, Invalid)
+    assert "outside the scheme" in outside.reason
+    assert outside.kind is None
+
+    status = decode(topics().status, b"sleeping", PREFIX)
+    assert isinstance(status, Invalid)
+    assert "online" in status.reason
+
+    heartbeat = decode(topics().heartbeat, b'{"version": 1}', PREFIX)
+    assert isinstance(heartbeat, Invalid)
+    assert heartbeat.kind == "heartbeat"
+
+    huge = received(good, b"x" * 300_000)
+    assert isinstance(huge, Invalid)
+    assert len(huge.payload) == 256 * 1024
+    assert "cut to" in huge.reason
+
+
+def test_decode_device_payloads() -> None:
+    t = topics()
+    online = decode(t.status, b"online", PREFIX)
+    assert isinstance(online, DeviceStatusChange)
+    assert online.status is DeviceStatus.ONLINE
+    cleared = decode(t.status, b"", PREFIX)
+    assert isinstance(cleared, DeviceStatusChange)
+    assert cleared.status is None
+    hb = decode(t.heartbeat, sample_heartbeat(outbox_depth=7).to_json(), PREFIX)
+    assert isinstance(hb, DeviceHeartbeat)
+    assert hb.heartbeat.outbox_depth == 7
+    model = decode(t.model, sample_model_info().to_json(), PREFIX)
+    assert isinstance(model, DeviceModel)
+    assert model.info is not None
+
+
+# --- the store, on both databases --------------------------------------------------------------
+
+
+def test_duplicates_are_stored_once(store: Store) -> None:
+    messages = [sample_identification(seq) for seq in range(10)]
+    first = store.write([received(m) for m in messages])
+    assert (first.stored, first.duplicates) == (10, 0)
+    # A QoS-1 redelivery or an outbox replay: same messages again, also within one batch.
+    again = store.write([received(m) for m in messages[:5] + messages[:5]])
+    assert (again.stored, again.duplicates, again.invalid) == (0, 10, 0)
+    assert store.count() == 10
+    rows = list(store.iter_identifications())
+    assert [r.seq for r in rows] == list(range(10))
+    assert rows[3].label == "Paramecium"
+    assert rows[3].top_k[0] == ("Paramecium", 0.91)
+    assert rows[3].captured_at == messages[3].captured_at
+
+
+def test_same_seq_with_other_content_is_kept_as_invalid(store: Store) -> None:
+    original = sample_identification(5, label="Euglena")
+    store.write([received(original)])
+    # The station's outbox was wiped: seq 5 comes again, now meaning another capture.
+    reused = sample_identification(5, label="Amoeba", captured_at=datetime(2027, 1, 1, tzinfo=UTC))
+    result = store.write([received(reused)])
+    assert (result.stored, result.duplicates, result.conflicts, result.invalid) == (0, 0, 1, 1)
+    (row,) = store.identifications()
+    assert row.label == "Euglena"  # the first one stays
+    (kept,) = store.invalid_messages()
+    assert "already stored with other content" in kept.reason
+    assert kept.payload == reused.to_json()
+
+
+def test_same_content_in_other_bytes_is_a_duplicate(store: Store) -> None:
+    message = sample_identification(1)
+    store.write([received(message)])
+    import json
+
+    reordered = json.dumps(message.to_dict(), indent=2).encode()  # other bytes, same message
+    result = store.write([received(message, reordered)])
+    assert (result.duplicates, result.conflicts) == (1, 0)
+
+
+def test_invalid_messages_are_kept_with_topic_payload_and_reason(store: Store) -> None:
+    good = sample_identification(1)
+    bad = received(good, b'{"version": 99}')
+    result = store.write([bad, received(good)])
+    assert (result.stored, result.invalid) == (1, 1)
+    (row,) = store.invalid_messages()
+    assert row.topic == topics().identification
+    assert row.payload == b'{"version": 99}'
+    assert "version 99 is not supported" in row.reason
+    assert row.kind == "identification"
+    assert store.count_invalid() == 1
+
+
+def test_device_table_follows_status_heartbeat_and_model(store: Store) -> None:
+    t = topics()
+    store.write(
+        [
+            decode(t.status, b"online", PREFIX),
+            decode(t.heartbeat, sample_heartbeat(outbox_depth=3).to_json(), PREFIX),
+            decode(t.model, sample_model_info().to_json(), PREFIX),
+        ]
+    )
+    (device,) = store.devices()
+    assert (device.device, device.station, device.status) == ("scope-a", "pond-3", "online")
+    assert device.outbox_depth == 3
+    assert device.model_name == demo_model().name
+    assert device.heartbeat is not None
+    assert device.heartbeat["fps"] == 0.5
+    assert device.model_info is not None
+    assert device.model_info["threshold"] == 0.6
+    store.write([decode(t.status, b"offline", PREFIX)])
+    (device,) = store.devices()
+    assert device.status == "offline"
+    assert device.outbox_depth == 3  # a status change keeps what the heartbeat said
+
+
+def test_filters_and_label_counts(store: Store) -> None:
+    base = datetime(2026, 11, 20, tzinfo=UTC)
+    messages = [
+        sample_identification(0, device="a", station="s1", label="Amoeba", captured_at=base),
+        sample_identification(1, device="a", station="s1", label="Euglena",
+                              captured_at=base + timedelta(hours=1)),
+        sample_identification(0, device="b", station="s2", label="Amoeba",
+                              captured_at=base + timedelta(days=1)),
+        sample_identification(1, device="b", station="s2", label=None, score=0.4,
+                              captured_at=base + timedelta(days=1, hours=2)),
+    ]  # fmt: skip
+    store.write([received(m) for m in messages])
+    assert store.count(Filters(stations=("s1",))) == 2
+    assert store.count(Filters(labels=("Amoeba",))) == 2
+    assert store.count(Filters(statuses=("uncertain",))) == 1
+    assert store.count(Filters(since=base + timedelta(hours=1))) == 3
+    assert store.count(Filters(until=base + timedelta(hours=1))) == 1
+    assert store.count(Filters(devices=("b",), labels=("Amoeba",))) == 1
+    days = store.label_counts(bucket="day")
+    assert days == [
+        (base, "Amoeba", 1),
+        (base, "Euglena", 1),
+        (base + timedelta(days=1), "(uncertain)", 1),
+        (base + timedelta(days=1), "Amoeba", 1),
+    ]
+    hours = store.label_counts(Filters(stations=("s1",)), bucket="hour")
+    assert [(h, n) for h, _, n in hours] == [(base, 1), (base + timedelta(hours=1), 1)]
+    assert store.distinct("label") == ["Amoeba", "Euglena"]
+    assert store.time_range() == (base, base + timedelta(days=1, hours=2))
+    assert store.device_activity()["b"] == (2, base + timedelta(days=1, hours=2))
+
+
+def test_iteration_reads_in_chunks_in_capture_order(store: Store) -> None:
+    messages = [sample_identification(seq) for seq in range(25)]
+    store.write([received(m) for m in reversed(messages)])
+    seqs = [r.seq for r in store.iter_identifications(chunk=4)]
+    assert seqs == list(range(25))
+
+
+# --- SQLite specifics -----------------------------------------------------------------------------
+
+
+def test_sqlite_is_in_wal_mode_and_readers_need_an_existing_database(tmp_path: Path) -> None:
+    path = tmp_path / "c.sqlite"
+    with pytest.raises(StoreError, match="no collector database"):
+        open_store(str(path), create=False)
+    with open_store(f"sqlite:///{path}") as store:
+        assert store._query("PRAGMA journal_mode")[0][0] == "wal"
+        store.write([received(sample_identification(1))])
+    with open_store(str(path), create=False) as reader:
+        assert reader.count() == 1
+        with pytest.raises(StoreError, match="cannot write"):
+            reader.write([received(sample_identification(2))])
+    not_ours = tmp_path / "other.sqlite"
+    import sqlite3
+
+    sqlite3.connect(not_ours).execute("CREATE TABLE x (y)").connection.close()
+    with pytest.raises(StoreError, match="not a fieldscope collector database"):
+        open_store(str(not_ours), create=False)
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("mysql://x/y", "unknown database scheme"),
+        ("", "must be a file path"),
+        ("sqlite://", "names no file"),
+    ],
+)
+def test_bad_database_urls_give_one_clear_error(url: str, message: str) -> None:
+    with pytest.raises(StoreError, match=message):
+        open_store(url)
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "c.sqlite"
+    open_store(str(path)).close()
+    import sqlite3
+
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE fieldscope_schema SET version = 99")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError, match="schema version 99"):
+        open_store(str(path))
+
+
+def test_postgres_unreachable_is_one_clear_error() -> None:
+    port = _free_port()  # nothing listens there
+    with pytest.raises(StoreError, match="cannot connect") as info:
+        open_store(f"postgresql://someone:secret@127.0.0.1:{port}/x")
+    assert "secret" not in str(info.value)

@@ -1,0 +1,210 @@
+"""The collector against a real Mosquitto broker: once, never lost, load shared.
+
+Payloads are real ``Identification`` messages (the edge's dataclasses), published
+with QoS 1 by a paho client the way a station's link publishes them.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from conftest import Broker
+from paho.mqtt.enums import CallbackAPIVersion
+
+from fieldscope.collect.samples import sample_identification
+from fieldscope.collect.store import open_store
+from fieldscope.collect.subscriber import Collector, CollectorSettings
+from fieldscope.edge.message import Identification
+from fieldscope.edge.topics import Topics
+
+pytestmark = pytest.mark.mqtt
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@pytest.fixture
+def publisher(mosquitto: Broker) -> Iterator[mqtt.Client]:
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="station", protocol=mqtt.MQTTv5)
+    client.connect(mosquitto.host, mosquitto.port)
+    client.loop_start()
+    try:
+        yield client
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def publish(client: mqtt.Client, messages: Sequence[Identification | tuple[str, bytes]]) -> None:
+    """Publish with QoS 1 and wait for every PUBACK, as a station's link does."""
+    infos = []
+    for m in messages:
+        if isinstance(m, Identification):
+            topic, payload = Topics("fieldscope", m.station, m.device).identification, m.to_json()
+        else:
+            topic, payload = m
+        infos.append(client.publish(topic, payload, qos=1))
+    for info in infos:
+        info.wait_for_publish(20)
+        assert info.is_published()
+
+
+def stored_count(db: Path) -> int:
+    if not db.exists():
+        return 0
+    with open_store(str(db), create=False) as store:
+        return store.count()
+
+
+def test_duplicates_are_stored_once_and_invalid_payloads_kept_apart(
+    mosquitto: Broker, publisher: mqtt.Client, tmp_path: Path
+) -> None:
+    db = tmp_path / "collect.sqlite"
+    store = open_store(str(db))
+    collector = Collector(
+        CollectorSettings(host=mosquitto.host, port=mosquitto.port, client_id="collector-1"),
+        store,
+    )
+    collector.start()
+    try:
+        assert collector.wait_subscribed(10)
+        messages = [sample_identification(seq) for seq in range(50)]
+        t = Topics("fieldscope", "pond-3", "scope-a")
+        bad = [
+            (t.identification, b'{"version": 1, "device": "scope-a"}'),
+            (t.identification, b"\xff\xfe not utf-8"),
+            (Topics("fieldscope", "pond-3", "scope-b").identification, messages[0].to_json()),
+        ]
+        # Every message twice (a QoS-1 redelivery, an outbox replay after a restart).
+        publish(publisher, [*messages, *bad, *messages[:25], *messages[25:]])
+        wait_for(lambda: collector.stats.received >= 103, what="all messages received")
+        wait_for(lambda: collector.stats.stored + collector.stats.duplicates == 100, what="stored")
+    finally:
+        collector.stop()
+        store.close()
+    assert collector.stats.stored == 50
+    assert collector.stats.duplicates == 50
+    assert collector.stats.invalid == 3
+    with open_store(str(db), create=False) as reader:
+        assert reader.count() == 50
+        assert sorted(r.seq for r in reader.iter_identifications()) == list(range(50))
+        invalid = reader.invalid_messages()
+        reasons = " | ".join(r.reason for r in invalid)
+        assert "seq is required" in reasons or "is required" in reasons
+        assert "not UTF-8" in reasons
+        assert "does not match the topic's device" in reasons
+        assert {r.payload for r in invalid} >= {b"\xff\xfe not utf-8"}
+
+
+def _start_cli_collector(
+    broker: Broker, db: Path, log: Path, client_id: str
+) -> subprocess.Popen[bytes]:
+    with log.open("ab") as fh:
+        return subprocess.Popen(
+            [sys.executable, "-m", "fieldscope.cli", "-v", "collect", "run",
+             "--broker", f"{broker.host}:{broker.port}", "--db", str(db),
+             "--client-id", client_id],
+            stdout=fh, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], log: Path) -> None:
+    def ready() -> bool:
+        assert proc.poll() is None, log.read_text()
+        return "connected to" in log.read_text()
+
+    wait_for(ready, 30, "the collector to connect")
+    time.sleep(0.3)  # the SUBSCRIBE follows the CONNACK
+
+
+@pytest.mark.slow
+def test_a_killed_collector_misses_nothing_published_meanwhile(
+    mosquitto: Broker, publisher: mqtt.Client, tmp_path: Path
+) -> None:
+    db = tmp_path / "collect.sqlite"
+    log = tmp_path / "collector.log"
+    proc = _start_cli_collector(mosquitto, db, log, "collector-kill")
+    try:
+        _wait_ready(proc, log)
+        first = [sample_identification(seq) for seq in range(3000)]
+        publish(publisher, first)
+        # Kill -9 while it is still storing the burst: whatever it had not committed, it
+        # had not acknowledged either, and the broker keeps it for the session.
+        wait_for(lambda: stored_count(db) > 0, what="the first rows")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        killed_at = stored_count(db)
+        # Published while no collector runs.
+        second = [sample_identification(seq) for seq in range(3000, 3500)]
+        publish(publisher, second)
+        proc = _start_cli_collector(mosquitto, db, log, "collector-kill")
+        wait_for(lambda: stored_count(db) == 3500, 60, "every message after the restart")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    text = log.read_text()
+    assert "session present: True" in text
+    assert "stopped:" in text  # the summary of a clean SIGTERM shutdown
+    with open_store(str(db), create=False) as reader:
+        seqs = sorted(r.seq for r in reader.iter_identifications())
+    assert seqs == list(range(3500))
+    assert 0 < killed_at < 3000, f"the kill should land mid-burst, {killed_at} rows were stored"
+
+
+def test_two_collectors_on_a_shared_subscription_store_each_message_once(
+    mosquitto: Broker, publisher: mqtt.Client, tmp_path: Path
+) -> None:
+    db = tmp_path / "shared.sqlite"
+    collectors = []
+    stores = []
+    for name in ("collector-a", "collector-b"):
+        store = open_store(str(db))
+        settings = CollectorSettings(
+            host=mosquitto.host, port=mosquitto.port, client_id=name, share_group="fleet"
+        )
+        collector = Collector(settings, store)
+        collector.start()
+        assert collector.wait_subscribed(10)
+        collectors.append(collector)
+        stores.append(store)
+    try:
+        messages = [sample_identification(seq, device=f"scope-{seq % 4}") for seq in range(1000)]
+        publish(publisher, messages)
+        publisher.publish(Topics("fieldscope", "pond-3", "scope-0").status, b"online", 1, True)
+        wait_for(
+            lambda: sum(c.stats.stored + c.stats.duplicates for c in collectors) >= 1000,
+            what="both collectors to store",
+        )
+        wait_for(lambda: all(c.stats.device_updates >= 1 for c in collectors), what="status")
+    finally:
+        for collector in collectors:
+            collector.stop()
+        for store in stores:
+            store.close()
+    a, b = (c.stats for c in collectors)
+    # The broker split the identifications: each went to one collector only.
+    assert a.stored > 0
+    assert b.stored > 0
+    assert a.stored + b.stored == 1000
+    assert a.duplicates + b.duplicates == 0
+    with open_store(str(db), create=False) as reader:
+        assert reader.count() == 1000
+        (device,) = reader.devices()
+        # Status is not shared: every collector hears it (retained, idempotent).
+        assert device.status == "online"
