@@ -104,7 +104,11 @@ class Frame:
     ``image`` is RGB uint8 (H, W, 3). ``encoded`` holds the original file's bytes for
     file sources (the image hash and the archive use them, so both match the file);
     live cameras have none. ``done`` (may be None) must be called once the frame's
-    identification is durably stored; see the module docstring.
+    identification is durably stored; see the module docstring. ``key`` identifies
+    the source of a frame that must be handled exactly once (the folder camera's
+    file: name, size and modification time); the daemon stores it with the
+    identification, so a frame offered again after a crash between storing and
+    ``done`` is recognised and not identified twice.
     """
 
     image: RGBImage
@@ -112,6 +116,7 @@ class Frame:
     captured_at: datetime
     encoded: bytes | None = None
     done: Callable[[], None] | None = field(default=None, repr=False)
+    key: str | None = None
 
     def digest(self) -> str:
         """SHA-256 (hex) identifying the image: of the file's bytes when there is a
@@ -593,6 +598,7 @@ class FolderCamera:
             captured_at=_utc_now(),
             encoded=data,
             done=functools.partial(self._done, key),
+            key=f"folder:{key.name}:{key.size}:{key.mtime_ns}",
         )
 
     def _load(self, key: _FileKey, path: Path) -> tuple[bytes, RGBImage] | None:

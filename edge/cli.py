@@ -87,6 +87,10 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("edge", help="run the edge code path on this machine")
     edge_sub = p.add_subparsers(dest="edge_command", metavar="ACTION")
     edge_sub.required = True
+    # run, check-config, status: the daemon's own module owns them (it stays light to import).
+    from fieldscope.edge.daemon_cli import add_daemon_commands
+
+    add_daemon_commands(edge_sub)
     c = edge_sub.add_parser(
         "classify",
         help="classify image files with a bundle, exactly as a field station would",

@@ -27,6 +27,25 @@ Durability decisions:
   subscriber sees the loss as a gap, and the persisted ``dropped`` count lets
   health report losses honestly. ``max_bytes`` caps the file (``max_page_count``);
   the same policy applies when it is reached.
+* **Where a new outbox starts counting.** ``seq`` is only unique per device while
+  the outbox file lives; a re-flashed SD card or a deleted data directory starts a
+  new file. Started at 1, its messages would carry the ``(device, seq)`` of
+  messages collectors already stored and be dropped as duplicates. The daemon
+  therefore creates outboxes with ``first_seq=`` :func:`clock_first_seq`, the wall
+  clock in milliseconds (about 1.8e12 in 2027, far below the 2**53 JSON limit for
+  the next 280,000 years): a new file's first ``seq`` exceeds every ``seq`` an older
+  file of the same device handed out unless that one averaged more than 1,000
+  messages a second over its whole life. ``first_seq`` only applies to a new file;
+  an existing one always continues its own counter. (The library default stays 1.)
+* **Source keys for exactly-once files.** A message may carry a ``source_key``
+  (the folder camera's file identity), stored in the same transaction as the
+  message and kept after the message is acknowledged. If the daemon dies after
+  storing a file's identification but before the camera recorded the file as
+  handled, the file is offered again at the next start; :meth:`Outbox.source_seq`
+  finds its key, and the daemon marks the file handled instead of publishing it a
+  second time under a new ``seq`` (a duplicate ``(device, seq)`` cannot catch).
+  Keys of the last :data:`MAX_SOURCE_KEYS` seqs are kept; a file is marked handled
+  right after its commit, so only the last few can ever be asked for.
 * **One process per outbox.** The file is opened in SQLite's exclusive locking
   mode, so a second daemon started with the same data directory fails at once
   instead of handing out the same ``seq`` twice.
@@ -59,19 +78,28 @@ from fieldscope.edge.errors import FieldscopeError
 
 __all__ = [
     "FIRST_SEQ",
+    "MAX_SOURCE_KEYS",
     "SCHEMA_VERSION",
     "Entry",
     "Outbox",
+    "OutboxBusyError",
     "OutboxError",
     "OutboxFullError",
     "OutboxStats",
     "WhenFull",
+    "clock_first_seq",
+    "peek_stats",
 ]
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+# 2 added the ``sources`` table; a version-1 file gains it when opened.
+SCHEMA_VERSION = 2
 FIRST_SEQ = 1
+# How many source keys (see the module docstring) are remembered.
+MAX_SOURCE_KEYS = 10_000
+# JavaScript subscribers read seq as a double: it must stay exactly representable.
+_MAX_SEQ = 2**53 - 1
 # Seconds to wait for a lock held by another connection. The outbox is opened in
 # exclusive mode, so waiting only ever means "another process has it": fail fast.
 _BUSY_TIMEOUT_S = 1.0
@@ -86,7 +114,27 @@ _SCHEMA = (
     " qos INTEGER NOT NULL,"
     " payload BLOB NOT NULL,"
     " created_at REAL NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS sources (key TEXT PRIMARY KEY, seq INTEGER NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS sources_by_seq ON sources (seq)",
 )
+
+
+def clock_first_seq(now: float | None = None) -> int:
+    """The first ``seq`` for a brand-new outbox: the wall clock in milliseconds.
+
+    See the module docstring for why. ``now`` is a Unix time (default: the clock).
+    A clock that was obviously never set (before 2020, a Pi without RTC or network)
+    is logged, because then the guarantee only holds against outboxes created
+    before the clock's current value.
+    """
+    seconds = time.time() if now is None else now
+    if seconds < 1_577_836_800:  # 2020-01-01
+        logger.warning(
+            "the system clock reads %s: a new outbox's first seq comes from the clock and "
+            "may repeat seqs of an earlier outbox of this device; set the clock (NTP/RTC)",
+            time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds)),
+        )
+    return max(FIRST_SEQ, min(_MAX_SEQ // 2, int(seconds * 1000)))
 
 
 class OutboxError(FieldscopeError):
@@ -95,6 +143,10 @@ class OutboxError(FieldscopeError):
     The daemon reports it as a health warning and keeps running; the message says
     what to do.
     """
+
+
+class OutboxBusyError(OutboxError):
+    """Another process (normally the running daemon) holds the outbox open."""
 
 
 class OutboxFullError(OutboxError):
@@ -214,8 +266,9 @@ def _describe(exc: sqlite3.Error, path: Path, action: str) -> str:
 class Outbox:
     """A durable, ordered, capped queue of messages keyed by the device's ``seq``.
 
-    ``Outbox(path)`` creates the file if needed and continues its ``seq``. Use it
-    from any thread; close it (or use ``with``) when the daemon stops.
+    ``Outbox(path)`` creates the file if needed and continues its ``seq``; a new file
+    starts at ``first_seq`` (the daemon passes :func:`clock_first_seq`). Use it from
+    any thread; close it (or use ``with``) when the daemon stops.
 
     Raises:
         OutboxError: the file cannot be opened (see the message for what to do).
@@ -228,7 +281,14 @@ class Outbox:
         max_messages: int = 100_000,
         when_full: WhenFull | str = WhenFull.DROP_OLDEST,
         max_bytes: int | None = None,
+        first_seq: int = FIRST_SEQ,
     ) -> None:
+        if isinstance(first_seq, bool) or not isinstance(first_seq, int):
+            raise OutboxError(f"outbox first_seq must be an integer, got {first_seq!r}")
+        if not FIRST_SEQ <= first_seq <= _MAX_SEQ // 2:
+            raise OutboxError(
+                f"outbox first_seq must be from {FIRST_SEQ} to {_MAX_SEQ // 2}, got {first_seq}"
+            )
         if isinstance(max_messages, bool) or not isinstance(max_messages, int) or max_messages < 1:
             raise OutboxError(f"outbox max_messages must be an integer >= 1, got {max_messages!r}")
         if max_bytes is not None and (
@@ -246,11 +306,12 @@ class Outbox:
         self._closed = False
         self._dropping = False
         self._unsaved_losses = 0
+        self._first_seq = first_seq
         self._conn = self._open()
         try:
             with self._lock:
                 self._depth = int(self._scalar("SELECT count(*) FROM messages"))
-                self._next_seq = self._meta("next_seq", FIRST_SEQ)
+                self._next_seq = self._meta("next_seq", first_seq)
                 self._dropped = self._meta("dropped", 0)
         except sqlite3.Error as exc:
             self._conn.close()
@@ -303,6 +364,11 @@ class Outbox:
             conn.execute("BEGIN IMMEDIATE")
             for statement in _SCHEMA:
                 conn.execute(statement)
+            # Persisted at creation, so a restart before the first message keeps it.
+            conn.execute(
+                "INSERT OR IGNORE INTO meta(key, value) VALUES ('next_seq', ?)",
+                (self._first_seq,),
+            )
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except OutboxError:
@@ -354,13 +420,22 @@ class Outbox:
 
     # --- writing --------------------------------------------------------------------------
 
-    def add(self, topic: str, payload_factory: Callable[[int], bytes], qos: int = 1) -> Entry:
+    def add(
+        self,
+        topic: str,
+        payload_factory: Callable[[int], bytes],
+        qos: int = 1,
+        *,
+        source_key: str | None = None,
+    ) -> Entry:
         """Store the message built for the next ``seq`` and return it, durably committed.
 
         ``payload_factory(seq)`` builds the payload (e.g. the identification carrying
         that ``seq``); it runs under the outbox's lock and the ``seq`` is committed in
         the same transaction as the payload, so it is consumed only if the message is
         stored. If the factory raises, nothing is stored and its exception propagates.
+        ``source_key`` (e.g. a watched file's identity) is recorded in the same
+        transaction; :meth:`source_seq` finds it later (see the module docstring).
 
         Raises:
             OutboxFullError: the outbox is full and its policy is ``reject-new`` (the
@@ -379,7 +454,7 @@ class Outbox:
                 raise TypeError(f"payload_factory must return bytes, got {type(payload).__name__}")
             entry = Entry(seq, topic, payload, qos, time.time())
             try:
-                self._store(entry)
+                self._store(entry, source_key)
             except OutboxError:
                 # Not storable, so not retried: count it now, persist with the next write.
                 self._unsaved_losses += 1
@@ -412,7 +487,7 @@ class Outbox:
             f"policy reject-new): message seq {seq} was dropped"
         )
 
-    def _store(self, entry: Entry) -> None:
+    def _store(self, entry: Entry, source_key: str | None = None) -> None:
         """Insert ``entry``; under drop-oldest, make room by count and by ``max_bytes``.
 
         Dropping only helps against the outbox's own byte cap: SQLite never gives
@@ -424,7 +499,7 @@ class Outbox:
         can_make_room = self.when_full is WhenFull.DROP_OLDEST and self.max_bytes is not None
         for _ in range(_MAX_FULL_RETRIES):
             try:
-                dropped = self._insert(entry, to_drop)
+                dropped = self._insert(entry, to_drop, source_key)
             except OutboxError as exc:
                 cause = exc.__cause__
                 full = isinstance(cause, sqlite3.Error) and _error_name(cause).startswith(
@@ -447,7 +522,7 @@ class Outbox:
             return
         raise OutboxError(f"outbox {self.path}: still full after dropping old messages")
 
-    def _insert(self, entry: Entry, to_drop: int) -> int:
+    def _insert(self, entry: Entry, to_drop: int, source_key: str | None = None) -> int:
         with self._transaction(f"storing a {len(entry.payload)}-byte message"):
             dropped = 0
             if to_drop > 0:
@@ -463,6 +538,14 @@ class Outbox:
                 "INSERT INTO messages(seq, topic, qos, payload, created_at) VALUES (?, ?, ?, ?, ?)",
                 (entry.seq, entry.topic, entry.qos, entry.payload, entry.created_at),
             )
+            if source_key is not None:
+                self._conn.execute(
+                    "INSERT OR REPLACE INTO sources(key, seq) VALUES (?, ?)",
+                    (source_key, entry.seq),
+                )
+                self._conn.execute(
+                    "DELETE FROM sources WHERE seq <= ?", (entry.seq - MAX_SOURCE_KEYS,)
+                )
             self._set_meta("next_seq", entry.seq + 1)
         self._next_seq = entry.seq + 1
         self._dropped += self._unsaved_losses + dropped
@@ -520,6 +603,20 @@ class Outbox:
             except sqlite3.Error as exc:
                 raise OutboxError(_describe(exc, self.path, "reading messages")) from exc
         return [Entry(int(s), str(t), bytes(p), int(q), float(c)) for s, t, p, q, c in rows]
+
+    def source_seq(self, source_key: str) -> int | None:
+        """The ``seq`` of the message stored with ``source_key``, or None if none was.
+
+        Raises:
+            OutboxError: the file cannot be read.
+        """
+        with self._lock:
+            self._check_open()
+            try:
+                seq = self._scalar("SELECT seq FROM sources WHERE key = ?", (source_key,))
+            except sqlite3.Error as exc:
+                raise OutboxError(_describe(exc, self.path, "reading source keys")) from exc
+        return None if seq is None else int(seq)
 
     def depth(self) -> int:
         """How many messages wait for an acknowledgement."""
@@ -600,3 +697,46 @@ class Outbox:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def peek_stats(
+    path: Path | str,
+    *,
+    max_messages: int = 100_000,
+    when_full: WhenFull | str = WhenFull.DROP_OLDEST,
+) -> OutboxStats | None:
+    """Depth, losses and next ``seq`` of an outbox file that no process has open.
+
+    Read-only: for ``fieldscope edge status`` and deployment checks while the daemon
+    is stopped. ``max_messages`` and ``when_full`` are the configured policy, which
+    the file does not record. None when the file does not exist.
+
+    Raises:
+        OutboxBusyError: a process (the daemon) has the file open: ask it instead.
+        OutboxError: the file is damaged or unreadable.
+    """
+    file = Path(path)
+    if not file.exists():
+        return None
+    try:
+        conn = sqlite3.connect(f"{file.absolute().as_uri()}?mode=ro", uri=True, timeout=0.2)
+    except sqlite3.Error as exc:
+        raise OutboxError(_describe(exc, file, "opening it read-only")) from exc
+    try:
+        depth = conn.execute("SELECT count(*) FROM messages").fetchone()[0]
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        oldest = conn.execute("SELECT created_at FROM messages ORDER BY seq LIMIT 1").fetchone()
+    except sqlite3.Error as exc:
+        if _error_name(exc).startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+            raise OutboxBusyError(_describe(exc, file, "reading it")) from exc
+        raise OutboxError(_describe(exc, file, "reading it")) from exc
+    finally:
+        conn.close()
+    return OutboxStats(
+        depth=int(depth),
+        dropped=int(meta.get("dropped", 0)),
+        next_seq=int(meta.get("next_seq", FIRST_SEQ)),
+        oldest_age_s=None if oldest is None else max(0.0, time.time() - float(oldest[0])),
+        max_messages=max_messages,
+        when_full=_when_full(when_full),
+    )

@@ -200,3 +200,181 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
         int8_signed=_convert(work / "probs", "int8", calibration),
         logits_float32=_convert(work / "logits", None, calibration),
     )
+
+
+# --- The edge daemon's tests (tests/test_daemon*.py): a recording subscriber, bundles, ----
+# --- configuration files ------------------------------------------------------------------
+
+EDGE_PREFIX = "fs"
+
+
+class MqttRecorder:
+    """A subscriber that records everything under ``EDGE_PREFIX`` (what a collector sees).
+
+    ``persistent`` gives it a persistent session (QoS 1), so a broker with persistence
+    keeps its messages across a broker restart; it reconnects by itself.
+    """
+
+    def __init__(self, broker: Broker, client_id: str = "recorder", *, persistent: bool = False):
+        import threading
+
+        import paho.mqtt.client as mqtt
+
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self._cv = threading.Condition()
+        subscribed = threading.Event()
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=mqtt.MQTTv311,
+            clean_session=not persistent,
+        )
+
+        def on_connect(client: Any, *_: Any) -> None:
+            client.subscribe(f"{EDGE_PREFIX}/#", qos=1)
+
+        def on_message(_c: Any, _u: object, msg: Any) -> None:
+            with self._cv:
+                self.messages.append((msg.topic, bytes(msg.payload), bool(msg.retain)))
+                self._cv.notify_all()
+
+        self.client.on_connect = on_connect
+        self.client.on_subscribe = lambda *_: subscribed.set()
+        self.client.on_message = on_message
+        self.client.reconnect_delay_set(1, 1)
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+        assert subscribed.wait(5), "the recorder could not subscribe"
+
+    def on(self, topic: str) -> list[bytes]:
+        with self._cv:
+            return [p for t, p, _ in self.messages if t == topic]
+
+    def wait_for(self, predicate: Any, timeout: float = 15.0) -> bool:
+        """Wait until ``predicate(self)`` holds (it is called with the lock held)."""
+        with self._cv:
+            return bool(self._cv.wait_for(lambda: predicate(self), timeout))
+
+    def count(self, topic: str) -> int:
+        return sum(1 for t, _, _ in self.messages if t == topic)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def retained_value(broker: Broker, topic: str, timeout: float = 3.0) -> bytes | None:
+    """What a subscriber connecting now gets as the retained message of ``topic``."""
+    import threading
+
+    import paho.mqtt.client as mqtt
+
+    got: list[bytes] = []
+    event = threading.Event()
+
+    def on_message(_c: Any, _u: object, msg: Any) -> None:
+        if msg.retain:
+            got.append(bytes(msg.payload))
+            event.set()
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"probe-{time.monotonic_ns()}")
+    client.on_message = on_message
+    client.connect(broker.host, broker.port)
+    client.subscribe(topic, qos=1)
+    client.loop_start()
+    try:
+        event.wait(timeout)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return got[0] if got else None
+
+
+def toml_document(sections: dict[str, dict[str, Any]]) -> str:
+    """A TOML document from ``{"table.sub": {key: value}}`` (strings, numbers, lists)."""
+    import json
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str | Path):
+            return json.dumps(str(v))
+        if isinstance(v, list | tuple):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return repr(v)
+
+    lines: list[str] = []
+    for table, entries in sections.items():
+        lines.append(f"[{table}]")
+        lines.extend(f"{key} = {value(v)}" for key, v in entries.items())
+        lines.append("")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class TinyBundles:
+    """Bundles of the tiny colour model: ``v1`` and ``v2`` (same model, two versions)
+    and ``damaged`` (its model file changed after the manifest was written)."""
+
+    v1: Path
+    v2: Path
+    damaged: Path
+    labels: tuple[str, ...]
+
+
+@pytest.fixture(scope="session")
+def tiny_bundles(tiny_models: TinyModels, tmp_path_factory: pytest.TempPathFactory) -> TinyBundles:
+    from fieldscope.edge.bundle import MODEL_FILE, write_bundle
+    from fieldscope.edge.preprocess import PreprocessRecipe
+
+    root = tmp_path_factory.mktemp("tiny_bundles")
+    recipe = PreprocessRecipe(size=(32, 32), denoise="median", resize="letterbox")
+    made = {}
+    for name, version in (("v1", "1"), ("v2", "2"), ("damaged", "3")):
+        made[name] = write_bundle(
+            root / name,
+            tiny_models.int8,
+            model_name="tiny-colour",
+            model_version=version,
+            labels=tiny_models.labels,
+            preprocessing=recipe,
+            threshold=0.6,
+        ).path
+    model = made["damaged"] / MODEL_FILE
+    model.write_bytes(model.read_bytes()[:-16] + bytes(16))
+    return TinyBundles(made["v1"], made["v2"], made["damaged"], tiny_models.labels)
+
+
+@dataclass(frozen=True)
+class SpecimenImages:
+    """Synthetic specimen PNGs (``fieldscope specimens``): ``sharp`` ones in name order
+    and one ``blurred`` one the quality gate rejects."""
+
+    sharp: tuple[Path, ...]
+    blurred: Path
+
+    def copy(self, folder: Path, n: int, *, blurred: bool = False) -> list[Path]:
+        """Copy the first ``n`` sharp images (and the blurred one) into ``folder``."""
+        folder.mkdir(parents=True, exist_ok=True)
+        chosen = [*self.sharp[:n], *([self.blurred] if blurred else [])]
+        out = []
+        for path in chosen:
+            target = folder / path.name
+            target.write_bytes(path.read_bytes())
+            out.append(target)
+        return out
+
+
+@pytest.fixture(scope="session")
+def specimen_images(tmp_path_factory: pytest.TempPathFactory) -> SpecimenImages:
+    import cv2
+
+    from fieldscope.edge.specimens import write_dataset
+
+    root = tmp_path_factory.mktemp("specimens")
+    write_dataset(root / "dataset", classes=4, per_class=12, size=96)
+    sharp = tuple(sorted((root / "dataset").rglob("*.png"), key=lambda p: p.name))
+    blurred = root / "zz_blurred.png"
+    image = cv2.imread(str(sharp[0]))
+    cv2.imwrite(str(blurred), cv2.GaussianBlur(image, (0, 0), 8))
+    return SpecimenImages(sharp, blurred)

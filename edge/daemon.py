@@ -1,0 +1,748 @@
+"""The edge daemon: wires the parts of ``fieldscope.edge`` into one headless station.
+
+Start-up reads like a table of contents (:meth:`Daemon.start`): the configuration
+was loaded and validated by the caller; then the outbox is opened, the model is
+loaded, verified and self-tested, the archive and the camera are prepared, the MQTT
+link starts connecting in the background, and the pipeline threads start
+(``fieldscope.edge.pipeline``). Only then is systemd told ``READY=1``.
+
+After that the main thread only keeps house (:meth:`Daemon.serve`), waiting on a
+socket with a deadline — never a polling sleep — for whichever comes first:
+
+* a signal: SIGTERM/SIGINT stop cleanly, SIGHUP reloads the bundle (signal handlers
+  only write a byte to the socket; the work happens here, on the main thread);
+* the next heartbeat, published every ``heartbeat.interval_s`` and mirrored into
+  ``<data_dir>/daemon-state.json`` for ``fieldscope edge status``;
+* the next watchdog ping, sent only while no pipeline stage is stuck on one frame
+  (waiting for frames is healthy; an interpreter or a disk that hangs is not, and
+  systemd then restarts the service);
+* the next look at ``model.bundle``: a deployment that re-points the symlink (or
+  replaces the directory) is noticed and the new bundle loaded.
+
+Commands from MQTT arrive on the link's dispatcher thread (:meth:`Daemon.on_command`)
+and map to in-process actions only; nothing received can name a file or a program.
+
+A clean stop (:meth:`Daemon.shutdown`): ``STOPPING=1``; the stop event ends
+capturing and the frames already taken drain through the pipeline into the outbox;
+the link flushes the outbox and publishes the retained ``stopped``; the outbox is
+closed. Everything is bounded so it finishes within a few seconds, and whatever was
+not delivered stays in the outbox for the next start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any, TextIO
+
+from fieldscope.edge.archive import ImageArchive
+from fieldscope.edge.capture import Camera, CameraSupervisor, Trigger, make_camera, make_trigger
+from fieldscope.edge.commands import Command, CommandError, CommandName, parse_command
+from fieldscope.edge.config import EdgeConfig
+from fieldscope.edge.errors import FieldscopeError
+from fieldscope.edge.health import (
+    CameraState,
+    CommandReply,
+    Heartbeat,
+    cpu_temperature_c,
+    disk_free_bytes,
+)
+from fieldscope.edge.link import MqttLink, MqttProtocol, MqttSettings
+from fieldscope.edge.model_slot import (
+    LoadedModel,
+    ModelSlot,
+    ReloadResult,
+    bundle_source,
+    load_model,
+)
+from fieldscope.edge.outbox import Outbox, OutboxError, clock_first_seq
+from fieldscope.edge.pipeline import FrameCounters, Pipeline
+from fieldscope.edge.systemd import Notifier
+
+__all__ = [
+    "BUNDLE_CHECK_INTERVAL_S",
+    "STATE_FILE_NAME",
+    "Daemon",
+    "JournalFormatter",
+    "StationParts",
+    "configure_logging",
+    "read_state_file",
+]
+
+logger = logging.getLogger(__name__)
+
+# How often the bundle path is checked for a new target (a stat of one file).
+BUNDLE_CHECK_INTERVAL_S = 2.0
+# What `fieldscope edge status` reads while the daemon holds the outbox.
+STATE_FILE_NAME = "daemon-state.json"
+# A clean stop: this long for the frames in the pipeline, then the link's flush.
+_DRAIN_S = 3.0
+_FLUSH_S = 3.0
+# Without systemd's watchdog, a stage busy this long on one frame is reported stuck;
+# with it, WatchdogSec, but at least _MIN_STALL_S.
+_DEFAULT_STALL_S = 60.0
+_MIN_STALL_S = 10.0
+_MAX_EVENTS = 16
+# A command that arrives while the daemon starts waits this long for it.
+_START_WAIT_S = 10.0
+_MAX_TEXT = 900  # a warning line in the heartbeat (the payload allows 1000)
+_WAKE, _STOP, _RELOAD = b"w", b"s", b"r"
+_SIGNAL_BYTES: Mapping[int, bytes] = {
+    signal.SIGTERM: _STOP,
+    signal.SIGINT: _STOP,
+    signal.SIGHUP: _RELOAD,
+}
+
+
+@dataclass(frozen=True)
+class StationParts:
+    """The parts of a started daemon (:attr:`Daemon.station`)."""
+
+    outbox: Outbox
+    slot: ModelSlot
+    archive: ImageArchive
+    supervisor: CameraSupervisor
+    trigger: Trigger
+    link: MqttLink
+    pipeline: Pipeline
+
+
+def _clip(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= _MAX_TEXT else text[: _MAX_TEXT - 1] + "…"
+
+
+class Daemon:
+    """One station: build it from a validated configuration, then :meth:`run` it.
+
+    ``camera`` replaces the configured backend (tests pass a fake that fails on
+    purpose); ``notifier`` defaults to the one ``$NOTIFY_SOCKET`` asks for;
+    ``stall_limit_s`` is how long a stage may work on one frame before the daemon
+    calls it stuck and stops feeding the watchdog (default: see ``_MIN_STALL_S``).
+    :meth:`run` blocks until a stop and returns the exit status (0 after a clean
+    stop); from another thread, :meth:`request_stop` ends it and ``started`` tells
+    when the start-up is complete.
+    """
+
+    def __init__(
+        self,
+        cfg: EdgeConfig,
+        *,
+        camera: Camera | None = None,
+        notifier: Notifier | None = None,
+        stall_limit_s: float | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.topics = cfg.topics
+        self.notifier = notifier or Notifier.from_environ()
+        self.stop = threading.Event()
+        self.started = threading.Event()
+        self.counters = FrameCounters()
+        self._camera_override = camera
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_w.setblocking(False)
+        self._events: deque[str] = deque(maxlen=_MAX_EVENTS)
+        self._events_lock = threading.Lock()
+        self._started_at = time.monotonic()
+        self._model_json: bytes | None = None
+        interval = self.notifier.watchdog_interval_s
+        if stall_limit_s is None:
+            # WatchdogSec, but never so short that a slow frame on a small Pi counts.
+            stall_limit_s = (
+                _DEFAULT_STALL_S if interval is None else max(_MIN_STALL_S, 2 * interval)
+            )
+        self._stall_limit_s = stall_limit_s
+        self._watchdog_withheld = False
+        self._link: MqttLink | None = None  # set as soon as it exists: replies need it
+        self._station: StationParts | None = None
+        self._reload_lock = threading.Lock()
+        self._teardown = contextlib.ExitStack()
+        self._shut_down = False
+
+    @property
+    def station(self) -> StationParts:
+        """The started parts (outbox, slot, link, pipeline, ...)."""
+        if self._station is None:
+            raise FieldscopeError("the daemon is not started")
+        return self._station
+
+    # --- the whole life -------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Start, serve until stopped, stop cleanly; 0 on a clean stop.
+
+        Signal handlers are installed when called on the main thread.
+
+        Raises:
+            FieldscopeError: start-up failed (no outbox, no valid bundle, bad TLS
+                files); what was already started is stopped again.
+        """
+        restore = self._install_signal_handlers()
+        try:
+            try:
+                self.start()
+                self.serve()
+            finally:
+                self.shutdown()
+        finally:
+            restore()
+        return 0
+
+    def start(self) -> None:
+        """The start-up sequence, in order (see the module docstring). Each part
+        registers how it is stopped, so :meth:`shutdown` undoes exactly what was
+        started, in reverse: pipeline, link, camera, outbox."""
+        logger.info("starting station %s (config %s)", self.topics.base, self.cfg.source)
+        stack = self._teardown
+        self._make_data_dir()
+        outbox = self._open_outbox()
+        stack.callback(outbox.close)
+        stack.callback(self._write_state, "stopped")
+        slot = ModelSlot(self._load_model())
+        archive = self._open_archive()
+        supervisor, trigger = self._open_camera()
+        stack.callback(supervisor.close)
+        link = self._start_link(outbox)
+        stack.callback(link.stop_clean, _FLUSH_S)
+        pipeline = self._start_pipeline(supervisor, trigger, slot, outbox, archive)
+        stack.callback(self._drain, pipeline)
+        self._station = StationParts(outbox, slot, archive, supervisor, trigger, link, pipeline)
+        self._write_state("running")
+        self.notifier.ready(f"serving {slot.current().describe()}")
+        self.started.set()
+        logger.info("station %s is running", self.topics.base)
+
+    def _make_data_dir(self) -> None:
+        data_dir = self.cfg.device.data_dir
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise FieldscopeError(
+                f"device.data_dir: cannot create {data_dir}: {exc.strerror or exc} (it must be "
+                "writable by the daemon's user; systemd's StateDirectory= creates it)"
+            ) from exc
+
+    def _open_outbox(self) -> Outbox:
+        o = self.cfg.outbox
+        outbox = Outbox(
+            o.path,
+            max_messages=o.max_messages,
+            when_full=o.when_full,
+            max_bytes=o.max_bytes,
+            first_seq=clock_first_seq(),
+        )
+        logger.info(
+            "outbox %s: %d message(s) waiting, next seq %d", o.path, outbox.depth(), outbox.next_seq
+        )
+        return outbox
+
+    def _load_model(self) -> LoadedModel:
+        model = load_model(self.cfg.model, self.cfg.preprocessing)
+        self._model_json = model.info.to_json()
+        logger.info(
+            "serving model %s from %s (%s %s)",
+            model.describe(),
+            model.source.target,
+            model.runtime.name,
+            model.runtime.version,
+        )
+        return model
+
+    def _open_archive(self) -> ImageArchive:
+        a = self.cfg.archive
+        return ImageArchive(a.dir, a.mode, a.max_bytes, a.format)
+
+    def _open_camera(self) -> tuple[CameraSupervisor, Trigger]:
+        c = self.cfg.camera
+        camera = self._camera_override or make_camera(
+            c, self.cfg.device.data_dir, on_problem=self._on_file_problem
+        )
+        supervisor = CameraSupervisor(
+            camera,
+            self.stop,
+            backoff_min_s=c.reopen_backoff_s[0],
+            backoff_max_s=c.reopen_backoff_s[1],
+            on_recovered=self._on_camera_recovered,
+        )
+        logger.info("camera %s, trigger %s", camera.name, c.trigger)
+        return supervisor, make_trigger(c)
+
+    def _start_link(self, outbox: Outbox) -> MqttLink:
+        m = self.cfg.mqtt
+        tls = m.tls
+        settings = MqttSettings(
+            host=m.host,
+            port=m.port,
+            client_id=m.client_id,
+            username=m.username,
+            password=m.password,
+            tls=tls is not None,
+            tls_ca=None if tls is None else tls.ca,
+            tls_cert=None if tls is None else tls.cert,
+            tls_key=None if tls is None else tls.key,
+            tls_insecure=False if tls is None else tls.insecure,
+            keepalive=m.keepalive,
+            protocol=MqttProtocol(m.protocol),
+            session_expiry_s=m.session_expiry_s,
+            reconnect_min_s=int(m.reconnect_backoff_s[0]),
+            reconnect_max_s=int(m.reconnect_backoff_s[1]),
+            max_in_flight=self.cfg.outbox.batch,
+        )
+        link = MqttLink(
+            settings,
+            self.topics,
+            outbox,
+            on_command=self.on_command,
+            retained_model=lambda: self._model_json,
+            stop=self.stop,
+        )
+        link.start()
+        self._link = link
+        return link
+
+    def _start_pipeline(
+        self,
+        supervisor: CameraSupervisor,
+        trigger: Trigger,
+        slot: ModelSlot,
+        outbox: Outbox,
+        archive: ImageArchive,
+    ) -> Pipeline:
+        pipeline = Pipeline(
+            camera=supervisor,
+            trigger=trigger,
+            slot=slot,
+            outbox=outbox,
+            archive=archive,
+            quality=self.cfg.quality,
+            topics=self.topics,
+            stop=self.stop,
+            counters=self.counters,
+            on_event=self._event,
+        )
+        pipeline.start()
+        return pipeline
+
+    # --- keeping house ------------------------------------------------------------------
+
+    def serve(self) -> None:
+        """Keep house until the stop event: heartbeats, watchdog, signals, bundle changes."""
+        now = time.monotonic()
+        next_heartbeat = now + self.cfg.heartbeat.interval_s
+        watchdog_every = self.notifier.watchdog_interval_s
+        next_watchdog = now if watchdog_every is not None else math.inf
+        next_bundle_check = now + BUNDLE_CHECK_INTERVAL_S
+        while not self.stop.is_set():
+            deadline = min(next_heartbeat, next_watchdog, next_bundle_check)
+            for byte in self._wait(deadline - time.monotonic()):
+                if byte == _STOP[0]:
+                    logger.info("stop requested")
+                    self.stop.set()
+                elif byte == _RELOAD[0]:
+                    self.reload("SIGHUP")
+            if self.stop.is_set():
+                break
+            now = time.monotonic()
+            if watchdog_every is not None and now >= next_watchdog:
+                self._feed_watchdog()
+                next_watchdog = now + watchdog_every
+            if now >= next_bundle_check:
+                self._check_bundle()
+                next_bundle_check = time.monotonic() + BUNDLE_CHECK_INTERVAL_S
+            if now >= next_heartbeat:
+                self.publish_heartbeat()
+                next_heartbeat = time.monotonic() + self.cfg.heartbeat.interval_s
+
+    def _wait(self, timeout: float) -> bytes:
+        """Block until the wake socket has bytes or ``timeout`` passes; the bytes."""
+        readable, _, _ = select.select([self._wake_r], [], [], max(0.0, timeout))
+        if not readable:
+            return b""
+        try:
+            return self._wake_r.recv(64)
+        except OSError:
+            return b""
+
+    def _poke(self, byte: bytes) -> None:
+        with contextlib.suppress(OSError):  # closed, or full: it already holds a wake-up
+            self._wake_w.send(byte)
+
+    def request_stop(self) -> None:
+        """Stop cleanly (from any thread); :meth:`run` then returns."""
+        self._poke(_STOP)
+
+    def request_reload(self) -> None:
+        """Reload the bundle on the main thread, as SIGHUP does."""
+        self._poke(_RELOAD)
+
+    def _install_signal_handlers(self) -> Callable[[], None]:
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+
+        def handler(signum: int, _frame: FrameType | None) -> None:
+            self._poke(_SIGNAL_BYTES.get(signum, _WAKE))
+
+        previous = {sig: signal.signal(sig, handler) for sig in _SIGNAL_BYTES}
+
+        def restore() -> None:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+        return restore
+
+    def _feed_watchdog(self) -> None:
+        stalled = self.station.pipeline.stalled(self._stall_limit_s)
+        if stalled:
+            if not self._watchdog_withheld:
+                logger.error(
+                    "pipeline stuck: %s; no longer feeding systemd's watchdog, which will "
+                    "restart the service",
+                    ", ".join(stalled),
+                )
+            self._watchdog_withheld = True
+            return
+        if self._watchdog_withheld:
+            logger.warning("the pipeline moves again; feeding the watchdog again")
+        self._watchdog_withheld = False
+        self.notifier.watchdog()
+
+    def _check_bundle(self) -> None:
+        slot = self.station.slot
+        now = bundle_source(self.cfg.model.bundle)
+        if now in (slot.current().source, slot.refused_source):
+            return
+        if now.manifest_id is None:
+            return  # mid-deployment (or gone): keep serving, look again later
+        logger.info("the bundle %s changed (now %s); reloading", self.cfg.model.bundle, now.target)
+        self.reload(f"{self.cfg.model.bundle} changed")
+
+    # --- model swap ---------------------------------------------------------------------
+
+    def reload(self, why: str) -> ReloadResult:
+        """Load, verify, self-test and swap in the configured bundle; the old one keeps
+        serving when the new one is refused (the reason is logged and published)."""
+        with self._reload_lock:  # a swap and its announcement stay in order
+            return self._reload(why)
+
+    def _reload(self, why: str) -> ReloadResult:
+        result = self.station.slot.reload(self.cfg.model, self.cfg.preprocessing)
+        if result.swapped:
+            self._model_json = result.model.info.to_json()
+            logger.info(
+                "model swapped (%s): %s -> %s",
+                why,
+                result.previous.describe(),
+                result.model.describe(),
+            )
+            self.station.link.publish_model(self._model_json)
+        else:
+            logger.error(
+                "refused the new bundle (%s): %s; still serving %s",
+                why,
+                result.error,
+                result.model.describe(),
+            )
+            self._event(f"model: refused a new bundle ({why}): {result.error}")
+            self.publish_heartbeat()
+        return result
+
+    # --- commands -----------------------------------------------------------------------
+
+    def on_command(self, name: str, payload: bytes) -> None:
+        """Parse, carry out and answer one MQTT command (on the link's dispatcher thread)."""
+        try:
+            command = parse_command(name, payload)
+        except CommandError as exc:
+            logger.warning("refused a command: %s", exc)
+            reply = exc.reply()
+        else:
+            logger.info("command %s (request %s)", command.name.value, command.request_id)
+            if self.started.wait(_START_WAIT_S) and not self.stop.is_set():
+                reply = self._carry_out(command)
+            else:
+                reply = command.failed("the station is starting or stopping; try again")
+        if self._link is not None:
+            self._link.publish_command_result(name, reply)
+
+    def _carry_out(self, command: Command) -> CommandReply:
+        actions: Mapping[CommandName, Callable[[Command], CommandReply]] = {
+            CommandName.CAPTURE: self._capture,
+            CommandName.PAUSE: self._pause_or_resume,
+            CommandName.RESUME: self._pause_or_resume,
+            CommandName.RELOAD: self._reload_command,
+            CommandName.STATUS: lambda c: c.reply(self.health(drain_events=False).to_dict()),
+        }
+        return actions[command.name](command)
+
+    def _capture(self, command: Command) -> CommandReply:
+        if self.station.pipeline.paused:
+            return command.failed("the station is paused; send resume first")
+        queued = sum(self.station.trigger.fire() for _ in range(command.count))
+        if queued == 0:
+            return command.failed("too many captures are already waiting; try again later")
+        return command.reply({"requested": command.count, "queued": queued})
+
+    def _pause_or_resume(self, command: Command) -> CommandReply:
+        pause = command.name is CommandName.PAUSE
+        if pause:
+            self.station.pipeline.pause()
+        else:
+            self.station.pipeline.resume()
+        logger.info("%s", "paused: no frames are taken until resume" if pause else "resumed")
+        return command.reply({"paused": pause})
+
+    def _reload_command(self, command: Command) -> CommandReply:
+        result = self.reload("reload command")
+        data = {"model": result.model.ref.to_dict(), "swapped": result.swapped}
+        if result.error is not None:
+            return command.failed(f"kept the old model: {result.error}", data)
+        return command.reply(data)
+
+    # --- health ---------------------------------------------------------------------------
+
+    def _event(self, text: str) -> None:
+        with self._events_lock:
+            self._events.append(_clip(text))
+
+    def _on_file_problem(self, source: str, reason: str) -> None:
+        # The event before the count: a heartbeat that counts it also reports it.
+        self._event(f"camera: skipped {source}: {reason}")
+        self.counters.add("seen")
+        self.counters.add("failed")
+
+    def _on_camera_recovered(self, since: datetime, seconds: float) -> None:
+        self._event(f"camera: back after {seconds:.0f} s down (since {since:%H:%M:%S} UTC)")
+
+    def health(self, *, drain_events: bool = True) -> Heartbeat:
+        """The current health snapshot; ``drain_events`` consumes the recent events
+        (a heartbeat reports each once; a status reply only shows them)."""
+        st = self.station
+        frames = self.counters.snapshot()  # before the events are drained (see above)
+        warnings: list[str] = []
+        try:
+            stats = st.outbox.stats()
+            depth, dropped, age = stats.depth, stats.dropped, stats.oldest_age_s
+        except OutboxError as exc:
+            depth, dropped, age = st.outbox.depth(), st.outbox.dropped(), None
+            warnings.append(_clip(f"outbox: {exc}"))
+        if st.slot.refused is not None:
+            warnings.append(_clip(f"model: the configured bundle is refused: {st.slot.refused}"))
+        stalled = st.pipeline.stalled(self._stall_limit_s)
+        if stalled:
+            warnings.append(_clip(f"pipeline stuck: {', '.join(stalled)}"))
+        if st.archive.errors:
+            warnings.append(f"archive: {st.archive.errors} write error(s) so far")
+        with self._events_lock:
+            warnings.extend(self._events)
+            if drain_events:
+                self._events.clear()
+        # The supervisor knows first whether the camera is down or back.
+        outage = st.supervisor.outage
+        state = st.pipeline.camera_state
+        if state is not CameraState.STOPPED:
+            if outage is not None:
+                state = CameraState.OUTAGE
+            elif state is CameraState.OUTAGE:
+                state = CameraState.OK
+        outage_text = None
+        if outage is not None:
+            outage_text = _clip(
+                f"{outage.error} (down since {outage.since:%Y-%m-%dT%H:%M:%SZ}, "
+                f"{outage.attempts} tries)"
+            )
+        return Heartbeat(
+            time=datetime.now(UTC),
+            uptime_s=round(time.monotonic() - self._started_at, 3),
+            frames=frames,
+            fps=round(self.counters.fps(), 3),
+            outbox_depth=depth,
+            outbox_dropped=dropped,
+            outbox_oldest_age_s=None if age is None else round(age, 3),
+            camera_state=state,
+            camera_outage=outage_text,
+            paused=st.pipeline.paused,
+            disk_free_bytes=disk_free_bytes(self.cfg.device.data_dir),
+            cpu_temperature_c=cpu_temperature_c(),
+            model=st.slot.current().ref,
+            warnings=tuple(warnings[-32:]),
+        )
+
+    def publish_heartbeat(self) -> Heartbeat | None:
+        """Publish a heartbeat now (QoS 0: dropped while disconnected) and update the
+        state file; the snapshot, or None before start-up completed."""
+        if self._station is None:
+            return None
+        beat = self.health()
+        self._station.link.publish_heartbeat(beat)
+        f = beat.frames
+        self.notifier.status(
+            f"{f.seen} frames: {f.accepted} ok, {f.uncertain} uncertain, {f.rejected} rejected, "
+            f"{f.failed} failed; outbox {beat.outbox_depth}; camera {beat.camera_state.value}"
+        )
+        self._write_state("running", beat)
+        return beat
+
+    def _write_state(self, state: str, beat: Heartbeat | None = None) -> None:
+        """Mirror the essentials into the state file, atomically (best effort)."""
+        data: dict[str, Any] = {
+            "state": state,
+            "pid": os.getpid(),
+            "updated_at": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+            "station": self.cfg.device.station,
+            "device": self.cfg.device.id,
+        }
+        if self._station is not None:
+            data["model"] = self._station.slot.current().ref.to_dict()
+            with contextlib.suppress(OutboxError):
+                stats = self._station.outbox.stats()
+                data["outbox"] = {
+                    "depth": stats.depth,
+                    "dropped": stats.dropped,
+                    "next_seq": stats.next_seq,
+                }
+        if beat is not None:
+            data["frames"] = beat.frames.to_dict()
+            data["camera"] = beat.camera_state.value
+            data["paused"] = beat.paused
+        path = self.cfg.device.data_dir / STATE_FILE_NAME
+        temporary = path.with_name(f".{path.name}.tmp")
+        try:
+            temporary.write_text(json.dumps(data, sort_keys=True) + "\n", encoding="utf-8")
+            temporary.replace(path)
+        except OSError as exc:
+            logger.debug("cannot write %s: %s", path, exc)
+
+    # --- stopping -----------------------------------------------------------------------
+
+    def _drain(self, pipeline: Pipeline) -> None:
+        pipeline.wake()
+        if not pipeline.join(_DRAIN_S):
+            logger.warning(
+                "the pipeline did not drain within %.0f s; frames not stored are taken again "
+                "at the next start",
+                _DRAIN_S,
+            )
+
+    def shutdown(self) -> None:
+        """Drain, flush, publish ``stopped``, close — what was started, in reverse.
+
+        Safe to call twice, and after a start-up that failed half way.
+        """
+        if self._shut_down:
+            return
+        self._shut_down = True
+        self.notifier.stopping("draining the pipeline and flushing the outbox")
+        self.stop.set()
+        try:
+            self._teardown.close()
+        finally:
+            self.notifier.close()
+            self._wake_r.close()
+            self._wake_w.close()
+        c = self.counters.snapshot()
+        logger.info(
+            "stopped: %d frames (%d ok, %d uncertain, %d rejected, %d failed)",
+            c.seen,
+            c.accepted,
+            c.uncertain,
+            c.rejected,
+            c.failed,
+        )
+
+
+# --- state file -------------------------------------------------------------------------
+
+
+def read_state_file(data_dir: Path) -> dict[str, Any] | None:
+    """The daemon's last state file in ``data_dir``, or None when there is none."""
+    path = Path(data_dir) / STATE_FILE_NAME
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise FieldscopeError(f"cannot read the daemon's state file {path}: {exc}") from exc
+    return data if isinstance(data, dict) else None
+
+
+# --- logging ----------------------------------------------------------------------------
+
+
+class JournalFormatter(logging.Formatter):
+    """One line per event, as journald keeps it.
+
+    Under systemd (stderr connected to the journal) each line starts with the
+    syslog priority (``<4>`` for a warning), which journald turns into the entry's
+    priority, and carries no time stamp (journald adds its own). Elsewhere, lines
+    carry a UTC time stamp and the level name. A traceback is folded onto the same
+    line (`` | `` between its lines), so one event never becomes many entries.
+    """
+
+    _PRIORITIES: Mapping[int, int] = {
+        logging.DEBUG: 7,
+        logging.INFO: 6,
+        logging.WARNING: 4,
+        logging.ERROR: 3,
+        logging.CRITICAL: 2,
+    }
+
+    def __init__(self, journal: bool) -> None:
+        super().__init__()
+        self.journal = journal
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.exc_info:
+            message += " | " + self.formatException(record.exc_info)
+        message = " | ".join(line for line in message.splitlines() if line.strip())
+        if self.journal:
+            priority = self._PRIORITIES.get(record.levelno, 6)
+            return f"<{priority}>{record.name}: {message}"
+        when = datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3]
+        return f"{when}Z {record.levelname} {record.name}: {message}"
+
+
+def _stderr_is_journal(stream: TextIO) -> bool:
+    """True when ``stream`` is the journal stream systemd named in ``JOURNAL_STREAM``."""
+    expected = os.environ.get("JOURNAL_STREAM")
+    if not expected:
+        return False
+    try:
+        st = os.fstat(stream.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return expected == f"{st.st_dev}:{st.st_ino}"
+
+
+def configure_logging(level: str, stream: TextIO | None = None) -> None:
+    """Send every log record at ``level`` and above to ``stream`` (stderr), one line
+    each, replacing handlers installed earlier (the CLI's default)."""
+    out = sys.stderr if stream is None else stream
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(JournalFormatter(_stderr_is_journal(out)))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+
+
+if __name__ == "__main__":
+    from fieldscope.edge.daemon_cli import main
+
+    sys.exit(main())

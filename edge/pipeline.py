@@ -1,0 +1,474 @@
+"""The frame pipeline: four threads joined by bounded queues.
+
+::
+
+    capture ──q1──▶ prepare ──q2──▶ classify ──q3──▶ store
+    (camera,         (quality gate,  (inference)      (archive, message,
+     trigger,         preprocess)                      outbox commit, done)
+     image hash)
+
+Each stage runs on its own thread, so while one frame is being classified the next
+is denoised and the one after it decoded: on a multi-core Pi the stages overlap
+instead of adding up (OpenCV, numpy, the TFLite interpreter and SQLite release the
+GIL while they work). The queues are small (a frame is megabytes): a slow stage
+makes the ones before it wait, it never piles frames up in memory.
+
+Rules the stages keep:
+
+* one stop event for the daemon; the capture thread stops taking frames when it is
+  set, and an end marker then flows down the queues, so every frame already taken
+  is finished and stored before the threads exit (the *drain* of a clean stop);
+* no polling sleeps: stages block in ``queue.get(timeout=...)``, the trigger, or the
+  camera, and the timeouts only bound how late an abort is noticed;
+* a frame uses the model it got in ``prepare`` for its inference as well, so a model
+  swap falls between two frames (``fieldscope.edge.model_slot``);
+* the identification is committed to the outbox (which allocates ``seq``) before
+  ``frame.done()`` is called, so a file is never marked handled without its message
+  on disk, and a frame whose source key is already in the outbox (stored just before
+  a crash) is marked handled instead of being identified a second time;
+* one bad frame never stops the pipeline: its exception is logged, counted as
+  ``failed``, and the stage goes on with the next frame;
+* each stage reports progress (:meth:`Pipeline.stalled`): busy on one frame for too
+  long means stuck, and the daemon then stops feeding systemd's watchdog. Waiting —
+  for a trigger, a frame, or a queue — is idle, not stuck.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+
+from fieldscope.edge.archive import ImageArchive
+from fieldscope.edge.capture import CameraSupervisor, Frame, Trigger
+from fieldscope.edge.classify import Prediction
+from fieldscope.edge.config import QualityConfig
+from fieldscope.edge.health import CameraState, FrameCounts
+from fieldscope.edge.message import ImageRef, Timings, build_identification, build_rejection
+from fieldscope.edge.model_slot import LoadedModel, ModelSlot
+from fieldscope.edge.outbox import Outbox, OutboxError
+from fieldscope.edge.preprocess import preprocess
+from fieldscope.edge.quality import QualityResult, assess
+from fieldscope.edge.topics import TOPIC_SPECS, TopicKind, Topics
+
+__all__ = ["STAGES", "FrameCounters", "Pipeline"]
+
+logger = logging.getLogger(__name__)
+
+STAGES: tuple[str, ...] = ("capture", "prepare", "classify", "store")
+# How long a blocked get/put/read waits before looking at the abort flag again.
+_TICK_S = 0.25
+# How long the camera may block in one read before the capture loop looks around.
+_READ_TIMEOUT_S = 0.5
+# Frames per second are measured over this window.
+_FPS_WINDOW_S = 30.0
+
+
+class _End:
+    """The end marker that flows down the queues when the pipeline drains."""
+
+
+_END: Final = _End()
+# What a frame's image is replaced by once preprocessing is done (frees megabytes).
+_NO_IMAGE: Final = np.zeros((0, 0, 3), dtype=np.uint8)
+
+
+class FrameCounters:
+    """Thread-safe frame counts and the recent capture rate, for health messages."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._counts = {"seen": 0, "accepted": 0, "uncertain": 0, "rejected": 0, "failed": 0}
+        self._recent: deque[float] = deque(maxlen=1024)
+
+    def add(self, kind: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[kind] += n
+            if kind == "seen":
+                self._recent.append(self._clock())
+
+    def stored_one(self, status: str) -> None:
+        """A message is committed: count it by its status."""
+        kind = {"ok": "accepted", "uncertain": "uncertain", "rejected": "rejected"}[status]
+        with self._lock:
+            self._counts[kind] += 1
+
+    def snapshot(self) -> FrameCounts:
+        with self._lock:
+            return FrameCounts(**self._counts)
+
+    def fps(self) -> float:
+        """Frames captured per second over the last half minute."""
+        now = self._clock()
+        with self._lock:
+            times = [t for t in self._recent if now - t <= _FPS_WINDOW_S]
+        if len(times) < 2:
+            return 0.0
+        return (len(times) - 1) / max(now - times[0], 1e-3)
+
+
+class _Beat:
+    """When a stage last started work; None while it waits (idle is healthy)."""
+
+    def __init__(self) -> None:
+        self.busy_since: float | None = None
+
+    def busy(self) -> None:
+        self.busy_since = time.monotonic()
+
+    def idle(self) -> None:
+        self.busy_since = None
+
+
+@dataclass
+class _Captured:
+    """A frame taken from the camera, on its way to ``prepare``."""
+
+    source: str
+    key: str | None
+    done: Callable[[], None] | None
+    captured_at: datetime
+    digest: str
+    width: int
+    height: int
+    started: float  # monotonic time the camera read began
+    capture_ms: float
+    image: npt.NDArray[np.uint8]
+    frame: Frame | None  # kept only when the archive may want it
+
+
+@dataclass
+class _Prepared:
+    """A gated (and, if accepted, preprocessed) frame with the model it will use."""
+
+    captured: _Captured
+    model: LoadedModel
+    quality: QualityResult
+    quality_ms: float
+    preprocess_ms: float
+    tensor: npt.NDArray[np.uint8] | None  # None: rejected by the quality gate
+    prediction: Prediction | None = None
+    inference_ms: float = 0.0
+
+    @property
+    def source(self) -> str:
+        return self.captured.source
+
+
+class Pipeline:
+    """Capture, gate, preprocess, classify and store frames until the stop event.
+
+    ``on_event(text)`` hears about things worth a health warning (a message that
+    could not be stored, a frame that failed); it must not block.
+    """
+
+    def __init__(
+        self,
+        *,
+        camera: CameraSupervisor,
+        trigger: Trigger,
+        slot: ModelSlot,
+        outbox: Outbox,
+        archive: ImageArchive,
+        quality: QualityConfig,
+        topics: Topics,
+        stop: threading.Event,
+        counters: FrameCounters,
+        on_event: Callable[[str], None] | None = None,
+        queue_sizes: tuple[int, int, int] = (1, 2, 4),
+    ) -> None:
+        self._camera = camera
+        self._trigger = trigger
+        self._slot = slot
+        self._outbox = outbox
+        self._archive = archive
+        self._quality = quality
+        self._topics = topics
+        self._topic = topics.identification
+        self._qos = TOPIC_SPECS[TopicKind.IDENTIFICATION].qos
+        self._stop = stop
+        self.counters = counters
+        self._on_event = on_event or (lambda _text: None)
+        self._queues: list[queue.Queue[Any]] = [queue.Queue(n) for n in queue_sizes]
+        self._beats = {name: _Beat() for name in STAGES}
+        self._abort = threading.Event()
+        self._unpaused = threading.Condition()
+        self._paused = False
+        self._camera_state = CameraState.STARTING
+        self._threads: list[threading.Thread] = []
+
+    # --- control ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        targets: tuple[Callable[[], None], ...] = (
+            self._capture_loop,
+            lambda: self._stage("prepare", self._queues[0], self._queues[1], self._prepare),
+            lambda: self._stage("classify", self._queues[1], self._queues[2], self._classify),
+            lambda: self._stage("store", self._queues[2], None, self._store),
+        )
+        for name, target in zip(STAGES, targets, strict=True):
+            thread = threading.Thread(target=target, name=f"fieldscope-{name}", daemon=True)
+            self._threads.append(thread)
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def paused(self) -> bool:
+        with self._unpaused:
+            return self._paused
+
+    def pause(self) -> None:
+        """Stop taking frames (frames already taken are finished); heartbeats go on."""
+        with self._unpaused:
+            self._paused = True
+
+    def resume(self) -> None:
+        with self._unpaused:
+            self._paused = False
+            self._unpaused.notify_all()
+
+    def wake(self) -> None:
+        """Make waiting stages look at the stop event now (call after setting it)."""
+        self._trigger.wake()
+        with self._unpaused:
+            self._unpaused.notify_all()
+
+    def join(self, timeout: float) -> bool:
+        """Wait for the drain after the stop event; True when every frame taken was
+        finished. On timeout the stages are told to abandon what they hold (a file
+        not stored is offered again at the next start)."""
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        drained = not any(t.is_alive() for t in self._threads)
+        if not drained:
+            self._abort.set()
+            for thread in self._threads:
+                thread.join(2 * _TICK_S)
+        self._camera_state = CameraState.STOPPED
+        return drained
+
+    @property
+    def camera_state(self) -> CameraState:
+        return self._camera_state
+
+    def stalled(self, limit_s: float) -> list[str]:
+        """Stages that died, or have been busy on one frame for more than ``limit_s``."""
+        now = time.monotonic()
+        out: list[str] = []
+        if not self._threads:
+            return out  # not started
+        for name, thread in zip(STAGES, self._threads, strict=True):
+            since = self._beats[name].busy_since
+            if not thread.is_alive() and not self._stop.is_set():
+                out.append(f"{name} (thread ended)")
+            elif since is not None and now - since > limit_s:
+                out.append(f"{name} (busy for {now - since:.0f} s)")
+        return out
+
+    # --- the stages ---------------------------------------------------------------------
+
+    def _wait_while_paused(self) -> None:
+        with self._unpaused:
+            while self._paused and not self._stop.is_set():
+                self._unpaused.wait(_TICK_S * 4)
+
+    def _capture_loop(self) -> None:
+        beat = self._beats["capture"]
+        try:
+            while not self._stop.is_set() and not self._abort.is_set():
+                beat.idle()
+                self._wait_while_paused()
+                if not self._trigger.wait(self._stop):
+                    break
+                if self.paused:
+                    continue  # paused while waiting: the frame is not taken
+                # A read is bounded (a timeout, a frame period, a stream's 10 s): one
+                # that hangs past the stall limit is a stuck driver, not waiting.
+                beat.busy()
+                started = time.monotonic()
+                frame = self._camera.read(_READ_TIMEOUT_S)
+                self._camera_state = (
+                    CameraState.OK if self._camera.outage is None else CameraState.OUTAGE
+                )
+                if frame is None:
+                    continue
+                try:
+                    work = self._captured(frame, started)
+                except Exception:
+                    logger.exception("cannot take the frame from %s; skipping it", frame.source)
+                    self.counters.add("failed")
+                    continue
+                if work is not None:
+                    self._put(self._queues[0], work, beat)
+        finally:
+            beat.idle()
+            self._put(self._queues[0], _END, beat)
+
+    def _captured(self, frame: Frame, started: float) -> _Captured | None:
+        capture_ms = (time.monotonic() - started) * 1000.0
+        if frame.key is not None:
+            try:
+                seq = self._outbox.source_seq(frame.key)
+            except OutboxError as exc:
+                logger.warning("cannot look up %s in the outbox: %s", frame.source, exc)
+                seq = None
+            if seq is not None:
+                # Stored just before a crash, not yet marked handled: finish that now.
+                logger.info(
+                    "%s was already identified (seq %d) before a restart; marking it handled",
+                    frame.source,
+                    seq,
+                )
+                if frame.done is not None:
+                    frame.done()
+                return None
+        self.counters.add("seen")
+        height, width = frame.image.shape[:2]
+        return _Captured(
+            source=frame.source,
+            key=frame.key,
+            done=frame.done,
+            captured_at=frame.captured_at,
+            digest=frame.digest(),
+            width=int(width),
+            height=int(height),
+            started=started,
+            capture_ms=capture_ms,
+            image=frame.image,
+            frame=frame if self._archive.mode != "none" else None,
+        )
+
+    def _put(self, q: queue.Queue[Any], item: object, beat: _Beat) -> bool:
+        """Hand ``item`` on, waiting (idle) while the next stage is busy."""
+        beat.idle()
+        while True:
+            try:
+                q.put(item, timeout=_TICK_S)
+                return True
+            except queue.Full:
+                if self._abort.is_set():
+                    return False
+
+    def _stage(
+        self,
+        name: str,
+        inbox: queue.Queue[Any],
+        outbox: queue.Queue[Any] | None,
+        work: Callable[[Any], Any],
+    ) -> None:
+        beat = self._beats[name]
+        while True:
+            beat.idle()
+            try:
+                item = inbox.get(timeout=_TICK_S)
+            except queue.Empty:
+                if self._abort.is_set():
+                    return
+                continue
+            if item is _END:
+                if outbox is not None:
+                    self._put(outbox, _END, beat)
+                return
+            beat.busy()
+            try:
+                result = work(item)
+            except Exception as exc:
+                logger.exception("%s failed on %s; skipping the frame", name, item.source)
+                self.counters.add("failed")
+                self._on_event(f"{name} failed on {item.source}: {exc}")
+                continue
+            if result is not None and outbox is not None and not self._put(outbox, result, beat):
+                return
+
+    def _prepare(self, captured: _Captured) -> _Prepared:
+        model = self._slot.current()  # this frame's model, for its inference as well
+        t0 = time.perf_counter()
+        quality = assess(captured.image, self._quality)
+        t1 = time.perf_counter()
+        tensor = preprocess(captured.image, model.recipe) if quality.ok else None
+        t2 = time.perf_counter()
+        captured.image = _NO_IMAGE  # the full frame is not needed any more
+        return _Prepared(captured, model, quality, (t1 - t0) * 1000.0, (t2 - t1) * 1000.0, tensor)
+
+    def _classify(self, work: _Prepared) -> _Prepared:
+        if work.tensor is not None:
+            t0 = time.perf_counter()
+            work.prediction = work.model.classifier.classify(work.tensor)
+            work.inference_ms = (time.perf_counter() - t0) * 1000.0
+            work.tensor = None
+        return work
+
+    def _store(self, work: _Prepared) -> None:
+        captured, prediction, gate = work.captured, work.prediction, work.quality
+        status = "rejected" if prediction is None else prediction.status
+        archived: Path | None = None
+        if captured.frame is not None and self._archive.wants(status):
+            hint = prediction.label if prediction is not None else None
+            archived = self._archive.store(captured.frame, status, hint or status)
+        image = ImageRef(
+            captured.digest,
+            captured.width,
+            captured.height,
+            None if archived is None else str(archived),
+        )
+        model = work.model.ref
+        timings = Timings(
+            capture=captured.capture_ms,
+            quality=work.quality_ms,
+            preprocess=work.preprocess_ms,
+            inference=work.inference_ms,
+            total=(time.monotonic() - captured.started) * 1000.0,
+        )
+        device, station = self._topics.device, self._topics.station
+        quality = gate.to_message()
+
+        def payload(seq: int) -> bytes:
+            if prediction is None:
+                message = build_rejection(
+                    device=device,
+                    station=station,
+                    seq=seq,
+                    captured_at=captured.captured_at,
+                    reason=gate.reason or "rejected by the quality gate",
+                    model=model,
+                    image=image,
+                    timings=timings,
+                    quality=quality,
+                )
+            else:
+                message = build_identification(
+                    device=device,
+                    station=station,
+                    seq=seq,
+                    captured_at=captured.captured_at,
+                    prediction=prediction,
+                    model=model,
+                    image=image,
+                    timings=timings,
+                    quality=quality,
+                )
+            return message.to_json()
+
+        try:
+            entry = self._outbox.add(self._topic, payload, self._qos, source_key=captured.key)
+        except OutboxError as exc:
+            # Not stored, so not marked handled: a file is offered again after a restart.
+            logger.error("the identification of %s was not stored: %s", captured.source, exc)
+            self._on_event(f"outbox: {exc}")
+            return
+        self.counters.stored_one(status)
+        logger.debug("stored %s as seq %d (%s)", captured.source, entry.seq, status)
+        if captured.done is not None:
+            captured.done()
