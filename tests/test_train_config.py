@@ -1,0 +1,208 @@
+"""The training config: TOML + flags resolve to one typed tree, and mistakes name the key.
+
+None of these tests imports TensorFlow: config errors must reach the user before the
+training stack is even loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from fieldscope.cli.main import main
+from fieldscope.edge.errors import ConfigError
+from fieldscope.train.config import (
+    TrainConfig,
+    add_config_arguments,
+    config_keys,
+    overrides_from_args,
+    resolve_config,
+)
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "train" / "examples" / "train.toml"
+
+
+def _parse(argv: list[str]) -> TrainConfig:
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    return resolve_config(None, overrides_from_args(parser.parse_args(argv)))
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "train.toml"
+    path.write_text(text)
+    return path
+
+
+def test_example_config_documents_exactly_the_defaults() -> None:
+    assert resolve_config(EXAMPLE) == TrainConfig()
+    text = EXAMPLE.read_text()
+    for key in config_keys():
+        leaf = key.dotted.split(".")[-1]
+        assert f"{leaf} =" in text or f"[{key.dotted}]" in text, f"{key.dotted} not in example"
+
+
+# A non-default value for every key, as the user would type it on the command line.
+FLAG_VALUES: dict[str, tuple[str, object]] = {
+    "backbone": ("resnet50", "resnet50"),
+    "alpha": ("0.5", 0.5),
+    "weights": ("none", "none"),
+    "image_size": ("128", 128),
+    "seed": ("7", 7),
+    "split": ("60:20:20", (0.6, 0.2, 0.2)),
+    "folds": ("3", 3),
+    "batch_size": ("8", 8),
+    "epochs": ("4", 4),
+    "learning_rate": ("0.01", 0.01),
+    "fine_tune_epochs": ("0", 0),
+    "fine_tune_learning_rate": ("3e-6", 3e-6),
+    "fine_tune_layers": ("12", 12),
+    "dropout": ("0.5", 0.5),
+    "patience": ("0", 0),
+    "class_weight": ("none", "none"),
+    "target_precision": ("0.9", 0.9),
+    "run_eagerly": ("", True),
+    "cache_dir": ("/tmp/fs-cache", "/tmp/fs-cache"),
+    "preprocess.denoise": ("median", "median"),
+    "preprocess.denoise_params": ("ksize=3", {"ksize": 3}),
+    "preprocess.resize": ("center-crop", "center-crop"),
+    "preprocess.fill": ("255,255,255", (255, 255, 255)),
+    "augment.flip": ("", False),
+    "augment.rotate90": ("", False),
+    "augment.rotation": ("0.25", 0.25),
+    "augment.zoom": ("0", 0.0),
+    "augment.contrast": ("0.3", 0.3),
+    "augment.brightness": ("0", 0.0),
+}
+
+
+def _get(config: TrainConfig, dotted: str) -> object:
+    value: object = config
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def test_every_config_key_has_a_flag_that_overrides_it() -> None:
+    keys = list(config_keys())
+    assert {k.dotted for k in keys} == set(FLAG_VALUES), "update FLAG_VALUES with the new key"
+    for key in keys:
+        text, expected = FLAG_VALUES[key.dotted]
+        if key.kind == "bool":
+            argv = [key.flag if expected else "--no-" + key.flag.removeprefix("--")]
+        else:
+            argv = [key.flag, text]
+        if key.dotted == "preprocess.denoise_params":
+            argv = ["--denoise", "median", *argv]
+        config = _parse(argv)
+        assert _get(config, key.dotted) == expected, key.dotted
+        assert _get(TrainConfig(), key.dotted) != expected, f"{key.dotted}: pick a non-default"
+
+
+def test_flags_override_the_file_which_overrides_defaults(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        'backbone = "efficientnet_b0"\nepochs = 3\n[preprocess]\ndenoise = "bilateral"\n'
+        "[preprocess.denoise_params]\ndiameter = 5\n[augment]\nzoom = 0.2\n",
+    )
+    config = resolve_config(path, {"epochs": 5, "preprocess.denoise_params": {"sigma_color": 30}})
+    assert config.backbone == "efficientnet_b0"
+    assert config.epochs == 5
+    assert config.augment.zoom == 0.2
+    assert config.batch_size == TrainConfig().batch_size
+    recipe = config.recipe()
+    assert recipe.denoise == "bilateral"
+    # Parameters merge: the file's diameter stays, the flag adds sigma_color.
+    assert recipe.denoise_params["diameter"] == 5
+    assert recipe.denoise_params["sigma_color"] == 30
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("epoch = 3\n", "unknown key 'epoch'"),
+        ("[augment]\nzom = 0.1\n", "unknown key 'augment.zom'"),
+        ("[preprocess]\nsize = [96, 96]\nresize = 'stretch'\n", "preprocess.size"),
+        ("epochs = 'ten'\n", "epochs must be an integer"),
+        ("[augment]\nflip = 1\n", "augment.flip must be true or false"),
+        ("split = [0.7, 0.3]\n", "split must be three ratios"),
+        ("batch_size = 0\n", "batch_size must be > 0"),
+        ("[preprocess]\ndenoise = 'wavelet'\n", "denoise"),
+        ("[preprocess.denoise_params]\nksize = 3\n", "ksize"),
+        ("backbone = 'resnet50'\nalpha = 0.5\n", "alpha applies only to"),
+        ("alpha = 0.6\n", "ImageNet weights for mobilenet_v2 exist only for alpha"),
+        ("epochs = 3\nepochs = 4\n", "not valid TOML"),
+    ],
+)
+def test_config_mistakes_name_the_key(tmp_path: Path, text: str, needle: str) -> None:
+    with pytest.raises(ConfigError, match=None) as info:
+        resolve_config(_write(tmp_path, text))
+    assert needle in str(info.value)
+
+
+def test_saved_config_round_trips_with_its_recipe() -> None:
+    config = _parse(["--denoise", "bilateral", "--image-size", "96", "--fill", "0,0,0"])
+    data = json.loads(json.dumps(config.to_dict()))
+    assert data["preprocess"] == config.recipe().to_dict()
+    assert data["preprocess"]["size"] == [96, 96]
+    assert TrainConfig.from_dict(data) == config
+
+
+def _run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+def test_unknown_backbone_is_one_line_listing_the_known_ones(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, err = _run_cli(
+        ["train", str(tmp_path), "--out", str(tmp_path / "run"), "--backbone", "vgg16"], capsys
+    )
+    assert code == 2
+    assert err.count("\n") == 1
+    assert "unknown backbone 'vgg16'" in err
+    for name in ("mobilenet_v2", "mobilenet_v3_small", "efficientnet_v2_b0", "resnet101"):
+        assert name in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_weights_file_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "backbone.weights.h5"
+    code, err = _run_cli(
+        ["train", str(tmp_path), "--out", str(tmp_path / "run"), "--weights", str(missing)], capsys
+    )
+    assert code == 2
+    assert err.count("\n") == 1
+    assert f"weights file {missing} does not exist" in err
+
+
+def test_unknown_toml_key_through_the_cli(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _write(tmp_path, "[augment]\nshear = 0.1\n")
+    code, err = _run_cli(
+        ["train", str(tmp_path), "--out", str(tmp_path / "run"), "--config", str(path)], capsys
+    )
+    assert code == 2
+    assert "unknown key 'augment.shear'" in err
+    assert err.count("\n") == 1
+
+
+def test_resume_refuses_overrides(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = _run_cli(["train", "--resume", str(tmp_path), "--epochs", "3"], capsys)
+    assert code == 2
+    assert "--epochs" in err
+
+
+def test_train_without_out_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, err = _run_cli(["train", str(tmp_path)], capsys)
+    assert code == 2
+    assert "--out RUN_DIR" in err

@@ -1,0 +1,200 @@
+"""``fieldscope train`` and ``fieldscope evaluate``.
+
+The parser is built from the config tree (one flag per key) without importing
+TensorFlow or OpenCV; handlers import the training stack only when they run, and a
+missing one becomes a one-line hint to install ``fieldscope[train]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, TextIO
+
+from fieldscope.edge.errors import ConfigError, MissingDependencyError
+from fieldscope.train.config import (
+    add_config_arguments,
+    config_keys,
+    overrides_from_args,
+    resolve_config,
+)
+
+__all__ = ["register"]
+
+_TRAIN_MODULES = ("tensorflow", "keras", "sklearn", "matplotlib", "cv2", "numpy")
+
+
+def register(subparsers: Any) -> None:
+    """Add ``train`` and ``evaluate`` to the ``fieldscope`` parser."""
+    p = subparsers.add_parser(
+        "train",
+        help="train a classifier from image folders (transfer learning, two stages)",
+        description="Train a species classifier by transfer learning from DATA_DIR (one "
+        "folder per class, or train/ val/ test/ each with class folders) into RUN_DIR: "
+        "model, labels, resolved config, data split, metrics, decision threshold, plots. "
+        "Every key of the --config TOML file can also be given as a flag below.",
+    )
+    p.add_argument("data_dir", type=Path, nargs="?", metavar="DATA_DIR")
+    p.add_argument("--out", type=Path, metavar="RUN_DIR", help="new folder for the run")
+    p.add_argument("--config", type=Path, metavar="TOML", help="training config file")
+    p.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="continue an interrupted run (with its saved config and data split)",
+    )
+    add_config_arguments(p)
+    p.set_defaults(handler=_train)
+
+    e = subparsers.add_parser(
+        "evaluate",
+        help="re-evaluate a training run on its test split or on another folder",
+        description="Score RUN_DIR's model on its own test split, or on DATA_DIR (class "
+        "folders), with the run's preprocessing and threshold, and rewrite its report.",
+    )
+    e.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    e.add_argument("data_dir", type=Path, nargs="?", metavar="DATA_DIR")
+    e.add_argument(
+        "--split",
+        metavar="NAME",
+        help="name of this evaluation in the report (default: test without DATA_DIR, "
+        "eval with one; 'test' replaces the run's test figures)",
+    )
+    e.set_defaults(handler=_evaluate)
+
+
+def _require_training_stack() -> None:
+    """Import-check the training dependencies before any work, quietening TF's C++ logs."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import importlib
+
+    for name in _TRAIN_MODULES:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            raise MissingDependencyError(
+                f"training needs {exc.name}, which is not installed; install the training "
+                "extra: pip install 'fieldscope[train]'"
+            ) from exc
+
+
+def _train(args: argparse.Namespace) -> int:
+    overrides = overrides_from_args(args)
+    if args.resume is not None:
+        flags = {key.dotted: key.flag for key in config_keys()}
+        named = (("DATA_DIR", args.data_dir), ("--out", args.out), ("--config", args.config))
+        given = [name for name, value in named if value is not None]
+        given += [flags[dotted] for dotted in overrides]
+        if given:
+            raise ConfigError(
+                f"--resume continues with the run's saved config and data; drop {', '.join(given)}"
+            )
+        _require_training_stack()
+        from fieldscope.train.pipeline import resume_run
+
+        with _resume_hint(args.resume):
+            summary, worked = resume_run(
+                args.resume, reporter=_TerminalReporter(), on_progress=_preprocess_progress
+            )
+        if not worked:
+            print(f"{args.resume} is already complete; nothing to resume")
+    else:
+        if args.data_dir is None or args.out is None:
+            raise ConfigError("give DATA_DIR and --out RUN_DIR (or --resume RUN_DIR)")
+        config = resolve_config(args.config, overrides)
+        _require_training_stack()
+        from fieldscope.train.pipeline import train_run
+
+        with _resume_hint(args.out):
+            summary = train_run(
+                args.data_dir,
+                args.out,
+                config,
+                reporter=_TerminalReporter(),
+                on_progress=_preprocess_progress,
+            )
+    for line in summary.lines():
+        print(line)
+    return 0
+
+
+@contextlib.contextmanager
+def _resume_hint(run_dir: Path) -> Iterator[None]:
+    """On Ctrl-C, say how to continue: every finished epoch is saved in the run."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if (run_dir / "run.json").exists():
+            print(f"\ncontinue with: fieldscope train --resume {run_dir}", file=sys.stderr)
+        raise
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    _require_training_stack()
+    from fieldscope.train.evaluate import evaluate_run
+
+    result = evaluate_run(
+        args.run_dir, args.data_dir, split=args.split, on_progress=_preprocess_progress
+    )
+    for line in result.lines():
+        print(line)
+    return 0
+
+
+def _preprocess_progress(done: int, total: int) -> None:
+    stream = sys.stderr
+    if stream.isatty():
+        end = "\n" if done == total else ""
+        print(f"\r  preprocessing images {done}/{total}", end=end, file=stream, flush=True)
+    elif done == total:
+        print(f"  preprocessed {total} images", file=stream, flush=True)
+
+
+class _TerminalReporter:
+    """A progress bar per epoch (on a terminal), one line per epoch and per stage."""
+
+    WIDTH = 24
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+
+    def _write(self, text: str, *, end: str = "\n") -> None:
+        print(text, end=end, file=self.stream, flush=True)
+
+    def stage_begin(self, stage: int, name: str, epochs: int, first_epoch: int) -> None:
+        resumed = f", resuming after epoch {first_epoch}" if first_epoch else ""
+        self._write(f"stage {stage} ({name}): up to {epochs} epochs{resumed}")
+
+    def batch_end(
+        self, stage: int, epoch: int, step: int, steps: int, logs: Mapping[str, float]
+    ) -> None:
+        if not self.tty:
+            return
+        filled = round(self.WIDTH * step / max(steps, 1))
+        bar = "#" * filled + "." * (self.WIDTH - filled)
+        self._write(f"\r  epoch {epoch} [{bar}] {step}/{steps} {_metrics(logs)}", end="")
+
+    def epoch_end(
+        self, stage: int, epoch: int, epochs: int, logs: Mapping[str, float], improved: bool
+    ) -> None:
+        clear = "\r\033[K" if self.tty else ""
+        mark = "  (best so far)" if improved else ""
+        self._write(f"{clear}  epoch {epoch}/{epochs} {_metrics(logs)}{mark}")
+
+    def stage_end(self, result: Any) -> None:
+        self._write(result.line())
+
+
+def _metrics(logs: Mapping[str, float]) -> str:
+    names = (
+        ("loss", "loss"),
+        ("accuracy", "acc"),
+        ("val_loss", "val_loss"),
+        ("val_accuracy", "val_acc"),
+    )
+    return " ".join(f"{short} {logs[key]:.4f}" for key, short in names if key in logs)
