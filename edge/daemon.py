@@ -450,6 +450,9 @@ class Daemon:
                 result.model.describe(),
             )
             self.station.link.publish_model(self._model_json)
+            # `fieldscope edge status` (and a rollout's health check) read the state file:
+            # refresh it now rather than at the next heartbeat, up to a minute later.
+            self.publish_heartbeat()
         else:
             logger.error(
                 "refused the new bundle (%s): %s; still serving %s",
