@@ -204,19 +204,26 @@ def _fmt_age(value: datetime | None, now: datetime) -> str:
     return f"{seconds / 86400:.0f} days ago"
 
 
-def _data_url(rgb: Any, side: int) -> str:
-    """A downscaled PNG of an RGB image as a ``data:`` URL (no file, no second request)."""
+def _shrink(rgb: Any, side: int) -> Any:
+    """The image scaled down (never up) so its longer side is at most ``side`` pixels."""
     import cv2
 
     height, width = rgb.shape[:2]
     scale = min(1.0, side / max(height, width))
-    if scale < 1.0:
-        rgb = cv2.resize(
-            rgb,
-            (max(1, round(width * scale)), max(1, round(height * scale))),
-            interpolation=cv2.INTER_AREA,
-        )
-    ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if scale >= 1.0:
+        return rgb
+    return cv2.resize(
+        rgb,
+        (max(1, round(width * scale)), max(1, round(height * scale))),
+        interpolation=cv2.INTER_AREA,
+    )
+
+
+def _data_url(rgb: Any, side: int) -> str:
+    """A downscaled PNG of an RGB image as a ``data:`` URL (no file, no second request)."""
+    import cv2
+
+    ok, encoded = cv2.imencode(".png", cv2.cvtColor(_shrink(rgb, side), cv2.COLOR_RGB2BGR))
     if not ok:
         return ""
     return "data:image/png;base64," + base64.b64encode(encoded.tobytes()).decode("ascii")
@@ -661,15 +668,7 @@ class Dashboard:
             rgb = load_image(path)
         except FieldscopeError as exc:
             return self.error_page(HTTPStatus.NOT_FOUND, str(exc))
-        height, width = rgb.shape[:2]
-        scale = min(1.0, THUMB_SIDE / max(height, width))
-        small: Any = rgb
-        if scale < 1.0:
-            small = cv2.resize(
-                rgb,
-                (max(1, round(width * scale)), max(1, round(height * scale))),
-                interpolation=cv2.INTER_AREA,
-            )
+        small = _shrink(rgb, THUMB_SIDE)
         ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(small, cv2.COLOR_RGB2BGR))
         if not ok:
             return self.error_page(HTTPStatus.INTERNAL_SERVER_ERROR, "Cannot encode the thumbnail.")
