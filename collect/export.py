@@ -35,7 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any, TextIO
 
-from fieldscope.collect.store import Filters, IdentificationRow, Store
+from fieldscope.collect.store import RECORD_COLUMNS, Filters, IdentificationRow, Store
 from fieldscope.edge.errors import FieldscopeError, MissingDependencyError
 
 __all__ = [
@@ -54,33 +54,7 @@ logger = logging.getLogger(__name__)
 
 FORMATS: tuple[str, ...] = ("csv", "parquet", "darwin-core", "ecotaxa")
 
-CSV_COLUMNS: tuple[str, ...] = (
-    "device",
-    "station",
-    "seq",
-    "captured_at",
-    "received_at",
-    "status",
-    "label",
-    "score",
-    "top_k",
-    "model_name",
-    "model_version",
-    "model_sha256",
-    "image_sha256",
-    "image_width",
-    "image_height",
-    "archived_path",
-    "quality_sharpness",
-    "quality_exposure",
-    "reason",
-    "capture_ms",
-    "quality_ms",
-    "preprocess_ms",
-    "inference_ms",
-    "total_ms",
-    "message_version",
-)
+CSV_COLUMNS: tuple[str, ...] = RECORD_COLUMNS
 _INT_COLUMNS = frozenset({"seq", "image_width", "image_height", "message_version"})
 _FLOAT_COLUMNS = frozenset(
     {

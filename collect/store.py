@@ -72,7 +72,8 @@ BUSY_TIMEOUT_S = 30.0
 # Keys per query when looking for conflicting duplicates (2 parameters each).
 _CONFLICT_CHUNK = 400
 
-_IDENT_COLUMNS = (
+# One identification as stored and as exported (export.CSV_COLUMNS is this tuple).
+RECORD_COLUMNS: tuple[str, ...] = (
     "device",
     "station",
     "seq",
@@ -98,12 +99,10 @@ _IDENT_COLUMNS = (
     "inference_ms",
     "total_ms",
     "message_version",
-    "topic",
-    "payload",
-    "payload_sha256",
 )
+_IDENT_COLUMNS = (*RECORD_COLUMNS, "topic", "payload", "payload_sha256")
 # What a listing reads back (the payload stays in the database).
-_ROW_COLUMNS = ("id", *_IDENT_COLUMNS[:-2])
+_ROW_COLUMNS = ("id", *RECORD_COLUMNS, "topic")
 
 _SQLITE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS fieldscope_schema (version INTEGER NOT NULL);
