@@ -879,6 +879,7 @@ class CameraSupervisor:
         self._open = False
         self._retry_at = -float("inf")
         self._outage: Outage | None = None
+        self._outage_started = 0.0  # on ``clock``: a wall-clock jump must not skew it
 
     @property
     def outage(self) -> Outage | None:
@@ -922,6 +923,7 @@ class CameraSupervisor:
         with self._lock:
             if self._outage is None:
                 self._outage = Outage(error, _utc_now(), 1)
+                self._outage_started = self._clock()
             else:
                 self._outage = Outage(error, self._outage.since, self._outage.attempts + 1)
             outage = self._outage
@@ -942,7 +944,7 @@ class CameraSupervisor:
         with self._lock:
             outage, self._outage = self._outage, None
         self._backoff.reset()
-        seconds = (_utc_now() - outage.since).total_seconds()
+        seconds = self._clock() - self._outage_started
         logger.warning("camera %s is back after %.1f s", self.camera.name, seconds)
         if self._on_recovered is not None:
             self._on_recovered(outage.since, seconds)

@@ -92,7 +92,14 @@ class CommandError(FieldscopeError):
     def reply(self) -> CommandReply:
         """The error reply for the sender (``ok`` false, ``error`` this message)."""
         name = self.command
-        if not isinstance(name, str) or segment_problem(name) is not None or len(name) > 200:
+        # The reply names the command only if it is a usable name: a topic level (which
+        # may be blank, e.g. " ") is not always one.
+        if (
+            not isinstance(name, str)
+            or segment_problem(name) is not None
+            or not name.strip()
+            or len(name) > 200
+        ):
             name = "(invalid)"
         return CommandReply(ok=False, command=name, request_id=self.request_id, error=str(self))
 

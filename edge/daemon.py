@@ -475,10 +475,14 @@ class Daemon:
             reply = exc.reply()
         else:
             logger.info("command %s (request %s)", command.name.value, command.request_id)
-            if self.started.wait(_START_WAIT_S) and not self.stop.is_set():
-                reply = self._carry_out(command)
-            else:
+            if not (self.started.wait(_START_WAIT_S) and not self.stop.is_set()):
                 reply = command.failed("the station is starting or stopping; try again")
+            else:
+                try:
+                    reply = self._carry_out(command)
+                except Exception as exc:  # a bug: the sender still gets an answer
+                    logger.exception("command %s failed", command.name.value)
+                    reply = command.failed(_clip(f"internal error: {exc!r}; see the station's log"))
         if self._link is not None:
             self._link.publish_command_result(name, reply)
 
@@ -545,6 +549,14 @@ class Daemon:
             warnings.append(_clip(f"outbox: {exc}"))
         if st.slot.refused is not None:
             warnings.append(_clip(f"model: the configured bundle is refused: {st.slot.refused}"))
+        blocked = st.pipeline.storage_problem
+        if blocked is not None:
+            warnings.append(
+                _clip(
+                    f"outbox: cannot store identifications for {blocked.seconds:.0f} s "
+                    f"({blocked.attempts} tries), capture is held until it can: {blocked.error}"
+                )
+            )
         stalled = st.pipeline.stalled(self._stall_limit_s)
         if stalled:
             warnings.append(_clip(f"pipeline stuck: {', '.join(stalled)}"))
@@ -593,9 +605,14 @@ class Daemon:
         beat = self.health()
         self._station.link.publish_heartbeat(beat)
         f = beat.frames
+        held = (
+            "; capture held: the outbox cannot store"
+            if self._station.pipeline.storage_problem
+            else ""
+        )
         self.notifier.status(
             f"{f.seen} frames: {f.accepted} ok, {f.uncertain} uncertain, {f.rejected} rejected, "
-            f"{f.failed} failed; outbox {beat.outbox_depth}; camera {beat.camera_state.value}"
+            f"{f.failed} failed; outbox {beat.outbox_depth}; camera {beat.camera_state.value}{held}"
         )
         self._write_state("running", beat)
         return beat

@@ -369,7 +369,11 @@ class Outbox:
                 "INSERT OR IGNORE INTO meta(key, value) VALUES ('next_seq', ?)",
                 (self._first_seq,),
             )
-            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            if version != SCHEMA_VERSION:
+                # Only when it changes: opening an up-to-date outbox writes nothing, so a
+                # daemon restarted on a full disk starts (and holds capture) instead of
+                # failing at start-up until someone frees space.
+                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except OutboxError:
             conn.close()
@@ -427,6 +431,7 @@ class Outbox:
         qos: int = 1,
         *,
         source_key: str | None = None,
+        lost_if_unstored: bool = True,
     ) -> Entry:
         """Store the message built for the next ``seq`` and return it, durably committed.
 
@@ -436,12 +441,16 @@ class Outbox:
         stored. If the factory raises, nothing is stored and its exception propagates.
         ``source_key`` (e.g. a watched file's identity) is recorded in the same
         transaction; :meth:`source_seq` finds it later (see the module docstring).
+        ``lost_if_unstored=False`` is for a caller that keeps the message and tries
+        again when storing fails (the daemon's pipeline does): a failed try is then not
+        a loss, and :meth:`note_lost` counts the message if the caller gives up on it.
 
         Raises:
             OutboxFullError: the outbox is full and its policy is ``reject-new`` (the
                 ``seq`` is used up and the loss is counted in ``dropped``).
-            OutboxError: the disk is full or the file is read-only or damaged; the
-                message is lost and counted in ``dropped``.
+            OutboxError: the disk is full or the file is read-only or damaged; nothing
+                was stored and no ``seq`` used up; unless ``lost_if_unstored`` is False
+                the message counts as lost in ``dropped``.
         """
         if qos not in (0, 1, 2):
             raise OutboxError(f"outbox qos must be 0, 1 or 2, got {qos!r}")
@@ -456,8 +465,9 @@ class Outbox:
             try:
                 self._store(entry, source_key)
             except OutboxError:
-                # Not storable, so not retried: count it now, persist with the next write.
-                self._unsaved_losses += 1
+                if lost_if_unstored:
+                    # Not storable and not retried: count it now, persist with the next write.
+                    self._unsaved_losses += 1
                 raise
         for listener in list(self._listeners):
             try:
@@ -465,6 +475,12 @@ class Outbox:
             except Exception:  # the message is stored; a listener bug must not undo that
                 logger.exception("outbox listener %r failed", listener)
         return entry
+
+    def note_lost(self, count: int = 1) -> None:
+        """Count ``count`` messages the caller gave up storing (see :meth:`add`); the
+        count is persisted with the next message that is stored."""
+        with self._lock:
+            self._unsaved_losses += max(0, count)
 
     def _reject(self) -> None:
         seq = self._next_seq
@@ -678,14 +694,31 @@ class Outbox:
         self._listeners.append(listener)
 
     def close(self) -> None:
-        """Checkpoint the WAL into the main file and release the file lock."""
+        """Checkpoint the WAL into the main file and release the file lock.
+
+        Losses counted since the last stored message (see :meth:`dropped`) are written
+        first, if the file still takes a write, so a restart reports them too.
+        """
         with self._lock:
             if self._closed:
                 return
+            if self._unsaved_losses:
+                self._save_losses()
             self._closed = True
             with contextlib.suppress(sqlite3.Error):
                 self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._conn.close()
+
+    def _save_losses(self) -> None:
+        losses = self._unsaved_losses
+        try:
+            with self._transaction("counting lost messages"):
+                self._set_meta("dropped", self._dropped + losses)
+        except OutboxError as exc:
+            logger.warning("%d lost message(s) are not counted on disk: %s", losses, exc)
+            return
+        self._dropped += losses
+        self._unsaved_losses = 0
 
     def __enter__(self) -> Outbox:
         return self

@@ -28,6 +28,11 @@ Rules the stages keep:
   a crash) is marked handled instead of being identified a second time;
 * one bad frame never stops the pipeline: its exception is logged, counted as
   ``failed``, and the stage goes on with the next frame;
+* an outbox that cannot store (a full disk, a read-only or damaged file) *holds* the
+  pipeline instead: the store stage keeps the identification in hand and retries with
+  backoff, the queues before it fill, and capture stops — a watched folder's files
+  simply wait, nothing is taken and thrown away — until a retry succeeds (someone
+  freed space); :attr:`Pipeline.storage_problem` tells health about it meanwhile;
 * each stage reports progress (:meth:`Pipeline.stalled`): busy on one frame for too
   long means stuck, and the daemon then stops feeding systemd's watchdog. Waiting —
   for a trigger, a frame, or a queue — is idle, not stuck.
@@ -42,7 +47,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
@@ -56,12 +61,12 @@ from fieldscope.edge.config import QualityConfig
 from fieldscope.edge.health import CameraState, FrameCounts
 from fieldscope.edge.message import ImageRef, Timings, build_identification, build_rejection
 from fieldscope.edge.model_slot import LoadedModel, ModelSlot
-from fieldscope.edge.outbox import Outbox, OutboxError
+from fieldscope.edge.outbox import Entry, Outbox, OutboxError, OutboxFullError
 from fieldscope.edge.preprocess import preprocess
 from fieldscope.edge.quality import QualityResult, assess
 from fieldscope.edge.topics import TOPIC_SPECS, TopicKind, Topics
 
-__all__ = ["STAGES", "FrameCounters", "Pipeline"]
+__all__ = ["STAGES", "FrameCounters", "Pipeline", "StorageProblem"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +77,10 @@ _TICK_S = 0.25
 _READ_TIMEOUT_S = 0.5
 # Frames per second are measured over this window.
 _FPS_WINDOW_S = 30.0
+# While the outbox cannot store, the identification in hand is tried again after this
+# long, doubling up to the maximum (a full disk is freed by a person, not in a second).
+_STORE_RETRY_MIN_S = 0.5
+_STORE_RETRY_MAX_S = 30.0
 
 
 class _End:
@@ -116,6 +125,26 @@ class FrameCounters:
         if len(times) < 2:
             return 0.0
         return (len(times) - 1) / max(now - times[0], 1e-3)
+
+
+@dataclass(frozen=True)
+class StorageProblem:
+    """The outbox has refused to store since ``since`` (UTC, for display): capture is
+    held. ``seconds`` is how long, on the monotonic clock (a clock jump does not
+    change it); ``attempts`` counts the tries so far; ``error`` is the latest one's."""
+
+    error: str
+    since: datetime
+    seconds: float
+    attempts: int
+
+
+@dataclass
+class _Blocked:
+    error: str
+    since: datetime
+    started: float  # monotonic
+    attempts: int
 
 
 class _Beat:
@@ -207,6 +236,8 @@ class Pipeline:
         self._paused = False
         self._camera_state = CameraState.STARTING
         self._threads: list[threading.Thread] = []
+        self._blocked_lock = threading.Lock()
+        self._blocked: _Blocked | None = None
 
     # --- control ------------------------------------------------------------------------
 
@@ -262,6 +293,15 @@ class Pipeline:
     @property
     def camera_state(self) -> CameraState:
         return self._camera_state
+
+    @property
+    def storage_problem(self) -> StorageProblem | None:
+        """Why and since when the outbox refuses to store (capture is held), or None."""
+        with self._blocked_lock:
+            b = self._blocked
+            if b is None:
+                return None
+            return StorageProblem(b.error, b.since, time.monotonic() - b.started, b.attempts)
 
     def stalled(self, limit_s: float) -> list[str]:
         """Stages that died, or have been busy on one frame for more than ``limit_s``."""
@@ -461,14 +501,92 @@ class Pipeline:
                 )
             return message.to_json()
 
-        try:
-            entry = self._outbox.add(self._topic, payload, self._qos, source_key=captured.key)
-        except OutboxError as exc:
-            # Not stored, so not marked handled: a file is offered again after a restart.
-            logger.error("the identification of %s was not stored: %s", captured.source, exc)
-            self._on_event(f"outbox: {exc}")
+        entry = self._commit(captured, payload)
+        if entry is None:
             return
         self.counters.stored_one(status)
         logger.debug("stored %s as seq %d (%s)", captured.source, entry.seq, status)
         if captured.done is not None:
             captured.done()
+
+    def _commit(self, captured: _Captured, payload: Callable[[int], bytes]) -> Entry | None:
+        """Store the message, holding the pipeline while the outbox cannot (see the
+        module docstring); None when it was not stored.
+
+        The wait between tries counts as idle, not stuck: a station whose only problem
+        is a full disk must not be restarted by the watchdog over and over, it must
+        say so in its heartbeat and carry on once there is space.
+        """
+        beat = self._beats["store"]
+        delay = _STORE_RETRY_MIN_S
+        while True:
+            try:
+                entry = self._outbox.add(
+                    self._topic,
+                    payload,
+                    self._qos,
+                    source_key=captured.key,
+                    lost_if_unstored=False,
+                )
+            except OutboxFullError as exc:
+                # The reject-new policy dropped it (and counted it): by design, no retry.
+                # Not marked handled either: a file is offered again after a restart.
+                logger.error("the identification of %s was dropped: %s", captured.source, exc)
+                self._on_event(f"outbox: {exc}")
+                return None
+            except OutboxError as exc:
+                if self._stop.is_set() or self._abort.is_set():
+                    self._give_up(captured, exc)
+                    return None
+                self._hold(exc, delay)
+                beat.idle()
+                self._stop.wait(delay)  # a stop ends the wait: one last try, then give up
+                beat.busy()
+                delay = min(2 * delay, _STORE_RETRY_MAX_S)
+                continue
+            self._release()
+            return entry
+
+    def _hold(self, exc: OutboxError, delay: float) -> None:
+        with self._blocked_lock:
+            blocked = self._blocked
+            if blocked is None:
+                self._blocked = _Blocked(str(exc), datetime.now(UTC), time.monotonic(), 1)
+            else:
+                blocked.error, blocked.attempts = str(exc), blocked.attempts + 1
+        if blocked is None:
+            logger.error(
+                "the outbox cannot store identifications: %s; capture is held until it can "
+                "(next try in %.1f s, backing off to %.0f s)",
+                exc,
+                delay,
+                _STORE_RETRY_MAX_S,
+            )
+        else:
+            logger.debug("the outbox still cannot store (try %d): %s", blocked.attempts, exc)
+
+    def _release(self) -> None:
+        with self._blocked_lock:
+            blocked, self._blocked = self._blocked, None
+        if blocked is not None:
+            seconds = time.monotonic() - blocked.started
+            logger.warning(
+                "the outbox stores again after %.0f s (%d tries); capture resumes",
+                seconds,
+                blocked.attempts,
+            )
+            self._on_event(
+                f"outbox: could not store for {seconds:.0f} s ({blocked.error}); "
+                "nothing was lost, capture resumed"
+            )
+
+    def _give_up(self, captured: _Captured, exc: OutboxError) -> None:
+        """Stopping while the outbox cannot store: the frame in hand is not stored."""
+        if captured.done is None:  # a live frame: it cannot be taken again
+            self._outbox.note_lost()
+            fate = "it is lost (counted in the outbox's dropped)"
+        else:
+            fate = "its file is taken again at the next start"
+        logger.error(
+            "stopping with the identification of %s not stored (%s): %s", captured.source, exc, fate
+        )
