@@ -1,30 +1,44 @@
-"""Messages per second the collector stores from a real Mosquitto broker into SQLite.
+"""Messages per second stored from a real Mosquitto broker into SQLite: collector vs naive.
 
-Two numbers, both with realistic identification payloads (about 650 bytes, each
-validated with ``Identification.from_json``):
+Baseline, the research-script way: a paho subscriber (persistent session, QoS 1)
+whose ``on_message`` parses the JSON and runs ``INSERT`` + ``commit()`` on SQLite,
+one message at a time, in paho's network thread (no validation, no de-duplication).
 
-* **drain**: N messages were queued by the broker for the collector's persistent
-  session while it was stopped; the collector starts and stores them all. This is
-  the collector alone, as after an outage — the number the goal (>= 5,000/s) is for.
-* **live**: the collector runs while a separate publisher process sends N messages
-  (QoS 1); on a 2-core machine publisher, broker and collector share the CPU.
+Ours: ``fieldscope collect``'s ``Collector`` — every payload validated with
+``Identification.from_json``, de-duplicated by ``(device, seq)``, stored in batches
+by a writer thread and acknowledged to the broker only after the commit.
 
-Run: ``python benchmarks/collect_ingest.py [--messages 20000]`` (needs mosquitto).
+Two figures each, with realistic identification payloads (about 650 bytes):
+
+* **drain**: N messages were queued by the broker for the subscriber's persistent
+  session while it was stopped; it starts and stores them all. This is the
+  subscriber alone, as after an outage — the number the goal (>= 5,000/s) is for.
+* **live**: the subscriber runs while a separate publisher process sends N messages
+  (QoS 1); on a 2-core machine publisher, broker and subscriber share the CPU.
+
+The baseline commits (and fsyncs) once per message, so it gets ``--baseline-messages``
+(fewer; its rate does not depend on N).
+
+    python benchmarks/collect_ingest.py [--messages 20000] [--baseline-messages 1000]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
-import socket
+import json
+import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
+from _broker import Broker
+from _machine import Figure, Goal, Report, add_common_args, positive_int
 from paho.mqtt.enums import CallbackAPIVersion
 
 from fieldscope.collect.samples import sample_identification
@@ -33,31 +47,7 @@ from fieldscope.collect.subscriber import Collector, CollectorSettings
 from fieldscope.edge.topics import Topics
 
 GOAL = 5000.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_broker(work: Path) -> tuple[subprocess.Popen[bytes], int]:
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    port = free_port()
-    config = work / "mosquitto.conf"
-    config.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\n"
-        "max_queued_messages 1000000\nmax_inflight_messages 0\npersistence false\n"
-    )
-    proc = subprocess.Popen([binary, "-c", str(config)], stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return proc, port
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit("mosquitto did not start")
+PREFIX = "fieldscope"
 
 
 def payloads(n: int, first: int = 0) -> list[bytes]:
@@ -79,7 +69,7 @@ def publish_all(port: int, data: list[bytes]) -> float:
     start = time.perf_counter()
     infos = []
     for i, payload in enumerate(data):
-        topic = Topics("fieldscope", "pond-3", f"scope-{i % 8}").identification
+        topic = Topics(PREFIX, "pond-3", f"scope-{i % 8}").identification
         infos.append(client.publish(topic, payload, qos=1))
     for info in infos:
         info.wait_for_publish(120)
@@ -89,63 +79,181 @@ def publish_all(port: int, data: list[bytes]) -> float:
     return elapsed
 
 
-def wait_stored(collector: Collector, n: int, timeout: float = 300) -> float:
+class NaiveSubscriber:
+    """The baseline: parse and INSERT + commit each message in paho's callback."""
+
+    def __init__(self, port: int, db: Path, client_id: str) -> None:
+        self.port = port
+        self.stored = 0
+        self.received = 0
+        self.conn = sqlite3.connect(db, check_same_thread=False)
+        self.conn.execute(
+            "CREATE TABLE IF NOT EXISTS identifications (device TEXT, seq INTEGER, "
+            "captured_at TEXT, label TEXT, score REAL, payload TEXT)"
+        )
+        self.conn.commit()
+        self._subscribed = threading.Event()
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False
+        )
+        topic = f"{PREFIX}/+/+/identification"
+        self.client.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
+        self.client.on_subscribe = lambda *_: self._subscribed.set()
+        self.client.on_message = self._on_message
+
+    def _on_message(self, _client: Any, _userdata: Any, msg: Any) -> None:
+        self.received += 1
+        data = json.loads(msg.payload)
+        self.conn.execute(
+            "INSERT INTO identifications VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                data["device"],
+                data["seq"],
+                data["captured_at"],
+                data["label"],
+                data["score"],
+                msg.payload.decode(),
+            ),
+        )
+        self.conn.commit()
+        self.stored += 1
+
+    def start(self) -> None:
+        self.client.connect("127.0.0.1", self.port)
+        self.client.loop_start()
+
+    def wait_subscribed(self, timeout: float) -> bool:
+        return self._subscribed.wait(timeout)
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def count(self) -> int:
+        return int(self.conn.execute("SELECT count(*) FROM identifications").fetchone()[0])
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def wait_until(done: Callable[[], int], n: int, what: str, timeout: float = 300) -> float:
     start = time.perf_counter()
-    while collector.stats.stored + collector.stats.duplicates < n:
+    while done() < n:
         if time.perf_counter() - start > timeout:
-            raise SystemExit(f"only {collector.stats.stored} of {n} stored in {timeout} s")
+            raise SystemExit(f"{what}: only {done()} of {n} stored in {timeout:.0f} s")
         time.sleep(0.002)
     return time.perf_counter() - start
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--messages", type=int, default=20_000)
-    args = parser.parse_args()
-    n = args.messages
-    work = Path(tempfile.mkdtemp(prefix="collect-bench-"))
-    broker, port = start_broker(work)
-    try:
-        settings = CollectorSettings(host="127.0.0.1", port=port, client_id="bench-collector")
-        with open_store(str(work / "drain.sqlite")) as store:
-            # Create the persistent session, then stop: the broker queues for it.
-            collector = Collector(settings, store)
-            collector.start()
-            collector.wait_subscribed(10)
-            collector.stop()
-            publish_all(port, payloads(n))
-            collector = Collector(settings, store)
-            start = time.perf_counter()
-            collector.start()
-            wait_stored(collector, n)
-            drain = n / (time.perf_counter() - start)
-            collector.stop()
-            assert store.count() == n
+def start_publisher(port: int, n: int) -> subprocess.Popen[bytes]:
+    code = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+        f"import collect_ingest as b; b.publish_all({port}, b.payloads({n}))"
+    )
+    return subprocess.Popen([sys.executable, "-c", code])
 
-        live_settings = CollectorSettings(host="127.0.0.1", port=port, client_id="bench-live")
-        with open_store(str(work / "live.sqlite")) as store:
-            collector = Collector(live_settings, store)
-            collector.start()
-            collector.wait_subscribed(10)
-            code = (
-                f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-                f"import collect_ingest as b; b.publish_all({port}, b.payloads({n}))"
-            )
-            pub = subprocess.Popen([sys.executable, "-c", code])
-            while collector.stats.received == 0:  # the publisher builds its payloads first
-                time.sleep(0.001)
-            live = n / wait_stored(collector, n)
-            pub.wait(60)
-            collector.stop()
-            assert store.count() == n
-    finally:
-        broker.terminate()
-        broker.wait(10)
-        shutil.rmtree(work, ignore_errors=True)
-    print(f"collect ingest, {n} identifications, {os.cpu_count()} CPUs")
-    print(f"  drain (broker backlog -> SQLite): {drain:8.0f} messages/s (goal >= {GOAL:.0f})")
-    print(f"  live  (publisher process running): {live:8.0f} messages/s")
-    return 0 if drain >= GOAL else 1
+
+def ours(port: int, n: int, work: Path) -> tuple[float, float]:
+    settings = CollectorSettings(host="127.0.0.1", port=port, client_id="bench-collector")
+    with open_store(str(work / "drain.sqlite")) as store:
+        # Create the persistent session, then stop: the broker queues for it.
+        collector = Collector(settings, store)
+        collector.start()
+        collector.wait_subscribed(10)
+        collector.stop()
+        publish_all(port, payloads(n))
+        collector = Collector(settings, store)
+        start = time.perf_counter()
+        collector.start()
+        stats = collector.stats
+        wait_until(lambda: stats.stored + stats.duplicates, n, "collector drain")
+        drain = n / (time.perf_counter() - start)
+        collector.stop()
+        if store.count() != n:
+            raise SystemExit(f"collector drain: {store.count()} stored, expected {n}")
+
+    live_settings = CollectorSettings(host="127.0.0.1", port=port, client_id="bench-live")
+    with open_store(str(work / "live.sqlite")) as store:
+        collector = Collector(live_settings, store)
+        collector.start()
+        collector.wait_subscribed(10)
+        pub = start_publisher(port, n)
+        stats = collector.stats
+        while stats.received == 0:  # the publisher builds its payloads first
+            time.sleep(0.001)
+        live = n / wait_until(lambda: stats.stored + stats.duplicates, n, "collector live")
+        pub.wait(60)
+        collector.stop()
+        if store.count() != n:
+            raise SystemExit(f"collector live: {store.count()} stored, expected {n}")
+    return drain, live
+
+
+def naive(port: int, n: int, work: Path) -> tuple[float, float]:
+    sub = NaiveSubscriber(port, work / "naive-drain.sqlite", "bench-naive")
+    sub.start()
+    sub.wait_subscribed(10)
+    sub.stop()
+    publish_all(port, payloads(n))
+    start = time.perf_counter()
+    sub.start()
+    wait_until(lambda: sub.stored, n, "naive drain")
+    drain = n / (time.perf_counter() - start)
+    sub.stop()
+    sub.close()
+
+    sub = NaiveSubscriber(port, work / "naive-live.sqlite", "bench-naive-live")
+    sub.start()
+    sub.wait_subscribed(10)
+    pub = start_publisher(port, n)
+    while sub.received == 0:
+        time.sleep(0.001)
+    live = n / wait_until(lambda: sub.stored, n, "naive live")
+    pub.wait(60)
+    sub.stop()
+    sub.close()
+    return drain, live
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--messages", type=positive_int, default=20_000, help="messages for ours")
+    parser.add_argument(
+        "--baseline-messages", type=positive_int, default=1000, help="messages for the baseline"
+    )
+    add_common_args(parser)
+    args = parser.parse_args()
+    if args.quick:
+        args.messages, args.baseline_messages = 400, 100
+    report = Report(
+        "collect_ingest",
+        "identifications stored per second from a real mosquitto into SQLite",
+        baseline="paho on_message: json.loads + SQLite INSERT + commit per message",
+        ours="fieldscope Collector: validated, de-duplicated, batched commits, ack after commit",
+        quick=args.quick,
+    )
+    report.header()
+    with tempfile.TemporaryDirectory(prefix="fieldscope-bench-collect-") as tmp:
+        work = Path(tmp)
+        with Broker(work / "broker") as broker:
+            print(f"collector, {args.messages} messages ...", flush=True)
+            drain, live = ours(broker.port, args.messages, work)
+            print(f"naive subscriber, {args.baseline_messages} messages ...", flush=True)
+            base_drain, base_live = naive(broker.port, args.baseline_messages, work)
+    report.add(
+        Figure(
+            "drain (broker backlog -> SQLite)",
+            drain,
+            "msg/s",
+            baseline=base_drain,
+            goal=Goal(">=", GOAL),
+        )
+    )
+    report.add(Figure("live (publisher process running)", live, "msg/s", baseline=base_live))
+    report.details = {"messages": args.messages, "baseline_messages": args.baseline_messages}
+    return report.finish(args.json)
 
 
 if __name__ == "__main__":

@@ -1,26 +1,33 @@
-"""The edge daemon's pipeline: do its stages overlap, and does it fit a Pi Zero 2 W?
+"""The edge daemon's pipeline against the research loop: throughput, overlap, memory, start-up.
 
-The daemon runs as a separate process (``python -m fieldscope.edge.daemon``, as
-systemd runs it) with a replay camera looping over 640x480 specimen frames as fast as
-it can, bilateral denoising (9, 75, 75) from the bundle's recipe, and a 224x224 full
-int8 MobileNetV2 bundle, against a local mosquitto this script starts. A subscriber
-in this process counts the identifications that arrive.
+Ours: the daemon as a separate process (``python -m fieldscope.edge.daemon``, as
+systemd runs it) with a replay camera looping over 640x480 specimen frames as fast
+as it can, bilateral denoising (9, 75, 75) from the bundle's recipe, and a 224x224
+full int8 MobileNetV2 bundle (``--size``, ``--alpha``), against a local mosquitto
+this script starts.
 
-Reported:
+Baseline, the research-script way: one loop in one process, one frame after another
+— ``cv2.imread``, bilateral filter, resize, Keras ``model.predict`` (full
+TensorFlow) on the float model the bundle was converted from, paho publish QoS 1.
+
+A subscriber in this process counts what each publishes. Reported:
 
 * steady-state throughput: identifications per second at the subscriber, after a
-  warm-up;
-* the bare cost of each pipeline stage measured alone, one frame at a time, in this
-  process (capture = read + decode + hash; prepare = quality gate + preprocess;
-  classify = inference; store = message + outbox commit with fsync);
+  warm-up (both);
 * throughput / (1 / slowest stage): 1.0 means the daemon runs as fast as its slowest
-  stage allows, i.e. the other stages are hidden behind it. Goal: >= 0.8;
-* the daemon's peak RSS (VmHWM). Goal: <= 120 MB, so a 512 MB Pi Zero 2 W can run it;
-* the time from starting the process to the first identification at the
-  subscriber. Goal: <= 1.5 s on this machine.
+  stage allows, i.e. the other stages are hidden behind it. Goal: >= 0.8. The stages
+  are measured alone, one frame at a time, in this process (capture = read + decode
+  + hash; prepare = quality gate + preprocess; classify = inference; store = message
+  + outbox commit with fsync);
+* peak RSS (VmHWM) of the process (both). Goal: <= 120 MB, so a 512 MB Pi Zero 2 W
+  can run the daemon;
+* time from starting the process to its first identification at the subscriber
+  (both). Goal: <= 1.5 s on this machine;
+* SIGTERM to exit of the daemon.
 
-The bundle is built once by ``fieldscope.convert`` (TensorFlow) in a child process
-(this process and the daemon never import TensorFlow), unless ``--bundle`` names one::
+The bundle (and the Keras model beside it) is built once by ``fieldscope.convert``
+(TensorFlow) in a child process (this process and the daemon never import
+TensorFlow), unless ``--bundle`` names one::
 
     python benchmarks/edge_pipeline.py                    # builds the bundle (~1 min)
     python benchmarks/edge_pipeline.py --work /tmp/bench  # keeps and reuses the bundle
@@ -31,10 +38,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,18 +52,25 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _broker import Broker
+from _machine import Figure, Goal, Report, add_common_args, positive_float, positive_int
 
-SIZE = 224
 FRAME_W, FRAME_H = 640, 480
 LABELS = ("globigerina", "orbulina", "textularia", "nodosaria")
-RECIPE = {
-    "size": [SIZE, SIZE],
-    "denoise": "bilateral",
-    "denoise_params": {"diameter": 9, "sigma_color": 75.0, "sigma_space": 75.0},
-    "resize": "letterbox",
-    "fill": "border",
-}
+
+
+def recipe_dict(size: int) -> dict[str, Any]:
+    return {
+        "size": [size, size],
+        "denoise": "bilateral",
+        "denoise_params": {"diameter": 9, "sigma_color": 75.0, "sigma_space": 75.0},
+        "resize": "letterbox",
+        "fill": "border",
+    }
+
+
 PREFIX = "bench"
+RESEARCH_TOPIC = "bench/research/pi/identification"
 
 
 # --- inputs: frames and the bundle -------------------------------------------------------------
@@ -83,8 +95,8 @@ def write_frames(folder: Path, n: int) -> list[Path]:
     return paths
 
 
-def build_bundle(out: Path, frames: Path) -> None:
-    """MobileNetV2 (weights=None) at 224 with scaling in the graph, converted to full
+def build_bundle(out: Path, frames: Path, size: int, alpha: float) -> None:
+    """MobileNetV2 (weights=None) at ``size`` with scaling in the graph, converted to full
     int8 (uint8 in and out) by ``fieldscope convert``'s own pipeline and written as a
     verified bundle. The backbone is untrained, so the conversion's fidelity check is
     recorded in the manifest but not enforced: this bundle is for timing only."""
@@ -95,15 +107,15 @@ def build_bundle(out: Path, frames: Path) -> None:
     from fieldscope.edge.preprocess import PreprocessRecipe, load_and_preprocess
 
     keras.utils.set_random_seed(0)
-    inputs = keras.Input((SIZE, SIZE, 3))
+    inputs = keras.Input((size, size, 3))
     x = keras.layers.Rescaling(1 / 127.5, offset=-1.0)(inputs)
     backbone = keras.applications.MobileNetV2(
-        input_shape=(SIZE, SIZE, 3), include_top=False, weights=None, pooling="avg"
+        input_shape=(size, size, 3), alpha=alpha, include_top=False, weights=None, pooling="avg"
     )
     x = backbone(x, training=False)
     outputs = keras.layers.Dense(len(LABELS), activation="softmax")(x)
     model = keras.Model(inputs, outputs)
-    recipe = PreprocessRecipe.from_dict(RECIPE)
+    recipe = PreprocessRecipe.from_dict(recipe_dict(size))
     paths = sorted(frames.glob("*.png"))
     images = np.stack([load_and_preprocess(p, recipe) for p in paths])
     result = convert_model(
@@ -125,47 +137,28 @@ def build_bundle(out: Path, frames: Path) -> None:
         threshold=0.5,
         overwrite=True,
     )
+    model.save(keras_path(out))
+
+
+def keras_path(bundle: Path) -> Path:
+    """Where the Keras model the bundle was converted from is kept (for the baseline)."""
+    return bundle.with_name(bundle.name + ".keras")
 
 
 # --- the broker and a subscriber ---------------------------------------------------------------
 
 
-def start_broker(work: Path) -> tuple[subprocess.Popen[bytes], int]:
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    if not Path(binary).exists():
-        raise SystemExit("mosquitto is not installed (apt-get install mosquitto)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    conf = work / "mosquitto.conf"
-    conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 1000000\n"
-        "persistence false\nlog_dest stderr\nlog_type error\n"
-    )
-    with (work / "mosquitto.log").open("ab") as log:
-        proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return proc, port
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise SystemExit("mosquitto did not start")
-
-
 class Arrivals:
     """Arrival times of identifications at a subscriber, and their payloads."""
 
-    def __init__(self, port: int, topic: str) -> None:
+    def __init__(self, port: int, topic: str, client_id: str) -> None:
         import paho.mqtt.client as mqtt
 
         self.times: list[float] = []
         self.payloads: list[bytes] = []
         self._lock = threading.Lock()
         ready = threading.Event()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-subscriber")
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
 
         def on_message(_c: Any, _u: Any, msg: Any) -> None:
             now = time.monotonic()
@@ -298,6 +291,80 @@ def run_daemon(
     }
 
 
+# --- the baseline: the research scripts' loop -------------------------------------------------
+
+
+def research_loop(keras_file: Path, frames: Path, port: int) -> None:
+    """What the research scripts ran on the Pi: one loop, one frame after another —
+    read, denoise, resize, Keras ``model.predict`` (full TensorFlow), publish QoS 1 with
+    a plain paho client. Runs until killed."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import json
+
+    import cv2
+    import keras
+    import paho.mqtt.client as mqtt
+
+    model = keras.models.load_model(keras_file)
+    size = int(model.input_shape[1])
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    paths = sorted(frames.glob("*.png"))
+    i = 0
+    while True:
+        path = paths[i % len(paths)]
+        image = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+        image = cv2.bilateralFilter(image, 9, 75, 75)
+        image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+        probs = model.predict(image[None].astype(np.float32), verbose=0)[0]
+        best = int(np.argmax(probs))
+        message = {"image": path.name, "label": LABELS[best], "score": float(probs[best])}
+        client.publish(RESEARCH_TOPIC, json.dumps(message), qos=1)
+        i += 1
+
+
+def run_research(
+    keras_file: Path,
+    frames: Path,
+    port: int,
+    arrivals: Arrivals,
+    *,
+    warmup: float,
+    seconds: float,
+) -> dict[str, Any]:
+    """Start the research loop as a process; its start-up, throughput and peak memory."""
+    log = keras_file.parent / "research.log"
+    began = time.monotonic()
+    with log.open("ab") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, __file__, "--research-loop", str(keras_file), str(frames), str(port)],
+            stderr=fh,
+        )
+    try:
+        while (first := arrivals.first_after(began)) is None:
+            if proc.poll() is not None:
+                raise SystemExit(
+                    f"the research loop exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
+                )
+            if time.monotonic() - began > 120:
+                raise SystemExit("the research loop published nothing within 120 s")
+            time.sleep(0.005)
+        time.sleep(warmup)
+        start = time.monotonic()
+        time.sleep(seconds)
+        end = time.monotonic()
+        rss = vm_hwm_mb(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait(30)
+    return {
+        "first_s": first - began,
+        "images_per_s": arrivals.count_between(start, end) / (end - start),
+        "peak_rss_mb": rss,
+    }
+
+
 # --- each stage alone --------------------------------------------------------------------------
 
 
@@ -372,112 +439,206 @@ def stage_costs(bundle_dir: Path, frames: Path, work: Path, threads: int | None,
 # --- main ----------------------------------------------------------------------------------------
 
 
-def report(
-    args: argparse.Namespace,
+def summarise(
+    report: Report,
     costs: dict[str, float],
     daemon: dict[str, Any],
+    research: dict[str, Any] | None,
     payloads: list[bytes],
 ) -> None:
     from fieldscope.edge.message import Identification
-    from fieldscope.edge.runtime import runtime_info
 
-    reported = [Identification.from_json(p).timings_ms for p in payloads[50:]]
     stages = ("capture", "prepare", "classify", "store")
     slowest = max(stages, key=lambda s: costs[s])
     ceiling = 1000.0 / costs[slowest]
-    ratio = daemon["images_per_s"] / ceiling
-    runtime = runtime_info()
-    print()
-    print(
-        f"edge pipeline: {args.frames} replayed {FRAME_W}x{FRAME_H} frames, bilateral 9/75/75, "
-        f"MobileNetV2 {SIZE}x{SIZE} full int8, {runtime.name} {runtime.version}, "
-        f"threads {args.threads or 'default'}; {platform.machine()}, {os.cpu_count()} cores"
+    base = research or {}
+    report.add(
+        Figure(
+            "throughput, steady state",
+            daemon["images_per_s"],
+            "images/s",
+            baseline=base.get("images_per_s"),
+        )
     )
-    print(
-        f"  daemon throughput (steady state, {args.seconds:.0f} s): "
-        f"{daemon['images_per_s']:.1f} images/s"
+    report.add(
+        Figure(
+            f"throughput / slowest stage ({slowest}) alone",
+            daemon["images_per_s"] / ceiling,
+            "ratio",
+            goal=Goal(">=", 0.8),
+            note="1.0: the other stages are hidden behind the slowest",
+        )
     )
-    print("  each stage alone (median ms per frame):")
-    print(f"    capture   {costs['capture']:7.2f}   read + decode PNG + sha256")
-    print(
-        f"    prepare   {costs['prepare']:7.2f}   quality gate {costs['quality']:.2f} + "
-        f"denoise and resize {costs['preprocess']:.2f}"
+    report.add(
+        Figure(
+            "peak RSS (VmHWM)",
+            daemon["peak_rss_mb"],
+            "MB",
+            baseline=base.get("peak_rss_mb"),
+            higher_is_better=False,
+            goal=Goal("<=", 120),
+        )
     )
-    print(f"    classify  {costs['classify']:7.2f}   inference")
-    print(f"    store     {costs['store']:7.2f}   message + outbox commit (fsync)")
-    print(f"    sum       {sum(costs[s] for s in stages):7.2f}   (one frame through all stages)")
-    print(f"  slowest stage: {slowest}, at most {ceiling:.1f} images/s")
-    print(f"  throughput / slowest stage: {ratio:.2f} (goal >= 0.8)")
-    print(f"  daemon peak RSS: {daemon['peak_rss_mb']:.0f} MB (goal <= 120 MB)")
     firsts = daemon["firsts"]
-    print(
-        f"  start to first published identification: {statistics.median(firsts):.2f} s, "
-        f"median of {len(firsts)} starts ({', '.join(f'{f:.2f}' for f in firsts)}) "
-        "(goal <= 1.5 s)"
+    report.add(
+        Figure(
+            "start to first published identification",
+            statistics.median(firsts),
+            "s",
+            baseline=base.get("first_s"),
+            higher_is_better=False,
+            goal=Goal("<=", 1.5),
+            note=f"median of {len(firsts)} starts",
+        )
     )
-    print(f"  SIGTERM to exit: {daemon['stop_s']:.2f} s, exit code {daemon['exit_code']}")
+    report.add(Figure("SIGTERM to exit", daemon["stop_s"], "s", higher_is_better=False))
+    report.note(
+        "each stage alone, median ms per frame: "
+        + ", ".join(f"{s} {costs[s]:.2f}" for s in stages)
+        + f" (prepare = quality gate {costs['quality']:.2f} + denoise and resize "
+        f"{costs['preprocess']:.2f}; store = message + outbox commit with fsync); "
+        f"slowest {slowest}: at most {ceiling:.1f} images/s, one after another "
+        f"{1000.0 / sum(costs[s] for s in stages):.1f} images/s"
+    )
+    reported = [Identification.from_json(p).timings_ms for p in payloads[50:]]
     if reported:
-        print(
-            "  in the daemon, per message (median ms): "
+        report.note(
+            "in the daemon, per message (median ms): "
             + ", ".join(
                 f"{s} {statistics.median(getattr(t, s) for t in reported):.1f}"
                 for s in ("capture", "quality", "preprocess", "inference", "total")
             )
         )
+    if daemon["exit_code"] != 0:
+        report.note(f"the daemon exited with code {daemon['exit_code']} after SIGTERM")
+    report.details = {"stage_ms": costs, "daemon": daemon, "research_loop": research}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--work", type=Path, help="working folder (kept; the bundle is reused)")
-    parser.add_argument("--bundle", type=Path, help="use this bundle instead of building one")
-    parser.add_argument("--frames", type=int, default=24, help="distinct replay frames")
-    parser.add_argument("--warmup", type=float, default=3.0, help="seconds before measuring")
-    parser.add_argument("--seconds", type=float, default=20.0, help="seconds measured")
-    parser.add_argument("--threads", type=int, help="interpreter threads (default: runtime's)")
-    parser.add_argument("--stage-runs", type=int, default=60, help="frames per stage alone")
     parser.add_argument(
-        "--starts", type=int, default=3, help="daemon starts timed (the median is reported)"
+        "--bundle", type=Path, help="use this bundle (the baseline needs BUNDLE.keras beside it)"
+    )
+    parser.add_argument("--frames", type=positive_int, default=24, help="distinct replay frames")
+    parser.add_argument(
+        "--warmup", type=positive_float, default=3.0, help="seconds before measuring"
+    )
+    parser.add_argument("--seconds", type=positive_float, default=10.0, help="seconds measured")
+    parser.add_argument(
+        "--threads", type=positive_int, help="interpreter threads (default: runtime's)"
     )
     parser.add_argument(
-        "--build-bundle", nargs=2, metavar=("OUT", "FRAMES"), help=argparse.SUPPRESS
+        "--stage-runs", type=positive_int, default=60, help="frames per stage alone"
     )
+    parser.add_argument(
+        "--starts",
+        type=positive_int,
+        default=3,
+        help="daemon starts timed (the median is reported)",
+    )
+    parser.add_argument("--no-baseline", action="store_true", help="skip the research loop")
+    add_common_args(parser)
+    parser.add_argument("--size", type=positive_int, default=224, help="model input side")
+    parser.add_argument("--alpha", type=positive_float, default=1.0, help="MobileNetV2 width")
+    parser.add_argument("--build-bundle", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--research-loop", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.build_bundle:
-        build_bundle(Path(args.build_bundle[0]), Path(args.build_bundle[1]))
-        return
+    if args.bundle is not None and not (args.bundle / "manifest.json").is_file():
+        parser.error(f"--bundle {args.bundle}: no bundle there (no manifest.json)")
+    return args
 
-    work = args.work or Path(tempfile.mkdtemp(prefix="fieldscope-bench-"))
+
+def prepare(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
+    """The replay frames and the bundle, made once per ``--work`` folder."""
     work.mkdir(parents=True, exist_ok=True)
     frames = work / "frames"
     if len(list(frames.glob("*.png"))) != args.frames:
         shutil.rmtree(frames, ignore_errors=True)
         write_frames(frames, args.frames)
-    bundle = args.bundle or work / "bundle"
+    bundle: Path = args.bundle or work / f"bundle-{args.size}-{args.alpha:g}"
     if not (bundle / "manifest.json").exists():
-        print("building the MobileNetV2 224 int8 bundle with TensorFlow (once) ...", flush=True)
+        print("building the int8 bundle with TensorFlow ...", flush=True)
         t0 = time.monotonic()
-        subprocess.run(
-            [sys.executable, __file__, "--build-bundle", str(bundle), str(frames)], check=True
-        )
-        print(f"  built in {time.monotonic() - t0:.0f} s: {bundle}")
+        build = [str(bundle), str(frames), str(args.size), str(args.alpha)]
+        subprocess.run([sys.executable, __file__, "--build-bundle", *build], check=True)
+        print(f"  built in {time.monotonic() - t0:.0f} s", flush=True)
     shutil.rmtree(work / "data", ignore_errors=True)
-    (work / "stage-outbox.sqlite").unlink(missing_ok=True)
+    return frames, bundle
 
-    broker, port = start_broker(work)
-    arrivals = Arrivals(port, f"{PREFIX}/bench/pi/identification")
-    try:
-        config = write_config(work, bundle, frames, port, args.threads)
-        daemon = run_daemon(config, arrivals, args.warmup, args.seconds, max(1, args.starts))
-    finally:
-        arrivals.close()
-        broker.terminate()
-        broker.wait(10)
-    costs = stage_costs(bundle, frames, work, args.threads, args.stage_runs)
 
-    report(args, costs, daemon, arrivals.payloads)
-    if args.work is None:
-        shutil.rmtree(work, ignore_errors=True)
+def main() -> int:
+    args = parse_args()
+    if args.build_bundle:
+        out, frames_dir, size, alpha = args.build_bundle
+        build_bundle(Path(out), Path(frames_dir), int(size), float(alpha))
+        return 0
+    if args.research_loop:
+        keras_file, frames_dir, port = args.research_loop
+        research_loop(Path(keras_file), Path(frames_dir), int(port))
+        return 0
+    if args.quick:
+        args.frames, args.warmup, args.seconds, args.stage_runs, args.starts = 4, 0.5, 1.0, 5, 1
+        args.size, args.alpha = 96, 0.35
+
+    report = Report(
+        "edge_pipeline",
+        f"the edge daemon on {FRAME_W}x{FRAME_H} frames, bilateral 9/75/75, "
+        f"MobileNetV2 {args.alpha:g} {args.size}x{args.size} full int8",
+        baseline="research loop: read, denoise, resize, Keras model.predict, paho publish, "
+        "one frame after another",
+        ours="python -m fieldscope.edge.daemon: threaded capture/prepare/classify/outbox/"
+        "publish, int8 bundle on ai-edge-litert",
+        quick=args.quick,
+    )
+    report.header()
+    with tempfile.TemporaryDirectory(prefix="fieldscope-bench-pipeline-") as tmp:
+        work = args.work or Path(tmp)
+        frames, bundle = prepare(args, work)
+        (work / "stage-outbox.sqlite").unlink(missing_ok=True)
+
+        with Broker(work / "broker") as broker:
+            arrivals = Arrivals(broker.port, f"{PREFIX}/bench/pi/identification", "bench-daemon")
+            research_arrivals = Arrivals(broker.port, RESEARCH_TOPIC, "bench-research")
+            try:
+                print("the daemon ...", flush=True)
+                config = write_config(work, bundle, frames, broker.port, args.threads)
+                daemon = run_daemon(
+                    config, arrivals, args.warmup, args.seconds, max(1, args.starts)
+                )
+                research = None
+                if args.no_baseline or not keras_path(bundle).exists():
+                    report.note("no baseline: --no-baseline, or no Keras model beside --bundle")
+                else:
+                    print("the research loop (Keras model.predict) ...", flush=True)
+                    research = run_research(
+                        keras_path(bundle),
+                        frames,
+                        broker.port,
+                        research_arrivals,
+                        warmup=args.warmup,
+                        seconds=args.seconds,
+                    )
+            finally:
+                arrivals.close()
+                research_arrivals.close()
+        print("each stage alone ...", flush=True)
+        costs = stage_costs(bundle, frames, work, args.threads, args.stage_runs)
+
+    from fieldscope.edge.runtime import runtime_info
+
+    runtime = runtime_info()
+    summarise(report, costs, daemon, research, arrivals.payloads)
+    report.details.update(
+        runtime=f"{runtime.name} {runtime.version}",
+        threads=args.threads,
+        frames=args.frames,
+        seconds=args.seconds,
+    )
+    return report.finish(args.json)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

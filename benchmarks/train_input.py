@@ -16,7 +16,7 @@ The ratio depends on how much of an epoch the model itself takes, and on the siz
 the source images (which the seed pipeline decodes and resizes every epoch): camera
 frames are 640x480 to 4056x3040, so the default generates 1024-pixel specimens.
 
-    python benchmarks/train_input.py                       # 4 x 100 specimens, 1024 px
+    python benchmarks/train_input.py                       # 4 x 40 specimens, 1024 px
     python benchmarks/train_input.py --source-size 256     # small sources: model-bound
     python benchmarks/train_input.py --data DIR --image-size 96 --epochs 4
 """
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Iterable
@@ -37,6 +38,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras
 import numpy as np
 import tensorflow as tf
+from _machine import Figure, Goal, Report, add_common_args, positive_int
 
 from fieldscope.edge.preprocess import PreprocessRecipe, denoise
 from fieldscope.edge.specimens import write_dataset
@@ -59,7 +61,8 @@ class EpochTimer(keras.callbacks.Callback):
         self.times.append(time.perf_counter() - self._start)
 
 
-def make_model(n_classes: int, size: int) -> keras.Model:
+def make_model(n_classes: int, size: int, eager: bool = False) -> keras.Model:
+    """``eager`` skips graph tracing (15 s on 2 cores): only for --quick."""
     keras.utils.set_random_seed(0)
     model = build_classifier(
         "mobilenet_v2", num_classes=n_classes, image_size=size, alpha=0.35, weights="none"
@@ -68,6 +71,7 @@ def make_model(n_classes: int, size: int) -> keras.Model:
         optimizer=keras.optimizers.Adam(1e-3),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
+        run_eagerly=eager,
     )
     return model
 
@@ -89,7 +93,9 @@ def input_epochs(make_epoch: Any, epochs: int) -> list[float]:
     return times
 
 
-def ours(data: Path, size: int, batch: int, epochs: int, *, method: str, cache_dir: Path) -> dict:
+def ours(
+    data: Path, size: int, batch: int, epochs: int, *, method: str, cache_dir: Path, eager: bool
+) -> dict:
     """Preprocess once (timed as part of epoch 1), then tf.data from memory."""
     start = time.perf_counter()
     index = discover(data)
@@ -100,13 +106,13 @@ def ours(data: Path, size: int, batch: int, epochs: int, *, method: str, cache_d
     ds = make_dataset(
         loaded.images, loaded.labels, batch_size=batch, shuffle_seed=0, augmenter=augmenter
     )
-    train = fit_epochs(make_model(len(index.labels), size), ds, epochs)
+    train = fit_epochs(make_model(len(index.labels), size, eager), ds, epochs)
     train[0] += prepare
     alone = input_epochs(lambda: ds, epochs)
     return {"train": train, "input": alone, "prepare": prepare, "images": len(loaded.samples)}
 
 
-def seed_style(data: Path, size: int, batch: int, epochs: int, *, method: str) -> dict:
+def seed_style(data: Path, size: int, batch: int, epochs: int, *, method: str, eager: bool) -> dict:
     """What the research scripts did: ImageDataGenerator + flow_from_directory."""
 
     def denoise_float(image: np.ndarray) -> np.ndarray:
@@ -135,7 +141,7 @@ def seed_style(data: Path, size: int, batch: int, epochs: int, *, method: str) -
         )
 
     train_flow = flow()
-    train = fit_epochs(make_model(train_flow.num_classes, size), train_flow, epochs)
+    train = fit_epochs(make_model(train_flow.num_classes, size, eager), train_flow, epochs)
     input_flow = flow()
 
     def one_epoch() -> Iterable[Any]:
@@ -145,35 +151,66 @@ def seed_style(data: Path, size: int, batch: int, epochs: int, *, method: str) -
     return {"train": train, "input": alone, "images": train_flow.samples}
 
 
-def _line(name: str, times: list[float]) -> float:
-    later = statistics.mean(times[1:]) if len(times) > 1 else times[0]
-    listed = ", ".join(f"{t:.2f}" for t in times)
-    print(f"  {name:<30} epochs [{listed}] s -> {later:.3f} s/epoch after the first")
-    return later
+def _after_first(times: list[float]) -> float:
+    """Mean epoch time after the first (the first traces, and ours preprocesses once)."""
+    return statistics.mean(times[1:]) if len(times) > 1 else times[0]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def _epochs(times: list[float]) -> str:
+    return "[" + ", ".join(f"{t:.2f}" for t in times) + "] s"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", type=Path, help="class folders (default: generate specimens)")
-    parser.add_argument("--source-size", type=int, default=1024, help="generated image side")
-    parser.add_argument("--image-size", type=int, default=96)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument(
+        "--source-size", type=positive_int, default=1024, help="generated image side"
+    )
+    parser.add_argument(
+        "--per-class", type=positive_int, default=40, help="generated images per class"
+    )
+    parser.add_argument("--image-size", type=positive_int, default=96)
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--epochs", type=positive_int, default=3)
     parser.add_argument("--denoise", default="bilateral")
+    add_common_args(parser)
     args = parser.parse_args()
+    if args.data is not None and not args.data.is_dir():
+        parser.error(f"--data {args.data}: not a folder of class folders")
+    if args.quick:
+        args.source_size, args.per_class, args.image_size, args.epochs = 128, 4, 32, 2
+        args.batch_size = 8
+    report = Report(
+        "train_input",
+        "one training epoch: input pipeline, same model (MobileNetV2 0.35, weights none)",
+        baseline="ImageDataGenerator.flow_from_directory: decode, resize, denoise, augment "
+        "every image every epoch",
+        ours="fieldscope train: edge preprocessing once, cached, tf.data + augmentation layers",
+        quick=args.quick,
+    )
+    report.header()
 
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data
         if data is None:
             data = Path(tmp) / "specimens"
-            write_dataset(data, classes=4, per_class=100, size=args.source_size, seed=0)
+            write_dataset(data, classes=4, per_class=args.per_class, size=args.source_size, seed=0)
         source = "" if args.data else f" ({args.source_size}px specimens)"
         print(
             f"data {data}{source}; model input {args.image_size}px, batch {args.batch_size}, "
-            f"denoise {args.denoise}, {args.epochs} epochs; "
-            f"TF {tf.__version__}, {os.cpu_count()} CPUs"
+            f"denoise {args.denoise}, {args.epochs} epochs",
+            flush=True,
         )
-        seed = seed_style(data, args.image_size, args.batch_size, args.epochs, method=args.denoise)
+        seed = seed_style(
+            data,
+            args.image_size,
+            args.batch_size,
+            args.epochs,
+            method=args.denoise,
+            eager=args.quick,
+        )
         mine = ours(
             data,
             args.image_size,
@@ -181,20 +218,48 @@ def main() -> None:
             args.epochs,
             method=args.denoise,
             cache_dir=Path(tmp) / "cache",
+            eager=args.quick,
         )
 
-    print(f"training epochs ({seed['images']} images, same model):")
-    seed_train = _line("ImageDataGenerator (seed)", seed["train"])
-    our_train = _line("fieldscope tf.data + cache", mine["train"])
-    print(f"  (our first epoch includes {mine['prepare']:.2f} s of one-off preprocessing)")
-    print("input pipeline alone (no model):")
-    seed_input = _line("ImageDataGenerator (seed)", seed["input"])
-    our_input = _line("fieldscope tf.data + cache", mine["input"])
-    print(f"ratio per training epoch after the first (seed / ours): {seed_train / our_train:.2f}x")
-    print(
-        f"ratio per input-only epoch after the first (seed / ours): {seed_input / our_input:.1f}x"
+    images = seed["images"]
+    report.add(
+        Figure(
+            "training epoch, after the first",
+            _after_first(mine["train"]),
+            "s",
+            baseline=_after_first(seed["train"]),
+            higher_is_better=False,
+            goal=Goal(">=", 3.0, on="gain"),
+            note=f"{images} images",
+        )
     )
+    report.add(
+        Figure(
+            "input pipeline alone, epoch after the first",
+            _after_first(mine["input"]),
+            "s",
+            baseline=_after_first(seed["input"]),
+            higher_is_better=False,
+        )
+    )
+    report.add(Figure("one-off preprocessing (in our first epoch)", mine["prepare"], "s"))
+    report.note(
+        f"training epochs: baseline {_epochs(seed['train'])}, ours {_epochs(mine['train'])}"
+    )
+    report.details = {
+        "images": images,
+        "source_size": None if args.data else args.source_size,
+        "image_size": args.image_size,
+        "batch_size": args.batch_size,
+        "epochs": args.epochs,
+        "denoise": args.denoise,
+        "baseline_train_s": seed["train"],
+        "ours_train_s": mine["train"],
+        "baseline_input_s": seed["input"],
+        "ours_input_s": mine["input"],
+    }
+    return report.finish(args.json)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
