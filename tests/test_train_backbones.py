@@ -40,7 +40,8 @@ SIBLINGS = {"mobilenet_v3_large": "mobilenet_v3_small", "resnet101": "resnet50"}
 
 
 def test_every_registered_backbone_has_a_reference() -> None:
-    assert set(BACKBONES) == set(KERAS_PREPROCESS)
+    # The ported backbones are checked against their source networks in test_offline_weights.
+    assert {n for n, s in BACKBONES.items() if not s.ported} == set(KERAS_PREPROCESS)
     assert len(BACKBONES) >= 7
     for name, sibling in SIBLINGS.items():
         mine, theirs = BACKBONES[name], BACKBONES[sibling]

@@ -5,6 +5,11 @@ backbones instantly. ``build_classifier`` imports Keras and assembles
 ``raw RGB 0-255 -> normalisation -> backbone -> dropout -> softmax``: every model takes
 raw pixels, so the converted TFLite model takes the edge's uint8 pixels unchanged and
 nobody re-implements ``preprocess_input`` (see DESIGN.md, contract 1).
+
+Most backbones come from ``keras.applications``, whose ImageNet weights are downloaded
+on first use. The ``ported`` ones (``efficientnet_lite0``, ``mobilenet_v2_torchvision``)
+are rebuilt in ``fieldscope.train.ported`` and take their ImageNet weights from
+installed pip packages, so they work with no internet at all.
 """
 
 from __future__ import annotations
@@ -43,7 +48,9 @@ class BackboneSpec:
     ``normalisation`` is what the backbone expects on top of raw RGB 0-255:
     ``"mobilenet"`` scales to [-1, 1]; ``"caffe"`` swaps to BGR and subtracts the ImageNet
     mean; ``"builtin"`` means the Keras model already normalises inside (EfficientNet,
-    and MobileNetV3/EfficientNetV2 with ``include_preprocessing=True``).
+    MobileNetV3/EfficientNetV2 with ``include_preprocessing=True``, the ported ones).
+    ``ported`` backbones are built by ``fieldscope.train.ported.build_ported`` under
+    their registry name (``constructor`` is that name) and get ImageNet weights offline.
     """
 
     constructor: str
@@ -51,6 +58,7 @@ class BackboneSpec:
     takes_alpha: bool = False
     imagenet_alphas: tuple[float, ...] = ()
     include_preprocessing: bool = False
+    ported: bool = False
 
 
 BACKBONES: Mapping[str, BackboneSpec] = {
@@ -78,6 +86,9 @@ BACKBONES: Mapping[str, BackboneSpec] = {
     "efficientnet_v2_b0": BackboneSpec("EfficientNetV2B0", "builtin", include_preprocessing=True),
     "resnet50": BackboneSpec("ResNet50", "caffe"),
     "resnet101": BackboneSpec("ResNet101", "caffe"),
+    # ImageNet weights from pip packages (extra `offline-weights`), no download.
+    "efficientnet_lite0": BackboneSpec("efficientnet_lite0", "builtin", ported=True),
+    "mobilenet_v2_torchvision": BackboneSpec("mobilenet_v2_torchvision", "builtin", ported=True),
 }
 
 
@@ -129,21 +140,7 @@ def build_classifier(
         raise TrainError("; ".join(problems))
     spec = BACKBONES[name]
     shape = (image_size, image_size, 3)
-    kwargs: dict[str, Any] = {
-        "input_shape": shape,
-        "include_top": False,
-        "weights": None if weights == "none" else weights,
-        "pooling": "avg",
-    }
-    if spec.takes_alpha:
-        kwargs["alpha"] = alpha
-    if spec.include_preprocessing:
-        kwargs["include_preprocessing"] = True
-    constructor = getattr(keras.applications, spec.constructor)
-    try:
-        backbone = constructor(**kwargs)
-    except Exception as exc:  # keras raises bare Exception for a failed download
-        raise TrainError(_weights_failure(name, weights, exc)) from exc
+    backbone = _build_backbone(name, spec, shape=shape, alpha=alpha, weights=weights)
 
     pretrained = weights != "none"
     if not pretrained:
@@ -170,6 +167,39 @@ def build_classifier(
     return model
 
 
+def _build_backbone(
+    name: str, spec: BackboneSpec, *, shape: tuple[int, int, int], alpha: float, weights: str
+) -> keras.Model:
+    """The bare backbone (pooled features), with the weights asked for."""
+    if spec.ported:
+        from fieldscope.train.ported import build_ported
+
+        # Raises MissingWeightsError naming the pip package when it is not installed.
+        return build_ported(
+            spec.constructor,
+            input_shape=shape,
+            weights=None if weights == "none" else weights,
+            pooling="avg",
+        )
+    import keras
+
+    kwargs: dict[str, Any] = {
+        "input_shape": shape,
+        "include_top": False,
+        "weights": None if weights == "none" else weights,
+        "pooling": "avg",
+    }
+    if spec.takes_alpha:
+        kwargs["alpha"] = alpha
+    if spec.include_preprocessing:
+        kwargs["include_preprocessing"] = True
+    constructor = getattr(keras.applications, spec.constructor)
+    try:
+        return constructor(**kwargs)
+    except Exception as exc:  # keras raises bare Exception for a failed download
+        raise TrainError(_weights_failure(name, weights, exc)) from exc
+
+
 def _normalisation(kind: str, keras: Any) -> Any:
     if kind == "mobilenet":
         return keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="mobilenet_normalisation")
@@ -191,9 +221,11 @@ def _set_caffe_weights(layer: Any) -> None:
 
 def _weights_failure(name: str, weights: str, exc: Exception) -> str:
     if weights == "imagenet":
+        offline = ", ".join(n for n, s in BACKBONES.items() if s.ported)
         return (
             f"could not get ImageNet weights for {name} ({exc}); keras downloads them once "
-            "into ~/.keras/models, so connect once or use --weights none / --weights PATH"
+            "into ~/.keras/models, so connect once, use --weights none / --weights PATH, "
+            f"or a backbone with offline ImageNet weights ({offline})"
         )
     if weights != "none":
         return f"could not load backbone weights from {weights} into {name}: {exc}"

@@ -96,7 +96,9 @@ class TrainConfig:
     backbone: str = field(
         default="mobilenet_v2", metadata=_key(f"backbone: {', '.join(BACKBONES)}")
     )
-    alpha: float = field(default=1.0, metadata=_key("width multiplier of mobilenet_* backbones"))
+    alpha: float = field(
+        default=1.0, metadata=_key("width multiplier of the Keras mobilenet_v2/v3 backbones")
+    )
     weights: str = field(
         default="imagenet",
         metadata=_key("backbone weights: imagenet, none, or a .weights.h5 file", metavar="W"),
