@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "fieldscope.convert.cli",
     "fieldscope.deploy.cli",
     "fieldscope.collect.cli",
+    "fieldscope.cli.demo",
 )
 
 

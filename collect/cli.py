@@ -42,7 +42,8 @@ def register(subparsers: Any) -> None:
     r = actions.add_parser(
         "run",
         help="subscribe and store (the default action)",
-        description="Subscribe with a persistent MQTT 5 session and store every message "
+        description="Subscribe with a persistent MQTT session (5 by default, or 3.1.1) and "
+        "store every message "
         "once; a message is acknowledged to the broker only after it is committed. "
         f"The broker password is read from ${PASSWORD_ENV}. Stop with Ctrl-C or SIGTERM.",
     )
@@ -132,6 +133,13 @@ def _run_arguments(p: argparse.ArgumentParser, *, required: bool) -> None:
         help="take identifications through $share/GROUP/... so several collectors split them",
     )
     p.add_argument(
+        "--protocol",
+        choices=("5", "3.1.1"),
+        default="5",
+        help="MQTT version (default 5; 3.1.1 for brokers without MQTT 5, with a persistent "
+        "session that never expires)",
+    )
+    p.add_argument(
         "--session-expiry",
         type=int,
         default=7 * 24 * 3600,
@@ -192,6 +200,7 @@ def _run(args: argparse.Namespace) -> int:
         username=args.username,
         password=os.environ.get(PASSWORD_ENV),
         ca_file=args.ca_file,
+        protocol=args.protocol,
     )
     store = open_store(args.db, durable=args.durable)
     stop = threading.Event()
@@ -204,7 +213,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         collector.start()
         print(
-            f"collecting from {host}:{port} (prefix {settings.prefix}, client id "
+            f"collecting from {host}:{port} (MQTT {settings.protocol.value}, prefix "
+            f"{settings.prefix}, client id "
             f"{settings.client_id}) into {store.url}; Ctrl-C to stop",
             file=sys.stderr,
         )

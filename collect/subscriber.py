@@ -48,6 +48,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from fieldscope.collect.records import TopicCache, decode
 from fieldscope.collect.store import Store, StoreError
 from fieldscope.edge.errors import ConfigError, FieldscopeError
+from fieldscope.edge.link import MqttProtocol
 from fieldscope.edge.topics import (
     DEFAULT_PREFIX,
     TopicKind,
@@ -79,7 +80,10 @@ class CollectorSettings:
     ``client_id`` must be stable across restarts (the broker keeps the session under
     it) and different for each collector running at the same time. ``session_expiry_s``
     is how long the broker keeps messages for a stopped collector. ``password`` comes
-    from the environment, never from the command line (see the CLI).
+    from the environment, never from the command line (see the CLI). ``protocol`` is
+    the MQTT version: 5, or "3.1.1" for brokers that speak only that (amqtt, old
+    installations); 3.1.1 has no session expiry, so there the session is simply
+    persistent (clean session off) and ``session_expiry_s`` is not sent.
     """
 
     host: str
@@ -94,6 +98,7 @@ class CollectorSettings:
     ca_file: str | None = None
     batch_max: int = 5000
     queue_max: int = 100_000
+    protocol: MqttProtocol = MqttProtocol.V5
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host.strip():
@@ -110,6 +115,12 @@ class CollectorSettings:
             )
         if self.batch_max < 1 or self.queue_max < 1:
             raise ConfigError("batch_max and queue_max must be >= 1")
+        try:
+            object.__setattr__(self, "protocol", MqttProtocol(self.protocol))
+        except ValueError:
+            raise ConfigError(
+                f'MQTT protocol must be "5" or "3.1.1", got {self.protocol!r}'
+            ) from None
 
 
 @dataclass
@@ -172,10 +183,13 @@ class Collector:
 
     def _make_client(self) -> mqtt.Client:
         s = self.settings
+        v5 = s.protocol is MqttProtocol.V5
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=s.client_id,
-            protocol=mqtt.MQTTv5,
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+            # 3.1.1: a persistent session (no expiry in that version); 5: see start().
+            clean_session=None if v5 else False,
             manual_ack=True,
         )
         client.suppress_exceptions = True
@@ -211,19 +225,23 @@ class Collector:
             raise FieldscopeError("Collector.start() was called twice")
         self._started = True
         s = self.settings
-        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        properties.SessionExpiryInterval = s.session_expiry_s
-        properties.ReceiveMaximum = 5000
         self._writer = threading.Thread(target=self._write_loop, name="collect-writer", daemon=True)
         self._writer.start()
-        self._client.connect_async(
-            s.host, s.port, s.keepalive_s, clean_start=False, properties=properties
-        )
+        if s.protocol is MqttProtocol.V5:
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            properties.SessionExpiryInterval = s.session_expiry_s
+            properties.ReceiveMaximum = 5000
+            self._client.connect_async(
+                s.host, s.port, s.keepalive_s, clean_start=False, properties=properties
+            )
+        else:
+            self._client.connect_async(s.host, s.port, s.keepalive_s)
         self._client.loop_start()
         logger.info(
-            "collecting from %s:%d (prefix %r, client id %s%s) into %s",
+            "collecting from %s:%d (MQTT %s, prefix %r, client id %s%s) into %s",
             s.host,
             s.port,
+            s.protocol.value,
             s.prefix,
             s.client_id,
             f", shared group {s.share_group}" if s.share_group else "",
