@@ -1,0 +1,161 @@
+"""Make the default inputs of the Raspberry Pi check: two bundles and sample images.
+
+Run by ``deploy/pi-check/run`` when no ``--bundle`` is given, with a host Python that
+has ``fieldscope[train]`` (TensorFlow). It trains a small MobileNet-like model on
+synthetic specimens (``fieldscope.edge.specimens``) for long enough that it really
+tells the species apart: a model that answers the same for every image would make
+the arm64-vs-x86_64 comparison meaningless. It then converts it with fieldscope's
+own converter (operator check, fidelity check, ``min_runtime``) twice:
+
+* ``int8``: what ``fieldscope convert`` ships by default (median denoise);
+* ``float32``: exercises the float kernels (Gaussian denoise).
+
+The sample images are drawn with another seed than the training images. Output::
+
+    OUT_DIR/bundles/int8/  OUT_DIR/bundles/float32/  OUT_DIR/images/<species>/*.png
+
+Usage: python make_bundles.py OUT_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SIZE = 48
+SPECIES = 4
+TRAIN_PER_CLASS = 40
+SAMPLE_PER_CLASS = 3
+# The bundle's quantisation and its denoise filter.
+RECIPES = {"int8": "median", "float32": "gaussian"}
+
+
+def _mini_mobilenet(size: int, classes: int) -> Any:
+    """Inverted-residual blocks like MobileNetV2's, small enough to train in seconds."""
+    import keras
+
+    layers = keras.layers
+
+    def block(x: Any, channels: int, stride: int) -> Any:
+        shortcut, width = x, int(x.shape[-1])
+        x = layers.Conv2D(width * 3, 1, use_bias=False)(x)
+        x = layers.ReLU(6.0)(layers.BatchNormalization(momentum=0.9)(x))
+        x = layers.DepthwiseConv2D(3, strides=stride, padding="same", use_bias=False)(x)
+        x = layers.ReLU(6.0)(layers.BatchNormalization(momentum=0.9)(x))
+        x = layers.BatchNormalization(momentum=0.9)(layers.Conv2D(channels, 1, use_bias=False)(x))
+        return layers.Add()([shortcut, x]) if stride == 1 and width == channels else x
+
+    inputs = keras.Input((size, size, 3), name="image")
+    x = layers.Rescaling(1.0 / 127.5, offset=-1.0)(inputs)
+    x = layers.Conv2D(16, 3, strides=2, padding="same", use_bias=False)(x)
+    x = layers.ReLU(6.0)(layers.BatchNormalization(momentum=0.9)(x))
+    for channels, stride in ((16, 1), (24, 2), (24, 1), (32, 2)):
+        x = block(x, channels, stride)
+    x = layers.GlobalAveragePooling2D()(x)
+    outputs = layers.Dense(classes, activation="softmax")(x)
+    return keras.Model(inputs, outputs)
+
+
+def _load(root: Path, labels: list[str], recipe: Any) -> tuple[np.ndarray, np.ndarray]:
+    from fieldscope.edge.preprocess import load_and_preprocess
+
+    images, targets = [], []
+    for index, label in enumerate(labels):
+        for path in sorted((root / label).glob("*.png")):
+            images.append(load_and_preprocess(path, recipe))
+            targets.append(index)
+    return np.stack(images), np.asarray(targets)
+
+
+def make(out_dir: Path) -> None:
+    """Write the bundles and sample images into ``out_dir`` (see the module docstring)."""
+    import keras
+
+    from fieldscope.convert.pipeline import convert_model, write_converted_bundle
+    from fieldscope.edge.preprocess import PreprocessRecipe
+    from fieldscope.edge.specimens import write_dataset
+
+    write_dataset(
+        out_dir / "images", classes=SPECIES, per_class=SAMPLE_PER_CLASS, size=160, seed=11
+    )
+    with tempfile.TemporaryDirectory(prefix="pi-check-train-") as tmp:
+        train_dir = Path(tmp) / "train"
+        write_dataset(train_dir, classes=SPECIES, per_class=TRAIN_PER_CLASS, size=96, seed=3)
+        labels = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+        for name, denoise in RECIPES.items():
+            recipe = PreprocessRecipe(size=(SIZE, SIZE), resize="letterbox", denoise=denoise)
+            x, y = _load(train_dir, labels, recipe)
+            test = np.arange(len(y)) % 10 < 3
+            keras.utils.set_random_seed(0)
+            model = _mini_mobilenet(SIZE, len(labels))
+            model.compile(
+                optimizer=keras.optimizers.Adam(3e-3),
+                loss="sparse_categorical_crossentropy",
+                metrics=["accuracy"],
+            )
+            # The 8 flips/rotations of each image: specimens lie in any orientation.
+            train_x, train_y = x[~test], y[~test]
+            views = [
+                np.rot90(v, k, axes=(1, 2)) for v in (train_x, train_x[:, ::-1]) for k in range(4)
+            ]
+            model.fit(
+                np.concatenate(views).astype(np.float32),
+                np.tile(train_y, len(views)),
+                epochs=6,
+                batch_size=32,
+                verbose=0,
+            )
+            result = convert_model(
+                model,
+                labels=labels,
+                recipe=recipe,
+                calibration_images=train_x[::2],
+                eval_images=x[test],
+                eval_labels=y[test],
+                quantize=name,
+                max_accuracy_drop=15.0,  # a test bundle: 36 test images, one is ~3 points
+            )
+            write_converted_bundle(
+                result,
+                out_dir / "bundles" / name,
+                model_name=f"pi-check-{name}",
+                model_version="1",
+                threshold=0.5,
+                source_run="deploy/pi-check/make_bundles.py",
+            )
+            print(f"  bundle {name}: {result.fidelity.summary()}", flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir", type=Path)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        from fieldscope.edge.errors import FieldscopeError
+    except ImportError as exc:
+        print(f"make_bundles: fieldscope is not importable here ({exc})", file=sys.stderr)
+        return 2
+    try:
+        make(args.out_dir)
+    except ImportError as exc:
+        print(
+            f"make_bundles: {exc}; making the default test bundles needs fieldscope[train] "
+            "on the host (pip install -e '.[train]'), or give --bundle and --images",
+            file=sys.stderr,
+        )
+        return 2
+    except FieldscopeError as exc:
+        print(f"make_bundles: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
