@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fieldscope.convert import DEFAULT_CALIBRATION_IMAGES
+
 __all__ = ["register"]
 
 _MODES = ("int8", "float16", "dynamic", "float32")
@@ -49,9 +51,10 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--calibration-images",
         type=int,
-        default=200,
+        default=DEFAULT_CALIBRATION_IMAGES,
         metavar="N",
-        help="int8 calibration sample drawn from the training split (default 200)",
+        help="int8 calibration sample drawn from the training split, stratified so every "
+        f"class is in it (default {DEFAULT_CALIBRATION_IMAGES})",
     )
     p.add_argument(
         "--threshold",

@@ -5,7 +5,11 @@ Nothing here knows what a training run looks like (that is :mod:`fieldscope.conv
 already preprocessed by the edge's own function, and returns a :class:`ConversionResult`
 only when the converted model is safe to ship:
 
-1. export a SavedModel and convert it (:mod:`~fieldscope.convert.quantize`);
+1. export a SavedModel and convert it (:mod:`~fieldscope.convert.quantize`); a model
+   that ends in a softmax Dense layer is exported without the softmax (``logits``,
+   recorded as the manifest's ``output``), so an int8 model quantises logits with their
+   own scale and the edge classifier applies softmax in float: uint8 probabilities in
+   steps of 1/256 tie close classes, which costs accuracy on sets of many classes;
 2. read the flatbuffer's operators: no Flex/custom ops, and by default nothing that
    tflite-runtime 2.14 cannot run (:mod:`~fieldscope.convert.opcheck`);
 3. write a throw-away bundle and run it with the edge :class:`Classifier` on the test
@@ -57,6 +61,7 @@ __all__ = [
     "ConversionResult",
     "check_output_dir",
     "convert_model",
+    "logits_model",
     "write_converted_bundle",
 ]
 
@@ -82,6 +87,7 @@ class ConversionResult:
     calibration_images: int
     max_accuracy_drop: float
     converter: str
+    output: str | None = None
 
     def provenance_fidelity(self) -> dict[str, Any]:
         """What goes into the manifest's ``provenance.fidelity``."""
@@ -89,6 +95,7 @@ class ConversionResult:
             **self.fidelity.to_dict(),
             "max_accuracy_drop_points": self.max_accuracy_drop,
             "calibration_images": self.calibration_images,
+            "output": self.output,
             "converter": self.converter,
             "operators": self.operators.to_dict()["builtin"],
         }
@@ -98,6 +105,27 @@ def _note(progress: Progress | None, message: str) -> None:
     log.info("%s", message)
     if progress is not None:
         progress(message)
+
+
+def logits_model(keras_model: Any) -> tuple[Any, str | None]:
+    """``keras_model`` without its final softmax, and what the returned model outputs.
+
+    A model whose last layer is a Dense layer with a softmax activation (every
+    ``fieldscope train`` model) is rebuilt with a linear copy of that layer, sharing the
+    input and every other layer: ``("logits")``. Any other model is returned as it is,
+    with ``None``: the edge classifier then detects what it outputs.
+    """
+    import keras
+
+    last = keras_model.layers[-1]
+    if not isinstance(last, keras.layers.Dense) or last.activation is not keras.activations.softmax:
+        return keras_model, None
+    config = last.get_config()
+    config.update(activation="linear", name=f"{last.name}_logits")
+    linear = keras.layers.Dense.from_config(config)
+    outputs = linear(last.input)
+    linear.set_weights(last.get_weights())
+    return keras.Model(keras_model.inputs, outputs, name=f"{keras_model.name}_logits"), "logits"
 
 
 def _check_images(name: str, images: np.ndarray, recipe: PreprocessRecipe) -> np.ndarray:
@@ -187,7 +215,8 @@ def convert_model(
     with tempfile.TemporaryDirectory(prefix="fieldscope-convert-") as tmp:
         work = Path(tmp)
         _note(progress, "exporting the Keras model as a SavedModel")
-        saved = export_saved_model(keras_model, work / "saved_model")
+        exported, output = logits_model(keras_model)
+        saved = export_saved_model(exported, work / "saved_model")
         what = (
             f" (calibrating on {len(calibration)} training images)"
             if calibration is not None
@@ -206,6 +235,7 @@ def convert_model(
             model_version="0",
             labels=labels,
             preprocessing=recipe,
+            output=output,
         )
         edge_probs, runtime = edge_probabilities(staged, eval_images)
     keras_probs = keras_probabilities(keras_model, eval_images)
@@ -229,6 +259,7 @@ def convert_model(
         calibration_images=0 if calibration is None else len(calibration),
         max_accuracy_drop=float(max_accuracy_drop),
         converter=f"tensorflow {tf.__version__}",
+        output=output,
     )
 
 
@@ -288,6 +319,7 @@ def write_converted_bundle(
                 fidelity=result.provenance_fidelity(),
             ),
             min_runtime=result.min_runtime,
+            output=result.output,
         )
         if sign_key is not None:
             sign_bundle(staged, sign_key)

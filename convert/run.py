@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from fieldscope.convert import DEFAULT_CALIBRATION_IMAGES
 from fieldscope.convert.errors import ConversionError
 from fieldscope.convert.keys import check_private_key
 from fieldscope.convert.pipeline import (
@@ -48,8 +49,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# TensorFlow's guidance for post-training calibration is a few hundred samples.
-DEFAULT_CALIBRATION_IMAGES = 200
 
 Progress = Callable[[str], None]
 

@@ -286,6 +286,13 @@ _MANIFEST_KEYS = (
     "provenance",
     "files",
 )
+# Optional manifest fields: absent in bundles written before they existed.
+_OPTIONAL_MANIFEST_KEYS = ("output",)
+# What the model's output tensor holds. "logits": the edge applies softmax to the
+# dequantised values (int8 bundles keep softmax out of the integer graph, so close
+# classes are not tied by uint8 steps of 1/256); "probabilities": used as they are.
+# Absent (older bundles): the classifier decides from a probe inference.
+OUTPUT_KINDS: tuple[str, ...] = ("probabilities", "logits")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -311,6 +318,7 @@ class Manifest:
     provenance: Provenance
     files: Mapping[str, FileEntry]
     min_runtime: Mapping[str, str] | None = None
+    output: str | None = None
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -338,6 +346,10 @@ class Manifest:
             dupes = sorted({x for x in labels if labels.count(x) > 1})
             problems.append(f"labels must be unique, repeated: {', '.join(dupes)}")
         problems += self._input_problems()
+        if self.output is not None and self.output not in OUTPUT_KINDS:
+            problems.append(
+                f"output must be one of {', '.join(OUTPUT_KINDS)}, got {self.output!r}"
+            )
         if not _is_number(self.threshold) or not 0.0 <= self.threshold <= 1.0:
             problems.append(f"threshold must be a number in 0..1, got {self.threshold!r}")
         if self.min_runtime is not None and not all(
@@ -380,7 +392,7 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form written to ``manifest.json`` (keys in a readable order)."""
-        return {
+        data: dict[str, Any] = {
             "schema_version": self.schema_version,
             "model_name": self.model_name,
             "model_version": self.model_version,
@@ -395,6 +407,9 @@ class Manifest:
             "provenance": self.provenance.to_dict(),
             "files": {name: entry.to_dict() for name, entry in self.files.items()},
         }
+        if self.output is not None:
+            data["output"] = self.output
+        return data
 
     @classmethod
     def from_dict(cls, data: object) -> Manifest:
@@ -409,7 +424,10 @@ class Manifest:
         version = r.integer("schema_version")
         if version not in SUPPORTED_SCHEMA_VERSIONS:
             raise BundleError(_schema_problem(version))
-        r.check_keys(_MANIFEST_KEYS)
+        r.check_keys(_MANIFEST_KEYS, _OPTIONAL_MANIFEST_KEYS)
+        output = r.data.get("output")
+        if output is not None and not isinstance(output, str):
+            raise r.fail("output", f"one of {', '.join(OUTPUT_KINDS)}")
         labels = r.data["labels"]
         if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
             raise r.fail("labels", "a list of strings")
@@ -438,6 +456,7 @@ class Manifest:
             preprocessing=preprocessing,
             threshold=r.number("threshold"),
             min_runtime=min_runtime,
+            output=output,
             provenance=Provenance.from_dict(r.data["provenance"]),
             files={
                 name: FileEntry.from_dict(entry, f"files.{name}")
@@ -610,9 +629,13 @@ def write_bundle(
     threshold: float = 0.5,
     provenance: Provenance | Mapping[str, Any] | None = None,
     min_runtime: Mapping[str, str] | None = None,
+    output: str | None = None,
     overwrite: bool = False,
 ) -> Bundle:
     """Write a bundle directory; input shape, dtypes and quantisation come from the model.
+
+    ``output`` says whether the model outputs ``"probabilities"`` or ``"logits"``
+    (``OUTPUT_KINDS``); ``None`` leaves it to the classifier's probe, as older bundles do.
 
     The model is loaded with the edge runtime first, so a bundle that would not verify
     (wrong label count, preprocessing size ≠ model input) is never written. Files go to
@@ -650,6 +673,7 @@ def write_bundle(
         threshold=float(threshold),
         provenance=provenance or Provenance(),
         min_runtime=min_runtime,
+        output=output,
         files={MODEL_FILE: FileEntry(hashlib.sha256(model_bytes).hexdigest(), len(model_bytes))},
         **_model_fields(interpreter),
     )

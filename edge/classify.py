@@ -5,13 +5,16 @@ an inference on a Pi) and is **not thread-safe**: a TFLite interpreter holds its
 input and output tensors as state, so two threads calling :meth:`Classifier.classify`
 on one instance would overwrite each other's input. Use one classifier per thread.
 
-Probabilities or logits? A bundle's model normally ends in softmax, but a model
-exported without it produces logits. The classifier decides once, when it is built,
-from one probe inference on a mid-grey image: if the dequantised output is a
-probability distribution (every value in [0, 1] and the sum 1 within the output
-quantisation's rounding), outputs are used as they are; otherwise softmax is applied
-to every output. Deciding once keeps the behaviour identical for every frame, and the
-probe doubles as a self-test that the model really runs on this device.
+Probabilities or logits? ``fieldscope convert`` writes models that output logits and
+says so in the manifest (``output = "logits"``): softmax runs here, in float64 on the
+dequantised logits, so an int8 model does not round close classes' probabilities to the
+same uint8 step. For a bundle whose manifest does not say (older bundles, hand-made
+ones), the classifier decides once, when it is built, from one probe inference on a
+mid-grey image: if the dequantised output is a probability distribution (every value
+in [0, 1] and the sum 1 within the output quantisation's rounding), outputs are used as
+they are; otherwise softmax is applied. Deciding once keeps the behaviour identical for
+every frame, and the probe inference doubles as a self-test that the model really runs
+on this device.
 """
 
 from __future__ import annotations
@@ -132,6 +135,9 @@ class Classifier:
             raise BundleError(
                 f"bundle {self.bundle.path}: the model produced non-finite scores on a test image"
             )
+        declared = self.bundle.manifest.output
+        if declared is not None:
+            return declared == "probabilities"
         tolerance = max(1e-3, self._out_scale)
         is_probs = _is_distribution(raw, tolerance)
         logger.debug(

@@ -62,8 +62,12 @@ FLAG_VALUES: dict[str, tuple[str, object]] = {
     "fine_tune_layers": ("12", 12),
     "dropout": ("0.5", 0.5),
     "patience": ("0", 0),
+    "strategy": ("end-to-end", "end-to-end"),
+    "augment_copies": ("2", 2),
+    "label_smoothing": ("0", 0.0),
     "class_weight": ("none", "none"),
     "target_precision": ("0.9", 0.9),
+    "threshold_confidence": ("0", 0.0),
     "run_eagerly": ("", True),
     "cache_dir": ("/tmp/fs-cache", "/tmp/fs-cache"),
     "preprocess.denoise": ("median", "median"),
@@ -97,6 +101,8 @@ def test_every_config_key_has_a_flag_that_overrides_it() -> None:
             argv = [key.flag, text]
         if key.dotted == "preprocess.denoise_params":
             argv = ["--denoise", "median", *argv]
+        if key.dotted == "alpha":  # a width multiplier needs a backbone that has one
+            argv = ["--backbone", "mobilenet_v2", *argv]
         config = _parse(argv)
         assert _get(config, key.dotted) == expected, key.dotted
         assert _get(TrainConfig(), key.dotted) != expected, f"{key.dotted}: pick a non-default"
@@ -133,7 +139,7 @@ def test_flags_override_the_file_which_overrides_defaults(tmp_path: Path) -> Non
         ("[preprocess]\ndenoise = 'wavelet'\n", "denoise"),
         ("[preprocess.denoise_params]\nksize = 3\n", "ksize"),
         ("backbone = 'resnet50'\nalpha = 0.5\n", "alpha applies only to"),
-        ("alpha = 0.6\n", "ImageNet weights for mobilenet_v2 exist only for alpha"),
+        ("backbone = \"mobilenet_v2\"\nalpha = 0.6\n", "ImageNet weights for mobilenet_v2 exist only for alpha"),
         ("epochs = 3\nepochs = 4\n", "not valid TOML"),
     ],
 )

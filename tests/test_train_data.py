@@ -5,6 +5,8 @@ Images are real PNG/JPEG files written with OpenCV; preprocessing is the edge's 
 
 from __future__ import annotations
 
+import json
+
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -86,6 +88,26 @@ def test_presplit_folders_are_kept_and_a_missing_val_is_carved_from_train(tmp_pa
     assert {s.label for s in split.val} == {0, 1}
     assert len(split.train) + len(split.val) == 20
     assert not set(split.train) & set(split.val)
+
+
+def test_a_given_val_without_test_trains_on_every_train_image(tmp_path: Path) -> None:
+    """train/ + val/: nothing is carved from train/; the test report is on val/."""
+    root = tmp_path / "data"
+    _dataset(root / "train", {"x": 10, "y": 10})
+    _dataset(root / "val", {"x": 3, "y": 2})
+    split = split_dataset(discover(root), (0.7, 0.15, 0.15), seed=0)
+    assert len(split.train) == 20
+    assert {s.path.parent.parent.name for s in split.val} == {"val"}
+    assert split.test == split.val
+    assert split.test_source == "val"
+    again = type(split).from_dict(json.loads(json.dumps(split.to_dict())))
+    assert again.test_source == "val"
+    # Only train/: val and test are carved, as before.
+    only = tmp_path / "only"
+    _dataset(only / "train", {"x": 10, "y": 10})
+    carved = split_dataset(discover(only), (0.7, 0.15, 0.15), seed=0)
+    assert carved.test_source == "split"
+    assert len(carved.train) < 20
 
 
 def test_split_is_stratified_seeded_and_reproducible(tmp_path: Path) -> None:
@@ -206,6 +228,8 @@ def _train_cli(data: Path, out: Path, capsys: pytest.CaptureFixture[str]) -> tup
             str(data),
             "--out",
             str(out),
+            "--backbone",
+            "mobilenet_v2",
             "--weights",
             "none",
             "--image-size",

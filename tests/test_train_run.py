@@ -33,7 +33,8 @@ from fieldscope.train.report import metrics_from_predictions, predictions_path, 
 pytestmark = pytest.mark.slow
 
 TINY = [
-    "--weights", "none", "--alpha", "0.35", "--image-size", "48", "--batch-size", "8",
+    "--backbone", "mobilenet_v2", "--weights", "none", "--alpha", "0.35", "--image-size", "48",
+    "--batch-size", "8",
     "--run-eagerly", "--fine-tune-layers", "20",
 ]  # fmt: skip
 

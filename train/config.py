@@ -41,6 +41,12 @@ __all__ = [
 ]
 
 
+# The default backbone gets its ImageNet weights from a pip package (the
+# offline-weights extra), so the default works without internet.
+DEFAULT_BACKBONE = "efficientnet_lite0"
+STRATEGIES: tuple[str, ...] = ("auto", "cached", "end-to-end")
+
+
 def _key(help_text: str, *, flag: str | None = None, metavar: str | None = None) -> Any:
     """Field metadata: the help text and, when the generated name is clumsy, the flag."""
     return {"help": help_text, "flag": flag, "metavar": metavar}
@@ -94,7 +100,7 @@ class TrainConfig:
     """Everything that decides a training run; see ``train/examples/train.toml``."""
 
     backbone: str = field(
-        default="mobilenet_v2", metadata=_key(f"backbone: {', '.join(BACKBONES)}")
+        default=DEFAULT_BACKBONE, metadata=_key(f"backbone: {', '.join(BACKBONES)}")
     )
     alpha: float = field(
         default=1.0, metadata=_key("width multiplier of the Keras mobilenet_v2/v3 backbones")
@@ -114,18 +120,37 @@ class TrainConfig:
     epochs: int = field(default=10, metadata=_key("stage 1 epochs (frozen backbone)"))
     learning_rate: float = field(default=1e-3, metadata=_key("stage 1 learning rate"))
     fine_tune_epochs: int = field(
-        default=10, metadata=_key("stage 2 epochs (top layers unfrozen; 0 = skip)")
+        default=20, metadata=_key("stage 2 epochs (top layers unfrozen; 0 = skip)")
     )
     fine_tune_learning_rate: float = field(
-        default=1e-5,
+        default=1e-4,
         metadata=_key("stage 2 initial learning rate (cosine decay)", flag="--fine-tune-lr"),
     )
     fine_tune_layers: int = field(
         default=30, metadata=_key("backbone layers unfrozen from the top in stage 2")
     )
     dropout: float = field(default=0.2, metadata=_key("dropout before the classifier"))
+    strategy: str = field(
+        default="auto",
+        metadata=_key(
+            "fitting strategy: cached (stage 1 a converged head on cached backbone features, "
+            "stage 2 fine-tunes the top on cached activations), end-to-end (every epoch "
+            "through the whole network), or auto (cached with pretrained weights, "
+            "end-to-end from scratch)"
+        ),
+    )
+    augment_copies: int = field(
+        default=4,
+        metadata=_key(
+            "cached strategy: training images whose activations are cached, counting the "
+            "original and its randomly augmented copies"
+        ),
+    )
+    label_smoothing: float = field(
+        default=0.1, metadata=_key("cached strategy: label smoothing of the stage 2 loss")
+    )
     patience: int = field(
-        default=3, metadata=_key("early stopping: epochs without improvement (0 = off)")
+        default=5, metadata=_key("early stopping: epochs without improvement (0 = off)")
     )
     class_weight: str = field(
         default="balanced", metadata=_key("balanced (weights ~ 1/class size) or none")
@@ -133,6 +158,13 @@ class TrainConfig:
     target_precision: float = field(
         default=0.95,
         metadata=_key("decision threshold keeps the precision of accepted predictions >= this"),
+    )
+    threshold_confidence: float = field(
+        default=0.95,
+        metadata=_key(
+            "the target precision holds with this confidence (lower bound of the "
+            "validation precision); 0 = use the observed precision"
+        ),
     )
     run_eagerly: bool = field(
         default=False, metadata=_key("run Keras eagerly (faster for tiny models, slower for real)")
@@ -191,10 +223,27 @@ class TrainConfig:
             problems.append(
                 f"split needs train, val and test parts above 0, got {_ratio_text(self.split)}"
             )
+        if self.strategy not in STRATEGIES:
+            problems.append(
+                f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}"
+            )
+        elif self.strategy == "cached" and self.weights == "none":
+            problems.append(
+                "strategy 'cached' needs pretrained weights (it freezes the backbone's lower "
+                "layers); with weights 'none' use strategy 'end-to-end' or 'auto'"
+            )
+        if self.augment_copies < 1:
+            problems.append(f"augment_copies must be >= 1, got {self.augment_copies!r}")
+        if not 0 <= self.label_smoothing < 0.5:
+            problems.append(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing!r}")
         if not 0 <= self.dropout < 1:
             problems.append(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.class_weight not in ("balanced", "none"):
             problems.append(f"class_weight must be 'balanced' or 'none', got {self.class_weight!r}")
+        if not 0 <= self.threshold_confidence < 1:
+            problems.append(
+                f"threshold_confidence must be in [0, 1), got {self.threshold_confidence!r}"
+            )
         if not 0 < self.target_precision <= 1:
             problems.append(f"target_precision must be in (0, 1], got {self.target_precision!r}")
         a = self.augment
@@ -207,6 +256,12 @@ class TrainConfig:
         except RecipeError as exc:
             problems.append(f"preprocess: {exc}")
         return problems
+
+    def fitting_strategy(self) -> str:
+        """The strategy that ``strategy = "auto"`` stands for with these weights."""
+        if self.strategy != "auto":
+            return self.strategy
+        return "end-to-end" if self.weights == "none" else "cached"
 
     def recipe(self) -> PreprocessRecipe:
         """The edge preprocessing recipe this run trains with (and the bundle will carry)."""

@@ -1,7 +1,9 @@
 """Image folders -> labelled samples -> a stratified split -> cached arrays -> ``tf.data``.
 
 * **Discovery.** DATA_DIR holds one folder per class, or ``train/``, ``val/``, ``test/``
-  each holding class folders (a missing ``val/`` or ``test/`` is carved from ``train/``).
+  each holding class folders. A missing ``val/`` (and ``test/``) is carved from
+  ``train/``; a given ``val/`` without ``test/`` carves nothing: every ``train/`` image
+  trains and the test report is on ``val/`` (``DataSplit.test_source`` says so).
   Classes are the folder names, sorted; hidden files and folders and files that are not
   images (by suffix) are ignored. Nothing is hard-coded.
 * **Split.** Stratified and seeded per class: each class is shuffled by a generator seeded
@@ -133,6 +135,10 @@ class DataSplit:
     fold: int | None = None
     folds: int | None = None
     skipped: tuple[SkippedFile, ...] = field(default=())
+    # Where the test images came from: "split" (carved by the seeded split), "test"
+    # (the data folder's test/), or "val" (no test/ was given: the val/ images the user
+    # set aside are the only held-out ones, so the report evaluates on them and says so).
+    test_source: str = "split"
 
     def part(self, name: str) -> tuple[Sample, ...]:
         if name not in SPLITS:
@@ -160,6 +166,7 @@ class DataSplit:
             "ratios": list(self.ratios),
             "fold": self.fold,
             "folds": self.folds,
+            "test_source": self.test_source,
             **{
                 name: [
                     {"path": rel(s.path), "label": self.labels[s.label]} for s in self.part(name)
@@ -193,6 +200,7 @@ class DataSplit:
                 fold=data.get("fold"),
                 folds=data.get("folds"),
                 skipped=skipped,
+                test_source=str(data.get("test_source", "split")),
                 **parts,
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -384,7 +392,7 @@ def check_split_feasible(index: DatasetIndex, ratios: Sequence[float], *, folds:
         why = f"{folds}-fold cross-validation (each fold tests on 1/{folds} of it)"
         counts = index.counts()["all"]
     elif index.presplit:
-        missing = [name for name in SPLITS if name not in index.parts]
+        missing = _carved_parts(index)
         carve = {name: ratios[SPLITS.index(name)] for name in missing}
         kept = ratios[0] + sum(carve.values())
         sub = [ratios[0] / kept, *(carve[m] / kept for m in missing)]
@@ -452,10 +460,11 @@ def split_dataset(
     """A stratified, seeded train/val/test split (given parts of a pre-split folder kept)."""
     check_split_feasible(index, ratios)
     ratios = tuple(ratios)
+    source = "split"
     if not index.presplit:
         train, val, test = _stratify(index.parts["all"], index.labels, ratios, seed)
     else:
-        missing = [name for name in SPLITS if name not in index.parts]
+        missing = _carved_parts(index)
         carve = [ratios[SPLITS.index(m)] for m in missing]
         kept = ratios[0] + sum(carve)
         pieces = _stratify(
@@ -464,7 +473,16 @@ def split_dataset(
         got = {"train": pieces[0], **dict(zip(missing, pieces[1:], strict=True))}
         train = got["train"]
         val = list(index.parts.get("val", ())) or got["val"]
-        test = list(index.parts.get("test", ())) or got["test"]
+        test = list(index.parts.get("test", ())) or got.get("test") or val
+        if "test" in index.parts:
+            source = "test"
+        elif "val" in index.parts:
+            source = "val"
+            log.info(
+                "%s has val/ but no test/: every train/ image is trained on, and the "
+                "model is evaluated on val/ (add a test/ folder for an independent test)",
+                index.root,
+            )
     return DataSplit(
         labels=index.labels,
         train=tuple(train),
@@ -474,7 +492,19 @@ def split_dataset(
         seed=seed,
         ratios=ratios,
         skipped=tuple(skipped),
+        test_source=source,
     )
+
+
+def _carved_parts(index: DatasetIndex) -> list[str]:
+    """The parts a pre-split folder lacks that are carved from its train/.
+
+    A given val/ is never supplemented by carving a test part from train/: the user's
+    training images all train, and the test is val/ (``DataSplit.test_source``).
+    """
+    if "val" in index.parts:
+        return []
+    return [name for name in SPLITS if name not in index.parts]
 
 
 def kfold_splits(

@@ -44,6 +44,7 @@ __all__ = [
     "ThresholdChoice",
     "calibration_bins",
     "choose_threshold",
+    "precision_lower_bound",
     "classification_report_text",
     "compute_metrics",
     "evaluate_threshold",
@@ -354,10 +355,19 @@ class ThresholdChoice:
     curve_threshold: tuple[float, ...]
     curve_precision: tuple[float, ...]
     curve_coverage: tuple[float, ...]
+    # With ``confidence`` set, the rule holds for the lower confidence bound of the
+    # precision (``precision_bound``), not for the observed precision.
+    confidence: float | None = None
+    precision_bound: float | None = None
 
     RULE = (
         "lowest validation confidence t such that predictions with top probability >= t "
         "have precision >= target_precision and coverage >= min_coverage"
+    )
+    RULE_BOUND = (
+        "lowest validation confidence t such that predictions with top probability >= t "
+        "have a one-sided Clopper-Pearson lower confidence bound of their precision "
+        ">= target_precision and coverage >= min_coverage"
     )
 
     def to_dict(self) -> dict[str, Any]:
@@ -371,7 +381,9 @@ class ThresholdChoice:
             "reached": self.reached,
             "target_precision": self.target_precision,
             "min_coverage": self.min_coverage,
-            "rule": self.RULE,
+            "confidence": self.confidence,
+            "precision_bound": self.precision_bound,
+            "rule": self.RULE if self.confidence is None else self.RULE_BOUND,
             "curve": {
                 "threshold": list(self.curve_threshold),
                 "precision": list(self.curve_precision),
@@ -396,6 +408,8 @@ class ThresholdChoice:
                 curve_threshold=tuple(float(v) for v in curve["threshold"]),
                 curve_precision=tuple(float(v) for v in curve["precision"]),
                 curve_coverage=tuple(float(v) for v in curve["coverage"]),
+                confidence=_optional_float(data.get("confidence")),
+                precision_bound=_optional_float(data.get("precision_bound")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise EvaluationError(f"invalid threshold record: missing or bad {exc}") from exc
@@ -407,11 +421,33 @@ class ThresholdChoice:
         return choice
 
 
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def precision_lower_bound(correct: Any, accepted: Any, confidence: float) -> np.ndarray:
+    """One-sided Clopper-Pearson lower bound of ``correct / accepted`` at ``confidence``.
+
+    Exact (conservative) for a binomial proportion: with probability at least
+    ``confidence`` the true precision of a threshold is at or above it, however few
+    images the validation split accepted. 0 where nothing is correct.
+    """
+    from scipy.stats import beta
+
+    k = np.asarray(correct, dtype=np.float64)
+    n = np.asarray(accepted, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        bound = beta.ppf(1.0 - confidence, k, n - k + 1.0)
+    return np.where(k > 0, np.nan_to_num(bound, nan=0.0), 0.0)
+
+
 def choose_threshold(
     y_true: Any,
     probs: Any,
     target_precision: float = 0.95,
     min_coverage: float = 0.0,
+    *,
+    confidence: float | None = None,
 ) -> ThresholdChoice:
     """Pick the confidence below which the edge should answer "uncertain".
 
@@ -426,6 +462,12 @@ def choose_threshold(
     Candidates are the observed confidences: accepting below the least confident accepted
     validation sample would be an extrapolation without evidence.
 
+    ``confidence`` (e.g. 0.95) makes the promise hold beyond the validation images: the
+    rule then applies to the lower confidence bound of the precision
+    (:func:`precision_lower_bound`) instead of the observed precision. A threshold that
+    just meets the target on a few hundred validation images misses it on new images
+    about half the time; the bound trades some coverage for a target that holds.
+
     If no threshold meets the target (within the coverage floor), the one with the best
     precision is returned (the lowest such, for coverage) with ``reached=False`` and a
     warning: a run must still produce a usable bundle, and the flag lets the caller or
@@ -433,12 +475,16 @@ def choose_threshold(
     """
     target = _check_unit(target_precision, "target_precision", open_low=True)
     floor = _check_unit(min_coverage, "min_coverage")
+    if confidence is not None:
+        confidence = _check_unit(confidence, "confidence", open_low=True)
+        if confidence >= 1.0:
+            raise EvaluationError(f"confidence must be in (0, 1), got {confidence!r}")
     y, p, _ = validate_predictions(y_true, probs)
     n = y.size
-    confidence = p.max(axis=1)
+    top = p.max(axis=1)
     correct = p.argmax(axis=1) == y
-    order = np.argsort(-confidence, kind="stable")
-    conf_sorted = confidence[order]
+    order = np.argsort(-top, kind="stable")
+    conf_sorted = top[order]
     cum_correct = np.cumsum(correct[order])
     # The accepted set for t = a confidence value ends at the last sample with that value.
     ends = np.flatnonzero(np.r_[conf_sorted[1:] != conf_sorted[:-1], True])
@@ -446,24 +492,31 @@ def choose_threshold(
     accepted = ends + 1
     precision = cum_correct[ends] / accepted
     coverage = accepted / n
+    bound = (
+        precision
+        if confidence is None
+        else precision_lower_bound(cum_correct[ends], accepted, confidence)
+    )
 
     feasible = coverage >= floor - _EPS
-    meets = feasible & (precision >= target - _EPS)
+    meets = feasible & (bound >= target - _EPS)
     reached = bool(meets.any())
     if reached:
         i = int(np.flatnonzero(meets)[-1])
     else:
         candidates = np.flatnonzero(feasible)  # never empty: the last point covers everything
-        best = precision[candidates].max()
-        i = int(candidates[precision[candidates] >= best - _EPS][-1])
+        best = bound[candidates].max()
+        i = int(candidates[bound[candidates] >= best - _EPS][-1])
+        what = "precision" if confidence is None else f"{confidence:.0%} lower bound of precision"
         _log.warning(
             "target precision %.3f not reached on %d validation samples (coverage >= %.3f); "
-            "using threshold %.4f with the best precision %.3f at coverage %.3f",
+            "using threshold %.4f with the best %s %.3f at coverage %.3f",
             target,
             n,
             floor,
             thresholds[i],
-            precision[i],
+            what,
+            bound[i],
             coverage[i],
         )
     return ThresholdChoice(
@@ -478,6 +531,8 @@ def choose_threshold(
         curve_threshold=tuple(float(v) for v in thresholds),
         curve_precision=tuple(float(v) for v in precision),
         curve_coverage=tuple(float(v) for v in coverage),
+        confidence=confidence,
+        precision_bound=None if confidence is None else float(bound[i]),
     )
 
 

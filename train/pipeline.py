@@ -41,7 +41,7 @@ import numpy as np
 
 from fieldscope.train import report
 from fieldscope.train.augment import build_augmenter
-from fieldscope.train.backbones import build_classifier
+from fieldscope.train.backbones import BACKBONES, build_classifier
 from fieldscope.train.config import TrainConfig
 from fieldscope.train.data import (
     DataSplit,
@@ -61,7 +61,7 @@ from fieldscope.train.evaluate import predict
 from fieldscope.train.fit import FitReporter, fit_two_stage
 from fieldscope.train.metrics import choose_threshold
 
-__all__ = ["RunSummary", "resume_run", "train_run"]
+__all__ = ["RunSummary", "check_weights_available", "resume_run", "train_run"]
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +144,7 @@ def train_run(
     _check_new_run_dir(run)
     index = discover(Path(data_dir))
     check_split_feasible(index, config.split, folds=config.folds)
+    check_weights_available(config)
     if config.cache_dir:
         # Saved absolute, so a resume from another working directory finds the cache.
         config = dataclasses.replace(config, cache_dir=str(Path(config.cache_dir).resolve()))
@@ -177,10 +178,39 @@ def resume_run(
         _read_json(run / CONFIG_FILE, what="run config"), source=str(run / CONFIG_FILE)
     )
     data_dir = Path(record["data_dir"])
+    check_weights_available(config)
     summary = _continue(
         run, config, data_dir, started=started, reporter=reporter, on_progress=on_progress
     )
     return summary, True
+
+
+def check_weights_available(config: TrainConfig) -> None:
+    """Fail before any preprocessing when the backbone's pretrained weights cannot be had.
+
+    Offline backbones need their pip package (the error names it); a ``keras.applications``
+    backbone downloads its ImageNet file once into ``~/.keras/models``, so it is built
+    here, where a failed download costs seconds instead of the whole preprocessing.
+
+    Raises:
+        TrainError: the weights package is missing, or the download failed (the message
+            says what to install, or which offline backbone to use instead).
+    """
+    if config.weights != "imagenet":
+        return
+    spec = BACKBONES[config.backbone]
+    if spec.ported:
+        from fieldscope.train.ported import weights_file
+
+        weights_file(spec.constructor)
+        return
+    build_classifier(
+        config.backbone,
+        num_classes=2,
+        image_size=config.image_size,
+        alpha=config.alpha,
+        weights=config.weights,
+    )
 
 
 def _continue(
@@ -280,16 +310,6 @@ def _train_split(
     x_train, y_train = _arrays(loaded, split.train)
     x_val, y_val = _arrays(loaded, split.val)
     x_test, y_test = _arrays(loaded, split.test)
-    augmenter = build_augmenter(config.augment, seed=config.seed)
-    train_ds = make_dataset(
-        x_train,
-        y_train,
-        batch_size=config.batch_size,
-        shuffle_seed=config.seed,
-        augmenter=augmenter,
-    )
-    val_ds = make_dataset(x_val, y_val, batch_size=config.batch_size)
-    steps = math.ceil(len(x_train) / config.batch_size)
     weights = class_weights(y_train, len(labels)) if config.class_weight == "balanced" else None
 
     def build() -> keras.Model:
@@ -302,16 +322,51 @@ def _train_split(
             dropout=config.dropout,
         )
 
-    model, progress = fit_two_stage(
-        build,
-        train_ds,
-        val_ds,
-        config=config,
-        steps_per_epoch=steps,
-        state_dir=run / STATE_DIR,
-        class_weight=weights,
-        reporter=reporter,
-    )
+    if config.fitting_strategy() == "cached":
+        from fieldscope.train.cached import fit_cached
+
+        model = build()
+        progress = fit_cached(
+            model,
+            x_train,
+            y_train,
+            x_val,
+            y_val,
+            n_classes=len(labels),
+            fine_tune_layers=config.fine_tune_layers,
+            fine_tune_epochs=config.fine_tune_epochs,
+            learning_rate=config.fine_tune_learning_rate,
+            augment_copies=config.augment_copies,
+            augmenter=lambda k: build_augmenter(config.augment, seed=config.seed + 101 * k),
+            label_smoothing=config.label_smoothing,
+            batch_size=config.batch_size,
+            patience=config.patience,
+            seed=config.seed,
+            state_dir=run / STATE_DIR,
+            class_weight=weights,
+            reporter=reporter,
+        )
+    else:
+        augmenter = build_augmenter(config.augment, seed=config.seed)
+        train_ds = make_dataset(
+            x_train,
+            y_train,
+            batch_size=config.batch_size,
+            shuffle_seed=config.seed,
+            augmenter=augmenter,
+        )
+        val_ds = make_dataset(x_val, y_val, batch_size=config.batch_size)
+        steps = math.ceil(len(x_train) / config.batch_size)
+        model, progress = fit_two_stage(
+            build,
+            train_ds,
+            val_ds,
+            config=config,
+            steps_per_epoch=steps,
+            state_dir=run / STATE_DIR,
+            class_weight=weights,
+            reporter=reporter,
+        )
     model.save(run / MODEL_FILE)
     best_stage, best_epoch = progress.best_at or (None, None)
     _write_json(
@@ -330,7 +385,12 @@ def _train_split(
     )
 
     probs_val = predict(model, x_val, batch_size=config.batch_size)
-    choice = choose_threshold(y_val, probs_val, target_precision=config.target_precision)
+    choice = choose_threshold(
+        y_val,
+        probs_val,
+        target_precision=config.target_precision,
+        confidence=config.threshold_confidence or None,
+    )
     report.write_evaluation(
         run,
         y_val,

@@ -1,0 +1,174 @@
+"""The cached strategy's parts: backbone split, converged head, threshold bound, logits.
+
+The backbone split must be exact (the cached activations stand in for the bottom of the
+network in every stage-2 epoch), the stage-1 head must be the logistic regression it
+claims to be, and a converted bundle must carry logits that the edge turns into the
+same probabilities as the Keras model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from fieldscope.convert.pipeline import convert_model, logits_model, write_converted_bundle
+from fieldscope.edge.bundle import read_bundle
+from fieldscope.edge.classify import Classifier
+from fieldscope.edge.errors import BundleError
+from fieldscope.edge.preprocess import PreprocessRecipe
+from fieldscope.train.backbones import build_classifier
+from fieldscope.train.cached import fit_head, split_backbone
+from fieldscope.train.metrics import choose_threshold, precision_lower_bound
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize(("backbone", "top"), [("mobilenet_v2", 30), ("mobilenet_v2", 0)])
+def test_split_backbone_is_exact(backbone: str, top: int) -> None:
+    model = build_classifier(
+        backbone, num_classes=4, image_size=64, alpha=0.35, weights="none", dropout=0.0
+    )
+    split = split_backbone(model, top)
+    assert split.top_layers >= max(1, top)
+    images = np.random.default_rng(0).uniform(0, 255, (3, 64, 64, 3)).astype("float32")
+    whole = model.predict(images, verbose=0)
+    parts = split.head_model.predict(split.bottom.predict(images, verbose=0), verbose=0)
+    np.testing.assert_allclose(parts, whole, atol=1e-5)
+    # The head model shares the classifier's layers: training one trains the other.
+    split.dense.set_weights([w * 0 for w in split.dense.get_weights()])
+    np.testing.assert_allclose(model.predict(images, verbose=0), 0.25, atol=1e-6)
+
+
+def test_fit_head_is_a_converged_logistic_regression() -> None:
+    rng = np.random.default_rng(1)
+    centres = rng.normal(0, 3, (3, 5))
+    y = rng.integers(0, 3, 300)
+    x = centres[y] + rng.normal(0, 1, (300, 5)) + 10  # offset: the scaling must fold back
+    head = fit_head(x[:200], y[:200], x[200:], y[200:], n_classes=4)
+    logits = x[200:] @ head.kernel + head.bias
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    assert head.val_accuracy == pytest.approx(np.mean(probs.argmax(1) == y[200:]))
+    assert head.val_accuracy > 0.9
+    assert probs[:, 3].max() < 1e-6, "a class with no training image is never predicted"
+    assert head.c in head.scores and head.scores[head.c] == min(head.scores.values())
+
+
+def test_precision_bound_is_clopper_pearson() -> None:
+    # 19/20 correct at 95 % one-sided: Beta(19, 2) 5 % quantile = 0.7839; 0 correct -> 0;
+    # n/n correct: 0.05 ** (1/n).
+    bound = precision_lower_bound([19, 0, 100], [20, 5, 100], 0.95)
+    assert bound[0] == pytest.approx(0.7839, abs=1e-4)
+    assert bound[1] == 0.0
+    assert bound[2] == pytest.approx(0.05 ** (1 / 100), abs=1e-6)
+
+
+def test_threshold_with_a_bound_keeps_its_promise_on_new_images() -> None:
+    """The observed-precision rule misses the target on fresh samples about half the time;
+    the bound keeps it on nearly every one (simulated: a known calibrated model)."""
+    rng = np.random.default_rng(3)
+
+    def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
+        confidence = rng.uniform(0.3, 1.0, n)
+        correct = rng.uniform(0, 1, n) < confidence  # calibrated: P(correct) = confidence
+        y = np.zeros(n, dtype=int)
+        probs = np.column_stack([confidence, 1 - confidence])
+        y[~correct] = 1
+        return y, probs
+
+    missed = {None: 0, 0.95: 0}
+    trials = 60
+    for _ in range(trials):
+        y_val, p_val = draw(300)
+        y_new, p_new = draw(5000)
+        for confidence in missed:
+            choice = choose_threshold(y_val, p_val, target_precision=0.9, confidence=confidence)
+            accepted = p_new.max(1) >= choice.threshold
+            precision = np.mean(p_new[accepted].argmax(1) == y_new[accepted])
+            missed[confidence] += int(precision < 0.9)
+    assert missed[None] > trials / 4
+    assert missed[0.95] <= trials * 0.1
+    y_val, p_val = draw(2000)
+    record = choose_threshold(y_val, p_val, target_precision=0.9, confidence=0.95).to_dict()
+    assert record["reached"]
+    assert record["confidence"] == 0.95
+    assert record["precision_bound"] >= 0.9
+    assert "lower confidence bound" in record["rule"]
+
+
+def test_converted_bundle_outputs_logits_and_the_edge_applies_softmax(tmp_path: Path) -> None:
+    keras.utils.set_random_seed(0)
+    model = build_classifier(
+        "mobilenet_v2", num_classes=5, image_size=32, alpha=0.35, weights="none", dropout=0.0
+    )
+    # Sharpen the head so the softmax is far from uniform.
+    dense = model.get_layer("predictions")
+    kernel, bias = dense.get_weights()
+    dense.set_weights([kernel * 40, bias])
+    exported, output = logits_model(model)
+    assert output == "logits"
+    assert exported.layers[-1].get_config()["activation"] == "linear"
+    recipe = PreprocessRecipe(size=(32, 32))
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+    labels = model.predict(images.astype("float32"), verbose=0).argmax(1)
+    result = convert_model(
+        model,
+        labels=[f"c{i}" for i in range(5)],
+        recipe=recipe,
+        calibration_images=images,
+        eval_images=images,
+        eval_labels=labels,
+        quantize="int8",
+        max_accuracy_drop=100,
+    )
+    bundle = write_converted_bundle(
+        result, tmp_path / "bundle", model_name="m", model_version="1", threshold=0.5
+    )
+    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    assert manifest["output"] == "logits"
+    assert manifest["provenance"]["fidelity"]["output"] == "logits"
+    classifier = Classifier(read_bundle(tmp_path / "bundle"))
+    assert not classifier.outputs_are_probabilities
+    keras_probs = model.predict(images.astype("float32"), verbose=0)
+    edge = np.stack([p.probabilities for p in classifier.classify_batch(images)])
+    np.testing.assert_allclose(edge.sum(1), 1.0, atol=1e-5)
+    # int8 logits, softmax in float: finer than the 1/256 steps of a uint8 softmax.
+    assert len(np.unique(edge.round(6))) > 256 or np.abs(edge - keras_probs).max() < 0.1
+    assert np.mean(edge.argmax(1) == keras_probs.argmax(1)) >= 0.9
+    assert bundle.manifest.output == "logits"
+
+
+def test_manifest_output_is_checked(tmp_path: Path) -> None:
+    from fieldscope.edge.bundle import Manifest
+
+    model = build_classifier(
+        "mobilenet_v2", num_classes=2, image_size=32, alpha=0.35, weights="none", dropout=0.0
+    )
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    result = convert_model(
+        model,
+        labels=["a", "b"],
+        recipe=PreprocessRecipe(size=(32, 32)),
+        calibration_images=None,
+        eval_images=images,
+        eval_labels=[0, 1, 0, 1, 0, 1],
+        quantize="float32",
+        max_accuracy_drop=100,
+    )
+    write_converted_bundle(
+        result, tmp_path / "b", model_name="m", model_version="1", threshold=0.5
+    )
+    data = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    data["output"] = "scores"
+    with pytest.raises(BundleError, match="output must be one of probabilities, logits"):
+        Manifest.from_dict(data)
+    del data["output"]  # a bundle from before the field existed still reads
+    assert Manifest.from_dict(data).output is None
+    assert math.isfinite(result.fidelity.top1_agreement)
