@@ -824,6 +824,8 @@ def _check_files(path: Path, manifest: Manifest) -> bytes:
     for name, expected in manifest.files.items():
         file_path = path / name
         if not file_path.is_file():
+            if file_path.exists():  # a FIFO, a device, a link to /dev/zero: never read
+                raise BundleError(f"bundle {path}: {name} is not a regular file")
             raise BundleError(f"bundle {path} is missing {name} (listed in {MANIFEST_FILE})")
         if name == MODEL_FILE:
             if expected.size > MAX_MODEL_BYTES:

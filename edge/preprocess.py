@@ -97,7 +97,7 @@ MAX_PIXELS = 100_000_000
 # 640 MiB admits a 100-megapixel 8-bit RGB frame (600 MB with its result).
 MAX_DECODE_BYTES = 640 * 1024 * 1024
 # Pixels converted per block in _to_rgb8, so its temporaries stay a few megabytes.
-_BLOCK_PIXELS = 1 << 20
+_BLOCK_PIXELS = 1 << 18
 
 
 @dataclass(frozen=True)
