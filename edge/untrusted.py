@@ -217,7 +217,7 @@ def load_json(
         )
     except json.JSONDecodeError as exc:
         raise RejectedValueError(
-            f"is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
+            f"{_NOT_ACCEPTED}: {exc.msg} (line {exc.lineno}, column {exc.colno})"
         ) from None
     except RecursionError:  # belt and braces: _too_deep should have caught it
         raise RejectedValueError(f"{_NOT_ACCEPTED}: nested too deeply") from None
