@@ -828,33 +828,45 @@ def _check_files(path: Path, manifest: Manifest) -> bytes:
                 raise BundleError(f"bundle {path}: {name} is not a regular file")
             raise BundleError(f"bundle {path} is missing {name} (listed in {MANIFEST_FILE})")
         if name == MODEL_FILE:
-            if expected.size > MAX_MODEL_BYTES:
-                raise BundleError(
-                    f"bundle {path}: {MANIFEST_FILE} says {name} is {expected.size:,} bytes, "
-                    f"more than the limit of {MAX_MODEL_BYTES:,}"
-                )
-            # Read once: these bytes are checksummed *and* loaded (Bundle.model_source);
-            # a file longer than the manifest says is refused before it is read.
-            on_disk = file_path.stat().st_size
-            model_content = (
-                _read_capped(path, name, expected.size) if on_disk == expected.size else b""
-            )
-            actual = FileEntry(
-                hashlib.sha256(model_content).hexdigest(), len(model_content) or on_disk
-            )
+            # Read once: these bytes are checksummed *and* loaded (Bundle.model_source).
+            model_content = _read_model(path, expected)
+            actual = FileEntry(hashlib.sha256(model_content).hexdigest(), len(model_content))
         else:
             actual = _file_entry(file_path)
         if actual.size != expected.size:
-            raise BundleError(
-                f"bundle {path}: {name} is {actual.size} bytes but {MANIFEST_FILE} says "
-                f"{expected.size} (truncated or replaced)"
-            )
+            raise _size_mismatch(path, name, actual.size, expected.size)
         if actual.sha256 != expected.sha256:
             raise BundleError(
                 f"bundle {path}: checksum mismatch for {name}: {MANIFEST_FILE} says sha256 "
                 f"{expected.sha256}, the file has {actual.sha256} (changed or damaged)"
             )
     return model_content
+
+
+def _size_mismatch(path: Path, name: str, actual: int, expected: int) -> BundleError:
+    return BundleError(
+        f"bundle {path}: {name} is {actual} bytes but {MANIFEST_FILE} says "
+        f"{expected} (truncated or replaced)"
+    )
+
+
+def _read_model(path: Path, expected: FileEntry) -> bytes:
+    """The model's bytes, read once; a size other than the manifest's (a replaced file,
+    a link to /dev/zero) or over ``MAX_MODEL_BYTES`` is refused before reading."""
+    if expected.size > MAX_MODEL_BYTES:
+        raise BundleError(
+            f"bundle {path}: {MANIFEST_FILE} says {MODEL_FILE} is {expected.size:,} bytes, "
+            f"more than the limit of {MAX_MODEL_BYTES:,}"
+        )
+    try:
+        on_disk = (path / MODEL_FILE).stat().st_size
+    except OSError as exc:
+        raise BundleError(
+            f"bundle {path}: cannot read {MODEL_FILE}: {exc.strerror or exc}"
+        ) from exc
+    if on_disk != expected.size:
+        raise _size_mismatch(path, MODEL_FILE, on_disk, expected.size)
+    return _read_capped(path, MODEL_FILE, expected.size)
 
 
 def _read_capped(bundle_dir: Path, name: str, max_bytes: int) -> bytes:
