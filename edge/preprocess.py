@@ -64,7 +64,8 @@ RESIZE_POLICIES: tuple[str, ...] = ("stretch", "center-crop", "letterbox")
 # The range each parameter may take. Windows are bounded because their cost grows with
 # their area: nlmeans with search_window=999 held a daemon's main thread for minutes on
 # one frame, and median ksize=10001 took 93 s per image. The limits are several times
-# what microscope denoising uses (the defaults above), and checked wherever a recipe is
+# what microscope denoising uses (the defaults above; nlmeans at its limits takes about
+# 2.3x its default time), and checked wherever a recipe is
 # validated: manifests, [preprocessing] overrides, train flags, `preview --param`.
 DENOISE_LIMITS: Mapping[str, Mapping[str, tuple[float, float]]] = {
     "none": {},
@@ -75,8 +76,8 @@ DENOISE_LIMITS: Mapping[str, Mapping[str, tuple[float, float]]] = {
     "nlmeans": {
         "h": (0, 255),
         "h_color": (0, 255),
-        "template_window": (1, 21),
-        "search_window": (1, 51),
+        "template_window": (1, 15),
+        "search_window": (1, 35),
     },
 }
 # With diameter 0 OpenCV uses a window of 2 * round(1.5 * sigma_space) + 1 pixels.
