@@ -38,6 +38,13 @@ import numpy as np
 from fieldscope.edge.errors import BundleError, RecipeError
 from fieldscope.edge.preprocess import PreprocessRecipe
 from fieldscope.edge.runtime import Interpreter, check_min_runtime, make_interpreter, runtime_info
+from fieldscope.edge.untrusted import (
+    RejectedValueError,
+    load_json,
+    read_number,
+    read_regular_file,
+    show_value,
+)
 
 __all__ = [
     "DTYPES",
@@ -72,6 +79,11 @@ SIGNATURE_FILE = "manifest.sig"
 DTYPES: tuple[str, ...] = ("uint8", "int8", "float32")
 
 _CHUNK = 1 << 20
+# A manifest is a few kilobytes (even 10,000 labels of 200 characters are about 2 MB); a
+# bigger one is refused before it is read whole, and so is a model over MAX_MODEL_BYTES.
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+MAX_MODEL_BYTES = 512 * 1024 * 1024
+_MAX_KEY_BYTES = 64 * 1024
 
 
 def _utc_now() -> str:
@@ -122,7 +134,8 @@ class _Reader:
 
     def fail(self, key: str, expected: str) -> BundleError:
         return BundleError(
-            f"manifest field {self._name(key)} must be {expected}, got {self.data.get(key)!r}"
+            f"manifest field {self._name(key)} must be {expected}, "
+            f"got {show_value(self.data.get(key))}"
         )
 
     def string(self, key: str) -> str:
@@ -137,11 +150,11 @@ class _Reader:
             raise self.fail(key, "an integer")
         return value
 
-    def number(self, key: str) -> float:
-        value = self.data[key]
-        if not _is_number(value):
-            raise self.fail(key, "a number")
-        return float(value)
+    def number(self, key: str, low: float = -math.inf, high: float = math.inf) -> float:
+        try:  # the shared bounded reader: a 400-digit integer is an error, not OverflowError
+            return read_number(self.data[key], low, high)
+        except RejectedValueError as exc:
+            raise BundleError(f"manifest field {self._name(key)} {exc}") from None
 
     def mapping(self, key: str) -> Mapping[str, Any]:
         value = self.data[key]
@@ -166,8 +179,8 @@ class QuantParams:
         """Parse the manifest form; errors name ``where`` (e.g. ``quantization.input``)."""
         r = _Reader(data, where)
         r.check_keys(("scale", "zero_point"))
-        scale = r.number("scale")
-        if not math.isfinite(scale) or scale <= 0:
+        scale = r.number("scale", 0.0)
+        if scale <= 0:
             raise r.fail("scale", "a positive number")
         return cls(scale, r.integer("zero_point"))
 
@@ -454,7 +467,7 @@ class Manifest:
             output_dtype=r.string("output_dtype"),
             quantization=None if quantization is None else Quantization.from_dict(quantization),
             preprocessing=preprocessing,
-            threshold=r.number("threshold"),
+            threshold=r.number("threshold", 0.0, 1.0),
             min_runtime=min_runtime,
             output=output,
             provenance=Provenance.from_dict(r.data["provenance"]),
@@ -487,6 +500,15 @@ class Bundle:
     model_path: Path
     sha256: str
     signed: bool = False
+    # The model's bytes exactly as they were checksummed. An interpreter must be built
+    # from these (``model_source()``), never by opening ``model_path`` again: a file
+    # swapped in between would otherwise be served under the verified sha256.
+    model_content: bytes | None = field(default=None, repr=False, compare=False)
+
+    def model_source(self) -> bytes | Path:
+        """What to build the interpreter from: the verified bytes (the path only for a
+        ``Bundle`` made by hand without them)."""
+        return self.model_path if self.model_content is None else self.model_content
 
 
 def manifest_schema() -> dict[str, Any]:
@@ -720,7 +742,9 @@ def _load_public_key(path: Path) -> Any:
     from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
     try:
-        data = Path(path).read_bytes()
+        data = read_regular_file(path, _MAX_KEY_BYTES)
+    except RejectedValueError as exc:
+        raise BundleError(f"public key {path} {exc}") from None
     except OSError as exc:
         raise BundleError(f"cannot read public key {path}: {exc.strerror or exc}") from exc
     if b"PRIVATE KEY" in data:
@@ -770,7 +794,7 @@ def _check_signature(bundle_dir: Path, manifest_bytes: bytes, public_key: Path) 
             "given, so a signature is required"
         )
     try:
-        key.verify(sig_path.read_bytes(), manifest_bytes)
+        key.verify(_read_capped(bundle_dir, SIGNATURE_FILE, _MAX_KEY_BYTES), manifest_bytes)
     except InvalidSignature as exc:
         raise BundleError(
             f"bundle {bundle_dir}: {SIGNATURE_FILE} is not a valid signature of "
@@ -788,45 +812,98 @@ def _open(path: Path, public_key: Path | None) -> Bundle:
     manifest_path = path / MANIFEST_FILE
     if not manifest_path.is_file():
         raise BundleError(f"bundle {path} has no {MANIFEST_FILE}")
-    raw = manifest_path.read_bytes()
+    raw = _read_capped(path, MANIFEST_FILE, MAX_MANIFEST_BYTES)
     # The signature covers the exact bytes, so check it before trusting any of them.
     if public_key is not None:
         _check_signature(path, raw, public_key)
     try:
-        data = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise BundleError(f"bundle {path}: {MANIFEST_FILE} is not UTF-8 text") from exc
-    except json.JSONDecodeError as exc:
-        raise BundleError(
-            f"bundle {path}: {MANIFEST_FILE} is not valid JSON "
-            f"(line {exc.lineno}, column {exc.colno}: {exc.msg})"
-        ) from exc
+        data = load_json(raw, max_bytes=MAX_MANIFEST_BYTES)
+    except RejectedValueError as exc:
+        raise BundleError(f"bundle {path}: {MANIFEST_FILE} {exc}") from None
     try:
         manifest = Manifest.from_dict(data)
     except BundleError as exc:
         raise BundleError(f"bundle {path}: {MANIFEST_FILE}: {exc}") from exc
-    for name, expected in manifest.files.items():
-        file_path = path / name
-        if not file_path.is_file():
-            raise BundleError(f"bundle {path} is missing {name} (listed in {MANIFEST_FILE})")
-        actual = _file_entry(file_path)
-        if actual.size != expected.size:
-            raise BundleError(
-                f"bundle {path}: {name} is {actual.size} bytes but {MANIFEST_FILE} says "
-                f"{expected.size} (truncated or replaced)"
-            )
-        if actual.sha256 != expected.sha256:
-            raise BundleError(
-                f"bundle {path}: checksum mismatch for {name}: {MANIFEST_FILE} says sha256 "
-                f"{expected.sha256}, the file has {actual.sha256} (changed or damaged)"
-            )
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+        # Every field has its own check; this is the boundary's guarantee that a manifest
+        # nobody foresaw still ends as a BundleError (the old model keeps serving).
+        raise BundleError(
+            f"bundle {path}: {MANIFEST_FILE} is invalid ({type(exc).__name__}: "
+            f"{show_value(str(exc), 200)})"
+        ) from exc
+    model_content = _check_files(path, manifest)
     return Bundle(
         path=path,
         manifest=manifest,
         model_path=path / MODEL_FILE,
         sha256=manifest.files[MODEL_FILE].sha256,
         signed=public_key is not None,
+        model_content=model_content,
     )
+
+
+def _check_files(path: Path, manifest: Manifest) -> bytes:
+    """Check every listed file's size and checksum; return the model's bytes as checked."""
+    model_content = b""
+    for name, expected in manifest.files.items():
+        file_path = path / name
+        if not file_path.is_file():
+            if file_path.exists():  # a FIFO, a device, a link to /dev/zero: never read
+                raise BundleError(f"bundle {path}: {name} is not a regular file")
+            raise BundleError(f"bundle {path} is missing {name} (listed in {MANIFEST_FILE})")
+        if name == MODEL_FILE:
+            # Read once: these bytes are checksummed *and* loaded (Bundle.model_source).
+            model_content = _read_model(path, expected)
+            actual = FileEntry(hashlib.sha256(model_content).hexdigest(), len(model_content))
+        else:
+            actual = _file_entry(file_path)
+        if actual.size != expected.size:
+            raise _size_mismatch(path, name, actual.size, expected.size)
+        if actual.sha256 != expected.sha256:
+            raise BundleError(
+                f"bundle {path}: checksum mismatch for {name}: {MANIFEST_FILE} says sha256 "
+                f"{expected.sha256}, the file has {actual.sha256} (changed or damaged)"
+            )
+    return model_content
+
+
+def _size_mismatch(path: Path, name: str, actual: int, expected: int) -> BundleError:
+    return BundleError(
+        f"bundle {path}: {name} is {actual} bytes but {MANIFEST_FILE} says "
+        f"{expected} (truncated or replaced)"
+    )
+
+
+def _read_model(path: Path, expected: FileEntry) -> bytes:
+    """The model's bytes, read once; a size other than the manifest's (a replaced file,
+    a link to /dev/zero) or over ``MAX_MODEL_BYTES`` is refused before reading."""
+    if expected.size > MAX_MODEL_BYTES:
+        raise BundleError(
+            f"bundle {path}: {MANIFEST_FILE} says {MODEL_FILE} is {expected.size:,} bytes, "
+            f"more than the limit of {MAX_MODEL_BYTES:,}"
+        )
+    try:
+        on_disk = (path / MODEL_FILE).stat().st_size
+    except OSError as exc:
+        raise BundleError(
+            f"bundle {path}: cannot read {MODEL_FILE}: {exc.strerror or exc}"
+        ) from exc
+    if on_disk != expected.size:
+        raise _size_mismatch(path, MODEL_FILE, on_disk, expected.size)
+    return _read_capped(path, MODEL_FILE, expected.size)
+
+
+def _read_capped(bundle_dir: Path, name: str, max_bytes: int) -> bytes:
+    """A bundle file's bytes, refusing special files and anything over ``max_bytes``
+    before reading it whole (a 300 MB manifest, a model symlinked to /dev/zero)."""
+    try:
+        return read_regular_file(bundle_dir / name, max_bytes)
+    except RejectedValueError as exc:
+        raise BundleError(f"bundle {bundle_dir}: {name} {exc}") from None
+    except OSError as exc:
+        raise BundleError(
+            f"bundle {bundle_dir}: cannot read {name}: {exc.strerror or exc}"
+        ) from exc
 
 
 def read_bundle(path: Path) -> Bundle:
@@ -861,7 +938,7 @@ def verify_bundle(path: Path, public_key: Path | None = None, *, load_model: boo
         except BundleError as exc:
             raise BundleError(f"bundle {path}: {exc}") from exc
         try:
-            interpreter = make_interpreter(bundle.model_path)
+            interpreter = make_interpreter(bundle.model_source())
         except BundleError as exc:
             needs = f" (the bundle asks for {manifest.min_runtime})" if manifest.min_runtime else ""
             raise BundleError(f"bundle {path}: {exc}{needs}") from exc

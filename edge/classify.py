@@ -108,7 +108,8 @@ class Classifier:
         self.labels: tuple[str, ...] = manifest.labels
         self.threshold = manifest.threshold
         self.k = min(k, len(self.labels))
-        self._interpreter = make_interpreter(bundle.model_path, num_threads)
+        # The bytes the bundle's checksum (and signature) covered, not the path again.
+        self._interpreter = make_interpreter(bundle.model_source(), num_threads)
         check_model(manifest, self._interpreter)
         inp = self._interpreter.get_input_details()[0]
         out = self._interpreter.get_output_details()[0]

@@ -331,9 +331,16 @@ def _image_files(inputs: list[Path]) -> Iterator[tuple[Path, str | None]]:
             yield item, f"{item}: no such file or folder"
 
 
+def _shown(path: Path) -> str:
+    """A path as text that any terminal or JSON reader takes: a name that is not UTF-8
+    (``b21_\\xff\\xfe.png``, which Python holds with surrogates) is written with
+    backslash escapes instead of failing the print with UnicodeEncodeError."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def _prediction_record(path: Path, prediction: Prediction) -> dict[str, Any]:
     return {
-        "file": str(path),
+        "file": _shown(path),
         "status": prediction.status,
         "label": prediction.label,
         "score": round(prediction.score, 6),
@@ -346,10 +353,13 @@ def _prediction_text(path: Path, prediction: Prediction, threshold: float) -> st
     if prediction.label is None:
         best = prediction.top_k[0][0]
         return (
-            f"{path}: uncertain (best {best} {prediction.score:.4f} < threshold "
+            f"{_shown(path)}: uncertain (best {best} {prediction.score:.4f} < threshold "
             f"{threshold:.4f}; top {len(prediction.top_k)}: {top})"
         )
-    return f"{path}: {prediction.label} {prediction.score:.3f} (top {len(prediction.top_k)}: {top})"
+    shown = _shown(path)
+    return (
+        f"{shown}: {prediction.label} {prediction.score:.3f} (top {len(prediction.top_k)}: {top})"
+    )
 
 
 def _classify_file(
@@ -361,8 +371,8 @@ def _classify_file(
 
     try:
         return classifier.classify(load_and_preprocess(path, recipe))
-    except FieldscopeError as exc:
-        return str(exc)
+    except FieldscopeError as exc:  # the message names the path: show it printable too
+        return str(exc).replace(str(path), _shown(path))
 
 
 def _edge_classify(args: argparse.Namespace) -> int:
@@ -381,7 +391,7 @@ def _edge_classify(args: argparse.Namespace) -> int:
         if isinstance(result, str):
             failed += 1
             if args.json:
-                print(json.dumps({"file": str(path), "status": "error", "error": result}))
+                print(json.dumps({"file": _shown(path), "status": "error", "error": result}))
             print(f"error: {result}", file=sys.stderr)
             continue
         done += 1

@@ -53,6 +53,7 @@ from fieldscope.edge.topics import (
     segment_problem,
     show,
 )
+from fieldscope.edge.untrusted import RejectedValueError, read_number, read_regular_file
 
 __all__ = [
     "ARCHIVE_FORMATS",
@@ -113,6 +114,9 @@ DEFAULT_IMAGE_PATTERNS: tuple[str, ...] = (
 _DEFAULT_DATA_DIR = "data"
 _MQTT_PORT = 1883
 _MQTTS_PORT = 8883
+# A station's config is a few kilobytes; anything over this is not one (and is refused
+# before it is read whole).
+MAX_CONFIG_BYTES = 1024 * 1024
 _ENV_REFERENCE = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -429,8 +433,10 @@ class ModelConfig:
 
     def problems(self) -> Problems:
         out: Problems = []
-        if self.public_key is not None and not self.public_key.is_file():
-            out.append(("public_key", f"no such file: {self.public_key}"))
+        if self.public_key is not None:
+            problem = _public_key_problem(self.public_key)
+            if problem is not None:
+                out.append(("public_key", problem))
         if self.threads is not None and not 1 <= self.threads <= 64:
             out.append(("threads", f"must be in 1..64, got {self.threads}"))
         if self.runtime is not None:
@@ -669,6 +675,28 @@ class EdgeConfig:
     def validate(self) -> list[str]:
         """Every problem as ``"dotted.key: message"``; empty when the config is valid."""
         return [f"{key}: {message}" for key, message in self.problems()]
+
+
+def _public_key_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be the public key that bundles are verified with, or None.
+
+    A private key given here would also be refused when a bundle loads, but only then:
+    check-config says so at once, and that the private key must stay off devices.
+    """
+    if not path.is_file():
+        return f"no such file: {path}"
+    try:
+        data = read_regular_file(path, 64 * 1024)
+    except (RejectedValueError, OSError) as exc:
+        return f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}"
+    if b"PRIVATE KEY" in data:
+        return (
+            f"{path} is a PRIVATE key; give the public key (`openssl pkey -in KEY -pubout`) "
+            "and keep the private key off the station"
+        )
+    if b"-----BEGIN PUBLIC KEY-----" not in data:
+        return f"{path} is not a PEM public key (it has no BEGIN PUBLIC KEY line)"
+    return None
 
 
 def _one_of(key: str, value: str, choices: Sequence[str]) -> Problems:
@@ -934,10 +962,11 @@ class _Table:
         if isinstance(value, bool) or not isinstance(value, int | float):
             self._bad(name, "a number", value)
             return None
-        if not math.isfinite(value):
+        try:  # the shared bounded reader: a 400-digit integer is a problem, not OverflowError
+            return read_number(value)
+        except RejectedValueError:
             self._bad(name, "a finite number", value)
             return None
-        return float(value)
 
     def boolean(self, name: str, default: bool) -> bool:
         value = self._get(name)
@@ -990,17 +1019,10 @@ class _Table:
         value = self._get(name)
         if value is _MISSING:
             return default
-        if (
-            not isinstance(value, list)
-            or len(value) != 2
-            or not all(
-                isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-                for v in value
-            )
-        ):
+        if not isinstance(value, list) or len(value) != 2 or not all(_finite(v) for v in value):
             self._bad(name, "an array of two numbers [min, max]", value)
             return default
-        return float(value[0]), float(value[1])
+        return read_number(value[0]), read_number(value[1])
 
     def raw(self, name: str) -> Any:
         """The value as TOML gave it (``_MISSING`` when absent), for special types."""
@@ -1091,6 +1113,15 @@ def _read_source(t: _Table) -> int | str:
     return 0
 
 
+def _finite(value: object) -> bool:
+    """Whether ``value`` is a number a float can hold (not a 400-digit integer, not nan)."""
+    try:
+        read_number(value)
+    except RejectedValueError:
+        return False
+    return True
+
+
 def _read_controls(t: _Table) -> Mapping[str, float | int | bool | tuple[float, ...]]:
     value = t.raw("controls")
     if value is _MISSING:
@@ -1100,12 +1131,10 @@ def _read_controls(t: _Table) -> Mapping[str, float | int | bool | tuple[float, 
         return MappingProxyType({})
     out: dict[str, float | int | bool | tuple[float, ...]] = {}
     for name, item in value.items():
-        if isinstance(item, bool | int | float):
+        if isinstance(item, bool) or (isinstance(item, int | float) and _finite(item)):
             out[name] = item
-        elif isinstance(item, list) and all(
-            isinstance(v, int | float) and not isinstance(v, bool) for v in item
-        ):
-            out[name] = tuple(float(v) for v in item)
+        elif isinstance(item, list) and all(_finite(v) for v in item):
+            out[name] = tuple(read_number(v) for v in item)
         else:
             t.ctx.problem(
                 f"{t.key('controls')}.{name}",
@@ -1289,6 +1318,8 @@ def parse_size(value: object) -> int:
         ValueError: not a size.
     """
     if isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) >= 2**63:
+            raise ValueError(f"must be a size below 8 EiB, got {show(value)}")
         return value
     if not isinstance(value, str):
         raise ValueError(f'must be a byte count or a size such as "2 GiB", got {show(value)}')
@@ -1300,7 +1331,10 @@ def parse_size(value: object) -> int:
         raise ValueError(f'must be a byte count or a size such as "2 GiB", got {show(value)}')
     power = " KMGT".index(prefix.upper()) if prefix else 0
     base = 1024 if binary or not unit else 1000
-    return int(float(number) * base**power)
+    size = float(number) * base**power
+    if not size < 2**63:  # also inf, from a number of 400 digits
+        raise ValueError(f"must be a size below 8 EiB, got {show(value)}")
+    return int(size)
 
 
 def _read_size(t: _Table, name: str) -> int | None:
@@ -1403,11 +1437,12 @@ def load_config(
     file = Path(path)
     name = str(path)
     try:
-        text = file.read_text(encoding="utf-8")
+        text = read_regular_file(file, MAX_CONFIG_BYTES).decode("utf-8")
     except FileNotFoundError:
         raise ConfigFileError([ConfigProblem("", "no such file", name)]) from None
-    except IsADirectoryError:
-        raise ConfigFileError([ConfigProblem("", "is a directory, not a file", name)]) from None
+    except RejectedValueError as exc:  # a directory, FIFO or device, or far too big for a config
+        why = "is a directory, not a file" if file.is_dir() else str(exc)
+        raise ConfigFileError([ConfigProblem("", why, name)]) from None
     except UnicodeDecodeError as exc:
         raise ConfigFileError(
             [ConfigProblem("", f"is not UTF-8 text ({exc.reason})", name)]
@@ -1418,6 +1453,10 @@ def load_config(
         ) from None
     try:
         data = tomllib.loads(text)
+    except RecursionError:
+        raise ConfigFileError(
+            [ConfigProblem("", "not valid TOML: arrays or tables nested too deeply", name)]
+        ) from None
     except tomllib.TOMLDecodeError as exc:
         message = str(exc)
         found = re.search(r"\(at line (\d+), column \d+\)$", message)
@@ -1425,6 +1464,14 @@ def load_config(
         reason = message[: found.start()].strip() if found else message
         raise ConfigFileError(
             [ConfigProblem("", f"not valid TOML: {reason}", name, line)]
+        ) from None
+    except ValueError:  # an integer of more than 4300 digits, refused by int() itself
+        raise ConfigFileError(
+            [
+                ConfigProblem(
+                    "", "not valid TOML for a config: a number with thousands of digits", name
+                )
+            ]
         ) from None
     return config_from_dict(data, base_dir=file.parent, source=name, text=text, environ=environ)
 
@@ -1519,7 +1566,8 @@ def config_summary(cfg: EdgeConfig) -> str:
 
 def config_warnings(cfg: EdgeConfig) -> list[str]:
     """Things that are valid but probably not ready yet on this machine: a bundle or
-    image folder not deployed, a data directory the daemon cannot create or write."""
+    image folder not deployed, a data directory the daemon cannot create or write, a
+    password kept in plain text in the file."""
     out: list[str] = []
     if not cfg.model.bundle.exists():
         out.append(f"model.bundle: {cfg.model.bundle} does not exist (yet)")
@@ -1533,6 +1581,13 @@ def config_warnings(cfg: EdgeConfig) -> list[str]:
         existing = existing.parent
     if not os.access(existing, os.W_OK):
         out.append(f"device.data_dir: {existing} is not writable by this user")
+    if cfg.mqtt.password is not None and cfg.mqtt.password_env is None:
+        out.append(
+            "mqtt.password: the password is written in the config file in plain text; "
+            'use password_env = "FIELDSCOPE_MQTT_PASSWORD" (or password = '
+            '"${FIELDSCOPE_MQTT_PASSWORD}") with the variable in the service\'s '
+            "EnvironmentFile=, readable by the service only"
+        )
     return out
 
 

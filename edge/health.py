@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from fieldscope.edge.errors import MessageError
 from fieldscope.edge.message import ModelRef
 from fieldscope.edge.topics import show
+from fieldscope.edge.untrusted import MAX_PAYLOAD_BYTES, RejectedValueError, load_json, read_number
 
 if TYPE_CHECKING:
     from fieldscope.edge.bundle import Bundle
@@ -112,11 +113,11 @@ class _Check:
     def number(self, value: object, path: str, low: float, high: float = math.inf) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise self.fail(f"{path} must be a number, got {self.got(value)}")
-        number = float(value)
-        if not math.isfinite(number) or not low <= number <= high:
+        try:  # the shared bounded reader: a 400-digit integer is refused, not OverflowError
+            return read_number(value, low, high)
+        except RejectedValueError:
             bounds = f">= {low:g}" if high == math.inf else f"between {low:g} and {high:g}"
-            raise self.fail(f"{path} must be a finite number {bounds}, got {show(value)}")
-        return number
+            raise self.fail(f"{path} must be a finite number {bounds}, got {show(value)}") from None
 
     def optional_number(self, value: object, path: str, low: float) -> float | None:
         return None if value is None else self.number(value, path, low)
@@ -186,27 +187,15 @@ class _Check:
             raise self.fail(text) from None
 
     def decode(self, data: object) -> Mapping[str, Any]:
-        if isinstance(data, bytes | bytearray):
-            try:
-                text = bytes(data).decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise self.fail(f"payload is not UTF-8 ({exc})") from None
-        elif isinstance(data, str):
-            text = data
-        else:
+        if not isinstance(data, bytes | bytearray | str):
             raise self.fail(f"payload must be bytes or str, got {type(data).__name__}")
-        try:
-            decoded = json.loads(text, parse_constant=self._constant)
-        except ValueError as exc:
-            raise self.fail(f"payload is not JSON this reader accepts: {exc}") from None
-        except RecursionError:
-            raise self.fail("payload is not JSON this reader accepts: nested too deeply") from None
+        try:  # bounded in size, depth and number magnitude: never a library error
+            decoded = load_json(data, max_bytes=MAX_PAYLOAD_BYTES)
+        except RejectedValueError as exc:
+            raise self.fail(f"payload {exc}") from None
         obj = self.mapping(decoded, "the payload")
         self.version(self.required(obj, "version"))
         return obj
-
-    def _constant(self, name: str) -> Any:
-        raise self.fail(f"payload contains {name}, which is not a JSON number")
 
 
 def utc_text(value: datetime) -> str:

@@ -27,7 +27,6 @@ Decisions a subscriber relies on (also in docs/mqtt.md):
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from typing import Any, Protocol
 
 from fieldscope.edge.errors import FieldscopeError, MessageError
 from fieldscope.edge.topics import segment_problem, show
+from fieldscope.edge.untrusted import MAX_PAYLOAD_BYTES, RejectedValueError, load_json, read_number
 
 __all__ = [
     "MAX_SEQ",
@@ -126,9 +126,10 @@ def _segment(value: object, path: str) -> str:
 def _number(value: object, path: str, low: float, high: float | None = None) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise _fail(f"{path} must be a number, got {_got(value)}")
-    number = float(value)
-    if not math.isfinite(number):
-        raise _fail(f"{path} must be a finite number, got {show(value)}")
+    try:
+        number = read_number(value)  # never OverflowError: a 400-digit integer is refused
+    except RejectedValueError:
+        raise _fail(f"{path} must be a finite number, got {show(value)}") from None
     if high is None:
         if number < low:
             raise _fail(f"{path} must be >= {low:g}, got {show(value)}")
@@ -539,26 +540,13 @@ class Identification:
     @classmethod
     def from_json(cls, data: bytes | str) -> Identification:
         """Parse a received payload; any defect raises MessageError, never a library error."""
-        if isinstance(data, bytes | bytearray):
-            try:
-                text = bytes(data).decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise _fail(f"payload is not UTF-8 ({exc})") from None
-        elif isinstance(data, str):
-            text = data
-        else:
+        if not isinstance(data, bytes | bytearray | str):
             raise _fail(f"payload must be bytes or str, got {_typename(data)}")
         try:
-            decoded = json.loads(text, parse_constant=_reject_constant)
-        except ValueError as exc:  # JSONDecodeError, or an integer with too many digits
-            raise _fail(f"payload is not JSON this reader accepts: {exc}") from None
-        except RecursionError:
-            raise _fail("payload is not JSON this reader accepts: nested too deeply") from None
+            decoded = load_json(data, max_bytes=MAX_PAYLOAD_BYTES)
+        except RejectedValueError as exc:
+            raise _fail(f"payload {exc}") from None
         return cls.from_dict(decoded)
-
-
-def _reject_constant(name: str) -> Any:
-    raise _fail(f"payload contains {name}, which is not a JSON number")
 
 
 def _status(value: object) -> Status:

@@ -38,7 +38,7 @@ import numpy.typing as npt
 from fieldscope.edge.bundle import Bundle, verify_bundle
 from fieldscope.edge.classify import Classifier
 from fieldscope.edge.config import ModelConfig, PreprocessingOverrides
-from fieldscope.edge.errors import BundleError, ConfigError, RecipeError
+from fieldscope.edge.errors import BundleError, ConfigError, FieldscopeError, RecipeError
 from fieldscope.edge.health import ModelInfo
 from fieldscope.edge.message import ModelRef
 from fieldscope.edge.preprocess import PreprocessRecipe, preprocess
@@ -222,12 +222,19 @@ class ModelSlot:
             source = bundle_source(cfg.bundle)
             try:
                 new = load_model(cfg, overrides, source)
-            except (BundleError, ConfigError) as exc:
-                self.refused = str(exc)
-                self.refused_source = source
-                return ReloadResult(old, old, str(exc))
-            with self._lock:
-                self._model = new
-            self.refused = None
-            self.refused_source = None
-            return ReloadResult(new, old)
+            except FieldscopeError as exc:  # BundleError, ConfigError, a missing runtime
+                error = str(exc)
+            except Exception as exc:
+                # A bug or a bundle nobody foresaw must not stop the station: the old
+                # model keeps serving, and the traceback goes to the log for a report.
+                logger.exception("loading bundle %s failed unexpectedly", source.target)
+                error = f"bundle {source.target}: loading failed unexpectedly: {exc!r}"
+            else:
+                with self._lock:
+                    self._model = new
+                self.refused = None
+                self.refused_source = None
+                return ReloadResult(new, old)
+            self.refused = error
+            self.refused_source = source
+            return ReloadResult(old, old, error)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 import struct
 import uuid
@@ -30,10 +29,13 @@ import numpy as np
 import numpy.typing as npt
 
 from fieldscope.edge.errors import FieldscopeError, ImageDecodeError, RecipeError
+from fieldscope.edge.untrusted import RejectedValueError, read_number, read_regular_file, show_value
 
 __all__ = [
     "DENOISE_DEFAULTS",
+    "DENOISE_LIMITS",
     "DENOISE_METHODS",
+    "MAX_DECODE_BYTES",
     "MAX_PIXELS",
     "RESIZE_POLICIES",
     "PreprocessRecipe",
@@ -59,6 +61,28 @@ DENOISE_DEFAULTS: Mapping[str, Mapping[str, float | int]] = {
 DENOISE_METHODS: tuple[str, ...] = tuple(DENOISE_DEFAULTS)
 RESIZE_POLICIES: tuple[str, ...] = ("stretch", "center-crop", "letterbox")
 
+# The range each parameter may take. Windows are bounded because their cost grows with
+# their area: nlmeans with search_window=999 held a daemon's main thread for minutes on
+# one frame, and median ksize=10001 took 93 s per image. The limits are several times
+# what microscope denoising uses (the defaults above; nlmeans at its limits takes about
+# 2.3x its default time), and checked wherever a recipe is
+# validated: manifests, [preprocessing] overrides, train flags, `preview --param`.
+DENOISE_LIMITS: Mapping[str, Mapping[str, tuple[float, float]]] = {
+    "none": {},
+    # diameter 0 lets OpenCV derive it from sigma_space (about 3 x sigma_space, see below).
+    "bilateral": {"diameter": (0, 31), "sigma_color": (0, 1000), "sigma_space": (0, 1000)},
+    "median": {"ksize": (1, 31)},
+    "gaussian": {"ksize": (1, 63), "sigma": (0, 100)},
+    "nlmeans": {
+        "h": (0, 255),
+        "h_color": (0, 255),
+        "template_window": (1, 15),
+        "search_window": (1, 35),
+    },
+}
+# With diameter 0 OpenCV uses a window of 2 * round(1.5 * sigma_space) + 1 pixels.
+_BILATERAL_DERIVED_MAX_SIGMA = 10
+
 # Parameters OpenCV takes as window sizes: integers, and odd so the window has a centre.
 _INTEGER_PARAMS = frozenset({"diameter", "ksize", "template_window", "search_window"})
 _ODD_PARAMS = frozenset({"ksize", "template_window", "search_window"})
@@ -67,6 +91,14 @@ _ODD_PARAMS = frozenset({"ksize", "template_window", "search_window"})
 # of uint8 (1.2 GB as float), already more than a Raspberry Pi can spare; the largest
 # whole-slide tiles and stitched mosaics a field station meets are well below it.
 MAX_PIXELS = 100_000_000
+# Largest decode, in bytes of memory, checked from the header before decoding: what
+# OpenCV's decoded array takes (width × height × channels × bytes per sample) plus the
+# RGB uint8 result. Pixels alone are not enough: a 777 KB 10000×9999 16-bit RGBA PNG
+# is 800 MB decoded, and took 4.4 GB before the conversion was done in row blocks.
+# 640 MiB admits a 100-megapixel 8-bit RGB frame (600 MB with its result).
+MAX_DECODE_BYTES = 640 * 1024 * 1024
+# Pixels converted per block in _to_rgb8, so its temporaries stay a few megabytes.
+_BLOCK_PIXELS = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -174,15 +206,35 @@ def _denoise_problems(method: object, params: object) -> list[str]:
             problems.append(
                 f"denoise_params.{key} is not a parameter of {method!r} (it takes {names})"
             )
-        elif isinstance(value, bool) or not isinstance(value, int | float):
-            problems.append(f"denoise_params.{key} must be a number, got {value!r}")
-        elif not math.isfinite(value) or value < 0:
-            problems.append(f"denoise_params.{key} must be a finite number >= 0, got {value!r}")
-        elif key in _INTEGER_PARAMS and int(value) != value:
-            problems.append(f"denoise_params.{key} must be an integer, got {value!r}")
-        elif key in _ODD_PARAMS and int(value) % 2 == 0:
-            problems.append(f"denoise_params.{key} must be an odd integer, got {value!r}")
+        else:
+            problems.extend(_param_problems(method, key, value))
+    if method == "bilateral" and not problems:
+        merged = {**allowed, **params}
+        sigma = float(merged["sigma_space"])
+        if merged["diameter"] == 0 and sigma > _BILATERAL_DERIVED_MAX_SIGMA:
+            problems.append(
+                f"denoise_params.diameter 0 derives the window from sigma_space ({sigma:g} "
+                f"would give {2 * round(1.5 * sigma) + 1} pixels); give a diameter of 1..31, "
+                f"or sigma_space <= {_BILATERAL_DERIVED_MAX_SIGMA}"
+            )
     return problems
+
+
+def _param_problems(method: str, key: str, value: object) -> list[str]:
+    """Problems with one denoise parameter's value: type, finiteness, range, oddness."""
+    low, high = DENOISE_LIMITS[method][key]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return [f"denoise_params.{key} must be a number, got {show_value(value)}"]
+    try:  # the shared bounded reader: a 400-digit integer is a problem, not OverflowError
+        number = read_number(value, low, high)
+    except RejectedValueError as exc:
+        why = " (larger windows take minutes per frame)" if key in _INTEGER_PARAMS else ""
+        return [f"denoise_params.{key} {exc}{why}"]
+    if key in _INTEGER_PARAMS and int(number) != number:
+        return [f"denoise_params.{key} must be an integer, got {show_value(value)}"]
+    if key in _ODD_PARAMS and int(number) % 2 == 0:
+        return [f"denoise_params.{key} must be an odd integer, got {show_value(value)}"]
+    return []
 
 
 def _resize_problems(policy: object, fill: object) -> list[str]:
@@ -210,17 +262,33 @@ class _Header(NamedTuple):
     kind: str  # "PNG", "JPEG", "TIFF" or "BMP"
     width: int
     height: int
+    # What OpenCV's decoded array will hold per pixel (an upper bound where it depends
+    # on chunks the header does not cover, such as a PNG palette's transparency).
+    channels: int = 3
+    bytes_per_sample: int = 1
+
+    def decoded_bytes(self) -> int:
+        """Memory for OpenCV's decoded array plus our RGB uint8 result."""
+        return self.width * self.height * (self.channels * self.bytes_per_sample + 3)
 
 
-def decode_image(data: bytes, *, source: str = "<bytes>", max_pixels: int = MAX_PIXELS) -> RGBImage:
+def decode_image(
+    data: bytes,
+    *,
+    source: str = "<bytes>",
+    max_pixels: int = MAX_PIXELS,
+    max_bytes: int = MAX_DECODE_BYTES,
+) -> RGBImage:
     """Decode a PNG, JPEG, TIFF or BMP file's bytes into a C-contiguous RGB uint8 (H, W, 3).
 
     The header is read and checked *before* decoding: a file must be complete (PNG up to
     its IEND chunk, JPEG up to its end-of-image marker, TIFF and BMP up to their last
     pixel byte), because OpenCV may return a silently half-grey image for a file cut
-    short by a full SD card or an interrupted copy; and its claimed width × height must
-    not exceed ``max_pixels``, so a damaged or hostile header cannot make us allocate
-    gigabytes.
+    short by a full SD card or an interrupted copy; its claimed width × height must not
+    exceed ``max_pixels``, and the memory decoding takes (width × height × channels ×
+    bytes per sample, plus the RGB result) must not exceed ``max_bytes``, so a small
+    damaged or hostile file cannot make us allocate gigabytes. The conversion to RGB
+    works in row blocks, so the peak stays close to that estimate.
 
     Sample conversion:
 
@@ -260,6 +328,14 @@ def decode_image(data: bytes, *, source: str = "<bytes>", max_pixels: int = MAX_
             f"({pixels:,} pixels), more than the limit of {max_pixels:,}; refusing to "
             "decode it (a damaged or hostile file can claim any size)"
         )
+    need = header.decoded_bytes()
+    if need > max_bytes:
+        raise ImageDecodeError(
+            f"{source}: decoding this {header.width}x{header.height} {header.kind} "
+            f"({header.channels} channel(s) of {8 * header.bytes_per_sample} bits) would take "
+            f"{need / 2**20:,.0f} MiB, more than the limit of {max_bytes / 2**20:,.0f} MiB; "
+            "refusing to decode it (export it smaller, or as 8-bit RGB)"
+        )
     _check_complete(data, header, source)
     try:
         decoded = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
@@ -280,25 +356,30 @@ def decode_image(data: bytes, *, source: str = "<bytes>", max_pixels: int = MAX_
     return _to_rgb8(array, header.kind, source)
 
 
-def load_image(path: str | os.PathLike[str]) -> RGBImage:
+def load_image(path: str | os.PathLike[str], *, max_bytes: int = MAX_DECODE_BYTES) -> RGBImage:
     """Read an image file into RGB uint8 (H, W, 3); see ``decode_image`` for conversions.
 
+    Only a regular file is read (through symlinks): a FIFO would block forever and a
+    ``.png`` link to ``/dev/zero`` would never end, so both are refused before reading,
+    as is a file over ``max_bytes`` (the decode budget, which no image file that fits
+    it can exceed compressed).
+
     Raises:
-        ImageDecodeError: the file is missing, a directory, unreadable, or not a valid
-            image; the message names the path.
+        ImageDecodeError: the file is missing, a directory or other special file, too
+            large, unreadable, or not a valid image; the message names the path.
     """
     p = Path(path)
     try:
-        data = p.read_bytes()
+        data = read_regular_file(p, max_bytes)
+    except RejectedValueError as exc:  # a directory, FIFO, device or socket, or too large
+        raise ImageDecodeError(f"{p}: {exc}") from None
     except FileNotFoundError as exc:
         raise ImageDecodeError(f"{p}: no such file") from exc
-    except IsADirectoryError as exc:
-        raise ImageDecodeError(f"{p}: is a directory, not an image file") from exc
     except PermissionError as exc:
         raise ImageDecodeError(f"{p}: permission denied (check the file's owner and mode)") from exc
     except OSError as exc:
         raise ImageDecodeError(f"{p}: cannot read the file ({exc.strerror or exc})") from exc
-    return decode_image(data, source=str(p))
+    return decode_image(data, source=str(p), max_bytes=max_bytes)
 
 
 def _cv_reason(exc: cv2.error) -> str:
@@ -364,8 +445,10 @@ def _png_header(data: bytes, source: str) -> _Header:
     length, chunk_type = struct.unpack_from(">I4s", data, 8)
     if chunk_type != b"IHDR" or length != 13:
         raise ImageDecodeError(f"{source}: corrupt PNG (the first chunk is not IHDR)")
-    width, height = struct.unpack_from(">II", data, 16)
-    return _Header("PNG", width, height)
+    width, height, depth, colour_type = struct.unpack_from(">IIBB", data, 16)
+    # Grey 1 channel, RGB 3; palette, grey+alpha and RGBA may all come out as 4.
+    channels = {0: 1, 2: 3}.get(colour_type, 4)
+    return _Header("PNG", width, height, channels, 2 if depth > 8 else 1)
 
 
 def _check_png_complete(data: bytes, source: str) -> None:
@@ -398,7 +481,8 @@ _JPEG_STANDALONE = frozenset({0x01, 0xD8, *range(0xD0, 0xD8)})
 
 def _jpeg_header(data: bytes, source: str) -> tuple[_Header, int]:
     """The frame size and where the first scan's entropy-coded data starts."""
-    pos, size = 2, None
+    pos = 2
+    size: tuple[int, int, int, int] | None = None  # width, height, channels, precision
     while True:
         pos = data.find(b"\xff", pos)  # libjpeg also skips stray bytes between segments
         while 0 <= pos < len(data) and data[pos] == 0xFF:
@@ -428,21 +512,36 @@ def _jpeg_header(data: bytes, source: str) -> tuple[_Header, int]:
         if marker in _JPEG_SOF:
             if length < 8:
                 raise ImageDecodeError(f"{source}: corrupt JPEG (frame header too short)")
-            height, width = struct.unpack_from(">HH", data, pos + 3)
-            size = (width, height)
+            precision, height, width, components = struct.unpack_from(">BHHB", data, pos + 2)
+            size = (width, height, 1 if components == 1 else max(3, components), precision)
         elif marker == 0xDA:
             if size is None:
                 raise ImageDecodeError(f"{source}: corrupt JPEG (no frame header before data)")
-            return _Header("JPEG", size[0], size[1]), pos + length
+            width, height, channels, precision = size
+            header = _Header("JPEG", width, height, channels, 2 if precision > 8 else 1)
+            return header, pos + length
         pos += length
 
 
 # TIFF field types we read: BYTE, SHORT, LONG, LONG8 (numpy dtype codes).
 _TIFF_TYPES = {1: "u1", 3: "u2", 4: "u4", 16: "u8"}
-_TIFF_WIDTH, _TIFF_HEIGHT = 256, 257
+_TIFF_WIDTH, _TIFF_HEIGHT, _TIFF_BITS, _TIFF_PHOTOMETRIC, _TIFF_SAMPLES = 256, 257, 258, 262, 277
+# Photometric interpretations OpenCV decodes through libtiff's RGBA reader (4 channels):
+# palette, CMYK, YCbCr, CIELab.
+_TIFF_VIA_RGBA = frozenset({3, 5, 6, 8})
 _TIFF_STRIPS, _TIFF_STRIP_BYTES, _TIFF_TILES, _TIFF_TILE_BYTES = 273, 279, 324, 325
 _TIFF_WANTED = frozenset(
-    {_TIFF_WIDTH, _TIFF_HEIGHT, _TIFF_STRIPS, _TIFF_STRIP_BYTES, _TIFF_TILES, _TIFF_TILE_BYTES}
+    {
+        _TIFF_WIDTH,
+        _TIFF_HEIGHT,
+        _TIFF_BITS,
+        _TIFF_PHOTOMETRIC,
+        _TIFF_SAMPLES,
+        _TIFF_STRIPS,
+        _TIFF_STRIP_BYTES,
+        _TIFF_TILES,
+        _TIFF_TILE_BYTES,
+    }
 )
 
 
@@ -483,7 +582,20 @@ def _tiff_header(data: bytes, source: str) -> tuple[_Header, dict[int, npt.NDArr
         tags[tag] = np.frombuffer(data, dtype=dtype, count=count, offset=value_at)
     if _TIFF_WIDTH not in tags or _TIFF_HEIGHT not in tags:
         raise ImageDecodeError(f"{source}: corrupt TIFF (no image width/height tags)")
-    return _Header("TIFF", int(tags[_TIFF_WIDTH][0]), int(tags[_TIFF_HEIGHT][0])), tags
+    samples = int(tags[_TIFF_SAMPLES][0]) if _TIFF_SAMPLES in tags else 1
+    bits = int(tags[_TIFF_BITS].max()) if _TIFF_BITS in tags else 1
+    photometric = int(tags[_TIFF_PHOTOMETRIC][0]) if _TIFF_PHOTOMETRIC in tags else 1
+    channels = min(samples, 64)  # bounded: the tag is a 16-bit number anyone can write
+    if photometric in _TIFF_VIA_RGBA or bits not in (8, 16, 32, 64):
+        channels = max(channels, 4)
+    header = _Header(
+        "TIFF",
+        int(tags[_TIFF_WIDTH][0]),
+        int(tags[_TIFF_HEIGHT][0]),
+        channels,
+        max(1, min(bits, 64) // 8),
+    )
+    return header, tags
 
 
 def _check_tiff_complete(data: bytes, source: str) -> None:
@@ -527,8 +639,8 @@ def _bmp_fields(data: bytes, source: str) -> tuple[int, int, int, int, int]:
 
 
 def _bmp_header(data: bytes, source: str) -> _Header:
-    width, height, *_ = _bmp_fields(data, source)
-    return _Header("BMP", width, height)
+    width, height, bpp, *_ = _bmp_fields(data, source)
+    return _Header("BMP", width, height, 4 if bpp == 32 else 3)
 
 
 def _check_bmp_complete(data: bytes, source: str) -> None:
@@ -544,7 +656,13 @@ def _check_bmp_complete(data: bytes, source: str) -> None:
 
 
 def _to_rgb8(array: npt.NDArray[Any], kind: str, source: str) -> RGBImage:
-    """OpenCV's BGR(A)/gray output, 8- or 16-bit, to RGB uint8; see ``decode_image``."""
+    """OpenCV's BGR(A)/gray output, 8- or 16-bit, to RGB uint8; see ``decode_image``.
+
+    Converted in blocks of rows into one preallocated result, so the temporaries
+    (uint32 alpha blending, 16-bit shifts) take a few megabytes, not several times the
+    image: the peak is the decoded array plus the result, which ``decode_image``
+    checked against its budget from the header.
+    """
     if array.dtype not in (np.uint8, np.uint16):
         raise ImageDecodeError(
             f"{source}: unsupported {kind} sample type {array.dtype} "
@@ -562,11 +680,25 @@ def _to_rgb8(array: npt.NDArray[Any], kind: str, source: str) -> RGBImage:
         colour, alpha = array, None
     else:
         raise ImageDecodeError(f"{source}: unsupported {kind} layout with shape {array.shape}")
-
+    shift = None
     if colour.dtype == np.uint16:
         peak = int(colour.max())
-        bits = next(b for b in (8, 10, 12, 14, 16) if peak < 1 << b)
-        colour8 = (colour >> (bits - 8)).astype(np.uint8)
+        shift = next(b for b in (8, 10, 12, 14, 16) if peak < 1 << b) - 8
+    height, width = colour.shape[:2]
+    out = np.empty((height, width, 3), dtype=np.uint8)
+    rows = max(1, _BLOCK_PIXELS // max(1, width))
+    for top in range(0, height, rows):
+        block = slice(top, top + rows)
+        out[block] = _rows_to_rgb8(colour[block], None if alpha is None else alpha[block], shift)
+    return out
+
+
+def _rows_to_rgb8(
+    colour: npt.NDArray[Any], alpha: npt.NDArray[Any] | None, shift: int | None
+) -> RGBImage:
+    """One block of rows of :func:`_to_rgb8`; ``shift`` is set for 16-bit samples."""
+    if shift is not None:
+        colour8 = (colour >> shift).astype(np.uint8)
         alpha8 = (
             None
             if alpha is None
@@ -582,8 +714,8 @@ def _to_rgb8(array: npt.NDArray[Any], kind: str, source: str) -> RGBImage:
         colour8 = blended.astype(np.uint8)
     if colour8.ndim == 2 or colour8.shape[2] == 1:
         gray = colour8.reshape(colour8.shape[0], colour8.shape[1], 1)
-        return np.ascontiguousarray(np.repeat(gray, 3, axis=2))
-    return np.ascontiguousarray(colour8[:, :, ::-1])
+        return np.repeat(gray, 3, axis=2)
+    return colour8[:, :, ::-1]
 
 
 # ── denoise, resize, preprocess ───────────────────────────────────────────────────────

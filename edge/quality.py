@@ -33,11 +33,16 @@ import numpy.typing as npt
 from fieldscope.edge.config import QualityConfig
 from fieldscope.edge.message import Quality
 
-__all__ = ["ANALYSIS_WIDTH", "QualityResult", "assess", "measure"]
+__all__ = ["ANALYSIS_WIDTH", "MAX_ASPECT_RATIO", "QualityResult", "assess", "measure"]
 
 # The width sharpness is measured at; about what a model sees (224–256 pixels), so
 # "sharp" means sharp at the scale the classifier works at.
 ANALYSIS_WIDTH = 256
+# Frames longer than this on one side relative to the other are no microscope field of
+# view (a line-scan strip, a damaged header): the gate rejects them. Sharpness is still
+# measured on a bounded analysis image, because resizing a 1-pixel-wide, 60000-pixel-tall
+# frame to 256 wide would make a 256 x 15,360,000 image (14.6 GiB as float32).
+MAX_ASPECT_RATIO = 20
 _SMOOTHING_SIGMA = 1.0
 
 
@@ -76,7 +81,9 @@ def measure(image: npt.NDArray[np.uint8]) -> tuple[float, float, float]:
     height, width = grey.shape
     brightness = float(grey.mean()) / 255.0
     clipped = float(np.count_nonzero((grey == 0) | (grey == 255))) / grey.size
-    out_height = max(1, round(height * ANALYSIS_WIDTH / width))
+    out_height = min(
+        max(1, round(height * ANALYSIS_WIDTH / width)), ANALYSIS_WIDTH * MAX_ASPECT_RATIO
+    )
     shrink = width >= ANALYSIS_WIDTH
     small = cv2.resize(
         grey,
@@ -92,15 +99,22 @@ def assess(image: npt.NDArray[np.uint8], cfg: QualityConfig) -> QualityResult:
     """Measure ``image`` and judge it against ``cfg``.
 
     Exposure is judged before sharpness, because a black or white frame is also
-    flat and would otherwise be reported as merely blurry. With ``cfg.enabled``
-    false every frame passes, still measured.
+    flat and would otherwise be reported as merely blurry; a frame more than
+    ``MAX_ASPECT_RATIO`` times longer than wide (or the reverse) is rejected first.
+    With ``cfg.enabled`` false every frame passes, still measured.
 
     Raises:
         ValueError: ``image`` is not a non-empty RGB uint8 array.
     """
     sharpness, brightness, clipped = measure(image)
+    height, width = image.shape[:2]
     reason: str | None = None
-    if brightness < cfg.min_brightness:
+    if max(height, width) > MAX_ASPECT_RATIO * min(height, width):
+        reason = (
+            f"extreme aspect ratio: {width}x{height} pixels is more than "
+            f"{MAX_ASPECT_RATIO}:1 (not a microscope field of view)"
+        )
+    elif brightness < cfg.min_brightness:
         reason = f"too dark: brightness {brightness:.3f} < {cfg.min_brightness:g}"
     elif brightness > cfg.max_brightness:
         reason = f"too bright: brightness {brightness:.3f} > {cfg.max_brightness:g}"

@@ -22,6 +22,7 @@ from types import MappingProxyType
 from typing import NamedTuple
 
 from fieldscope.edge.errors import ConfigError
+from fieldscope.edge.untrusted import show_value
 
 __all__ = [
     "COLLECTED_KINDS",
@@ -203,9 +204,9 @@ def check_segment(what: str, value: object) -> str:
 
 
 def show(value: object, limit: int = 80) -> str:
-    """``repr(value)``, shortened so one bad value cannot flood a log line."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    """``repr(value)``, shortened so one bad value cannot flood a log line; never raises
+    (a huge integer is described by its digit count, see ``show_value``)."""
+    return show_value(value, limit)
 
 
 def _is_control(char: str) -> bool:

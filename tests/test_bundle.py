@@ -212,7 +212,7 @@ def test_refuses_missing_model(bundle_dir: Path) -> None:
 
 def test_refuses_invalid_json(bundle_dir: Path) -> None:
     (bundle_dir / MANIFEST_FILE).write_text('{"schema_version": 1,\n "labels": [}')
-    _refused(bundle_dir, "manifest.json is not valid JSON", "line 2")
+    _refused(bundle_dir, "manifest.json is not JSON this reader accepts", "line 2")
     (bundle_dir / MANIFEST_FILE).write_bytes(b"\xff\xfe")
     _refused(bundle_dir, "not UTF-8")
     (bundle_dir / MANIFEST_FILE).write_text("[1, 2]")

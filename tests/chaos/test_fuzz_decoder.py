@@ -10,18 +10,36 @@ repeated, the file truncated, and the header's width and height overwritten.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import struct
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 import pytest
 from chaos_harness import FUZZ_SETTINGS, TallyOf
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
-from fieldscope.edge.errors import ImageDecodeError
-from fieldscope.edge.preprocess import decode_image
+from fieldscope.edge.bundle import (
+    MANIFEST_FILE,
+    MODEL_FILE,
+    FileEntry,
+    Manifest,
+    Provenance,
+    Quantization,
+    QuantParams,
+    read_bundle,
+)
+from fieldscope.edge.errors import FieldscopeError, ImageDecodeError
+from fieldscope.edge.health import Heartbeat, ModelInfo
+from fieldscope.edge.message import Identification
+from fieldscope.edge.preprocess import PreprocessRecipe, decode_image, load_image
 
 pytestmark = [pytest.mark.chaos]
 
@@ -187,3 +205,180 @@ def test_the_undamaged_seeds_decode() -> None:
     for name, data in REAL.items():
         image = decode_image(data, source=name)
         assert image.shape == (23, 31, 3), name
+
+
+# --- numbers of any size, deep nesting and odd names in the other readers (issue 15) -------
+#
+# A 400-digit integer in a float field once raised OverflowError past every
+# ``except MessageError`` and stopped a collector for good; nesting 100,000 deep raised
+# RecursionError past the bundle watcher. The property for every reader of outside data:
+# it returns a value or raises its own error type, whatever the number or the depth.
+
+_ID_SHA = "0" * 64
+
+
+def _identification_doc() -> dict[str, Any]:
+    return {
+        "version": 1,
+        "device": "dev-a",
+        "station": "atk",
+        "seq": 1,
+        "captured_at": "2026-12-07T01:43:34.280300Z",
+        "status": "ok",
+        "label": "a",
+        "score": 0.9,
+        "top_k": [{"label": "a", "score": 0.9}, {"label": "b", "score": 0.1}],
+        "model": {"name": "r1", "version": "1", "sha256": _ID_SHA},
+        "image": {"sha256": _ID_SHA, "width": 64, "height": 48},
+        "quality": {"sharpness": 3.5, "exposure": 0.5},
+        "timings_ms": {"capture": 1.0, "total": 2.0},
+    }
+
+
+def _model_doc() -> dict[str, Any]:
+    return {
+        "labels": ["a", "b"],
+        "loaded_at": "2026-12-07T01:43:34.280300Z",
+        "model": {"name": "r1", "sha256": _ID_SHA, "version": "1"},
+        "runtime": {"name": "x", "version": "1"},
+        "signed": True,
+        "threshold": 0.5,
+        "version": 1,
+    }
+
+
+def _manifest_doc() -> dict[str, Any]:
+    return Manifest(
+        model_name="m",
+        model_version="1",
+        labels=("a", "b"),
+        input_shape=(1, 32, 32, 3),
+        input_dtype="uint8",
+        output_dtype="uint8",
+        quantization=Quantization(QuantParams(0.5, 0), None),
+        preprocessing=PreprocessRecipe(size=(32, 32), denoise="median"),
+        threshold=0.5,
+        provenance=Provenance(created_at="2026-11-02T10:15:00Z"),
+        files={MODEL_FILE: FileEntry(hashlib.sha256(b"model").hexdigest(), 5)},
+    ).to_dict()
+
+
+# Where a number goes: (document, path of keys).
+_NUMBER_SLOTS: list[tuple[str, tuple[str | int, ...]]] = [
+    ("identification", ("score",)),
+    ("identification", ("seq",)),
+    ("identification", ("quality", "sharpness")),
+    ("identification", ("timings_ms", "capture")),
+    ("identification", ("image", "width")),
+    ("identification", ("top_k", 1, "score")),
+    ("model", ("threshold",)),
+    ("manifest", ("threshold",)),
+    ("manifest", ("quantization", "input", "scale")),
+    ("manifest", ("quantization", "input", "zero_point")),
+    ("manifest", ("files", MODEL_FILE, "size")),
+    ("manifest", ("input_shape", 1)),
+    ("manifest", ("preprocessing", "denoise_params", "ksize")),
+    ("manifest", ("schema_version",)),
+]
+
+_digits = st.text("0123456789", min_size=1, max_size=6000).map(lambda s: s.lstrip("0") or "0")
+number_literals = st.one_of(
+    st.integers().map(str),
+    st.builds(lambda sign, d: sign + d, st.sampled_from(["", "-"]), _digits),
+    st.floats(allow_nan=False, allow_infinity=False).map(repr),
+    st.builds(lambda m, e: f"{m}e{e}", st.integers(-99, 99), st.integers(-100_000, 100_000)),
+    st.sampled_from(["NaN", "Infinity", "-Infinity", "1e400", "-1e400", "1e-400", "-0"]),
+    # Long ones on purpose: shrinking favours short strings, and the trouble starts at 309
+    # digits (beyond a double) and again at 4301 (beyond Python's int/str limit).
+    st.builds(lambda n, d: d * n, st.integers(300, 6000), st.sampled_from("123456789")),
+)
+
+
+def _document(kind: str) -> dict[str, Any]:
+    return {
+        "identification": _identification_doc,
+        "model": _model_doc,
+        "manifest": _manifest_doc,
+    }[kind]()
+
+
+def _raw(doc: dict[str, Any], path: tuple[str | int, ...], literal: str) -> bytes:
+    node: Any = doc
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = "@@RAW@@"
+    return json.dumps(doc).replace('"@@RAW@@"', literal, 1).encode()
+
+
+def _read(kind: str, payload: bytes) -> str:
+    """Feed ``payload`` to the reader of ``kind``; 'accepted' or 'refused' (our error);
+    any other exception fails the test."""
+    try:
+        if kind == "identification":
+            Identification.from_json(payload)
+        elif kind == "model":
+            ModelInfo.from_json(payload)
+        elif kind == "heartbeat":
+            Heartbeat.from_json(payload)
+        else:
+            with tempfile.TemporaryDirectory() as folder:
+                (Path(folder) / MANIFEST_FILE).write_bytes(payload)
+                (Path(folder) / MODEL_FILE).write_bytes(b"model")
+                read_bundle(Path(folder))
+    except FieldscopeError as exc:
+        text = str(exc)
+        assert "\n" not in text
+        assert len(text) < 1000, text[:200]
+        return "refused with our error"
+    return "accepted"
+
+
+@FUZZ_SETTINGS
+@given(slot=st.sampled_from(_NUMBER_SLOTS), literal=number_literals)
+@example(slot=("identification", ("quality", "sharpness")), literal="9" * 400)
+@example(slot=("model", ("threshold",)), literal="9" * 400)
+@example(slot=("manifest", ("threshold",)), literal="9" * 5000)
+@example(slot=("manifest", ("quantization", "input", "scale")), literal="9" * 400)
+def test_fuzz_numbers_of_any_size_in_payloads_and_manifests(
+    chaos_tally: TallyOf, slot: tuple[str, tuple[str | int, ...]], literal: str
+) -> None:
+    kind, path = slot
+    outcome = _read(kind, _raw(_document(kind), path, literal))
+    chaos_tally("fuzz numbers of any size, payload and manifest readers").counts[outcome] += 1
+
+
+@FUZZ_SETTINGS
+@given(
+    slot=st.sampled_from(_NUMBER_SLOTS),
+    depth=st.integers(1, 200_000),
+    opener=st.sampled_from(["[", '{"a": ', '[{"b": ']),
+    closed=st.booleans(),
+)
+def test_fuzz_deep_nesting_in_payloads_and_manifests(
+    chaos_tally: TallyOf,
+    slot: tuple[str, tuple[str | int, ...]],
+    depth: int,
+    opener: str,
+    closed: bool,
+) -> None:
+    closer = {"[": "]", '{"a": ': "}", '[{"b": ': "}]"}[opener]
+    literal = opener * depth + "1" + (closer * depth if closed else "")
+    kind, path = slot
+    outcome = _read(kind, _raw(_document(kind), path, literal))
+    chaos_tally("fuzz deep nesting, payload and manifest readers").counts[outcome] += 1
+
+
+_VALID_PNG = _encode(".png", np.full((8, 8, 3), 77, np.uint8))
+
+
+@FUZZ_SETTINGS
+@given(name=st.binary(min_size=1, max_size=60).filter(lambda b: b"/" not in b and b"\0" not in b))
+def test_fuzz_file_names_that_are_not_utf8_load_and_print(name: bytes) -> None:
+    """A folder camera or `edge classify` meets whatever bytes a copy wrote as a name."""
+    from fieldscope.edge.cli import _shown
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(os.fsdecode(os.fsencode(folder) + b"/" + name + b".png"))
+        path.write_bytes(_VALID_PNG)
+        assert load_image(path).shape == (8, 8, 3)
+        _shown(path).encode("utf-8")  # printable: never UnicodeEncodeError
