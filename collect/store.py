@@ -59,6 +59,7 @@ __all__ = [
     "IdentificationRow",
     "InvalidRow",
     "Store",
+    "StoreDataError",
     "StoreError",
     "WriteResult",
     "open_store",
@@ -233,6 +234,12 @@ class StoreError(FieldscopeError):
     """The collector's database cannot be opened, read or written."""
 
 
+class StoreDataError(StoreError):
+    """A value of the batch cannot be stored (too large, wrong type, a constraint):
+    retrying the same batch would fail the same way, so the collector stores its
+    records one by one and keeps the one that fails apart as invalid."""
+
+
 # --- what callers get back -------------------------------------------------------------------
 
 
@@ -383,6 +390,10 @@ class Store(ABC):
     @abstractmethod
     def _errors(self) -> tuple[type[BaseException], ...]: ...
 
+    @abstractmethod
+    def _data_errors(self) -> tuple[type[BaseException], ...]:
+        """The driver's errors that blame the data, not the database (see StoreDataError)."""
+
     _json_param = "?"
 
     # Lifecycle ------------------------------------------------------------------------------
@@ -432,6 +443,7 @@ class Store(ABC):
         """Store one batch in one transaction (see the module docstring).
 
         Raises:
+            StoreDataError: a value of the batch cannot be stored; nothing was stored.
             StoreError: the transaction failed; nothing of the batch was stored.
         """
         idents = [r for r in records if isinstance(r, StoredIdentification)]
@@ -439,24 +451,20 @@ class Store(ABC):
         updates = [
             r for r in records if isinstance(r, DeviceStatusChange | DeviceHeartbeat | DeviceModel)
         ]
-        with self._guard("write"), self._transaction() as cur:
-            stored = 0
-            conflicts: list[Invalid] = []
-            if idents:
-                stored = self._insert_identifications(cur, idents)
-                if stored < len(idents):
-                    conflicts = self._conflicts(cur, idents)
-            kept = invalid + conflicts
-            if kept:
-                cur.executemany(
-                    self._sql(
-                        "INSERT INTO invalid_messages (received_at, topic, kind, reason, payload)"
-                        " VALUES (?, ?, ?, ?, ?)"
-                    ),
-                    [(self._ts(r.received_at), r.topic, r.kind, r.reason, r.payload) for r in kept],
-                )
-            for update in updates:
-                self._update_device(cur, update)
+        try:
+            with self._guard("write"), self._transaction() as cur:
+                stored, conflicts, kept = self._write_batch(cur, idents, invalid, updates)
+        except StoreError as exc:
+            if isinstance(exc.__cause__, self._data_errors()):
+                raise StoreDataError(str(exc)) from exc.__cause__
+            raise
+        except (OverflowError, ValueError, TypeError, UnicodeError) as exc:
+            # Raised by the driver while binding a parameter (an integer beyond 64 bits, a
+            # string it cannot encode): the data is at fault, not the database.
+            raise StoreDataError(
+                f"{self.url}: cannot store a value of this batch: {type(exc).__name__}: "
+                f"{str(exc)[:200]}"
+            ) from exc
         return WriteResult(
             stored=stored,
             duplicates=len(idents) - stored - len(conflicts),
@@ -464,6 +472,33 @@ class Store(ABC):
             conflicts=len(conflicts),
             device_updates=len(updates),
         )
+
+    def _write_batch(
+        self,
+        cur: Any,
+        idents: Sequence[StoredIdentification],
+        invalid: Sequence[Invalid],
+        updates: Sequence[Record],
+    ) -> tuple[int, list[Invalid], list[Invalid]]:
+        """The statements of :meth:`write`, inside its transaction."""
+        stored = 0
+        conflicts: list[Invalid] = []
+        if idents:
+            stored = self._insert_identifications(cur, idents)
+            if stored < len(idents):
+                conflicts = self._conflicts(cur, idents)
+        kept = [*invalid, *conflicts]
+        if kept:
+            cur.executemany(
+                self._sql(
+                    "INSERT INTO invalid_messages (received_at, topic, kind, reason, payload)"
+                    " VALUES (?, ?, ?, ?, ?)"
+                ),
+                [(self._ts(r.received_at), r.topic, r.kind, r.reason, r.payload) for r in kept],
+            )
+        for update in updates:
+            self._update_device(cur, update)
+        return stored, conflicts, kept
 
     def _insert_identifications(self, cur: Any, idents: Sequence[StoredIdentification]) -> int:
         names = ", ".join(_IDENT_COLUMNS)
@@ -862,6 +897,9 @@ class SqliteStore(Store):
     def _errors(self) -> tuple[type[BaseException], ...]:
         return (sqlite3.Error,)
 
+    def _data_errors(self) -> tuple[type[BaseException], ...]:
+        return (sqlite3.DataError, sqlite3.IntegrityError)
+
 
 # --- PostgreSQL ----------------------------------------------------------------------------------
 
@@ -930,6 +968,9 @@ class PostgresStore(Store):
 
     def _errors(self) -> tuple[type[BaseException], ...]:
         return (self._psycopg.Error,)
+
+    def _data_errors(self) -> tuple[type[BaseException], ...]:
+        return (self._psycopg.DataError, self._psycopg.IntegrityError)
 
 
 def _redact(url: str) -> str:

@@ -1,0 +1,230 @@
+"""Poison inputs against the collector (issue 15): one bad message never stops it.
+
+Every input is generated here (no committed binaries) and goes through a real
+Mosquitto broker into a real collector and SQLite store. The collector must keep
+storing valid messages after each poison one, keep the poison one apart with its
+reason, and count it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from conftest import Broker
+from paho.mqtt.enums import CallbackAPIVersion
+
+from fieldscope.collect.records import decode
+from fieldscope.collect.samples import sample_heartbeat, sample_identification, sample_model_info
+from fieldscope.collect.store import open_store
+from fieldscope.collect.subscriber import Collector, CollectorSettings
+from fieldscope.edge.topics import Topics
+
+pytestmark = pytest.mark.mqtt
+
+PREFIX = "fs"
+TOPICS = Topics(PREFIX, "atk", "dev-a")
+HUGE = "9" * 400  # an integer JSON number beyond any float: float(int) raises OverflowError
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def _retained_poison_model() -> bytes:
+    """The reproduction of issue 15 item 1, byte for byte."""
+    return (
+        '{"labels":["a","b"],"loaded_at":"2026-12-07T01:43:34.280300Z","model":{"name":"r1",'
+        '"sha256":"' + "0" * 64 + '","version":"1"},"runtime":{"name":"x","version":"1"},'
+        '"signed":true,"threshold":' + HUGE + ',"version":1}'
+    ).encode()
+
+
+def _with(payload: bytes, path: tuple[str, ...], raw: str) -> bytes:
+    """``payload`` (JSON) with the value at ``path`` replaced by the raw JSON text ``raw``."""
+    marker = "__POISON__"
+    obj = json.loads(payload)
+    node = obj
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = marker
+    return json.dumps(obj).replace(f'"{marker}"', raw).encode()
+
+
+def poison_corpus() -> list[tuple[str, str, bytes]]:
+    """(name, topic, payload): every payload here crashed or could crash a reader."""
+    ident = _ident_payload(0)
+    beat = sample_heartbeat().to_json()
+    model = sample_model_info().to_json()
+    deep = b"[" * 100_000 + b"]" * 100_000
+    return [
+        ("model threshold 400 digits", TOPICS.model, _retained_poison_model()),
+        ("model threshold 5000 digits", TOPICS.model, _with(model, ("threshold",), "9" * 5000)),
+        (
+            "sharpness 400 digits",
+            TOPICS.identification,
+            _with(ident, ("quality", "sharpness"), HUGE),
+        ),
+        (
+            "timings capture 400 digits",
+            TOPICS.identification,
+            _with(ident, ("timings_ms", "capture"), HUGE),
+        ),
+        ("score 400 digits", TOPICS.identification, _with(ident, ("score",), HUGE)),
+        ("seq 400 digits", TOPICS.identification, _with(ident, ("seq",), HUGE)),
+        ("seq beyond 64 bits", TOPICS.identification, _with(ident, ("seq",), str(2**70))),
+        ("uptime 400 digits", TOPICS.heartbeat, _with(beat, ("uptime_s",), HUGE)),
+        ("identification nested 100000 deep", TOPICS.identification, deep),
+        ("heartbeat nested 100000 deep", TOPICS.heartbeat, deep),
+        ("model nested 100000 deep", TOPICS.model, deep),
+        ("not UTF-8", TOPICS.identification, b"\xff\xfe\xfd"),
+        ("NaN literal", TOPICS.identification, _with(ident, ("score",), "NaN")),
+        ("1e999", TOPICS.identification, _with(ident, ("score",), "1e999")),
+        ("empty heartbeat", TOPICS.heartbeat, b""),
+        ("a JSON string", TOPICS.identification, b'"just a string"'),
+    ]
+
+
+def _ident_payload(seq: int) -> bytes:
+    return sample_identification(seq, device="dev-a", station="atk").to_json()
+
+
+@pytest.mark.parametrize(("name", "topic", "payload"), poison_corpus(), ids=lambda v: str(v)[:40])
+def test_decode_never_raises_on_the_corpus(name: str, topic: str, payload: bytes) -> None:
+    """The intake's pure part: every poison payload becomes a record, never an exception."""
+    record = decode(topic, payload, PREFIX)
+    if name == "empty heartbeat":
+        assert type(record).__name__ == "Invalid"
+    assert record is not None
+
+
+@pytest.fixture
+def publisher(mosquitto: Broker) -> Iterator[mqtt.Client]:
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="attacker", protocol=mqtt.MQTTv5)
+    client.connect(mosquitto.host, mosquitto.port)
+    client.loop_start()
+    try:
+        yield client
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def _publish(client: mqtt.Client, topic: str, payload: bytes, *, retain: bool = False) -> None:
+    info = client.publish(topic, payload, qos=1, retain=retain)
+    info.wait_for_publish(20)
+    assert info.is_published()
+
+
+def test_a_poison_retained_model_message_does_not_stop_a_new_collector(
+    mosquitto: Broker, publisher: mqtt.Client, tmp_path: Path
+) -> None:
+    """Issue 15 item 1: a retained model message with a 400-digit threshold killed even
+    a brand-new collector; now it is kept apart and valid messages are stored."""
+    _publish(publisher, TOPICS.model, _retained_poison_model(), retain=True)
+    db = tmp_path / "new.sqlite"
+    store = open_store(str(db))
+    collector = Collector(
+        CollectorSettings(
+            host=mosquitto.host, port=mosquitto.port, prefix=PREFIX, client_id="brand-new"
+        ),
+        store,
+    )
+    collector.start()
+    try:
+        assert collector.wait_subscribed(10)
+        wait_for(lambda: collector.stats.invalid >= 1, what="the retained poison kept apart")
+        for seq in range(5):
+            _publish(publisher, TOPICS.identification, _ident_payload(seq))
+        wait_for(lambda: collector.stats.stored == 5, what="the valid identifications stored")
+        assert collector._writer is not None
+        assert collector._writer.is_alive()
+    finally:
+        collector.stop()
+        store.close()
+    with open_store(str(db), create=False) as reader:
+        assert sorted(r.seq for r in reader.iter_identifications()) == list(range(5))
+        (kept,) = reader.invalid_messages()
+        assert kept.topic == TOPICS.model
+        assert kept.kind == "model"
+        assert kept.payload == _retained_poison_model()
+        assert "threshold" in kept.reason or "OverflowError" in kept.reason
+
+
+def test_the_whole_corpus_over_a_real_broker_leaves_the_collector_storing(
+    mosquitto: Broker, publisher: mqtt.Client, tmp_path: Path
+) -> None:
+    """Each poison payload is followed by a valid identification: all valid ones are
+    stored, every poison one is kept apart with a reason, and the writer lives."""
+    corpus = poison_corpus()
+    db = tmp_path / "collect.sqlite"
+    store = open_store(str(db))
+    collector = Collector(
+        CollectorSettings(
+            host=mosquitto.host, port=mosquitto.port, prefix=PREFIX, client_id="c-corpus"
+        ),
+        store,
+    )
+    collector.start()
+    try:
+        assert collector.wait_subscribed(10)
+        for seq, (_name, topic, payload) in enumerate(corpus):
+            _publish(publisher, topic, payload, retain=topic == TOPICS.model)
+            _publish(publisher, TOPICS.identification, _ident_payload(seq))
+        n = len(corpus)
+        wait_for(lambda: collector.stats.stored == n, what=f"{n} valid identifications stored")
+        wait_for(lambda: collector.stats.invalid >= n, what="every poison message kept apart")
+        assert collector._writer is not None
+        assert collector._writer.is_alive()
+    finally:
+        collector.stop()
+        store.close()
+    with open_store(str(db), create=False) as reader:
+        assert reader.count() == len(corpus)
+        kept = reader.invalid_messages(limit=1000)
+        assert len(kept) == len(corpus)
+        assert all(r.reason for r in kept)
+    # Clear the retained poison so it does not leak into another test on this broker.
+    _publish(publisher, TOPICS.model, b"", retain=True)
+
+
+def test_a_value_the_database_cannot_hold_is_kept_apart_and_the_rest_stored(
+    tmp_path: Path,
+) -> None:
+    """Defence in depth behind the readers: should a record ever carry a value SQLite
+    cannot bind (an integer beyond 64 bits raises OverflowError in the driver), the
+    batch is stored message by message and only that message is kept apart."""
+    from datetime import UTC, datetime
+
+    from fieldscope.collect.subscriber import _Received
+
+    store = open_store(str(tmp_path / "c.sqlite"))
+    collector = Collector(
+        CollectorSettings(host="127.0.0.1", port=1, prefix=PREFIX, client_id="unit"), store
+    )
+    now = datetime.now(UTC)
+    batch = [
+        _Received(TOPICS.identification, _ident_payload(seq), 0, 0, 0, now) for seq in range(3)
+    ]
+    poison = _Received(TOPICS.identification, _ident_payload(99), 0, 0, 0, now)
+    records = [collector._decode(m) for m in [*batch, poison]]
+    # A reader that forgot a bound: the parsed message carries a 70-bit seq.
+    object.__setattr__(records[-1].message, "seq", 2**70)  # type: ignore[union-attr]
+    result = collector._write([*batch, poison], records)
+    assert result.stored == 3
+    assert result.invalid == 1
+    assert collector.stats.poisoned == 1
+    assert store.count() == 3
+    (kept,) = store.invalid_messages()
+    assert "OverflowError" in kept.reason
+    assert kept.kind == "identification"
+    store.close()
