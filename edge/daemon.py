@@ -358,6 +358,7 @@ class Daemon:
             if self.stop.is_set():
                 break
             now = time.monotonic()
+            self.station.pipeline.revive()  # a stage whose thread ended runs again
             if watchdog_every is not None and now >= next_watchdog:
                 self._feed_watchdog()
                 next_watchdog = now + watchdog_every

@@ -1,0 +1,220 @@
+"""Poison inputs against the station (issue 15): one bad file never stops it.
+
+The inputs are generated here. The folder camera meets file names that are not
+UTF-8 (a name is bytes on POSIX; ``\\xff\\xfe`` once killed the capture thread on
+every start); the pipeline must survive an error in any stage, set the frame aside
+and restart a stage that died.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from conftest import TinyBundles
+
+from fieldscope.edge.archive import ImageArchive
+from fieldscope.edge.capture import (
+    STATE_DB_NAME,
+    CameraSupervisor,
+    ContinuousTrigger,
+    FolderCamera,
+    Frame,
+)
+from fieldscope.edge.config import ModelConfig, PreprocessingOverrides, QualityConfig
+from fieldscope.edge.model_slot import ModelSlot, load_model
+from fieldscope.edge.outbox import Outbox
+from fieldscope.edge.pipeline import FrameCounters, Pipeline
+from fieldscope.edge.topics import Topics
+
+BAD_NAME = os.fsdecode(b"b21_\xff\xfe.png")  # what os.listdir hands over for those bytes
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def write_png(path: Path, value: int, size: int = 32) -> None:
+    rng = np.random.default_rng(value)
+    image = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+    image[:, :, 0] = value
+    ok, data = cv2.imencode(".png", image)
+    assert ok
+    path.write_bytes(data.tobytes())
+
+
+def read_all(camera: FolderCamera, timeout: float = 0.03, tries: int = 5) -> list[Frame]:
+    frames: list[Frame] = []
+    idle = 0
+    while idle < tries:
+        frame = camera.read(timeout)
+        if frame is None:
+            idle += 1
+            continue
+        idle = 0
+        frames.append(frame)
+    return frames
+
+
+def folder(tmp_path: Path, **kwargs: object) -> FolderCamera:
+    kwargs.setdefault("settle_s", 0.0)
+    kwargs.setdefault("scan_interval_s", 0.01)
+    return FolderCamera(tmp_path / "incoming", tmp_path / "state" / STATE_DB_NAME, **kwargs)  # type: ignore[arg-type]
+
+
+def test_a_non_utf8_file_name_is_captured_and_the_folder_goes_on(tmp_path: Path) -> None:
+    """Issue 15 item 2: ``cp ok.png "$(printf 'incoming/b21_\\xff\\xfe.png')"`` killed
+    the capture thread and every restart. Now it is captured like any file, its name
+    is shown with escapes wherever text is needed, and the rest of the folder too."""
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    write_png(incoming / "a.png", 10)
+    write_png(incoming / BAD_NAME, 20)
+    write_png(incoming / "z.png", 30)
+    camera = folder(tmp_path, handled="move")
+    camera.open()
+    frames = read_all(camera)
+    assert len(frames) == 3
+    odd = next(f for f in frames if "b21_" in f.source)
+    assert odd.source.endswith("b21_\\xff\\xfe.png")
+    assert odd.key is not None
+    # Everything that leaves the camera is plain text: JSON, SQLite and UTF-8 logs take it.
+    json.dumps({"source": odd.source, "key": odd.key}, ensure_ascii=False).encode("utf-8")
+    for frame in frames:
+        assert frame.done is not None
+        frame.done()
+    camera.close()
+    done = sorted(os.fsencode(p.name) for p in (incoming / "done").iterdir())
+    assert done == [b"a.png", b"b21_\xff\xfe.png", b"z.png"]
+    # A restart neither dies on the name nor offers anything again.
+    camera = folder(tmp_path, handled="move")
+    camera.open()
+    assert read_all(camera) == []
+    camera.close()
+
+
+def test_a_non_utf8_name_taken_but_not_done_is_offered_again_after_a_crash(
+    tmp_path: Path,
+) -> None:
+    """The state database keeps the name's bytes (a BLOB) and finds the file again."""
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    write_png(incoming / BAD_NAME, 20)
+    camera = folder(tmp_path)
+    camera.open()
+    (frame,) = read_all(camera)
+    camera.close()  # a crash before the identification was stored
+    camera = folder(tmp_path)
+    camera.open()
+    (again,) = read_all(camera)
+    assert again.source == frame.source
+    assert again.key == frame.key
+    assert again.done is not None
+    again.done()
+    camera.close()
+    camera = folder(tmp_path)
+    camera.open()
+    assert read_all(camera) == []
+    camera.close()
+
+
+def test_a_frame_a_stage_fails_on_is_set_aside_in_failed(tmp_path: Path) -> None:
+    """``Frame.fail`` quarantines the file: moved to failed/, recorded, never offered."""
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    write_png(incoming / BAD_NAME, 20)
+    camera = folder(tmp_path, handled="move")
+    problems: list[tuple[str, str]] = []
+    camera._on_problem = lambda source, reason: problems.append((source, reason))
+    camera.open()
+    (frame,) = read_all(camera)
+    assert frame.fail is not None
+    frame.fail("prepare failed: MemoryError()")
+    assert [os.fsencode(p.name) for p in (incoming / "failed").iterdir()] == [b"b21_\xff\xfe.png"]
+    assert problems == [(frame.source, "prepare failed: MemoryError()")]
+    camera.close()
+    camera = folder(tmp_path, handled="move")
+    camera.open()
+    assert read_all(camera) == []
+    camera.close()
+
+
+# --- the pipeline: real model, real outbox, real folder camera --------------------------------
+
+
+class _BuggyTrigger(ContinuousTrigger):
+    """A trigger with a bug that raises on its first few waits (a stand-in for any
+    error outside one frame that once ended a stage's thread for good)."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__(max_rate_hz=1000.0)
+        self.failures = failures
+
+    def wait(self, stop: threading.Event) -> bool:
+        if self.failures > 0:
+            self.failures -= 1
+            raise RuntimeError("trigger bug")
+        return super().wait(stop)
+
+
+def _pipeline(
+    tmp_path: Path, tiny_bundles: TinyBundles, trigger: ContinuousTrigger
+) -> tuple[Pipeline, threading.Event, Outbox, list[str]]:
+    incoming = tmp_path / "incoming"
+    camera = FolderCamera(
+        incoming, tmp_path / "state" / STATE_DB_NAME, settle_s=0.0, scan_interval_s=0.01,
+        handled="move",
+    )  # fmt: skip
+    stop = threading.Event()
+    outbox = Outbox(tmp_path / "outbox.sqlite")
+    events: list[str] = []
+    model = load_model(ModelConfig(bundle=tiny_bundles.v1), PreprocessingOverrides())
+    pipeline = Pipeline(
+        camera=CameraSupervisor(camera, stop),
+        trigger=trigger,
+        slot=ModelSlot(model),
+        outbox=outbox,
+        archive=ImageArchive(tmp_path / "archive", mode="none"),
+        quality=QualityConfig(enabled=False),
+        topics=Topics("fieldscope", "pond", "scope"),
+        stop=stop,
+        counters=FrameCounters(),
+        on_event=events.append,
+    )
+    return pipeline, stop, outbox, events
+
+
+@pytest.mark.slow
+def test_the_pipeline_identifies_a_non_utf8_file_and_restarts_a_stage_that_died(
+    tmp_path: Path, tiny_bundles: TinyBundles
+) -> None:
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    write_png(incoming / "a.png", 200)
+    write_png(incoming / BAD_NAME, 210)
+    write_png(incoming / "z.png", 220)
+    pipeline, stop, outbox, events = _pipeline(tmp_path, tiny_bundles, _BuggyTrigger(2))
+    pipeline.start()
+    try:
+        wait_for(lambda: outbox.depth() == 3, what="three identifications in the outbox")
+        wait_for(lambda: len(list((incoming / "done").iterdir())) == 3, what="three files done")
+        assert pipeline.restarts["capture"] == 2
+        assert any("capture stage died" in e for e in events)
+        assert pipeline.stalled(60) == []
+    finally:
+        stop.set()
+        pipeline.wake()
+        assert pipeline.join(10)
+        outbox.close()
