@@ -228,3 +228,44 @@ def test_a_value_the_database_cannot_hold_is_kept_apart_and_the_rest_stored(
     assert "OverflowError" in kept.reason
     assert kept.kind == "identification"
     store.close()
+
+
+FORMULAS = ("=HYPERLINK(\"http://x\",\"y\")", "+1+1", "-2+3", "@SUM(A1)", "'=already quoted")
+
+
+def test_exports_escape_labels_a_spreadsheet_would_run(tmp_path: Path) -> None:
+    """Issue 15 item 10: a label ``=HYPERLINK(...)`` went unescaped into CSV and EcoTaxa.
+    Now every text cell that a spreadsheet would take as a formula starts with a quote,
+    and read_csv gives the original label back."""
+    import csv
+
+    from fieldscope.collect.export import export, read_csv
+
+    db = tmp_path / "c.sqlite"
+    with open_store(str(db)) as store:
+        store.write(
+            [
+                decode(
+                    TOPICS.identification,
+                    sample_identification(
+                        seq, device="dev-a", station="atk", label=label, labels=(label, "b", "c")
+                    ).to_json(),
+                    PREFIX,
+                )
+                for seq, label in enumerate(FORMULAS)
+            ]
+        )
+        assert store.count() == len(FORMULAS)
+        export(store, "csv", tmp_path / "out.csv")
+        export(store, "ecotaxa", tmp_path / "out.tsv")
+    with (tmp_path / "out.csv").open(newline="", encoding="utf-8") as fh:
+        cells = [cell for row in csv.reader(fh) for cell in row]
+    for cell in cells:
+        assert cell[:1] not in ("=", "+", "-", "@", "\t", "\r"), cell
+    assert sorted(r["label"] for r in read_csv(tmp_path / "out.csv")) == sorted(FORMULAS)
+    lines = (tmp_path / "out.tsv").read_text(encoding="utf-8").splitlines()[2:]
+    categories = [line.split("\t")[4] for line in lines]
+    assert sorted(categories) == sorted("'" + f for f in FORMULAS)
+    for line in lines:
+        for cell in line.split("\t"):
+            assert cell[:1] not in ("=", "+", "-", "@"), cell
