@@ -230,7 +230,7 @@ def test_a_value_the_database_cannot_hold_is_kept_apart_and_the_rest_stored(
     store.close()
 
 
-FORMULAS = ("=HYPERLINK(\"http://x\",\"y\")", "+1+1", "-2+3", "@SUM(A1)", "'=already quoted")
+FORMULAS = ('=HYPERLINK("http://x","y")', "+1+1", "-2+3", "@SUM(A1)", "'=already quoted")
 
 
 def test_exports_escape_labels_a_spreadsheet_would_run(tmp_path: Path) -> None:
@@ -269,3 +269,102 @@ def test_exports_escape_labels_a_spreadsheet_would_run(tmp_path: Path) -> None:
     for line in lines:
         for cell in line.split("\t"):
             assert cell[:1] not in ("=", "+", "-", "@"), cell
+
+
+# --- the dashboard -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def dashboard_url(tmp_path: Path) -> Iterator[str]:
+    from fieldscope.collect.web import Dashboard, DashboardSettings
+
+    db = tmp_path / "dash.sqlite"
+    with open_store(str(db)) as store:
+        store.write(
+            [decode(TOPICS.identification, _ident_payload(seq), PREFIX) for seq in range(3)]
+        )
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    dashboard = Dashboard(
+        DashboardSettings(db_url=str(db), port=0, archive=archive, request_timeout_s=0.5)
+    )
+    host, port = dashboard.start()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        dashboard.stop()
+
+
+def _get(url: str) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status, response.read().decode("utf-8", "replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode("utf-8", "replace")
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "says"),
+    [
+        ("/identifications?page=" + "9" * 30, 400, "page must be a whole number"),
+        ("/identifications?page=" + "9" * 5000, 400, "page must be a whole number"),
+        ("/identifications?page=99999999999999999999", 400, "page must be a whole number"),
+        ("/identifications?page=0", 400, "page must be a whole number"),
+        ("/identifications?page=7", 404, "no page 7"),
+        ("/identifications?page=1", 200, "dev-a"),
+        ("/thumb/" + "9" * 30, 404, "No such thumbnail"),
+        ("/thumb/9223372036854775808", 404, "No such thumbnail"),
+        ("/thumb/" + "9" * 5000, 404, "No such thumbnail"),
+        ("/thumb/%C2%B2", 404, "No such thumbnail"),
+    ],
+    ids=lambda v: str(v)[:50],
+)
+def test_dashboard_answers_huge_numbers_with_a_clear_4xx(
+    dashboard_url: str, path: str, status: int, says: str
+) -> None:
+    """Issue 15 item 11: ``?page=<huge>`` and ``/thumb/<huge>`` answered 500."""
+    got, page = _get(dashboard_url + path)
+    assert got == status, page[:500]
+    assert says in page
+
+
+def test_stalled_uploads_are_disconnected_and_free_their_threads(dashboard_url: str) -> None:
+    """Issue 15 item 11: 300 stalled uploads held 305 threads with no timeout. Now a
+    client that stops sending is disconnected after request_timeout_s."""
+    import socket
+    import threading
+    from urllib.parse import urlsplit
+
+    address = urlsplit(dashboard_url)
+    host, port = address.hostname, address.port
+    assert host is not None
+    assert port is not None
+    before = threading.active_count()
+    clients = []
+    for _ in range(20):
+        s = socket.create_connection((host, port), timeout=10)
+        s.sendall(
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
+            b"boundary=b\r\nContent-Length: 100000\r\n\r\n--b\r\n"
+        )
+        clients.append(s)
+    # A slowloris that never finishes its request line, too.
+    s = socket.create_connection((host, port), timeout=10)
+    s.sendall(b"GET /ident")
+    clients.append(s)
+    started = time.monotonic()
+    for s in clients:
+        s.settimeout(10)
+        try:
+            rest = s.recv(65536)
+            while rest:
+                rest = s.recv(65536)
+        except ConnectionResetError:
+            pass  # closed by the server: what is wanted
+        s.close()
+    assert time.monotonic() - started < 8
+    wait_for(lambda: threading.active_count() <= before, 10, "the handler threads to end")
+    assert _get(dashboard_url + "/healthz")[0] == 200
