@@ -53,11 +53,13 @@ from fieldscope.edge.message import Identification
 
 __all__ = [
     "DEFAULT_DB",
+    "MAX_GAP",
     "SCHEMA_VERSION",
     "DeviceRow",
     "Filters",
     "IdentificationRow",
     "InvalidRow",
+    "SeqGap",
     "Store",
     "StoreDataError",
     "StoreError",
@@ -70,6 +72,9 @@ logger = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 DEFAULT_DB = "fieldscope-collect.sqlite"
 BUSY_TIMEOUT_S = 30.0
+# A jump in a device's seq larger than this is a new outbox on the station (a new file
+# starts at the clock in milliseconds), not lost identifications: see Store.gaps.
+MAX_GAP = 1_000_000
 # Keys per query when looking for conflicting duplicates (2 parameters each).
 _CONFLICT_CHUNK = 400
 
@@ -344,6 +349,23 @@ class InvalidRow:
     kind: str | None
     reason: str
     payload: bytes
+
+
+@dataclass(frozen=True)
+class SeqGap:
+    """Identifications ``first``..``last`` (inclusive) of ``device`` never arrived,
+    although a later one did: lost on the way (a broker that lost its queue, a queue
+    limit, a station outbox that dropped its oldest). A gap closes by itself when the
+    missing messages arrive late (an outbox replay)."""
+
+    device: str
+    station: str
+    first: int
+    last: int
+
+    @property
+    def missing(self) -> int:
+        return self.last - self.first + 1
 
 
 @dataclass
@@ -817,6 +839,50 @@ class Store(ABC):
 
     def count_invalid(self) -> int:
         return int(self._query("SELECT COUNT(*) FROM invalid_messages")[0][0])
+
+    # Gaps in each device's seq ---------------------------------------------------------------
+
+    # Between two stored neighbours (ordered by seq) of one device. Before the first one
+    # stored nothing can be said: a station's first seq comes from its clock. A jump of
+    # more than MAX_GAP is a new outbox on the station (its first seq is the clock in
+    # milliseconds), not lost messages.
+    _GAPS_SQL = (
+        "SELECT device, station, prev + 1, seq - 1 FROM ("
+        "SELECT device, station, seq, LAG(seq) OVER (PARTITION BY device ORDER BY seq) AS prev "
+        "FROM identifications{where}) AS ordered WHERE seq - prev > 1 AND seq - prev <= ?"
+    )
+
+    def gaps(self, devices: Sequence[str] = (), *, limit: int = 1000) -> list[SeqGap]:
+        """The gaps in each device's ``seq`` (see :class:`SeqGap`), by device then seq;
+        at most ``limit`` of them. Computed from the stored rows, so always current."""
+        where, params = self._device_where(devices)
+        sql = self._GAPS_SQL.format(where=where) + " ORDER BY device, prev LIMIT ?"
+        return [
+            SeqGap(str(r[0]), str(r[1]), int(r[2]), int(r[3]))
+            for r in self._query(sql, [*params, MAX_GAP + 1, limit])
+        ]
+
+    def missing_counts(self, devices: Sequence[str] = ()) -> dict[str, int]:
+        """Per device with a gap: how many identifications are missing in all its gaps."""
+        where, params = self._device_where(devices)
+        sql = (
+            "SELECT device, SUM(missing) FROM (SELECT device, seq - prev - 1 AS missing FROM ("
+            "SELECT device, seq, LAG(seq) OVER (PARTITION BY device ORDER BY seq) AS prev "
+            f"FROM identifications{where}) AS ordered WHERE seq - prev > 1 "
+            "AND seq - prev <= ?) AS gaps GROUP BY device"
+        )
+        return {str(r[0]): int(r[1]) for r in self._query(sql, [*params, MAX_GAP + 1])}
+
+    def max_seq(self, device: str) -> int | None:
+        """The highest ``seq`` stored for ``device``, or None."""
+        rows = self._query("SELECT MAX(seq) FROM identifications WHERE device = ?", [device])
+        return None if not rows or rows[0][0] is None else int(rows[0][0])
+
+    @staticmethod
+    def _device_where(devices: Sequence[str]) -> tuple[str, list[Any]]:
+        if not devices:
+            return "", []
+        return f" WHERE device IN ({', '.join('?' for _ in devices)})", list(devices)
 
 
 # --- SQLite --------------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ from fieldscope.collect.records import (
     decode,
     poison_reason,
 )
-from fieldscope.collect.store import Store, StoreDataError, StoreError, WriteResult
+from fieldscope.collect.store import MAX_GAP, Store, StoreDataError, StoreError, WriteResult
 from fieldscope.edge.errors import ConfigError, FieldscopeError
 from fieldscope.edge.link import MqttProtocol
 from fieldscope.edge.topics import (
@@ -150,12 +150,15 @@ class CollectorStats:
     connects: int = 0
     poisoned: int = 0
     writer_restarts: int = 0
+    gaps: int = 0
+    missing: int = 0
 
     def line(self) -> str:
         return (
             f"received {self.received}, stored {self.stored}, duplicates {self.duplicates}, "
             f"invalid {self.invalid} (conflicting seq {self.conflicts}, unexpected errors "
-            f"{self.poisoned}), device updates {self.device_updates}, batches {self.batches}"
+            f"{self.poisoned}), device updates {self.device_updates}, batches {self.batches}, "
+            f"seq gaps {self.gaps} ({self.missing} missing)"
         )
 
 
@@ -199,6 +202,9 @@ class Collector:
         self._started = False
         self._pending_sub: int | None = None
         self._topics = TopicCache(settings.prefix)
+        # Per device, the highest seq stored so far (writer thread only): a new one more
+        # than one above it reveals a gap (see _check_gaps).
+        self._high: dict[str, int] = {}
         self._client = self._make_client()
 
     # --- set-up ---------------------------------------------------------------------------
@@ -510,8 +516,71 @@ class Collector:
             logger.error("cannot keep the message on %s apart either (%s); dropped", m.topic, exc2)
             return WriteResult()
 
+    def _check_gaps(self, records: list[Record], before: dict[str, int | None]) -> None:
+        """Log each gap in a device's ``seq`` that this batch reveals (issue 15: a broker
+        that lost its queue lost identifications and nothing noticed). ``before`` holds
+        each device's highest stored seq from before the batch. The store's
+        :meth:`~fieldscope.collect.store.Store.gaps` is the full, current account; this
+        is the log line at the moment a gap appears. With a shared subscription each
+        collector sees only part of every device's messages, so nothing is logged here."""
+        if self.settings.share_group is not None:
+            return
+        seqs: dict[str, list[int]] = {}
+        stations: dict[str, str] = {}
+        for r in records:
+            if isinstance(r, StoredIdentification):
+                seqs.setdefault(r.message.device, []).append(r.message.seq)
+                stations[r.message.device] = r.message.station
+        for device, got in seqs.items():
+            high = self._high.get(device, before.get(device))
+            for seq in sorted(set(got)):
+                if high is not None and seq > high + 1 + MAX_GAP:
+                    logger.info(
+                        "device %s jumped from seq %d to %d: a new outbox on the station "
+                        "(reset or replaced), not counted as a gap",
+                        device,
+                        high,
+                        seq,
+                    )
+                elif high is not None and seq > high + 1:
+                    missing = seq - high - 1
+                    self.stats.gaps += 1
+                    self.stats.missing += missing
+                    logger.warning(
+                        "seq gap: device %s (station %s) skipped seq %d..%d (%d identification%s "
+                        "missing); lost between the station and this collector, or still to "
+                        "come from the station's outbox",
+                        device,
+                        stations[device],
+                        high + 1,
+                        seq - 1,
+                        missing,
+                        "" if missing == 1 else "s",
+                    )
+                high = seq if high is None else max(high, seq)
+            if high is not None:
+                self._high[device] = high
+
+    def _highs_before(self, records: list[Record]) -> dict[str, int | None]:
+        """The highest stored seq of each device of the batch not yet known (one indexed
+        query per device, once per run)."""
+        before: dict[str, int | None] = {}
+        if self.settings.share_group is not None:
+            return before
+        for r in records:
+            if isinstance(r, StoredIdentification):
+                device = r.message.device
+                if device not in self._high and device not in before:
+                    try:
+                        before[device] = self.store.max_seq(device)
+                    except StoreError as exc:
+                        logger.debug("cannot read the highest seq of %s: %s", device, exc)
+                        before[device] = None
+        return before
+
     def _store_and_ack(self, batch: list[_Received]) -> None:
         records = [self._decode(m) for m in batch]
+        before = self._highs_before(records)
         delay = _RETRY_MIN_S
         while True:
             try:
@@ -537,6 +606,10 @@ class Collector:
         st.conflicts += result.conflicts
         st.device_updates += result.device_updates
         st.batches += 1
+        try:
+            self._check_gaps(records, before)
+        except Exception:
+            logger.exception("cannot check the batch for seq gaps")
         if result.invalid:
             logger.warning(
                 "%d message(s) kept apart as invalid (see invalid_messages)", result.invalid

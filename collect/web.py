@@ -432,6 +432,11 @@ class Dashboard:
             activity = store.device_activity()
             total = store.count()
             invalid = store.count_invalid()
+            missing = store.missing_counts()
+            gaps: dict[str, list[str]] = {}
+            for gap in store.gaps(limit=500):
+                span = str(gap.first) if gap.first == gap.last else f"{gap.first}..{gap.last}"
+                gaps.setdefault(gap.device, []).append(span)
         rows = []
         for d in devices:
             hb = d.heartbeat or {}
@@ -452,6 +457,8 @@ class Dashboard:
                     "temperature": hb.get("cpu_temperature_c"),
                     "warnings": list(hb.get("warnings") or []),
                     "count": count,
+                    "missing": missing.get(d.device, 0),
+                    "gaps": ", ".join(gaps.get(d.device, [])[:10]),
                     "last_identification": _fmt_age(last, now) if last else "never",
                 }
             )
@@ -463,6 +470,7 @@ class Dashboard:
             online=online,
             total=total,
             invalid=invalid,
+            missing=sum(missing.values()),
             now=_fmt_time(now),
         )
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -95,7 +96,8 @@ def poison_corpus() -> list[tuple[str, str, bytes]]:
 
 
 def _ident_payload(seq: int) -> bytes:
-    return sample_identification(seq, device="dev-a", station="atk").to_json()
+    when = datetime(2026, 12, 7, tzinfo=UTC) + timedelta(seconds=seq % 86_400)
+    return sample_identification(seq, device="dev-a", station="atk", captured_at=when).to_json()
 
 
 @pytest.mark.parametrize(("name", "topic", "payload"), poison_corpus(), ids=lambda v: str(v)[:40])
@@ -203,8 +205,6 @@ def test_a_value_the_database_cannot_hold_is_kept_apart_and_the_rest_stored(
     """Defence in depth behind the readers: should a record ever carry a value SQLite
     cannot bind (an integer beyond 64 bits raises OverflowError in the driver), the
     batch is stored message by message and only that message is kept apart."""
-    from datetime import UTC, datetime
-
     from fieldscope.collect.subscriber import _Received
 
     store = open_store(str(tmp_path / "c.sqlite"))
@@ -368,3 +368,126 @@ def test_stalled_uploads_are_disconnected_and_free_their_threads(dashboard_url: 
     assert time.monotonic() - started < 8
     wait_for(lambda: threading.active_count() <= before, 10, "the handler threads to end")
     assert _get(dashboard_url + "/healthz")[0] == 200
+
+
+# --- item 9: loss at the broker is detected and reported ---------------------------------------
+
+
+def test_a_broker_killed_with_an_offline_collectors_queue_shows_as_a_seq_gap(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 15 item 9: with the collector offline, a broker SIGKILL lost the queued
+    identifications of its persistent session and nothing noticed. Now the gap in the
+    device's seq is logged when the next one arrives, counted per device in the store,
+    shown on the dashboard and listed by ``fieldscope collect gaps``."""
+    import logging
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import start_mosquitto, stop_mosquitto
+
+    from fieldscope.collect.web import Dashboard, DashboardSettings
+
+    workdir = tmp_path / "mosquitto"
+    broker = start_mosquitto(workdir)
+    db = tmp_path / "collect.sqlite"
+    base = 1_800_000_000_000  # a station's first seq is its clock in milliseconds
+
+    def station() -> mqtt.Client:
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="dev-a", protocol=mqtt.MQTTv5)
+        client.connect(broker.host, broker.port)
+        client.loop_start()
+        return client
+
+    def collector() -> tuple[Collector, object]:
+        store = open_store(str(db))
+        settings = CollectorSettings(
+            host=broker.host, port=broker.port, prefix=PREFIX, client_id="c-gaps"
+        )
+        c = Collector(settings, store)
+        c.start()
+        assert c.wait_subscribed(10)
+        return c, store
+
+    pub = station()
+    try:
+        _publish(pub, TOPICS.status, b"online", retain=True)
+        first, store = collector()
+        for seq in range(base, base + 10):
+            _publish(pub, TOPICS.identification, _ident_payload(seq))
+        wait_for(lambda: first.stats.stored == 10, what="the first ten stored")
+        first.stop()  # offline; the broker keeps its session and queues for it
+        store.close()  # type: ignore[attr-defined]
+        for seq in range(base + 10, base + 40):
+            _publish(pub, TOPICS.identification, _ident_payload(seq))
+        pub.disconnect()
+        pub.loop_stop()
+        broker.process.send_signal(signal.SIGKILL)  # the queue of 30 dies with it
+        broker.process.wait(10)
+        broker = start_mosquitto(workdir, broker.port)
+        pub = station()
+        _publish(pub, TOPICS.status, b"online", retain=True)
+        with caplog.at_level(logging.WARNING, logger="fieldscope.collect.subscriber"):
+            # The session died with the broker: the collector subscribes afresh, and
+            # the station goes on with its next seq.
+            second, store = collector()
+            for seq in range(base + 40, base + 50):
+                _publish(pub, TOPICS.identification, _ident_payload(seq))
+            wait_for(lambda: second.stats.stored == 10, what="the last ten stored")
+            second.stop()
+            store.close()  # type: ignore[attr-defined]
+    finally:
+        pub.disconnect()
+        pub.loop_stop()
+        stop_mosquitto(broker)
+    assert second.stats.gaps == 1
+    assert second.stats.missing == 30
+    assert f"skipped seq {base + 10}..{base + 39} (30 identifications missing)" in caplog.text
+    with open_store(str(db), create=False) as reader:
+        assert reader.count() == 20
+        (gap,) = reader.gaps()
+        assert (gap.device, gap.first, gap.last, gap.missing) == ("dev-a", base + 10, base + 39, 30)
+        assert reader.missing_counts() == {"dev-a": 30}
+    dashboard = Dashboard(DashboardSettings(db_url=str(db), port=0))
+    host, port = dashboard.start()
+    try:
+        status, page = _get(f"http://{host}:{port}/")
+    finally:
+        dashboard.stop()
+    assert status == 200
+    assert 'data-missing="30"' in page
+    assert f"seq {base + 10}..{base + 39}" in page
+    cli = subprocess.run(
+        [sys.executable, "-m", "fieldscope.cli", "collect", "gaps", "--db", str(db)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert cli.returncode == 1, cli.stderr
+    assert f"atk/dev-a: seq {base + 10}..{base + 39} missing (30)" in cli.stdout
+
+
+def test_a_gap_closes_when_the_missing_arrive_late_and_a_new_outbox_is_no_gap(
+    tmp_path: Path,
+) -> None:
+    base = 1_800_000_000_000
+    with open_store(str(tmp_path / "g.sqlite")) as store:
+
+        def put(*seqs: int) -> None:
+            store.write([decode(TOPICS.identification, _ident_payload(s), PREFIX) for s in seqs])
+
+        put(base, base + 1, base + 5)
+        assert [(g.first, g.last) for g in store.gaps()] == [(base + 2, base + 4)]
+        put(base + 3)
+        assert [(g.first, g.last) for g in store.gaps()] == [
+            (base + 2, base + 2),
+            (base + 4, base + 4),
+        ]
+        put(base + 2, base + 4)
+        assert store.gaps() == []
+        # A station whose outbox was replaced starts again at its clock in milliseconds.
+        put(base + 86_400_000)
+        assert store.gaps() == []
+        assert store.missing_counts() == {}
