@@ -17,6 +17,8 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 from conftest import Broker
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
 
 from fieldscope.collect.records import decode
@@ -491,3 +493,60 @@ def test_a_gap_closes_when_the_missing_arrive_late_and_a_new_outbox_is_no_gap(
         put(base + 86_400_000)
         assert store.gaps() == []
         assert store.missing_counts() == {}
+
+
+# --- fuzzing the intake: numbers of any size, any nesting ------------------------------------
+
+_NUMBER_FIELDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("identification", ("seq",)),
+    ("identification", ("score",)),
+    ("identification", ("quality", "sharpness")),
+    ("identification", ("timings_ms", "capture")),
+    ("identification", ("image", "width")),
+    ("heartbeat", ("uptime_s",)),
+    ("heartbeat", ("fps",)),
+    ("heartbeat", ("outbox", "depth")),
+    ("model", ("threshold",)),
+)
+
+
+def _number_text() -> st.SearchStrategy[str]:
+    digits = st.text("0123456789", min_size=1, max_size=5000)
+    return st.one_of(
+        st.integers().map(str),
+        digits.map(lambda d: d.lstrip("0") or "0"),
+        digits.map(lambda d: "-" + (d.lstrip("0") or "0")),
+        st.tuples(digits, st.integers(-100_000, 100_000)).map(lambda t: f"1.{t[0]}e{t[1]}"),
+        st.sampled_from(["NaN", "Infinity", "-Infinity", "1e999", "-0", "0.0"]),
+    )
+
+
+@settings(max_examples=150, deadline=None)
+@given(field=st.sampled_from(_NUMBER_FIELDS), raw=_number_text())
+def test_fuzz_decode_numbers_of_any_size_never_raise(
+    field: tuple[str, tuple[str, ...]], raw: str
+) -> None:
+    kind, path = field
+    payloads = {
+        "identification": (TOPICS.identification, _ident_payload(0)),
+        "heartbeat": (TOPICS.heartbeat, sample_heartbeat().to_json()),
+        "model": (TOPICS.model, sample_model_info().to_json()),
+    }
+    topic, payload = payloads[kind]
+    record = decode(topic, _with(payload, path, raw), PREFIX)
+    assert record is not None
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    depth=st.integers(1, 200_000),
+    opener=st.sampled_from([("[", "]"), ('{"a":', "}")]),
+    topic=st.sampled_from([TOPICS.identification, TOPICS.heartbeat, TOPICS.model]),
+)
+def test_fuzz_decode_deep_nesting_never_raises(
+    depth: int, opener: tuple[str, str], topic: str
+) -> None:
+    start, end = opener
+    payload = (start * depth + "1" + end * depth).encode()
+    record = decode(topic, payload, PREFIX)
+    assert record is not None

@@ -19,6 +19,8 @@ import cv2
 import numpy as np
 import pytest
 from conftest import TinyBundles
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fieldscope.edge.archive import ImageArchive
 from fieldscope.edge.capture import (
@@ -218,3 +220,37 @@ def test_the_pipeline_identifies_a_non_utf8_file_and_restarts_a_stage_that_died(
         pipeline.wake()
         assert pipeline.join(10)
         outbox.close()
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    names=st.lists(
+        st.binary(min_size=1, max_size=40)
+        .map(lambda b: b.replace(b"/", b"_").replace(b"\0", b"_").lstrip(b".") + b".png")
+        .filter(lambda b: len(b) > 4 and b not in (b"done.png", b"failed.png")),
+        min_size=1,
+        max_size=6,
+        unique=True,
+    )
+)
+def test_fuzz_any_byte_file_names_are_each_captured_once(names: list[bytes]) -> None:
+    """Any bytes a POSIX name may hold: each file captured once, moved to done/."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        incoming = root / "incoming"
+        incoming.mkdir()
+        for i, name in enumerate(names):
+            write_png(incoming / os.fsdecode(name), 50 + i)
+        camera = folder(root, handled="move")
+        camera.open()
+        frames = read_all(camera)
+        for frame in frames:
+            json.dumps(frame.source, ensure_ascii=False).encode("utf-8")
+            assert frame.done is not None
+            frame.done()
+        camera.close()
+        assert len(frames) == len(names)
+        moved = sorted(os.fsencode(p.name) for p in (incoming / "done").iterdir())
+        assert moved == sorted(names)
