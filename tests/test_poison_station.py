@@ -18,7 +18,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import TinyBundles
+from conftest import Broker, MqttRecorder, SpecimenImages, TinyBundles
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -254,3 +254,56 @@ def test_fuzz_any_byte_file_names_are_each_captured_once(names: list[bytes]) -> 
         assert len(frames) == len(names)
         moved = sorted(os.fsencode(p.name) for p in (incoming / "done").iterdir())
         assert moved == sorted(names)
+
+
+# --- item 9, the station's side: re-send a range from the outbox's retention ------------------
+
+
+def test_outbox_keeps_sent_messages_and_requeues_a_range(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.sqlite", keep_sent=5) as outbox:
+        for i in range(8):
+            outbox.add("t", lambda _seq, i=i: f"m{i}".encode(), 1)
+        seqs = [e.seq for e in outbox.pending(100)]
+        assert outbox.ack_many(seqs) == 8
+        assert outbox.depth() == 0
+        assert outbox.kept_range() == (seqs[3], seqs[7])  # the last five seqs
+        moved, queued = outbox.requeue(seqs[0], seqs[4])
+        assert (moved, queued) == (2, 0)  # seqs 3 and 4; 0..2 are no longer kept
+        assert [e.payload for e in outbox.pending(100)] == [b"m3", b"m4"]
+        assert outbox.requeue(seqs[3], seqs[4]) == (0, 2)  # already queued again
+
+
+@pytest.mark.slow
+@pytest.mark.mqtt
+def test_a_station_publishes_a_range_again_on_resend(
+    tmp_path: Path,
+    mosquitto: Broker,
+    tiny_bundles: TinyBundles,
+    specimen_images: SpecimenImages,
+) -> None:
+    """A collector that found a gap asks for it: ``resend`` republishes the kept
+    identifications under their own seq, and says how many were no longer kept."""
+    from test_daemon import TOPICS as DAEMON_TOPICS
+    from test_daemon import command, running, write_config
+
+    from fieldscope.edge.message import Identification
+
+    recorder = MqttRecorder(mosquitto)
+    try:
+        specimen_images.copy(tmp_path / "images", 3)
+        cfg = write_config(tmp_path, mosquitto, tiny_bundles.v1)
+        topic = DAEMON_TOPICS.identification
+        with running(cfg) as daemon:
+            assert recorder.wait_for(lambda r: r.count(topic) == 3)
+            wait_for(lambda: daemon.station.outbox.depth() == 0, what="all acknowledged")
+            seqs = sorted(Identification.from_json(p).seq for p in recorder.on(topic))
+            payload = json.dumps({"request_id": "gap-1", "first": seqs[0] - 5, "last": seqs[-1]})
+            reply = command(recorder, "resend", payload.encode())
+            assert reply.ok, reply.error
+            assert reply.data is not None
+            assert (reply.data["requeued"], reply.data["not_kept"]) == (3, 5)
+            assert recorder.wait_for(lambda r: r.count(topic) == 6)
+        again = sorted(Identification.from_json(p).seq for p in recorder.on(topic)[3:])
+        assert again == seqs
+    finally:
+        recorder.close()
