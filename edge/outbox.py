@@ -627,25 +627,40 @@ class Outbox:
         if not ids:
             return 0
         with self._lock:
-            with self._transaction("deleting acknowledged messages"):
-                if self.keep_sent:
-                    self._conn.executemany(
-                        "INSERT OR REPLACE INTO sent(seq, topic, qos, payload, created_at) "
-                        "SELECT seq, topic, qos, payload, created_at FROM messages WHERE seq = ?",
-                        [(i,) for i in ids],
-                    )
-                    self._conn.execute(
-                        "DELETE FROM sent WHERE seq <= ?", (self._next_seq - 1 - self.keep_sent,)
-                    )
-                cursor = self._conn.executemany(
-                    "DELETE FROM messages WHERE seq = ?", [(i,) for i in ids]
+            try:
+                deleted = self._delete_acked(ids, keep=self.keep_sent > 0)
+            except OutboxError as exc:
+                cause = exc.__cause__
+                full = isinstance(cause, sqlite3.Error) and _error_name(cause).startswith(
+                    "SQLITE_FULL"
                 )
-                deleted = max(0, cursor.rowcount)
+                if not (full and self.keep_sent):
+                    raise
+                # No room to keep copies: an acknowledgement must never fail for that.
+                self._give_up_sent()
+                deleted = self._delete_acked(ids, keep=False)
             # Only once committed: a failed COMMIT deleted nothing.
             self._depth -= deleted
             if self._depth < self.max_messages:
                 self._dropping = False
         return deleted
+
+    def _delete_acked(self, ids: list[int], *, keep: bool) -> int:
+        """Delete acknowledged entries (under the lock), keeping copies if ``keep``."""
+        with self._transaction("deleting acknowledged messages"):
+            if keep:
+                self._conn.executemany(
+                    "INSERT OR REPLACE INTO sent(seq, topic, qos, payload, created_at) "
+                    "SELECT seq, topic, qos, payload, created_at FROM messages WHERE seq = ?",
+                    [(i,) for i in ids],
+                )
+                self._conn.execute(
+                    "DELETE FROM sent WHERE seq <= ?", (self._next_seq - 1 - self.keep_sent,)
+                )
+            cursor = self._conn.executemany(
+                "DELETE FROM messages WHERE seq = ?", [(i,) for i in ids]
+            )
+            return max(0, cursor.rowcount)
 
     def requeue(self, first: int, last: int) -> tuple[int, int]:
         """Put the kept sent messages ``first``..``last`` back in the queue, to be

@@ -307,3 +307,16 @@ def test_a_station_publishes_a_range_again_on_resend(
         assert again == seqs
     finally:
         recorder.close()
+
+
+def test_kept_sent_messages_never_cost_a_new_message_or_an_ack(tmp_path: Path) -> None:
+    """With a byte cap, the copies kept for resend are given up first."""
+    with Outbox(tmp_path / "o.sqlite", keep_sent=10_000, max_bytes=64 * 1024) as outbox:
+        for i in range(300):
+            outbox.add("t", lambda _seq, i=i: bytes([i % 256]) * 900, 1)
+            outbox.ack_many(e.seq for e in outbox.pending(100))
+        assert outbox.depth() == 0
+        assert outbox.dropped() == 0
+        kept = outbox.kept_range()
+        assert kept is not None
+        assert kept[1] == outbox.next_seq - 1  # the latest are kept
