@@ -135,6 +135,8 @@ _SCHEMA = (
 )
 # How many acknowledged messages (by seq) the daemon keeps for a ``resend``.
 DEFAULT_KEEP_SENT = 10_000
+# The WAL's checkpoint threshold (pages) while sent messages are kept (see _open).
+_KEEP_SENT_CHECKPOINT_PAGES = 64
 
 
 def clock_first_seq(now: float | None = None) -> int:
@@ -373,6 +375,11 @@ class Outbox:
                     "put the data directory on a local filesystem"
                 )
             conn.execute("PRAGMA synchronous=FULL")
+            if self.keep_sent:
+                # Kept copies add WAL pages to every acknowledgement; a WAL that only
+                # restarts after 1000 pages (4 MB) could then take the last free space
+                # of a nearly full card. Checkpoint sooner, so it stays small.
+                conn.execute(f"PRAGMA wal_autocheckpoint={_KEEP_SENT_CHECKPOINT_PAGES}")
             if self.max_bytes is not None:
                 page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
                 conn.execute(f"PRAGMA max_page_count={max(4, self.max_bytes // page_size)}")
