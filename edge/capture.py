@@ -713,7 +713,7 @@ class FolderCamera:
                 self._in_flight.discard(key)
                 return
             try:
-                self._fail(key, reason)
+                self._fail(key, reason, report=False)
             except CameraError as exc:
                 # Not recorded: kept out for this run, offered again after a restart
                 # (where max_attempts ends it).
@@ -722,11 +722,12 @@ class FolderCamera:
                 )
                 self._finished.add(key)
 
-    def _fail(self, key: _FileKey, reason: str) -> None:
-        """Record a file as failed for good and report why (under the lock)."""
+    def _fail(self, key: _FileKey, reason: str, *, report: bool = True) -> None:
+        """Record a file as failed for good and report why (under the lock); ``report``
+        False when the daemon already counted and reported it (``Frame.fail``)."""
         path = self.path / key.name
         logger.warning("%s: skipping %s: %s", self.name, shown_path(key.name), reason)
-        if self._on_problem is not None:
+        if report and self._on_problem is not None:
             self._on_problem(shown_path(path), reason)
         self._in_flight.discard(key)
         self._record(key, "failed", reason)

@@ -145,7 +145,7 @@ def test_a_frame_a_stage_fails_on_is_set_aside_in_failed(tmp_path: Path) -> None
     assert frame.fail is not None
     frame.fail("prepare failed: MemoryError()")
     assert [os.fsencode(p.name) for p in (incoming / "failed").iterdir()] == [b"b21_\xff\xfe.png"]
-    assert problems == [(frame.source, "prepare failed: MemoryError()")]
+    assert problems == []  # the pipeline that failed has counted and reported it already
     camera.close()
     camera = folder(tmp_path, handled="move")
     camera.open()
