@@ -79,6 +79,21 @@ def register(subparsers: Any) -> None:
     e.add_argument("--dataset-name", default="", help="Darwin Core datasetName")
     e.set_defaults(handler=_export)
 
+    g = actions.add_parser(
+        "gaps",
+        help="list identifications lost on the way: gaps in each device's seq",
+        description="Each device numbers its identifications (seq, one more each); a gap "
+        "between two stored ones means the ones between never arrived (a broker that lost "
+        "its queue, a queue limit, a station outbox that dropped its oldest). A gap closes "
+        "when the missing ones arrive late. Exit status 0 without gaps, 1 with gaps.",
+    )
+    g.add_argument("--db", default=DEFAULT_DB, help=f"database URL or file (default {DEFAULT_DB})")
+    g.add_argument("--device", action="append", default=[], help="only this device (repeatable)")
+    g.add_argument(
+        "--limit", type=int, default=1000, help="list at most this many gaps (default 1000)"
+    )
+    g.set_defaults(handler=_gaps)
+
     s = actions.add_parser(
         "serve",
         help="web dashboard: fleet, identifications, chart, try a model",
@@ -265,6 +280,26 @@ def _export(args: argparse.Namespace) -> int:
     for note in summary.notes:
         print(f"note: {note}")
     return 0
+
+
+def _gaps(args: argparse.Namespace) -> int:
+    from fieldscope.collect.store import open_store
+    from fieldscope.edge.errors import ConfigError
+
+    if args.limit < 1:
+        raise ConfigError(f"--limit must be >= 1, got {args.limit}")
+    with open_store(args.db, create=False) as store:
+        gaps = store.gaps(tuple(args.device), limit=args.limit)
+        missing = store.missing_counts(tuple(args.device))
+    if not gaps:
+        print("no gaps: every device's identifications arrived without a hole in seq")
+        return 0
+    for gap in gaps:
+        span = str(gap.first) if gap.first == gap.last else f"{gap.first}..{gap.last}"
+        print(f"{gap.station}/{gap.device}: seq {span} missing ({gap.missing})")
+    for device, n in sorted(missing.items()):
+        print(f"{device}: {n} identification(s) missing in total")
+    return 1
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -45,9 +45,11 @@ __all__ = [
     "FORMATS",
     "ExportError",
     "ExportSummary",
+    "escape_formula",
     "export",
     "parse_time",
     "read_csv",
+    "unescape_formula",
 ]
 
 logger = logging.getLogger(__name__)
@@ -158,6 +160,31 @@ def _atomic(path: Path, binary: bool = False) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+# --- formula injection ----------------------------------------------------------------------------
+
+# A cell starting with one of these is a formula to Excel, LibreOffice and Google Sheets
+# (OWASP "CSV injection"): a station's label ``=HYPERLINK(...)`` would run when a person
+# opens the export. Such a text value is written with a leading single quote, which the
+# spreadsheet shows as text and :func:`read_csv` removes again.
+_FORMULA_START = frozenset("=+-@\t\r")
+
+
+def escape_formula(text: str) -> str:
+    """``text`` safe to open in a spreadsheet: prefixed with ``'`` when it (after any
+    quotes it already starts with) begins with ``= + - @``, a tab or a carriage return,
+    so :func:`unescape_formula` restores every value exactly."""
+    if text.lstrip("'")[:1] in _FORMULA_START:
+        return "'" + text
+    return text
+
+
+def unescape_formula(text: str) -> str:
+    """The value :func:`escape_formula` was given."""
+    if text.startswith("'") and text.lstrip("'")[:1] in _FORMULA_START:
+        return text[1:]
+    return text
+
+
 # --- CSV ----------------------------------------------------------------------------------------
 
 
@@ -171,7 +198,9 @@ def _csv_value(row: IdentificationRow, column: str) -> str:
         return json.dumps([{"label": label, "score": score} for label, score in value])
     if isinstance(value, float):
         return repr(value)
-    return str(value)
+    if column in _INT_COLUMNS:
+        return str(value)
+    return escape_formula(str(value))
 
 
 def _write_csv(rows: Iterable[IdentificationRow], tmp: Path) -> int:
@@ -204,7 +233,7 @@ def read_csv(path: Path) -> list[dict[str, Any]]:
                 elif column == "top_k":
                     row[column] = tuple((c["label"], float(c["score"])) for c in json.loads(text))
                 else:
-                    row[column] = text
+                    row[column] = unescape_formula(text)
             out.append(row)
     return out
 
@@ -361,7 +390,11 @@ def _write_ecotaxa(rows: Iterable[IdentificationRow], tmp: Path) -> tuple[int, i
         fh.write("\t".join(name for name, _ in ECOTAXA_COLUMNS) + "\n")
         fh.write("\t".join(kind for _, kind in ECOTAXA_COLUMNS) + "\n")
         for row in rows:
-            fh.write("\t".join(_clean_tsv(v) for v in _ecotaxa_values(row)) + "\n")
+            values = (
+                _clean_tsv(v) if kind == "[f]" else escape_formula(_clean_tsv(v))
+                for v, (_, kind) in zip(_ecotaxa_values(row), ECOTAXA_COLUMNS, strict=True)
+            )
+            fh.write("\t".join(values) + "\n")
             n += 1
             without_image += row.archived_path is None
     return n, without_image

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -43,8 +44,11 @@ __all__ = [
     "decode",
     "heartbeat_json",
     "model_json",
+    "poison_reason",
     "top_k_json",
 ]
+
+logger = logging.getLogger(__name__)
 
 # Invalid payloads are kept whole up to this size; a larger one is cut (and says so),
 # so one hostile publisher cannot fill the collector's disk with a few messages.
@@ -167,6 +171,26 @@ def decode(
         return decoder(topic, parsed, payload, at)
     except MessageError as exc:  # PayloadError of the health payloads is one too
         return _invalid(topic, parsed.kind, payload, str(exc), at)
+    except Exception as exc:
+        # A parser bug or an input no reader bounded (a 400-digit number once raised
+        # OverflowError here and killed the writer): keep the message apart, say so.
+        logger.warning(
+            "%s: unexpected %s while decoding; kept apart as invalid",
+            show(topic),
+            type(exc).__name__,
+            exc_info=True,
+        )
+        return _invalid(topic, parsed.kind, payload, poison_reason("decoding", exc), at)
+
+
+def poison_reason(where: str, exc: BaseException) -> str:
+    """The reason kept with a message that raised an unexpected error while ``where``:
+    the exception's type and its message, cut short (a huge number's digits, a deep
+    structure's repr must not fill the invalid_messages table)."""
+    text = str(exc)
+    if len(text) > 300:
+        text = text[:300] + "..."
+    return f"unexpected {type(exc).__name__} while {where} (a poison input): {text}"
 
 
 def _identification(topic: str, parsed: ParsedTopic, payload: bytes, at: datetime) -> Record:

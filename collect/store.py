@@ -53,12 +53,15 @@ from fieldscope.edge.message import Identification
 
 __all__ = [
     "DEFAULT_DB",
+    "MAX_GAP",
     "SCHEMA_VERSION",
     "DeviceRow",
     "Filters",
     "IdentificationRow",
     "InvalidRow",
+    "SeqGap",
     "Store",
+    "StoreDataError",
     "StoreError",
     "WriteResult",
     "open_store",
@@ -69,6 +72,9 @@ logger = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 DEFAULT_DB = "fieldscope-collect.sqlite"
 BUSY_TIMEOUT_S = 30.0
+# A jump in a device's seq larger than this is a new outbox on the station (a new file
+# starts at the clock in milliseconds), not lost identifications: see Store.gaps.
+MAX_GAP = 1_000_000
 # Keys per query when looking for conflicting duplicates (2 parameters each).
 _CONFLICT_CHUNK = 400
 
@@ -233,6 +239,12 @@ class StoreError(FieldscopeError):
     """The collector's database cannot be opened, read or written."""
 
 
+class StoreDataError(StoreError):
+    """A value of the batch cannot be stored (too large, wrong type, a constraint):
+    retrying the same batch would fail the same way, so the collector stores its
+    records one by one and keeps the one that fails apart as invalid."""
+
+
 # --- what callers get back -------------------------------------------------------------------
 
 
@@ -339,6 +351,23 @@ class InvalidRow:
     payload: bytes
 
 
+@dataclass(frozen=True)
+class SeqGap:
+    """Identifications ``first``..``last`` (inclusive) of ``device`` never arrived,
+    although a later one did: lost on the way (a broker that lost its queue, a queue
+    limit, a station outbox that dropped its oldest). A gap closes by itself when the
+    missing messages arrive late (an outbox replay)."""
+
+    device: str
+    station: str
+    first: int
+    last: int
+
+    @property
+    def missing(self) -> int:
+        return self.last - self.first + 1
+
+
 @dataclass
 class _Where:
     sql: str = ""
@@ -382,6 +411,10 @@ class Store(ABC):
 
     @abstractmethod
     def _errors(self) -> tuple[type[BaseException], ...]: ...
+
+    @abstractmethod
+    def _data_errors(self) -> tuple[type[BaseException], ...]:
+        """The driver's errors that blame the data, not the database (see StoreDataError)."""
 
     _json_param = "?"
 
@@ -432,6 +465,7 @@ class Store(ABC):
         """Store one batch in one transaction (see the module docstring).
 
         Raises:
+            StoreDataError: a value of the batch cannot be stored; nothing was stored.
             StoreError: the transaction failed; nothing of the batch was stored.
         """
         idents = [r for r in records if isinstance(r, StoredIdentification)]
@@ -439,24 +473,20 @@ class Store(ABC):
         updates = [
             r for r in records if isinstance(r, DeviceStatusChange | DeviceHeartbeat | DeviceModel)
         ]
-        with self._guard("write"), self._transaction() as cur:
-            stored = 0
-            conflicts: list[Invalid] = []
-            if idents:
-                stored = self._insert_identifications(cur, idents)
-                if stored < len(idents):
-                    conflicts = self._conflicts(cur, idents)
-            kept = invalid + conflicts
-            if kept:
-                cur.executemany(
-                    self._sql(
-                        "INSERT INTO invalid_messages (received_at, topic, kind, reason, payload)"
-                        " VALUES (?, ?, ?, ?, ?)"
-                    ),
-                    [(self._ts(r.received_at), r.topic, r.kind, r.reason, r.payload) for r in kept],
-                )
-            for update in updates:
-                self._update_device(cur, update)
+        try:
+            with self._guard("write"), self._transaction() as cur:
+                stored, conflicts, kept = self._write_batch(cur, idents, invalid, updates)
+        except StoreError as exc:
+            if isinstance(exc.__cause__, self._data_errors()):
+                raise StoreDataError(str(exc)) from exc.__cause__
+            raise
+        except (OverflowError, ValueError, TypeError, UnicodeError) as exc:
+            # Raised by the driver while binding a parameter (an integer beyond 64 bits, a
+            # string it cannot encode): the data is at fault, not the database.
+            raise StoreDataError(
+                f"{self.url}: cannot store a value of this batch: {type(exc).__name__}: "
+                f"{str(exc)[:200]}"
+            ) from exc
         return WriteResult(
             stored=stored,
             duplicates=len(idents) - stored - len(conflicts),
@@ -464,6 +494,33 @@ class Store(ABC):
             conflicts=len(conflicts),
             device_updates=len(updates),
         )
+
+    def _write_batch(
+        self,
+        cur: Any,
+        idents: Sequence[StoredIdentification],
+        invalid: Sequence[Invalid],
+        updates: Sequence[Record],
+    ) -> tuple[int, list[Invalid], list[Invalid]]:
+        """The statements of :meth:`write`, inside its transaction."""
+        stored = 0
+        conflicts: list[Invalid] = []
+        if idents:
+            stored = self._insert_identifications(cur, idents)
+            if stored < len(idents):
+                conflicts = self._conflicts(cur, idents)
+        kept = [*invalid, *conflicts]
+        if kept:
+            cur.executemany(
+                self._sql(
+                    "INSERT INTO invalid_messages (received_at, topic, kind, reason, payload)"
+                    " VALUES (?, ?, ?, ?, ?)"
+                ),
+                [(self._ts(r.received_at), r.topic, r.kind, r.reason, r.payload) for r in kept],
+            )
+        for update in updates:
+            self._update_device(cur, update)
+        return stored, conflicts, kept
 
     def _insert_identifications(self, cur: Any, idents: Sequence[StoredIdentification]) -> int:
         names = ", ".join(_IDENT_COLUMNS)
@@ -783,6 +840,50 @@ class Store(ABC):
     def count_invalid(self) -> int:
         return int(self._query("SELECT COUNT(*) FROM invalid_messages")[0][0])
 
+    # Gaps in each device's seq ---------------------------------------------------------------
+
+    # Between two stored neighbours (ordered by seq) of one device. Before the first one
+    # stored nothing can be said: a station's first seq comes from its clock. A jump of
+    # more than MAX_GAP is a new outbox on the station (its first seq is the clock in
+    # milliseconds), not lost messages.
+    _GAPS_SQL = (
+        "SELECT device, station, prev + 1, seq - 1 FROM ("
+        "SELECT device, station, seq, LAG(seq) OVER (PARTITION BY device ORDER BY seq) AS prev "
+        "FROM identifications{where}) AS ordered WHERE seq - prev > 1 AND seq - prev <= ?"
+    )
+
+    def gaps(self, devices: Sequence[str] = (), *, limit: int = 1000) -> list[SeqGap]:
+        """The gaps in each device's ``seq`` (see :class:`SeqGap`), by device then seq;
+        at most ``limit`` of them. Computed from the stored rows, so always current."""
+        where, params = self._device_where(devices)
+        sql = self._GAPS_SQL.format(where=where) + " ORDER BY device, prev LIMIT ?"
+        return [
+            SeqGap(str(r[0]), str(r[1]), int(r[2]), int(r[3]))
+            for r in self._query(sql, [*params, MAX_GAP + 1, limit])
+        ]
+
+    def missing_counts(self, devices: Sequence[str] = ()) -> dict[str, int]:
+        """Per device with a gap: how many identifications are missing in all its gaps."""
+        where, params = self._device_where(devices)
+        sql = (
+            "SELECT device, SUM(missing) FROM (SELECT device, seq - prev - 1 AS missing FROM ("
+            "SELECT device, seq, LAG(seq) OVER (PARTITION BY device ORDER BY seq) AS prev "
+            f"FROM identifications{where}) AS ordered WHERE seq - prev > 1 "
+            "AND seq - prev <= ?) AS gaps GROUP BY device"
+        )
+        return {str(r[0]): int(r[1]) for r in self._query(sql, [*params, MAX_GAP + 1])}
+
+    def max_seq(self, device: str) -> int | None:
+        """The highest ``seq`` stored for ``device``, or None."""
+        rows = self._query("SELECT MAX(seq) FROM identifications WHERE device = ?", [device])
+        return None if not rows or rows[0][0] is None else int(rows[0][0])
+
+    @staticmethod
+    def _device_where(devices: Sequence[str]) -> tuple[str, list[Any]]:
+        if not devices:
+            return "", []
+        return f" WHERE device IN ({', '.join('?' for _ in devices)})", list(devices)
+
 
 # --- SQLite --------------------------------------------------------------------------------------
 
@@ -862,6 +963,9 @@ class SqliteStore(Store):
     def _errors(self) -> tuple[type[BaseException], ...]:
         return (sqlite3.Error,)
 
+    def _data_errors(self) -> tuple[type[BaseException], ...]:
+        return (sqlite3.DataError, sqlite3.IntegrityError)
+
 
 # --- PostgreSQL ----------------------------------------------------------------------------------
 
@@ -930,6 +1034,9 @@ class PostgresStore(Store):
 
     def _errors(self) -> tuple[type[BaseException], ...]:
         return (self._psycopg.Error,)
+
+    def _data_errors(self) -> tuple[type[BaseException], ...]:
+        return (self._psycopg.DataError, self._psycopg.IntegrityError)
 
 
 def _redact(url: str) -> str:

@@ -35,6 +35,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -45,8 +46,19 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from fieldscope.collect.records import TopicCache, decode
-from fieldscope.collect.store import Store, StoreError
+from fieldscope.collect.records import (
+    MAX_KEPT_PAYLOAD,
+    DeviceHeartbeat,
+    DeviceModel,
+    DeviceStatusChange,
+    Invalid,
+    Record,
+    StoredIdentification,
+    TopicCache,
+    decode,
+    poison_reason,
+)
+from fieldscope.collect.store import MAX_GAP, Store, StoreDataError, StoreError, WriteResult
 from fieldscope.edge.errors import ConfigError, FieldscopeError
 from fieldscope.edge.link import MqttProtocol
 from fieldscope.edge.topics import (
@@ -136,13 +148,26 @@ class CollectorStats:
     batches: int = 0
     write_errors: int = 0
     connects: int = 0
+    poisoned: int = 0
+    writer_restarts: int = 0
+    gaps: int = 0
+    missing: int = 0
 
     def line(self) -> str:
         return (
             f"received {self.received}, stored {self.stored}, duplicates {self.duplicates}, "
-            f"invalid {self.invalid} (conflicting seq {self.conflicts}), "
-            f"device updates {self.device_updates}, batches {self.batches}"
+            f"invalid {self.invalid} (conflicting seq {self.conflicts}, unexpected errors "
+            f"{self.poisoned}), device updates {self.device_updates}, batches {self.batches}, "
+            f"seq gaps {self.gaps} ({self.missing} missing)"
         )
+
+
+_KINDS: Mapping[type, str] = {
+    StoredIdentification: "identification",
+    DeviceHeartbeat: "heartbeat",
+    DeviceModel: "model",
+    DeviceStatusChange: "status",
+}
 
 
 @dataclass(frozen=True)
@@ -177,6 +202,9 @@ class Collector:
         self._started = False
         self._pending_sub: int | None = None
         self._topics = TopicCache(settings.prefix)
+        # Per device, the highest seq stored so far (writer thread only): a new one more
+        # than one above it reveals a gap (see _check_gaps).
+        self._high: dict[str, int] = {}
         self._client = self._make_client()
 
     # --- set-up ---------------------------------------------------------------------------
@@ -225,8 +253,7 @@ class Collector:
             raise FieldscopeError("Collector.start() was called twice")
         self._started = True
         s = self.settings
-        self._writer = threading.Thread(target=self._write_loop, name="collect-writer", daemon=True)
-        self._writer.start()
+        self._start_writer()
         if s.protocol is MqttProtocol.V5:
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.SessionExpiryInterval = s.session_expiry_s
@@ -247,6 +274,24 @@ class Collector:
             f", shared group {s.share_group}" if s.share_group else "",
             self.store.url,
         )
+
+    def _start_writer(self) -> None:
+        self._writer = threading.Thread(target=self._write_loop, name="collect-writer", daemon=True)
+        self._writer.start()
+
+    def _revive_writer(self) -> None:
+        """The supervisor: a writer that died anyway (a bug the per-message guards did
+        not catch) is started again, so the collector never sits connected and storing
+        nothing. Called from the network thread for each message."""
+        writer = self._writer
+        if writer is None or writer.is_alive() or self._stopping.is_set():
+            return
+        self.stats.writer_restarts += 1
+        logger.error(
+            "the writer thread had died; starting it again (restart %d)",
+            self.stats.writer_restarts,
+        )
+        self._start_writer()
 
     def wait_subscribed(self, timeout: float) -> bool:
         """True once the broker has granted the subscriptions (tests, benchmarks)."""
@@ -345,6 +390,7 @@ class Collector:
             msg.topic, bytes(msg.payload), msg.qos, msg.mid, generation, datetime.now(UTC)
         )
         self.stats.received += 1
+        self._revive_writer()
         self._put(item)
 
     def _put(self, item: _Received | None) -> None:
@@ -388,7 +434,17 @@ class Collector:
                 self._idle.set()
             batch, done = self._take_batch()
             if batch:
-                self._store_and_ack(batch)
+                try:
+                    self._store_and_ack(batch)
+                except Exception:
+                    # Never expected (each message and each write is guarded): the batch
+                    # stays unacknowledged, the broker redelivers it after a reconnect,
+                    # and the writer goes on with the next one instead of dying.
+                    self.stats.poisoned += len(batch)
+                    logger.exception(
+                        "cannot handle a batch of %d message(s); left unacknowledged",
+                        len(batch),
+                    )
             now = time.monotonic()
             if now - last_progress >= _PROGRESS_EVERY_S and self.stats.received != reported:
                 logger.info("%s; queue %d", self.stats.line(), self._queue.qsize())
@@ -396,13 +452,139 @@ class Collector:
                 reported = self.stats.received
         self._idle.set()
 
+    def _decode(self, m: _Received) -> Record:
+        """The record of one message; an unexpected error keeps it apart as invalid."""
+        try:
+            return decode(m.topic, m.payload, self._topics, m.received_at)
+        except Exception as exc:
+            logger.warning("unexpected error decoding a message on %s", m.topic, exc_info=True)
+            reason = poison_reason("decoding", exc)
+            return Invalid(m.topic, None, m.payload[:MAX_KEPT_PAYLOAD], reason, m.received_at)
+
+    def _write(self, batch: list[_Received], records: list[Record]) -> WriteResult:
+        """Write the batch in one transaction; when a value of it cannot be stored,
+        write its records one by one and keep the one that fails apart as invalid, so
+        one poison message never blocks the others (nor the collector) for good.
+
+        Raises:
+            StoreError: the database itself failed (the caller retries the batch).
+        """
+        try:
+            return self.store.write(records)
+        except StoreDataError as exc:
+            logger.warning("%s; storing the batch message by message", exc)
+        except StoreError:
+            raise
+        except Exception:
+            logger.warning(
+                "unexpected error storing a batch; storing it message by message", exc_info=True
+            )
+        totals = [0, 0, 0, 0, 0]
+        for m, record in zip(batch, records, strict=True):
+            try:
+                result = self.store.write([record])
+            except StoreDataError as exc:
+                result = self._quarantine(m, record, exc)
+            except StoreError:
+                raise
+            except Exception as exc:
+                result = self._quarantine(m, record, exc)
+            for i, n in enumerate(
+                (
+                    result.stored,
+                    result.duplicates,
+                    result.invalid,
+                    result.conflicts,
+                    result.device_updates,
+                )
+            ):
+                totals[i] += n
+        return WriteResult(*totals)
+
+    def _quarantine(self, m: _Received, record: Record, exc: Exception) -> WriteResult:
+        """Keep one message that cannot be stored apart, with the reason."""
+        self.stats.poisoned += 1
+        reason = poison_reason("storing", exc)
+        logger.error("message on %s kept apart: %s", m.topic, reason)
+        kind = _KINDS.get(type(record)) if not isinstance(record, Invalid) else record.kind
+        kept = Invalid(m.topic, kind, m.payload[:MAX_KEPT_PAYLOAD], reason, m.received_at)
+        try:
+            return self.store.write([kept])
+        except StoreDataError as exc2:
+            # Not even the raw bytes and the reason could be written: say so and let the
+            # message go (acknowledged), rather than block every message behind it.
+            logger.error("cannot keep the message on %s apart either (%s); dropped", m.topic, exc2)
+            return WriteResult()
+
+    def _check_gaps(self, records: list[Record], before: dict[str, int | None]) -> None:
+        """Log each gap in a device's ``seq`` that this batch reveals (issue 15: a broker
+        that lost its queue lost identifications and nothing noticed). ``before`` holds
+        each device's highest stored seq from before the batch. The store's
+        :meth:`~fieldscope.collect.store.Store.gaps` is the full, current account; this
+        is the log line at the moment a gap appears. With a shared subscription each
+        collector sees only part of every device's messages, so nothing is logged here."""
+        if self.settings.share_group is not None:
+            return
+        seqs: dict[str, list[int]] = {}
+        stations: dict[str, str] = {}
+        for r in records:
+            if isinstance(r, StoredIdentification):
+                seqs.setdefault(r.message.device, []).append(r.message.seq)
+                stations[r.message.device] = r.message.station
+        for device, got in seqs.items():
+            high = self._high.get(device, before.get(device))
+            for seq in sorted(set(got)):
+                if high is not None and seq > high + 1 + MAX_GAP:
+                    logger.info(
+                        "device %s jumped from seq %d to %d: a new outbox on the station "
+                        "(reset or replaced), not counted as a gap",
+                        device,
+                        high,
+                        seq,
+                    )
+                elif high is not None and seq > high + 1:
+                    missing = seq - high - 1
+                    self.stats.gaps += 1
+                    self.stats.missing += missing
+                    logger.warning(
+                        "seq gap: device %s (station %s) skipped seq %d..%d (%d identification%s "
+                        "missing); lost between the station and this collector, or still to "
+                        "come from the station's outbox",
+                        device,
+                        stations[device],
+                        high + 1,
+                        seq - 1,
+                        missing,
+                        "" if missing == 1 else "s",
+                    )
+                high = seq if high is None else max(high, seq)
+            if high is not None:
+                self._high[device] = high
+
+    def _highs_before(self, records: list[Record]) -> dict[str, int | None]:
+        """The highest stored seq of each device of the batch not yet known (one indexed
+        query per device, once per run)."""
+        before: dict[str, int | None] = {}
+        if self.settings.share_group is not None:
+            return before
+        for r in records:
+            if isinstance(r, StoredIdentification):
+                device = r.message.device
+                if device not in self._high and device not in before:
+                    try:
+                        before[device] = self.store.max_seq(device)
+                    except StoreError as exc:
+                        logger.debug("cannot read the highest seq of %s: %s", device, exc)
+                        before[device] = None
+        return before
+
     def _store_and_ack(self, batch: list[_Received]) -> None:
-        topics = self._topics
-        records = [decode(m.topic, m.payload, topics, m.received_at) for m in batch]
+        records = [self._decode(m) for m in batch]
+        before = self._highs_before(records)
         delay = _RETRY_MIN_S
         while True:
             try:
-                result = self.store.write(records)
+                result = self._write(batch, records)
                 break
             except StoreError as exc:
                 self.stats.write_errors += 1
@@ -424,6 +606,10 @@ class Collector:
         st.conflicts += result.conflicts
         st.device_updates += result.device_updates
         st.batches += 1
+        try:
+            self._check_gaps(records, before)
+        except Exception:
+            logger.exception("cannot check the batch for seq gaps")
         if result.invalid:
             logger.warning(
                 "%d message(s) kept apart as invalid (see invalid_messages)", result.invalid

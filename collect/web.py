@@ -50,6 +50,13 @@ __all__ = ["Dashboard", "DashboardSettings", "UploadError", "parse_multipart", "
 logger = logging.getLogger(__name__)
 
 PAGE_SIZE = 50
+# Beyond this a page number is nonsense (and its offset would overflow the database's
+# 64-bit integers): the request gets a 400, not a 500.
+MAX_PAGE = 10**9
+_PAGE_NUMBER = re.compile(r"[1-9][0-9]{0,9}")
+# Row ids are 64-bit integers in both databases.
+_ROW_ID = re.compile(r"[0-9]{1,19}")
+_MAX_ROW_ID = 2**63 - 1
 THUMB_SIDE = 160
 PREVIEW_SIDE = 480
 # Uploaded images: the edge decoder refuses more pixels than this (a 40 MP frame is
@@ -91,6 +98,8 @@ class DashboardSettings:
     ``bundles`` are bundle folders offered on the upload page; ``archive`` is a folder
     holding copies of the stations' image archives (see :func:`resolve_archived`);
     ``stale_after_s``: a device whose last heartbeat is older is flagged.
+    ``request_timeout_s``: a client that sends nothing for this long (a stalled
+    upload, an idle keep-alive) is disconnected, so it cannot hold a thread forever.
     """
 
     db_url: str
@@ -102,6 +111,7 @@ class DashboardSettings:
     max_upload_bytes: int = 20 * 1024 * 1024
     stale_after_s: float = 300.0
     title: str = "fieldscope"
+    request_timeout_s: float = 30.0
 
 
 @dataclass
@@ -297,6 +307,9 @@ class Dashboard:
         class Handler(BaseHTTPRequestHandler):
             server_version = "fieldscope"
             sys_version = ""
+            # The socket timeout of every read: http.server ends a request that stalls
+            # (the request line, headers or an upload's body) and closes the connection.
+            timeout = dashboard.settings.request_timeout_s
 
             def do_GET(self) -> None:
                 self._respond(dashboard.handle("GET", self.path, self.headers, None))
@@ -419,6 +432,11 @@ class Dashboard:
             activity = store.device_activity()
             total = store.count()
             invalid = store.count_invalid()
+            missing = store.missing_counts()
+            gaps: dict[str, list[str]] = {}
+            for gap in store.gaps(limit=500):
+                span = str(gap.first) if gap.first == gap.last else f"{gap.first}..{gap.last}"
+                gaps.setdefault(gap.device, []).append(span)
         rows = []
         for d in devices:
             hb = d.heartbeat or {}
@@ -439,6 +457,8 @@ class Dashboard:
                     "temperature": hb.get("cpu_temperature_c"),
                     "warnings": list(hb.get("warnings") or []),
                     "count": count,
+                    "missing": missing.get(d.device, 0),
+                    "gaps": ", ".join(gaps.get(d.device, [])[:10]),
                     "last_identification": _fmt_age(last, now) if last else "never",
                 }
             )
@@ -450,6 +470,7 @@ class Dashboard:
             online=online,
             total=total,
             invalid=invalid,
+            missing=sum(missing.values()),
             now=_fmt_time(now),
         )
 
@@ -489,12 +510,23 @@ class Dashboard:
 
     def identifications_page(self, query: Mapping[str, str]) -> _Response:
         filters, errors = self._filters(query)
-        try:
-            page = max(1, int(query.get("page", "1")))
-        except ValueError:
-            page = 1
+        page_text = query.get("page", "1").strip()
+        if not page_text.isascii() or not page_text.isdigit():
+            page_text = "1"  # not a number at all (a hand-edited link): the first page
+        if not _PAGE_NUMBER.fullmatch(page_text) or int(page_text) > MAX_PAGE:
+            return self.error_page(
+                HTTPStatus.BAD_REQUEST,
+                f"page must be a whole number from 1 to {MAX_PAGE}, got {page_text[:40]}.",
+            )
+        page = int(page_text)
         with self._store() as store:
             total = store.count(filters)
+            last = max(1, -(-total // PAGE_SIZE))
+            if page > last:
+                return self.error_page(
+                    HTTPStatus.NOT_FOUND,
+                    f"There is no page {page}: these identifications fill {last} page(s).",
+                )
             rows = store.identifications(filters, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE)
             span = store.time_range(filters)
             options = {c: store.distinct(c) for c in ("station", "device", "label", "status")}
@@ -649,7 +681,7 @@ class Dashboard:
 
     def thumbnail(self, ident: str) -> _Response:
         archive = self.settings.archive
-        if archive is None or not ident.isdigit():
+        if archive is None or not _ROW_ID.fullmatch(ident) or int(ident) > _MAX_ROW_ID:
             return self.error_page(HTTPStatus.NOT_FOUND, "No such thumbnail.")
         with self._store() as store:
             row = store.identification(int(ident))

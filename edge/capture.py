@@ -74,6 +74,7 @@ __all__ = [
     "make_camera",
     "make_trigger",
     "open_with_backoff",
+    "shown_path",
 ]
 
 logger = logging.getLogger(__name__)
@@ -117,6 +118,9 @@ class Frame:
     encoded: bytes | None = None
     done: Callable[[], None] | None = field(default=None, repr=False)
     key: str | None = None
+    # Called (with the reason) instead of ``done`` when the daemon failed on the frame:
+    # a file source quarantines the file (``failed/``) rather than offer it forever.
+    fail: Callable[[str], None] | None = field(default=None, repr=False)
 
     def digest(self) -> str:
         """SHA-256 (hex) identifying the image: of the file's bytes when there is a
@@ -329,12 +333,46 @@ def _matches(name: str, patterns: Sequence[str]) -> bool:
     return not name.startswith(".") and any(fnmatch.fnmatchcase(lower, p.lower()) for p in patterns)
 
 
+def shown_path(path: Path | str) -> str:
+    """``path`` as text that can go anywhere: logs, SQLite, JSON, MQTT.
+
+    POSIX file names are bytes; Python hands a name that is not UTF-8 over with lone
+    surrogates (``b21_\\udcff.png``), which SQLite, JSON encoders and UTF-8 log streams
+    refuse. Those bytes are written as ``\\xff`` escapes instead; a valid UTF-8 name is
+    returned unchanged.
+    """
+    text = str(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(text).decode("utf-8", "backslashreplace")
+    return text
+
+
+def _db_name(name: str) -> str | bytes:
+    """A file name as the state database keeps it: text when it is UTF-8, else the raw
+    bytes the OS gave (a BLOB), so every name round-trips exactly to the same file."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(name)
+    return name
+
+
+def _name_from_db(value: str | bytes) -> str:
+    return os.fsdecode(value) if isinstance(value, bytes) else value
+
+
 class _FileKey(NamedTuple):
     """A file's identity: a name rewritten with new content is a new file."""
 
     name: str
     size: int
     mtime_ns: int
+
+    def row(self) -> tuple[str | bytes, int, int]:
+        """The key as bound to SQLite (see :func:`_db_name`)."""
+        return (_db_name(self.name), self.size, self.mtime_ns)
 
 
 @dataclass
@@ -405,7 +443,7 @@ class FolderCamera:
         self.scan_interval_s = scan_interval_s
         self.handled = handled
         self.max_attempts = max_attempts
-        self.name = f"folder:{self.path}"
+        self.name = f"folder:{shown_path(self.path)}"
         self._on_problem = on_problem
         self._clock = clock
         self._lock = threading.Lock()
@@ -447,10 +485,17 @@ class FolderCamera:
                     " ON CONFLICT (name, size, mtime_ns) DO UPDATE SET state = excluded.state,"
                     " attempts = attempts + excluded.attempts, reason = excluded.reason,"
                     " updated_at = excluded.updated_at",
-                    (*key, state, 1 if state == "taken" else 0, reason, _utc_now().isoformat()),
+                    (
+                        *key.row(),
+                        state,
+                        1 if state == "taken" else 0,
+                        reason,
+                        _utc_now().isoformat(),
+                    ),
                 )
                 row = db.execute(
-                    "SELECT attempts FROM files WHERE name = ? AND size = ? AND mtime_ns = ?", key
+                    "SELECT attempts FROM files WHERE name = ? AND size = ? AND mtime_ns = ?",
+                    key.row(),
                 ).fetchone()
         except sqlite3.Error as exc:
             raise CameraError(f"{self.name}: cannot update the state database: {exc}") from exc
@@ -483,9 +528,9 @@ class FolderCamera:
         self._finished = set()
         gone: list[_FileKey] = []
         for name, size, mtime_ns, state in rows:
-            key = _FileKey(name, size, mtime_ns)
+            key = _FileKey(_name_from_db(name), size, mtime_ns)
             try:
-                st = (self.path / name).stat()
+                st = (self.path / key.name).stat()
                 present = (st.st_size, st.st_mtime_ns) == (size, mtime_ns)
             except OSError:
                 present = False
@@ -497,7 +542,8 @@ class FolderCamera:
         if gone:
             with contextlib.suppress(sqlite3.Error), self._db:
                 self._db.executemany(
-                    "DELETE FROM files WHERE name = ? AND size = ? AND mtime_ns = ?", gone
+                    "DELETE FROM files WHERE name = ? AND size = ? AND mtime_ns = ?",
+                    [key.row() for key in gone],
                 )
 
     def read(self, timeout: float) -> Frame | None:
@@ -562,10 +608,30 @@ class FolderCamera:
             if not self._ready or self._clock() - self._last_scan >= self.scan_interval_s:
                 self._ready = self._scan()
             while self._ready:
-                frame = self._take(self._ready.pop(0))
+                key = self._ready.pop(0)
+                try:
+                    frame = self._take(key)
+                except CameraError:
+                    raise
+                except Exception as exc:
+                    frame = None
+                    self._quarantine(key, exc)
                 if frame is not None:
                     return frame
         return None
+
+    def _quarantine(self, key: _FileKey, exc: Exception) -> None:
+        """One file raised an unexpected error: it alone is set aside (failed), the
+        rest of the folder is processed, and a restart does not meet it again."""
+        logger.error(
+            "%s: unexpected error taking %s", self.name, shown_path(key.name), exc_info=True
+        )
+        try:
+            self._fail(key, f"unexpected {type(exc).__name__}: {str(exc)[:200]}")
+        except Exception:
+            logger.exception("%s: cannot record %s as failed", self.name, shown_path(key.name))
+            self._in_flight.discard(key)
+            self._finished.add(key)
 
     def _take(self, key: _FileKey) -> Frame | None:
         """The frame of a ready file, or None when it vanished, changed or failed."""
@@ -594,23 +660,31 @@ class FolderCamera:
         self._in_flight.add(key)
         return Frame(
             image=image,
-            source=str(path),
+            source=shown_path(path),
             captured_at=_utc_now(),
             encoded=data,
             done=functools.partial(self._done, key),
-            key=f"folder:{key.name}:{key.size}:{key.mtime_ns}",
+            key=f"folder:{shown_path(key.name)}:{key.size}:{key.mtime_ns}",
+            fail=functools.partial(self._failed_later, key),
         )
 
     def _load(self, key: _FileKey, path: Path) -> tuple[bytes, RGBImage] | None:
         try:
             data = path.read_bytes()
-            return data, decode_image(data, source=str(path))
+            return data, decode_image(data, source=shown_path(path))
         except FileNotFoundError:
             return None
         except OSError as exc:
             self._fail(key, f"cannot read the file: {exc.strerror or exc}")
         except ImageDecodeError as exc:
             self._fail(key, str(exc))
+        except Exception as exc:
+            # An error no decoder should raise (a bug, a library's own exception): this
+            # file is quarantined, the folder goes on.
+            logger.warning(
+                "%s: unexpected error decoding %s", self.name, shown_path(key.name), exc_info=True
+            )
+            self._fail(key, f"unexpected {type(exc).__name__} while decoding: {str(exc)[:200]}")
         return None
 
     def _done(self, key: _FileKey) -> None:
@@ -623,17 +697,38 @@ class FolderCamera:
                 self._record(key, "done")
             except CameraError as exc:
                 # The file will be offered again after a restart: a duplicate, not a loss.
-                logger.error("%s: cannot record %s as done: %s", self.name, key.name, exc)
+                logger.error(
+                    "%s: cannot record %s as done: %s", self.name, shown_path(key.name), exc
+                )
                 return
             self._finished.add(key)
             self._dispose(key, "done")
 
-    def _fail(self, key: _FileKey, reason: str) -> None:
-        """Record a file as failed for good and report why (under the lock)."""
+    def _failed_later(self, key: _FileKey, reason: str) -> None:
+        """Called by the daemon when its pipeline failed on the file's frame (an
+        unexpected error): the file is quarantined like an unreadable one — recorded
+        failed, moved to ``failed/`` — and never offered again. Never raises."""
+        with self._lock:
+            if key in self._finished:
+                self._in_flight.discard(key)
+                return
+            try:
+                self._fail(key, reason, report=False)
+            except CameraError as exc:
+                # Not recorded: kept out for this run, offered again after a restart
+                # (where max_attempts ends it).
+                logger.error(
+                    "%s: cannot record %s as failed: %s", self.name, shown_path(key.name), exc
+                )
+                self._finished.add(key)
+
+    def _fail(self, key: _FileKey, reason: str, *, report: bool = True) -> None:
+        """Record a file as failed for good and report why (under the lock); ``report``
+        False when the daemon already counted and reported it (``Frame.fail``)."""
         path = self.path / key.name
-        logger.warning("%s: skipping %s: %s", self.name, key.name, reason)
-        if self._on_problem is not None:
-            self._on_problem(str(path), reason)
+        logger.warning("%s: skipping %s: %s", self.name, shown_path(key.name), reason)
+        if report and self._on_problem is not None:
+            self._on_problem(shown_path(path), reason)
         self._in_flight.discard(key)
         self._record(key, "failed", reason)
         self._finished.add(key)
@@ -662,7 +757,7 @@ class FolderCamera:
                 "%s: cannot %s %s: %s",
                 self.name,
                 "delete" if self.handled == "delete" and state == "done" else f"move to {state}/",
-                key.name,
+                shown_path(key.name),
                 exc.strerror or exc,
             )
 
@@ -692,7 +787,7 @@ class ReplayCamera:
         self.period = 1.0 / rate_hz if rate_hz > 0 else 0.0
         self.loop = loop
         self.limit = limit
-        self.name = f"replay:{self.path}"
+        self.name = f"replay:{shown_path(self.path)}"
         self.finished = False
         self._on_problem = on_problem
         self._clock = clock
@@ -759,15 +854,15 @@ class ReplayCamera:
             return None
         try:
             data = path.read_bytes()
-            image = decode_image(data, source=str(path))
+            image = decode_image(data, source=shown_path(path))
         except (OSError, ImageDecodeError) as exc:
             reason = str(exc) if isinstance(exc, ImageDecodeError) else (exc.strerror or str(exc))
             self._bad.add(path)
-            logger.warning("%s: skipping %s: %s", self.name, path.name, reason)
+            logger.warning("%s: skipping %s: %s", self.name, shown_path(path.name), reason)
             if self._on_problem is not None:
-                self._on_problem(str(path), reason)
+                self._on_problem(shown_path(path), reason)
             return None
-        return Frame(image=image, source=str(path), captured_at=_utc_now(), encoded=data)
+        return Frame(image=image, source=shown_path(path), captured_at=_utc_now(), encoded=data)
 
     def close(self) -> None:
         self._closed.set()
@@ -897,6 +992,12 @@ class CameraSupervisor:
             frame = self.camera.read(timeout)
         except CameraError as exc:
             self._failed(str(exc))
+            return None
+        except Exception as exc:
+            # A bug or a library's own exception: treated as a camera failure (closed,
+            # reopened with backoff), never allowed to end the capture thread.
+            logger.error("camera %s: unexpected error", self.camera.name, exc_info=True)
+            self._failed(f"unexpected {type(exc).__name__}: {str(exc)[:200]}")
             return None
         self._recovered()
         return frame

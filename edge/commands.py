@@ -12,6 +12,7 @@ Payloads are empty or a JSON object of at most :data:`MAX_COMMAND_BYTES`::
 
     fieldscope/pond-3/scope-a/command/capture    {"request_id": "r-17", "count": 3}
     fieldscope/pond-3/scope-a/command/pause      (empty)
+    fieldscope/pond-3/scope-a/command/resend     {"first": 1800000000010, "last": 1800000000039}
 
 ``request_id`` (optional, any short string) is echoed in the reply on
 ``.../command/{name}/result``. A malformed or unknown command changes nothing and
@@ -36,6 +37,7 @@ __all__ = [
     "MAX_CAPTURE_COUNT",
     "MAX_COMMAND_BYTES",
     "MAX_REQUEST_ID_CHARS",
+    "MAX_RESEND",
     "Command",
     "CommandError",
     "CommandName",
@@ -48,6 +50,10 @@ __all__ = [
 MAX_COMMAND_BYTES = 64 * 1024
 MAX_REQUEST_ID_CHARS = 128
 MAX_CAPTURE_COUNT = 100
+# The most seqs one ``resend`` may ask for (a collector asks again for more).
+MAX_RESEND = 10_000
+# seq is at most 2**53 - 1 (see fieldscope.edge.message).
+_MAX_SEQ = 2**53 - 1
 # Deeper JSON than this is no command: refuse before the decoder recurses.
 _MAX_NESTING = 32
 
@@ -60,6 +66,7 @@ class CommandName(StrEnum):
     RESUME = "resume"
     RELOAD = "reload"  # re-read, verify and swap the configured bundle
     STATUS = "status"  # reply with a health snapshot
+    RESEND = "resend"  # publish identifications ``first``..``last`` again, if still kept
 
 
 # Arguments each command accepts besides ``request_id``.
@@ -70,6 +77,7 @@ COMMAND_ARGUMENTS: Mapping[CommandName, tuple[str, ...]] = MappingProxyType(
         CommandName.RESUME: (),
         CommandName.RELOAD: (),
         CommandName.STATUS: (),
+        CommandName.RESEND: ("first", "last"),
     }
 )
 
@@ -106,11 +114,14 @@ class CommandError(FieldscopeError):
 
 @dataclass(frozen=True)
 class Command:
-    """One validated command. ``count`` is for ``capture`` (1 for the others)."""
+    """One validated command. ``count`` is for ``capture`` (1 for the others);
+    ``first`` and ``last`` (inclusive) for ``resend`` (None for the others)."""
 
     name: CommandName
     request_id: str | None = None
     count: int = 1
+    first: int | None = None
+    last: int | None = None
 
     def reply(self, data: Mapping[str, Any] | None = None) -> CommandReply:
         """The reply once the command was carried out."""
@@ -225,6 +236,28 @@ def _count(name: CommandName, args: Mapping[str, Any], request_id: str | None) -
     return value
 
 
+def _seq_range(args: Mapping[str, Any], request_id: str | None) -> tuple[int, int]:
+    def fail(problem: str) -> CommandError:
+        return CommandError(
+            f"command 'resend': {problem}", command=CommandName.RESEND.value, request_id=request_id
+        )
+
+    values = []
+    for key in ("first", "last"):
+        if key not in args:
+            raise fail(f"{key} is required (the seq range to publish again, inclusive)")
+        value = args[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_SEQ:
+            raise fail(f"{key} must be an integer from 0 to {_MAX_SEQ}, got {show(value)}")
+        values.append(value)
+    first, last = values
+    if first > last:
+        raise fail(f"first ({first}) must not be above last ({last})")
+    if last - first + 1 > MAX_RESEND:
+        raise fail(f"at most {MAX_RESEND} seqs per resend, got {last - first + 1}")
+    return first, last
+
+
 def parse_command(name: str, payload: bytes) -> Command:
     """The command ``name`` (the topic's last level) with its payload, validated.
 
@@ -258,4 +291,7 @@ def parse_command(name: str, payload: bytes) -> Command:
             request_id=request_id,
         )
     count = _count(command, args, request_id) if command is CommandName.CAPTURE else 1
+    if command is CommandName.RESEND:
+        first, last = _seq_range(args, request_id)
+        return Command(command, request_id, count, first, last)
     return Command(command, request_id, count)

@@ -70,7 +70,7 @@ from fieldscope.edge.model_slot import (
     bundle_source,
     load_model,
 )
-from fieldscope.edge.outbox import Outbox, OutboxError, clock_first_seq
+from fieldscope.edge.outbox import DEFAULT_KEEP_SENT, Outbox, OutboxError, clock_first_seq
 from fieldscope.edge.pipeline import FrameCounters, Pipeline
 from fieldscope.edge.systemd import Notifier
 
@@ -245,6 +245,7 @@ class Daemon:
             when_full=o.when_full,
             max_bytes=o.max_bytes,
             first_seq=clock_first_seq(),
+            keep_sent=DEFAULT_KEEP_SENT,  # for the resend command
         )
         logger.info(
             "outbox %s: %d message(s) waiting, next seq %d", o.path, outbox.depth(), outbox.next_seq
@@ -358,6 +359,7 @@ class Daemon:
             if self.stop.is_set():
                 break
             now = time.monotonic()
+            self.station.pipeline.revive()  # a stage whose thread ended runs again
             if watchdog_every is not None and now >= next_watchdog:
                 self._feed_watchdog()
                 next_watchdog = now + watchdog_every
@@ -493,8 +495,38 @@ class Daemon:
             CommandName.RESUME: self._pause_or_resume,
             CommandName.RELOAD: self._reload_command,
             CommandName.STATUS: lambda c: c.reply(self.health(drain_events=False).to_dict()),
+            CommandName.RESEND: self._resend,
         }
         return actions[command.name](command)
+
+    def _resend(self, command: Command) -> CommandReply:
+        """Put kept sent identifications back in the outbox (a collector found a gap)."""
+        assert command.first is not None
+        assert command.last is not None
+        outbox = self.station.outbox
+        try:
+            moved, queued = outbox.requeue(command.first, command.last)
+            kept = outbox.kept_range()
+        except OutboxError as exc:
+            return command.failed(_clip(f"outbox: {exc}"))
+        if moved and self._link is not None:
+            self._link.rewind()
+        wanted = command.last - command.first + 1
+        data = {
+            "requeued": moved,
+            "already_queued": queued,
+            "not_kept": wanted - moved - queued,
+            "kept": None if kept is None else {"first": kept[0], "last": kept[1]},
+        }
+        logger.info(
+            "resend %d..%d: %d requeued, %d still queued, %d no longer kept",
+            command.first,
+            command.last,
+            moved,
+            queued,
+            wanted - moved - queued,
+        )
+        return command.reply(data)
 
     def _capture(self, command: Command) -> CommandReply:
         if self.station.pipeline.paused:

@@ -501,6 +501,14 @@ class MqttLink:
             self._dirty = True
             self._cv.notify_all()
 
+    def rewind(self) -> None:
+        """Wake the publisher to read the outbox from its oldest entry again: entries
+        older than those already published were put back (``Outbox.requeue``)."""
+        with self._cv:
+            self._rewind = True
+            self._dirty = True
+            self._cv.notify_all()
+
     def run(self) -> None:
         """The publisher thread's body (started by :meth:`start`): drain the outbox to
         the broker until the stop event is set or :meth:`stop_clean` takes over."""

@@ -46,6 +46,14 @@ Durability decisions:
   second time under a new ``seq`` (a duplicate ``(device, seq)`` cannot catch).
   Keys of the last :data:`MAX_SOURCE_KEYS` seqs are kept; a file is marked handled
   right after its commit, so only the last few can ever be asked for.
+* **Sent messages kept for re-sending.** With ``keep_sent=N`` an acknowledged
+  message moves to the ``sent`` table instead of being deleted, in the same
+  transaction, and the last ``N`` seqs stay there. A collector that found a gap
+  (messages the broker lost after acknowledging them) asks the station to
+  re-send a range (the ``resend`` command): :meth:`Outbox.requeue` moves those rows
+  back into the queue, and the link publishes them again under their own ``seq``.
+  Kept rows are the first thing given up when the file reaches ``max_bytes``. An
+  older fieldscope ignores the table.
 * **One process per outbox.** The file is opened in SQLite's exclusive locking
   mode, so a second daemon started with the same data directory fails at once
   instead of handing out the same ``seq`` twice.
@@ -77,6 +85,7 @@ from typing import Any
 from fieldscope.edge.errors import FieldscopeError
 
 __all__ = [
+    "DEFAULT_KEEP_SENT",
     "FIRST_SEQ",
     "MAX_SOURCE_KEYS",
     "SCHEMA_VERSION",
@@ -116,7 +125,18 @@ _SCHEMA = (
     " created_at REAL NOT NULL)",
     "CREATE TABLE IF NOT EXISTS sources (key TEXT PRIMARY KEY, seq INTEGER NOT NULL)",
     "CREATE INDEX IF NOT EXISTS sources_by_seq ON sources (seq)",
+    # Acknowledged messages kept for a ``resend`` (see keep_sent); needs no version bump.
+    "CREATE TABLE IF NOT EXISTS sent ("
+    " seq INTEGER PRIMARY KEY,"
+    " topic TEXT NOT NULL,"
+    " qos INTEGER NOT NULL,"
+    " payload BLOB NOT NULL,"
+    " created_at REAL NOT NULL)",
 )
+# How many acknowledged messages (by seq) the daemon keeps for a ``resend``.
+DEFAULT_KEEP_SENT = 10_000
+# The WAL's checkpoint threshold (pages) while sent messages are kept (see _open).
+_KEEP_SENT_CHECKPOINT_PAGES = 64
 
 
 def clock_first_seq(now: float | None = None) -> int:
@@ -282,7 +302,10 @@ class Outbox:
         when_full: WhenFull | str = WhenFull.DROP_OLDEST,
         max_bytes: int | None = None,
         first_seq: int = FIRST_SEQ,
+        keep_sent: int = 0,
     ) -> None:
+        if isinstance(keep_sent, bool) or not isinstance(keep_sent, int) or keep_sent < 0:
+            raise OutboxError(f"outbox keep_sent must be an integer >= 0, got {keep_sent!r}")
         if isinstance(first_seq, bool) or not isinstance(first_seq, int):
             raise OutboxError(f"outbox first_seq must be an integer, got {first_seq!r}")
         if not FIRST_SEQ <= first_seq <= _MAX_SEQ // 2:
@@ -301,6 +324,7 @@ class Outbox:
         self.max_messages = max_messages
         self.when_full = _when_full(when_full)
         self.max_bytes = max_bytes
+        self.keep_sent = keep_sent
         self._lock = threading.Lock()
         self._listeners: list[Callable[[], None]] = []
         self._closed = False
@@ -351,6 +375,11 @@ class Outbox:
                     "put the data directory on a local filesystem"
                 )
             conn.execute("PRAGMA synchronous=FULL")
+            if self.keep_sent:
+                # Kept copies add WAL pages to every acknowledgement; a WAL that only
+                # restarts after 1000 pages (4 MB) could then take the last free space
+                # of a nearly full card. Checkpoint sooner, so it stays small.
+                conn.execute(f"PRAGMA wal_autocheckpoint={_KEEP_SENT_CHECKPOINT_PAGES}")
             if self.max_bytes is not None:
                 page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
                 conn.execute(f"PRAGMA max_page_count={max(4, self.max_bytes // page_size)}")
@@ -521,6 +550,8 @@ class Outbox:
                 full = isinstance(cause, sqlite3.Error) and _error_name(cause).startswith(
                     "SQLITE_FULL"
                 )
+                if full and self._give_up_sent():
+                    continue  # kept sent messages go first, then (below) the oldest unsent
                 if not (full and can_make_room and to_drop < self._depth):
                     raise
                 # Freed rows give their pages back only once whole leaves empty: widen.
@@ -569,6 +600,22 @@ class Outbox:
         self._depth += 1 - dropped
         return dropped
 
+    def _give_up_sent(self) -> bool:
+        """Delete the kept sent messages to make room (under the lock); True if any."""
+        try:
+            with self._transaction("deleting kept sent messages"):
+                cursor = self._conn.execute("DELETE FROM sent")
+        except OutboxError:
+            return False
+        if cursor.rowcount > 0:
+            logger.warning(
+                "outbox %s is full: gave up the %d sent message(s) kept for resend",
+                self.path,
+                cursor.rowcount,
+            )
+            return True
+        return False
+
     def ack(self, entry_id: int) -> bool:
         """Delete an acknowledged entry; False if it was already gone (a repeated PUBACK).
 
@@ -587,16 +634,85 @@ class Outbox:
         if not ids:
             return 0
         with self._lock:
-            with self._transaction("deleting acknowledged messages"):
-                cursor = self._conn.executemany(
-                    "DELETE FROM messages WHERE seq = ?", [(i,) for i in ids]
+            try:
+                deleted = self._delete_acked(ids, keep=self.keep_sent > 0)
+            except OutboxError as exc:
+                cause = exc.__cause__
+                full = isinstance(cause, sqlite3.Error) and _error_name(cause).startswith(
+                    "SQLITE_FULL"
                 )
-                deleted = max(0, cursor.rowcount)
+                if not (full and self.keep_sent):
+                    raise
+                # No room to keep copies: an acknowledgement must never fail for that.
+                self._give_up_sent()
+                deleted = self._delete_acked(ids, keep=False)
             # Only once committed: a failed COMMIT deleted nothing.
             self._depth -= deleted
             if self._depth < self.max_messages:
                 self._dropping = False
         return deleted
+
+    def _delete_acked(self, ids: list[int], *, keep: bool) -> int:
+        """Delete acknowledged entries (under the lock), keeping copies if ``keep``."""
+        with self._transaction("deleting acknowledged messages"):
+            if keep:
+                self._conn.executemany(
+                    "INSERT OR REPLACE INTO sent(seq, topic, qos, payload, created_at) "
+                    "SELECT seq, topic, qos, payload, created_at FROM messages WHERE seq = ?",
+                    [(i,) for i in ids],
+                )
+                self._conn.execute(
+                    "DELETE FROM sent WHERE seq <= ?", (self._next_seq - 1 - self.keep_sent,)
+                )
+            cursor = self._conn.executemany(
+                "DELETE FROM messages WHERE seq = ?", [(i,) for i in ids]
+            )
+            return max(0, cursor.rowcount)
+
+    def requeue(self, first: int, last: int) -> tuple[int, int]:
+        """Put the kept sent messages ``first``..``last`` back in the queue, to be
+        published again under their own ``seq`` (the ``resend`` command); listeners
+        are told. Returns (requeued, still queued): a seq of the range in neither is no
+        longer kept (older than ``keep_sent``, or never existed).
+
+        Raises:
+            OutboxError: the file cannot be written.
+        """
+        if first > last:
+            return 0, 0
+        with self._lock:
+            with self._transaction("re-queueing sent messages"):
+                queued = int(
+                    self._scalar(
+                        "SELECT count(*) FROM messages WHERE seq BETWEEN ? AND ?", (first, last)
+                    )
+                )
+                cursor = self._conn.execute(
+                    "INSERT OR IGNORE INTO messages(seq, topic, qos, payload, created_at) "
+                    "SELECT seq, topic, qos, payload, created_at FROM sent "
+                    "WHERE seq BETWEEN ? AND ?",
+                    (first, last),
+                )
+                moved = max(0, cursor.rowcount)
+                self._conn.execute("DELETE FROM sent WHERE seq BETWEEN ? AND ?", (first, last))
+            self._depth += moved
+        if moved:
+            for listener in list(self._listeners):
+                try:
+                    listener()
+                except Exception:
+                    logger.exception("outbox listener failed")
+        return moved, queued
+
+    def kept_range(self) -> tuple[int, int] | None:
+        """The lowest and highest seq kept for a resend, or None."""
+        with self._lock:
+            self._check_open()
+            try:
+                row = self._conn.execute("SELECT min(seq), max(seq) FROM sent").fetchone()
+            except sqlite3.Error as exc:
+                raise OutboxError(_describe(exc, self.path, "reading sent messages")) from exc
+        return None if row is None or row[0] is None else (int(row[0]), int(row[1]))
 
     # --- reading --------------------------------------------------------------------------
 

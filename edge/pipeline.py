@@ -27,7 +27,12 @@ Rules the stages keep:
   on disk, and a frame whose source key is already in the outbox (stored just before
   a crash) is marked handled instead of being identified a second time;
 * one bad frame never stops the pipeline: its exception is logged, counted as
-  ``failed``, and the stage goes on with the next frame;
+  ``failed``, the frame is quarantined (``Frame.fail``: a watched file goes to
+  ``failed/`` and is never offered again) and the stage goes on with the next frame;
+* a stage that dies anyway (an error outside any one frame) is restarted in its
+  thread with a short backoff, and :meth:`Pipeline.revive` — called by the daemon's
+  main loop — starts a new thread for a stage whose thread ended; both are logged and
+  reported as events (heartbeat warnings), restarts counted in :attr:`Pipeline.restarts`;
 * an outbox that cannot store (a full disk, a read-only or damaged file) *holds* the
   pipeline instead: the store stage keeps the identification in hand and retries with
   backoff, the queues before it fill, and capture stops — a watched folder's files
@@ -40,6 +45,7 @@ Rules the stages keep:
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -77,6 +83,9 @@ _TICK_S = 0.25
 _READ_TIMEOUT_S = 0.5
 # Frames per second are measured over this window.
 _FPS_WINDOW_S = 30.0
+# A stage that died is restarted after this long, doubling up to the maximum.
+_RESTART_MIN_S = 0.1
+_RESTART_MAX_S = 5.0
 # While the outbox cannot store, the identification in hand is tried again after this
 # long, doubling up to the maximum (a full disk is freed by a person, not in a second).
 _STORE_RETRY_MIN_S = 0.5
@@ -175,6 +184,15 @@ class _Captured:
     capture_ms: float
     image: npt.NDArray[np.uint8]
     frame: Frame | None  # kept only when the archive may want it
+    fail: Callable[[str], None] | None = None  # the frame's own ``fail`` (see Frame)
+
+    @property
+    def source_frame(self) -> Frame | None:
+        """What :meth:`Pipeline._quarantine` needs: the frame, or a stand-in carrying
+        only its ``fail`` (the image itself may already be released)."""
+        if self.fail is None:
+            return None
+        return Frame(_NO_IMAGE, self.source, self.captured_at, fail=self.fail)
 
 
 @dataclass
@@ -236,23 +254,98 @@ class Pipeline:
         self._paused = False
         self._camera_state = CameraState.STARTING
         self._threads: list[threading.Thread] = []
+        self._targets: list[Callable[[], None]] = []
+        self._restarts = dict.fromkeys(STAGES, 0)
+        self._restarts_lock = threading.Lock()
         self._blocked_lock = threading.Lock()
         self._blocked: _Blocked | None = None
 
     # --- control ------------------------------------------------------------------------
 
     def start(self) -> None:
-        targets: tuple[Callable[[], None], ...] = (
+        bodies: tuple[Callable[[], None], ...] = (
             self._capture_loop,
             lambda: self._stage("prepare", self._queues[0], self._queues[1], self._prepare),
             lambda: self._stage("classify", self._queues[1], self._queues[2], self._classify),
             lambda: self._stage("store", self._queues[2], None, self._store),
         )
-        for name, target in zip(STAGES, targets, strict=True):
-            thread = threading.Thread(target=target, name=f"fieldscope-{name}", daemon=True)
-            self._threads.append(thread)
+        for name, body in zip(STAGES, bodies, strict=True):
+            after = self._capture_ended if name == "capture" else None
+            target = functools.partial(self._supervised, name, body, after)
+            self._targets.append(target)
+            self._threads.append(self._thread(name, target))
         for thread in self._threads:
             thread.start()
+
+    @staticmethod
+    def _thread(name: str, target: Callable[[], None]) -> threading.Thread:
+        return threading.Thread(target=target, name=f"fieldscope-{name}", daemon=True)
+
+    def _supervised(
+        self, name: str, body: Callable[[], None], after: Callable[[], None] | None
+    ) -> None:
+        """Run a stage's loop; should it die of an error outside any one frame, log it,
+        report it and run the loop again (backing off), until the pipeline stops."""
+        delay = _RESTART_MIN_S
+        try:
+            while True:
+                try:
+                    body()
+                    return
+                except Exception as exc:
+                    if self._stop.is_set() or self._abort.is_set():
+                        logger.exception("the %s stage failed while stopping", name)
+                        return
+                    count = self._count_restart(name)
+                    logger.exception(
+                        "the %s stage died; restarting it in %.1f s (restart %d)",
+                        name,
+                        delay,
+                        count,
+                    )
+                    self._report(f"pipeline: the {name} stage died and was restarted: {exc!r}")
+                    self._stop.wait(delay)
+                    delay = min(2 * delay, _RESTART_MAX_S)
+        finally:
+            if after is not None:
+                after()
+
+    def _count_restart(self, name: str) -> int:
+        with self._restarts_lock:
+            self._restarts[name] += 1
+            return self._restarts[name]
+
+    @property
+    def restarts(self) -> dict[str, int]:
+        """How often each stage was restarted since the start."""
+        with self._restarts_lock:
+            return dict(self._restarts)
+
+    def revive(self) -> list[str]:
+        """The supervisor of last resort: start a new thread for each stage whose
+        thread ended while the pipeline runs (only a ``BaseException`` the stage's own
+        guard does not catch can end one). Returns the stages revived. Called by the
+        daemon's main loop."""
+        revived: list[str] = []
+        if self._stop.is_set() or self._abort.is_set():
+            return revived
+        for i, (name, thread) in enumerate(zip(STAGES, self._threads, strict=True)):
+            if thread.is_alive() or self._stop.is_set():
+                continue
+            count = self._count_restart(name)
+            logger.error("the %s stage's thread had ended; starting a new one (%d)", name, count)
+            self._report(f"pipeline: the {name} stage's thread had ended and was restarted")
+            self._threads[i] = self._thread(name, self._targets[i])
+            self._threads[i].start()
+            revived.append(name)
+        return revived
+
+    def _report(self, text: str) -> None:
+        """``on_event``, which must never take a stage down with it."""
+        try:
+            self._on_event(text)
+        except Exception:
+            logger.exception("on_event failed")
 
     @property
     def paused(self) -> bool:
@@ -346,15 +439,30 @@ class Pipeline:
                     continue
                 try:
                     work = self._captured(frame, started)
-                except Exception:
+                except Exception as exc:
                     logger.exception("cannot take the frame from %s; skipping it", frame.source)
                     self.counters.add("failed")
+                    self._quarantine(frame, f"capture failed: {exc!r}")
                     continue
                 if work is not None:
                     self._put(self._queues[0], work, beat)
         finally:
             beat.idle()
-            self._put(self._queues[0], _END, beat)
+
+    def _capture_ended(self) -> None:
+        """The capture loop is over for good: let the end marker drain the stages."""
+        beat = self._beats["capture"]
+        beat.idle()
+        self._put(self._queues[0], _END, beat)
+
+    def _quarantine(self, frame: Frame | None, reason: str) -> None:
+        """Set a frame that failed aside at its source (``Frame.fail``); never raises."""
+        if frame is None or frame.fail is None:
+            return
+        try:
+            frame.fail(reason[:500])
+        except Exception:
+            logger.exception("cannot set %s aside", frame.source)
 
     def _captured(self, frame: Frame, started: float) -> _Captured | None:
         capture_ms = (time.monotonic() - started) * 1000.0
@@ -388,6 +496,7 @@ class Pipeline:
             capture_ms=capture_ms,
             image=frame.image,
             frame=frame if self._archive.mode != "none" else None,
+            fail=frame.fail,
         )
 
     def _put(self, q: queue.Queue[Any], item: object, beat: _Beat) -> bool:
@@ -427,7 +536,9 @@ class Pipeline:
             except Exception as exc:
                 logger.exception("%s failed on %s; skipping the frame", name, item.source)
                 self.counters.add("failed")
-                self._on_event(f"{name} failed on {item.source}: {exc}")
+                self._report(f"{name} failed on {item.source}: {exc}")
+                captured = item.captured if isinstance(item, _Prepared) else item
+                self._quarantine(captured.source_frame, f"{name} failed: {exc!r}")
                 continue
             if result is not None and outbox is not None and not self._put(outbox, result, beat):
                 return

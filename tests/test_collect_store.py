@@ -366,3 +366,29 @@ def test_postgres_unreachable_is_one_clear_error() -> None:
     with pytest.raises(StoreError, match="cannot connect") as info:
         open_store(f"postgresql://someone:secret@127.0.0.1:{port}/x")
     assert "secret" not in str(info.value)
+
+
+def test_seq_gaps_per_device_in_both_databases(store: Store) -> None:
+    """Issue 15 item 9: identifications lost on the way show as gaps in each device's
+    seq (the window query is the same SQL in SQLite and PostgreSQL)."""
+    base = 1_800_000_000_000
+    seqs = {"scope-a": [0, 1, 4, 5, 9], "scope-b": [2, 3]}
+    store.write(
+        [
+            received(
+                sample_identification(
+                    base + s, device=d, captured_at=datetime(2026, 12, 7, tzinfo=UTC)
+                )
+            )
+            for d, offsets in seqs.items()
+            for s in offsets
+        ]
+    )
+    gaps = store.gaps()
+    assert [(g.device, g.first - base, g.last - base, g.missing) for g in gaps] == [
+        ("scope-a", 2, 3, 2),
+        ("scope-a", 6, 8, 3),
+    ]
+    assert store.missing_counts() == {"scope-a": 5}
+    assert store.gaps(["scope-b"]) == []
+    assert store.max_seq("scope-a") == base + 9

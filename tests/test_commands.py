@@ -21,7 +21,7 @@ from fieldscope.edge.topics import Topics
 
 
 @pytest.mark.parametrize("payload", [b"", b"  \n", b"{}"])
-@pytest.mark.parametrize("name", [c.value for c in CommandName])
+@pytest.mark.parametrize("name", [c.value for c in CommandName if c is not CommandName.RESEND])
 def test_every_command_accepts_an_empty_payload_or_object(name: str, payload: bytes) -> None:
     command = parse_command(name, payload)
     assert command == Command(CommandName(name))
@@ -45,7 +45,11 @@ def test_request_id_is_echoed_and_capture_takes_a_count() -> None:
 @pytest.mark.parametrize(
     ("name", "payload", "message"),
     [
-        ("format", b"", "unknown command 'format' (known: capture, pause, resume, reload, status)"),
+        (
+            "format",
+            b"",
+            "unknown command 'format' (known: capture, pause, resume, reload, status, resend)",
+        ),
         ("capture", b"[1, 2]", "payload must be empty or a JSON object, got a JSON list"),
         ("capture", b"null", "got a JSON null"),
         ("capture", b"{bad json", "it is not valid JSON"),
@@ -152,3 +156,21 @@ def test_replies_go_one_level_below_the_command() -> None:
     assert topics.command_result("capture") == "fieldscope/pond-3/scope-a/command/capture/result"
     # The device's own filter (command/+) does not match its replies.
     assert topics.command_filter == "fieldscope/pond-3/scope-a/command/+"
+
+
+def test_resend_takes_a_bounded_seq_range() -> None:
+    """Issue 15 item 9: a collector that found a gap asks the station to publish again."""
+    command = parse_command("resend", b'{"request_id": "g-1", "first": 10, "last": 39}')
+    assert command == Command(CommandName.RESEND, "g-1", 1, 10, 39)
+    for payload, says in (
+        (b"", "first is required"),
+        (b'{"first": 5}', "last is required"),
+        (b'{"first": 9, "last": 3}', "must not be above last"),
+        (b'{"first": -1, "last": 3}', "first must be an integer"),
+        (b'{"first": 1, "last": ' + b"9" * 400 + b"}", "last must be an integer"),
+        (b'{"first": 0, "last": 10000}', "at most 10000 seqs"),
+        (b'{"first": 1.5, "last": 3}', "first must be an integer"),
+        (b'{"first": 1, "last": 3, "all": true}', "does not take"),
+    ):
+        with pytest.raises(CommandError, match=says):
+            parse_command("resend", payload)
