@@ -70,8 +70,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-SUPPORTED_SCHEMA_VERSIONS: tuple[int, ...] = (1,)
+# Version 2 adds ``output`` (required); a bundle written without it stays version 1, so
+# stations that read only version 1 keep loading every bundle that does not need it.
+SCHEMA_VERSION = 2
+SUPPORTED_SCHEMA_VERSIONS: tuple[int, ...] = (1, 2)
 MODEL_FILE = "model.tflite"
 MANIFEST_FILE = "manifest.json"
 SIGNATURE_FILE = "manifest.sig"
@@ -299,12 +301,12 @@ _MANIFEST_KEYS = (
     "provenance",
     "files",
 )
-# Optional manifest fields: absent in bundles written before they existed.
-_OPTIONAL_MANIFEST_KEYS = ("output",)
+# The fields each schema version adds to version 1's.
+_ADDED_KEYS: Mapping[int, tuple[str, ...]] = {1: (), 2: ("output",)}
 # What the model's output tensor holds. "logits": the edge applies softmax to the
 # dequantised values (int8 bundles keep softmax out of the integer graph, so close
 # classes are not tied by uint8 steps of 1/256); "probabilities": used as they are.
-# Absent (older bundles): the classifier decides from a probe inference.
+# Absent (version 1 bundles): the classifier decides from a probe inference.
 OUTPUT_KINDS: tuple[str, ...] = ("probabilities", "logits")
 
 
@@ -332,9 +334,12 @@ class Manifest:
     files: Mapping[str, FileEntry]
     min_runtime: Mapping[str, str] | None = None
     output: str | None = None
-    schema_version: int = SCHEMA_VERSION
+    # None: the lowest version that holds the fields given (1 without ``output``).
+    schema_version: int | None = None
 
     def __post_init__(self) -> None:
+        if self.schema_version is None:
+            object.__setattr__(self, "schema_version", 1 if self.output is None else 2)
         object.__setattr__(self, "labels", tuple(self.labels))
         object.__setattr__(self, "input_shape", tuple(int(d) for d in self.input_shape))
         object.__setattr__(self, "files", dict(sorted(self.files.items())))
@@ -359,7 +364,9 @@ class Manifest:
             dupes = sorted({x for x in labels if labels.count(x) > 1})
             problems.append(f"labels must be unique, repeated: {', '.join(dupes)}")
         problems += self._input_problems()
-        if self.output is not None and self.output not in OUTPUT_KINDS:
+        if self.schema_version == 1 and self.output is not None:
+            problems.append("output needs schema_version 2 (version 1 has no output field)")
+        elif self.schema_version == 2 and self.output not in OUTPUT_KINDS:
             problems.append(
                 f"output must be one of {', '.join(OUTPUT_KINDS)}, got {self.output!r}"
             )
@@ -437,9 +444,9 @@ class Manifest:
         version = r.integer("schema_version")
         if version not in SUPPORTED_SCHEMA_VERSIONS:
             raise BundleError(_schema_problem(version))
-        r.check_keys(_MANIFEST_KEYS, _OPTIONAL_MANIFEST_KEYS)
+        r.check_keys((*_MANIFEST_KEYS, *_ADDED_KEYS[version]))
         output = r.data.get("output")
-        if output is not None and not isinstance(output, str):
+        if version >= 2 and output not in OUTPUT_KINDS:
             raise r.fail("output", f"one of {', '.join(OUTPUT_KINDS)}")
         labels = r.data["labels"]
         if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):

@@ -91,7 +91,9 @@ def test_round_trip_keeps_the_manifest_and_reads_the_model_fields(
     m = verified.manifest
     assert written.manifest == m
     assert Manifest.from_dict(json.loads(json.dumps(m.to_dict()))) == m
-    assert m.schema_version == SCHEMA_VERSION
+    # Written without ``output``: version 1, which stations of every version read.
+    assert m.schema_version == 1 < SCHEMA_VERSION
+    assert m.output is None
     assert m.labels == ("red", "green", "blue")
     assert m.preprocessing == RECIPE
     assert m.threshold == 0.6
@@ -114,9 +116,19 @@ def test_round_trip_keeps_the_manifest_and_reads_the_model_fields(
 def test_written_manifest_matches_the_published_json_schema(bundle_dir: Path) -> None:
     data = json.loads((bundle_dir / MANIFEST_FILE).read_text())
     jsonschema.validate(data, manifest_schema())
-    data["labels"] = "red"
-    with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate(data, manifest_schema())
+    version2 = {**data, "schema_version": 2, "output": "logits"}
+    jsonschema.validate(version2, manifest_schema())
+    assert Manifest.from_dict(version2).output == "logits"
+    for bad in (
+        {**data, "output": "logits"},  # version 1 has no output
+        {**data, "schema_version": 2},  # version 2 requires it
+        {**version2, "output": "scores"},
+        {**data, "labels": "red"},
+    ):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, manifest_schema())
+        with pytest.raises(BundleError):
+            Manifest.from_dict(bad)
 
 
 def test_float_bundle_has_no_quantization(tmp_path: Path, tiny_models: Any) -> None:
@@ -232,8 +244,8 @@ def test_refuses_a_changed_model(bundle_dir: Path) -> None:
 
 
 def test_refuses_unknown_schema_version(bundle_dir: Path) -> None:
-    _edit_manifest(bundle_dir, lambda d: d.update(schema_version=2, new_field=1))
-    _refused(bundle_dir, "schema_version 2", "reads version 1")
+    _edit_manifest(bundle_dir, lambda d: d.update(schema_version=3, new_field=1))
+    _refused(bundle_dir, "schema_version 3", "reads version 1, 2")
     _edit_manifest(bundle_dir, lambda d: d.update(schema_version="1"))
     _refused(bundle_dir, "schema_version must be an integer")
 
