@@ -1,6 +1,6 @@
 """Map the top-level source folders onto the ``fieldscope.*`` namespace.
 
-The folders ``edge/``, ``train/``, ... stand at the repository root (see DESIGN.md),
+The folders ``edge/``, ``train/``, ... stand at the repository root (docs/architecture.md#layout),
 but must install as ``fieldscope.edge``, ``fieldscope.train``, ... and never as
 generic top-level modules. Every subpackage is discovered here, because a
 subpackage missing from ``packages`` works in an editable install yet silently

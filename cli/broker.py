@@ -18,8 +18,8 @@ What amqtt 0.12 can and cannot do, checked against our clients (tests/test_demo.
   :data:`DEMO_USERNAME`;
 * it forgets a message it sent to a subscriber if the PUBACK does not come within
   5 s or the connection drops first, and keeps nothing across a restart. That is
-  fine for a demo on one machine, and why a real deployment runs Mosquitto (or
-  another broker from DESIGN.md's list), never this one.
+  fine for a demo on one machine, and why a real deployment runs Mosquitto (or an
+  MQTT cluster, docs/architecture.md#engines-not-home-made-ones), never this one.
 
 The child also watches the process that started it and stops when it is gone, so a
 demo killed with SIGKILL leaves no broker behind.

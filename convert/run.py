@@ -3,8 +3,8 @@
 It reads what ``fieldscope train`` recorded, and nothing is re-derived: labels from
 ``labels.json``, the preprocessing recipe from ``config.json``, which files are train and
 test from ``split.json``, the decision threshold and test metrics from ``metrics.json``,
-the model from ``model.keras``. convert/ imports only edge/ (DESIGN.md), so this is its
-own small reader of those JSON files, not ``fieldscope.train``'s.
+the model from ``model.keras``. convert/ imports only edge/ (docs/architecture.md#layout),
+so this is its own small reader of those JSON files, not ``fieldscope.train``'s.
 
 Images are decoded and preprocessed afresh by the edge's own
 :func:`~fieldscope.edge.preprocess.load_and_preprocess`, not read from the training

@@ -4,7 +4,7 @@ The registry is plain data (no TensorFlow at import) so the CLI can list and val
 backbones instantly. ``build_classifier`` imports Keras and assembles
 ``raw RGB 0-255 -> normalisation -> backbone -> dropout -> softmax``: every model takes
 raw pixels, so the converted TFLite model takes the edge's uint8 pixels unchanged and
-nobody re-implements ``preprocess_input`` (see DESIGN.md, contract 1).
+nobody re-implements ``preprocess_input`` (docs/architecture.md#the-four-contracts, 1).
 
 Most backbones come from ``keras.applications``, whose ImageNet weights are downloaded
 on first use. The ``ported`` ones (``efficientnet_lite0``, ``mobilenet_v2_torchvision``)
