@@ -74,13 +74,13 @@ MODULE = re.compile(r"\bfieldscope\.(edge|train|convert|deploy|collect|cli)\.(\w
 def repository_files() -> tuple[str, ...]:
     """Paths (relative, POSIX) of the files that make up the repository.
 
-    With git: tracked files plus new ones not ignored (so a file about to be committed
-    is checked too). Without git (an unpacked source archive): every file outside the
-    folders that are never committed.
+    With git: the tracked files (a scratch file or a demo's output folder in the
+    checkout is not the repository). Without git (an unpacked source archive): every
+    file outside the folders that are never committed.
     """
     try:
         out = subprocess.run(
-            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            ["git", "ls-files", "-z"],
             cwd=ROOT,
             capture_output=True,
             check=True,
