@@ -247,10 +247,17 @@ def fit_head(
     xt = (x_train - mean) / scale
     xv = (x_val - mean) / scale
     present = np.unique(y_train)
-    best: tuple[float, float, Any] | None = None
+    best: tuple[float, float, np.ndarray, np.ndarray, np.ndarray] | None = None
     scores: dict[float, float] = {}
-    for c in c_grid:
-        clf = LogisticRegression(C=c, max_iter=2000, tol=1e-5)
+    # Ascending C with warm starts: each fit starts from the previous, more regularised
+    # solution, which L-BFGS refines in a fraction of the iterations of a cold start.
+    # The validation loss is unimodal in C in practice: stop two steps past its minimum.
+    clf = LogisticRegression(C=min(c_grid), max_iter=1000, tol=1e-4, warm_start=True)
+    worse = 0
+    for c in sorted(c_grid):
+        if worse >= 2:
+            break
+        clf.set_params(C=c)
         clf.fit(xt, y_train, sample_weight=sample_weight)
         probs = np.zeros((len(xv), n_classes))
         probs[:, clf.classes_] = clf.predict_proba(xv)
@@ -258,11 +265,14 @@ def fit_head(
         scores[float(c)] = loss
         log.debug("head C=%g: val log-loss %.4f", c, loss)
         if best is None or loss < best[1] - 1e-9:
-            best = (float(c), loss, clf)
+            best = (float(c), loss, clf.coef_.copy(), clf.intercept_.copy(), probs)
+            worse = 0
+        else:
+            worse += 1
     assert best is not None
-    c, loss, clf = best
-    coef = np.asarray(clf.coef_, dtype=np.float64)
-    intercept = np.asarray(clf.intercept_, dtype=np.float64)
+    c, loss, coef, intercept, val_probs = best
+    coef = np.asarray(coef, dtype=np.float64)
+    intercept = np.asarray(intercept, dtype=np.float64)
     if len(present) == 2 and coef.shape[0] == 1:  # scikit-learn's binary form
         coef = np.vstack([-coef[0] / 2, coef[0] / 2])
         intercept = np.array([-intercept[0] / 2, intercept[0] / 2])
@@ -270,8 +280,6 @@ def fit_head(
     bias = np.full(n_classes, -30.0)
     kernel[:, clf.classes_] = (coef / scale).T
     bias[clf.classes_] = intercept - (coef / scale) @ mean
-    val_probs = np.zeros((len(xv), n_classes))
-    val_probs[:, clf.classes_] = clf.predict_proba(xv)
     accuracy = float(np.mean(val_probs.argmax(axis=1) == y_val))
     return HeadFit(kernel.astype("float32"), bias.astype("float32"), c, loss, accuracy, scores)
 
