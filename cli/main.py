@@ -9,6 +9,7 @@ has only ``fieldscope[edge]``; heavy imports happen inside the handlers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import sys
@@ -61,12 +62,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = args.handler(args)
     except FieldscopeError as exc:
-        print(f"fieldscope {args.command}: error: {exc}", file=sys.stderr)
+        _say(f"fieldscope {args.command}: error: {exc}")
         return 2
     except KeyboardInterrupt:
-        print(f"fieldscope {args.command}: interrupted", file=sys.stderr)
+        _say(f"fieldscope {args.command}: interrupted")
         return 130
     return int(result or 0)
+
+
+def _say(line: str) -> None:
+    """One line to stderr; a terminal that went away (EIO) or a closed pipe must not turn
+    an orderly exit code into a traceback."""
+    with contextlib.suppress(OSError, ValueError):
+        print(line, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -594,3 +594,58 @@ def test_ctrl_c_during_training_exits_cleanly(tmp_path: Path) -> None:
     assert run.stderr.strip().splitlines()[-1] == "fieldscope demo: interrupted", run.stderr
     assert "Traceback" not in run.stderr
     assert not _processes_mentioning(str(work))
+
+
+@pytest.mark.slow
+@pytest.mark.mqtt
+def test_a_closed_terminal_stops_every_child(trained_demo: DemoRun, tmp_path: Path) -> None:
+    """An SSH session that drops or a terminal window that closes: the demo gets SIGHUP and
+    every later write to its terminal fails with EIO. The clean-up must still stop the
+    station and the broker (it used to die on the 'stopping …' line and orphan both)."""
+    import pty
+    import select
+
+    work = _copy(trained_demo, tmp_path)
+    log = work / "station.log"
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the demo, on a terminal of its own (it leads the session)
+        os.execv(sys.executable, [sys.executable, "-m", "fieldscope.cli", "demo", "--quick",
+                                  "--workdir", str(work), "--port", "0", "--rate", "1",
+                                  "--broker", "mosquitto"])  # fmt: skip
+    output = b""
+    status: int | None = None
+    pids: list[int] = []
+    try:
+        deadline = time.monotonic() + DEMO_TIMEOUT_S
+        while time.monotonic() < deadline and not (
+            b"6/7 station" in output and log.exists() and "is running" in log.read_text()
+        ):
+            if select.select([fd], [], [], 0.5)[0]:
+                try:
+                    output += os.read(fd, 4096)
+                except OSError:
+                    break
+        text = output.decode(errors="replace")
+        assert b"6/7 station" in output, text
+        pids = [int(p) for p in re.findall(r"\bpid (\d+)", text)]
+        assert len(pids) == 2, text
+        os.close(fd)  # the terminal goes away mid-replay
+        fd = -1
+        deadline = time.monotonic() + 60
+        while status is None and time.monotonic() < deadline:
+            done, raw = os.waitpid(pid, os.WNOHANG)
+            status = raw if done else None
+            time.sleep(0.1)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        with contextlib.suppress(ProcessLookupError, ChildProcessError):
+            if status is None:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+    assert status is not None, "the demo did not exit after its terminal closed"
+    assert os.waitstatus_to_exitcode(status) == 130
+    assert _wait_gone(pids, 10), f"left running: {pids}"
+    assert not _processes_mentioning(str(work))
+    # The station was stopped by the demo (SIGTERM, drained), not left to die later.
+    assert "fieldscope.edge.daemon: stopped:" in log.read_text()
