@@ -47,11 +47,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--size", type=int, default=224, help="model input side (default 224)")
     p.add_argument("--denoise", default="none", help="none|bilateral|median|gaussian|nlmeans")
     p.add_argument(
-        "--param",
+        "--denoise-param",
+        "--param",  # the old spelling, kept; train and the config say --denoise-param
+        dest="param",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="denoise parameter, e.g. --param diameter=9 (repeatable)",
+        help="denoise parameter, e.g. --denoise-param diameter=9 (repeatable; as in train)",
     )
     p.add_argument("--resize", default="letterbox", help="stretch|center-crop|letterbox")
     p.add_argument("--fill", default="border", help="letterbox fill: border or R,G,B")
@@ -140,11 +142,11 @@ def _preview(args: argparse.Namespace) -> int:
     for item in args.param:
         key, sep, value = item.partition("=")
         if not sep:
-            raise RecipeError(f"--param expects KEY=VALUE, got {item!r}")
+            raise RecipeError(f"--denoise-param expects KEY=VALUE, got {item!r}")
         try:
             params[key] = int(value) if value.lstrip("-").isdigit() else float(value)
         except ValueError:
-            raise RecipeError(f"--param {key}: {value!r} is not a number") from None
+            raise RecipeError(f"--denoise-param {key}: {value!r} is not a number") from None
     fill: str | tuple[int, int, int] = args.fill
     if args.fill != "border":
         parts = args.fill.split(",")
