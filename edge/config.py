@@ -202,7 +202,8 @@ class FolderOptions:
     exactly once, also across restarts. ``handled`` says what happens afterwards:
     ``keep`` leaves it (a state database remembers it), ``move`` moves it to
     ``path/done/``, ``delete`` removes it. Unreadable files go to ``path/failed/``
-    (``keep``: they are only recorded as failed).
+    (``keep``: they are only recorded as failed). ``recursive`` also takes the files
+    of subfolders (not of ``done/`` and ``failed/`` when ``handled = "move"``).
     """
 
     path: Path | None = None
@@ -210,6 +211,7 @@ class FolderOptions:
     settle_s: float = 1.0
     scan_interval_s: float = 0.5
     handled: str = "keep"
+    recursive: bool = False
 
     def problems(self) -> Problems:
         out: Problems = []
@@ -229,13 +231,16 @@ class FolderOptions:
 class ReplayOptions:
     """``[camera.replay]``: the images of a folder in name order at ``rate_hz``
     (0 = as fast as they are asked for), for tests, demos and benchmarks.
-    ``limit`` stops after that many frames (0 = no limit)."""
+    ``limit`` stops after that many frames (0 = no limit). ``recursive`` (the
+    default) includes subfolders, so a ``fieldscope specimens`` folder (one subfolder
+    per species) replays as it is."""
 
     path: Path | None = None
     patterns: tuple[str, ...] = DEFAULT_IMAGE_PATTERNS
     rate_hz: float = 1.0
     loop: bool = False
     limit: int = 0
+    recursive: bool = True
 
     def problems(self) -> Problems:
         out: Problems = []
@@ -1138,6 +1143,7 @@ def _read_camera(root: _Table) -> CameraConfig:
         settle_s=fo.number("settle_s", FolderOptions.settle_s),
         scan_interval_s=fo.number("scan_interval_s", FolderOptions.scan_interval_s),
         handled=fo.text("handled", FolderOptions.handled),
+        recursive=fo.boolean("recursive", FolderOptions.recursive),
     )
     rp = t.table("replay")
     replay = ReplayOptions(
@@ -1146,6 +1152,7 @@ def _read_camera(root: _Table) -> CameraConfig:
         rate_hz=rp.number("rate_hz", ReplayOptions.rate_hz),
         loop=rp.boolean("loop", ReplayOptions.loop),
         limit=rp.integer("limit", ReplayOptions.limit),
+        recursive=rp.boolean("recursive", ReplayOptions.recursive),
     )
     return CameraConfig(
         backend=backend,
