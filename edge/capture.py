@@ -749,6 +749,7 @@ class ReplayCamera:
         self.limit = limit
         self.name = f"replay:{self.path}"
         self.finished = False
+        self._announced = False
         self._on_problem = on_problem
         self._clock = clock
         self._closed = threading.Event()
@@ -788,6 +789,7 @@ class ReplayCamera:
         self._index = self._count = 0
         self._due = self._clock()
         self.finished = False
+        self._announced = False
         self._closed.clear()
 
     def read(self, timeout: float) -> Frame | None:
@@ -795,6 +797,7 @@ class ReplayCamera:
         if files is None:
             raise CameraError(f"{self.name}: read before open")
         if self.finished:
+            self._announce_end(len(files))
             self._closed.wait(max(0.0, timeout))
             return None
         wait = self._due - self._clock()
@@ -820,6 +823,26 @@ class ReplayCamera:
                 return None
         self.finished = True  # every file is unreadable
         return None
+
+    def _announce_end(self, files: int) -> None:
+        """Say once that the replay is over: the daemon itself keeps running."""
+        if self._announced:
+            return
+        self._announced = True
+        why = (
+            f"the limit of {self.limit} frames"
+            if self.limit and self._count >= self.limit
+            else (f"the end of its {files} file(s)")
+        )
+        skipped = f", {len(self._bad)} unreadable skipped" if self._bad else ""
+        logger.info(
+            "%s: replay finished after %d frame(s) (%s%s); no more frames will come "
+            "(camera.replay.loop = true starts over)",
+            self.name,
+            self._count,
+            why,
+            skipped,
+        )
 
     def _load(self, path: Path) -> Frame | None:
         if path in self._bad:

@@ -603,12 +603,23 @@ class HeartbeatConfig:
 
 @dataclass(frozen=True)
 class LogConfig:
-    """``[log]``: the level of the daemon's log lines on stderr (journald)."""
+    """``[log]``: the level of the daemon's log lines on stderr (journald), and how often
+    a running daemon logs a one-line summary (frames by outcome, outbox depth, link),
+    so a healthy station is not silent; 0 turns the summary off."""
 
     level: str = "INFO"
+    summary_interval_s: float = 60.0
 
     def problems(self) -> Problems:
-        return _one_of("level", self.level, LOG_LEVELS)
+        out = _one_of("level", self.level, LOG_LEVELS)
+        if self.summary_interval_s != 0 and not 1 <= self.summary_interval_s <= 86400:
+            out.append(
+                (
+                    "summary_interval_s",
+                    f"must be 0 (off) or in [1, 86400] seconds, got {self.summary_interval_s}",
+                )
+            )
+        return out
 
 
 @dataclass(frozen=True)
@@ -1036,6 +1047,13 @@ class _Table:
         return found
 
 
+def _read_log(t: _Table) -> LogConfig:
+    return LogConfig(
+        level=t.text("level", LogConfig.level).upper(),
+        summary_interval_s=t.number("summary_interval_s", LogConfig.summary_interval_s),
+    )
+
+
 def _unknown_key_problems(ctx: _Context) -> Problems:
     """Keys no reader asked for, each with a suggestion where one is likely."""
     elsewhere: dict[str, list[str]] = {}
@@ -1373,7 +1391,7 @@ def config_from_dict(
         heartbeat=HeartbeatConfig(
             interval_s=root.table("heartbeat").number("interval_s", HeartbeatConfig.interval_s)
         ),
-        log=LogConfig(level=root.table("log").text("level", LogConfig.level).upper()),
+        log=_read_log(root.table("log")),
         source=None if source is None else Path(source),
     )
     problems = ctx.problems + _unknown_key_problems(ctx)
