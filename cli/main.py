@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -57,6 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not args.verbose:
+        _quiet_native_libraries()
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -68,6 +71,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         _say(f"fieldscope {args.command}: interrupted")
         return 130
     return int(result or 0)
+
+
+def _quiet_native_libraries() -> None:
+    """Without -v, TensorFlow's C++ log (also its "E0000 cuInit" on machines without a
+    GPU) and OpenCV's codec warnings (a TIFF_Warning per odd TIFF tag, by the hundred
+    when training on real TIFFs) stay off the terminal. Set before either library is
+    imported (the command modules are light), inherited by child processes; a value
+    the user exported wins."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
 
 
 def _say(line: str) -> None:

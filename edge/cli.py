@@ -116,8 +116,13 @@ def register(subparsers: Any) -> None:
 def _specimens(args: argparse.Namespace) -> int:
     from fieldscope.edge.specimens import write_dataset
 
+    tty = sys.stderr.isatty()
+
     def progress(done: int, total: int) -> None:
-        print(f"\r  {done}/{total} images", end="", file=sys.stderr, flush=True)
+        # A counter redrawn in place only on a terminal: in a log file each \r would be
+        # one more line of noise.
+        if tty:
+            print(f"\r  {done}/{total} images", end="", file=sys.stderr, flush=True)
 
     counts = write_dataset(
         args.out_dir,
@@ -127,7 +132,8 @@ def _specimens(args: argparse.Namespace) -> int:
         seed=args.seed,
         on_progress=progress,
     )
-    print(file=sys.stderr)
+    if tty:
+        print(file=sys.stderr)
     for label, n in counts.items():
         print(f"{label:>24}  {n} images")
     print(f"wrote {sum(counts.values())} images in {len(counts)} classes to {args.out_dir}")

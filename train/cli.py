@@ -80,9 +80,12 @@ def _require_training_stack() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import importlib
 
+    from fieldscope.edge.native_logs import quiet_native_stderr
+
     for name in _TRAIN_MODULES:
         try:
-            importlib.import_module(name)
+            with quiet_native_stderr():  # abseil's lines from before TF sets up its logging
+                importlib.import_module(name)
         except ModuleNotFoundError as exc:
             raise MissingDependencyError(
                 f"training needs {exc.name}, which is not installed; install the training "
@@ -263,6 +266,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _preprocess_progress(done: int, total: int) -> None:
+    """On a terminal a counter redrawn with ``\\r``; in a log file one line at the end."""
     stream = sys.stderr
     if stream.isatty():
         end = "\n" if done == total else ""
