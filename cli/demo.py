@@ -333,7 +333,8 @@ class _EpochLines:
         self.stage_names[stage] = name
         plural = "s" if epochs != 1 else ""
         self.progress.line(
-            f"stage {stage} ({name}): {epochs} epoch{plural} (* = best on validation so far)"
+            f"stage {stage} ({name}): {epochs} epoch{plural} (* = lowest val_loss so far, "
+            "the checkpoint kept)"
         )
 
     def batch_end(
@@ -346,7 +347,12 @@ class _EpochLines:
     ) -> None:
         figures = "  ".join(
             f"{short} {logs[key]:.3f}"
-            for key, short in (("loss", "loss"), ("accuracy", "acc"), ("val_accuracy", "val_acc"))
+            for key, short in (
+                ("loss", "loss"),
+                ("accuracy", "acc"),
+                ("val_loss", "val_loss"),  # what * follows: shown, so the mark can be checked
+                ("val_accuracy", "val_acc"),
+            )
             if key in logs
         )
         best = "  *" if improved else ""

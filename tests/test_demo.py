@@ -649,3 +649,23 @@ def test_a_closed_terminal_stops_every_child(trained_demo: DemoRun, tmp_path: Pa
     assert not _processes_mentioning(str(work))
     # The station was stopped by the demo (SIGTERM, drained), not left to die later.
     assert "fieldscope.edge.daemon: stopped:" in log.read_text()
+
+
+def test_epoch_lines_show_the_val_loss_that_the_best_mark_follows() -> None:
+    """The * (the checkpoint kept) follows val_loss, which the line did not show."""
+    import io
+
+    from fieldscope.cli.demo import _EpochLines, _Progress
+
+    out = io.StringIO()
+    lines = _EpochLines(_Progress(out, steps=7))
+    lines.stage_begin(1, "head", 2, 0)
+    logs = {"loss": 1.0, "accuracy": 0.5, "val_loss": 0.75, "val_accuracy": 0.6}
+    lines.epoch_end(1, 1, 2, logs, improved=True)
+    lines.epoch_end(1, 2, 2, {**logs, "val_loss": 0.8, "val_accuracy": 0.7}, improved=False)
+    first, second = out.getvalue().splitlines()[1:]
+    assert "* = lowest val_loss so far" in out.getvalue().splitlines()[0]
+    assert "val_loss 0.750" in first
+    assert first.rstrip().split("  [")[0].endswith("*")
+    assert "val_loss 0.800" in second
+    assert "*" not in second

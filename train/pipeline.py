@@ -104,11 +104,13 @@ class RunSummary:
                 f"{self.accuracy_sd:.3f}, macro-F1 {self.macro_f1:.3f} ± {self.macro_f1_sd:.3f}"
             ]
         else:
-            reached = "" if self.threshold_reached in (None, True) else " (target not reached)"
-            threshold = "none" if self.threshold is None else f"{self.threshold:.4f}{reached}"
+            chosen = "chosen on validation"
+            if self.threshold_reached not in (None, True):
+                chosen += "; its target precision was not reached"
+            threshold = "none" if self.threshold is None else f"{self.threshold:.4f}"
             out = [
                 f"test accuracy {self.accuracy:.3f}, macro-F1 {self.macro_f1:.3f}",
-                f"decision threshold {threshold} (chosen on validation)",
+                f"decision threshold {threshold} ({chosen})",
             ]
             if self.test_coverage is not None:
                 precision = self.test_precision_at_threshold
