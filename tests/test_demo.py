@@ -321,6 +321,20 @@ def test_bad_options_give_one_line(tmp_path: Path, flags: list[str], message: st
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.parametrize(("value", "quick"), [("1", True), ("", False), ("0", False)])
+def test_fieldscope_demo_quick_in_the_environment_means_quick(
+    monkeypatch: pytest.MonkeyPatch, value: str, quick: bool
+) -> None:
+    """CI runs the README's `fieldscope demo` as written, with FIELDSCOPE_DEMO_QUICK=1."""
+    from fieldscope.cli.demo import FULL, QUICK, _settings_from
+    from fieldscope.cli.main import build_parser
+
+    monkeypatch.setenv("FIELDSCOPE_DEMO_QUICK", value)
+    args = build_parser().parse_args(["demo", "--no-serve"])
+    settings = _settings_from(args, tty=False)
+    assert settings.model == (QUICK if quick else FULL).model
+
+
 # --- end to end ---------------------------------------------------------------------------------
 
 
