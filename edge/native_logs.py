@@ -16,6 +16,7 @@ The environment variables that switch the rest off (``TF_CPP_MIN_LOG_LEVEL``,
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import logging
 import os
 import re
@@ -51,10 +52,14 @@ def quiet_native_stderr() -> Iterator[None]:
 
     What is written meanwhile (also by other threads) is held back and written out
     when the block ends, minus the noise, so nothing real is lost. Nested or concurrent
-    uses do not capture twice: the inner one passes through.
+    uses do not capture twice: the inner one passes through. With :mod:`faulthandler`
+    on (``PYTHONFAULTHANDLER``, as deploy/pi-check runs the edge) nothing is captured:
+    the traceback of a native crash meanwhile must reach the real stderr.
     """
-    if logging.getLogger("fieldscope").isEnabledFor(logging.DEBUG) or not _CAPTURE_LOCK.acquire(
-        blocking=False
+    if (
+        logging.getLogger("fieldscope").isEnabledFor(logging.DEBUG)
+        or faulthandler.is_enabled()
+        or not _CAPTURE_LOCK.acquire(blocking=False)
     ):
         yield
         return

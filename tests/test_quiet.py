@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 from conftest import SpecimenImages, TinyBundles
 
-from fieldscope.edge.native_logs import is_noise, quiet_native_stderr
+from fieldscope.edge.native_logs import is_noise
 
 
 def _fieldscope(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "OPENCV_LOG_LEVEL")
-    }
+    # What a user's shell has: none of the switches that this test is about.
+    unset = ("TF_CPP_MIN_LOG_LEVEL", "OPENCV_LOG_LEVEL", "PYTHONFAULTHANDLER")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
     return subprocess.run(
         [sys.executable, "-m", "fieldscope.cli", *args],
         capture_output=True,
@@ -51,24 +51,36 @@ def test_verify_and_classify_do_not_announce_the_xnnpack_delegate(
     assert "Created TensorFlow Lite XNNPACK delegate" in loud.stderr
 
 
-def test_only_the_known_lines_are_dropped(capfd: pytest.CaptureFixture[str]) -> None:
-    with quiet_native_stderr():
-        os.write(2, b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n")
-        os.write(
-            2,
-            b"I0000 00:00:1796615222.815465   19249 cudart_stub.cc:31] Could not find cuda "
-            b"drivers on your machine, GPU will not be used.\n",
-        )
-        os.write(
-            2,
-            b"E0000 00:00:1796615234.766953   19249 cuda_platform.cc:52] failed call to "
-            b"cuInit: INTERNAL: CUDA error\n",
-        )
-        os.write(2, b"E0000 00:00:1.2   7 model.cc:9] a real error\nSegmentation hint\n")
-    assert (
-        capfd.readouterr().err
-        == "E0000 00:00:1.2   7 model.cc:9] a real error\nSegmentation hint\n"
-    )
+_NATIVE_WRITES = """
+import os
+from fieldscope.edge.native_logs import quiet_native_stderr
+with quiet_native_stderr():
+    os.write(2, b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\\n")
+    os.write(2, b"I0000 00:00:1796615222.815465   19249 cudart_stub.cc:31] Could not find "
+                b"cuda drivers on your machine, GPU will not be used.\\n")
+    os.write(2, b"E0000 00:00:1796615234.766953   19249 cuda_platform.cc:52] failed call to "
+                b"cuInit: INTERNAL: CUDA error\\n")
+    os.write(2, b"E0000 00:00:1.2   7 model.cc:9] a real error\\nSegmentation hint\\n")
+"""
+
+
+@pytest.mark.parametrize("faulthandler", [False, True])
+def test_only_the_known_lines_are_dropped(faulthandler: bool) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONFAULTHANDLER"}
+    if faulthandler:
+        env["PYTHONFAULTHANDLER"] = "1"  # as deploy/pi-check runs the edge
+    result = subprocess.run(
+        [sys.executable, "-c", _NATIVE_WRITES],
+        capture_output=True, text=True, check=False, timeout=60, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    real = "E0000 00:00:1.2   7 model.cc:9] a real error\nSegmentation hint\n"
+    if faulthandler:  # a native crash's traceback must reach the terminal: nothing held back
+        assert result.stderr.count("\n") == 5
+        assert result.stderr.endswith(real)
+    else:
+        assert result.stderr == real
+    assert not any(is_noise(line) for line in real.splitlines())
 
 
 def test_opencv_codec_warnings_stay_off_the_terminal(tmp_path: Path) -> None:
