@@ -265,11 +265,18 @@ def test_resume_continues_an_interrupted_run(specimens: Path, tmp_path: Path) ->
     assert outcome.code == 2
     assert f"--resume {run_dir}" in outcome.err
 
-    outcome = _cli(["train", "--resume", str(run_dir)])
+    # After an epoch the checkpoint holds the weights: the starting weights stay as they were.
+    outcome = _cli(["train", "--resume", str(run_dir), "--weights", "imagenet"])
+    assert outcome.code == 2
+    assert "has trained epochs already, so --weights can no longer change" in outcome.err
+    assert _json(run_dir / "config.json")["weights"] == "none"
+
+    # More epochs are fine: stage 1 goes on to 3.
+    outcome = _cli(["train", "--resume", str(run_dir), "--epochs", "3"])
     assert outcome.code == 0, outcome.err
     assert "resuming after epoch 1" in outcome.err
     history = _json(run_dir / "history.json")
-    assert len(history["stages"]["head"]["loss"]) == 2
+    assert len(history["stages"]["head"]["loss"]) == 3
     assert len(history["stages"]["fine-tune"]["loss"]) == 1
     assert (run_dir / "model.keras").is_file()
     assert _json(run_dir / "run.json")["status"] == "complete"
@@ -314,10 +321,11 @@ def test_a_run_that_failed_before_its_first_epoch_resumes_with_other_weights(
     assert _json(run_dir / "run.json")["status"] == "complete"
     assert (run_dir / "model.keras").is_file()
 
-    # Once epochs are trained the starting weights can no longer change.
-    outcome = _cli(["train", "--resume", str(run_dir), "--weights", str(bad)])
+    # A complete run keeps the config its model was trained with.
+    outcome = _cli(["train", "--resume", str(run_dir), "--epochs", "5"])
     assert outcome.code == 2
-    assert "can no longer change" in outcome.err
+    assert "is complete, so its options can no longer change" in outcome.err
+    assert _json(run_dir / "config.json")["epochs"] == 1
 
     # --overwrite starts over in the same folder.
     outcome = _cli(["train", str(specimens), "--out", str(run_dir), *TINY, *quick,

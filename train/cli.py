@@ -191,8 +191,15 @@ def _change_resumed_config(run_dir: Path, overrides: Mapping[str, Any], flags: A
     path = _run_config_path(run_dir)
     try:
         tree = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
+        status = json.loads((run_dir / "run.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError) as exc:
         raise ConfigError(f"cannot read {path} ({exc}); start over with --overwrite") from exc
+    if status == "complete":
+        # Its saved config must keep saying what the finished model was trained with.
+        raise ConfigError(
+            f"{run_dir} is complete, so its options can no longer change; train a new run "
+            f"(a new --out, or --out {run_dir} --overwrite)"
+        )
     late = [d for d in overrides if d in _RESUME_BEFORE_FIRST_EPOCH and overrides[d] != tree.get(d)]
     if late and _has_trained(run_dir):
         names = ", ".join(flags[d] for d in late)
