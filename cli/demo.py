@@ -61,6 +61,7 @@ __all__ = [
 ]
 
 STATE_FILE = "demo-state.json"
+QUICK_ENV = "FIELDSCOPE_DEMO_QUICK"
 SUMMARY_FILE = "summary.json"
 STATION = "demo-lab"
 DEVICE = "scope-1"
@@ -163,7 +164,8 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="a tiny, barely trained model in seconds (tests, a first look)",
+        help="a tiny, barely trained model in seconds (tests, a first look); "
+        f"also set by {QUICK_ENV}=1",
     )
     p.add_argument(
         "--broker",
@@ -213,7 +215,10 @@ def register(subparsers: Any) -> None:
 def _settings_from(args: argparse.Namespace, *, tty: bool) -> DemoSettings:
     from fieldscope.edge.errors import ConfigError
 
-    base = QUICK if args.quick else FULL
+    # FIELDSCOPE_DEMO_QUICK=1 lets CI run the README's install command as written and
+    # still get a demo of seconds.
+    quick = args.quick or os.environ.get(QUICK_ENV, "").strip() not in ("", "0")
+    base = QUICK if quick else FULL
     model_changes = {
         name: value
         for name, value in (
@@ -290,6 +295,9 @@ class _Progress:
         self.steps = steps
         self.started = time.monotonic()
         self.number = 0
+        # Set when the terminal went away (SSH dropped, window closed): writing to it
+        # raises EIO, which must not stop the clean-up of what the demo started.
+        self.gone = False
 
     def elapsed(self) -> str:
         seconds = int(time.monotonic() - self.started)
@@ -300,7 +308,18 @@ class _Progress:
         self.line(f"[{self.elapsed()}] {self.number}/{self.steps} {text}", indent="")
 
     def line(self, text: str, *, indent: str = "      ") -> None:
-        print(f"{indent}{text}", file=self.out, flush=True)
+        self.write(f"{indent}{text}\n")
+
+    def write(self, text: str) -> None:
+        """Write to the terminal, or nowhere once it has gone (EIO, EPIPE): a lost terminal
+        is not an error of the demo's, and the clean-up must still run."""
+        if self.gone:
+            return
+        try:
+            self.out.write(text)
+            self.out.flush()
+        except (OSError, ValueError):  # ValueError: the stream was closed
+            self.gone = True
 
 
 class _EpochLines:
@@ -314,7 +333,8 @@ class _EpochLines:
         self.stage_names[stage] = name
         plural = "s" if epochs != 1 else ""
         self.progress.line(
-            f"stage {stage} ({name}): {epochs} epoch{plural} (* = best on validation so far)"
+            f"stage {stage} ({name}): {epochs} epoch{plural} (* = lowest val_loss so far, "
+            "the checkpoint kept)"
         )
 
     def batch_end(
@@ -327,7 +347,12 @@ class _EpochLines:
     ) -> None:
         figures = "  ".join(
             f"{short} {logs[key]:.3f}"
-            for key, short in (("loss", "loss"), ("accuracy", "acc"), ("val_accuracy", "val_acc"))
+            for key, short in (
+                ("loss", "loss"),
+                ("accuracy", "acc"),
+                ("val_loss", "val_loss"),  # what * follows: shown, so the mark can be checked
+                ("val_accuracy", "val_acc"),
+            )
             if key in logs
         )
         best = "  *" if improved else ""
@@ -666,14 +691,11 @@ class _Demo:
                 text = (
                     f"      {count}/{expected} identifications stored  [{self.progress.elapsed()}]"
                 )
-                if tty:
-                    print(f"\r{text}", end="", file=self.progress.out, flush=True)
-                else:
-                    print(text, file=self.progress.out, flush=True)
+                self.progress.write(f"\r{text}" if tty else f"{text}\n")
                 last_shown, last_line = count, now
             if count >= expected:
                 if tty:
-                    print(file=self.progress.out, flush=True)
+                    self.progress.write("\n")
                 return
             if process.poll() is not None:
                 raise FieldscopeError(
@@ -696,13 +718,16 @@ class _Demo:
                 return self._run(stack)
             finally:
                 # A second Ctrl-C must not cut the clean-up short and leave children
-                # behind; each stop below is bounded in time.
+                # behind; each stop below is bounded in time. The line cannot fail
+                # (Progress.write swallows a lost terminal's EIO), so the stack closes.
                 with _interrupts_ignored():
-                    if self.started:
-                        self.progress.line(
-                            f"stopping {', '.join(reversed(self.started))}", indent=""
-                        )
-                    stack.close()
+                    try:
+                        if self.started:
+                            self.progress.line(
+                                f"stopping {', '.join(reversed(self.started))}", indent=""
+                            )
+                    finally:
+                        stack.close()
 
     def _run(self, stack: contextlib.ExitStack) -> int:
         from fieldscope.cli.broker import DEMO_USERNAME, start_broker
@@ -777,7 +802,7 @@ class _Demo:
         (self.work / SUMMARY_FILE).write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
         for line in summary.lines():
             self.progress.line(line, indent="")
-        print(file=self.progress.out)
+        self.progress.write("\n")
         return self._finish(url, summary)
 
     def _start_dashboard(self, stack: contextlib.ExitStack, dashboard: Any, settings: Any) -> str:
@@ -809,25 +834,27 @@ class _Demo:
         return f"http://{host}:{port}/"
 
     def _finish(self, url: str, summary: DemoSummary) -> int:
-        out = self.progress.out
         again = (
             f"fieldscope collect serve --db {self.db} --bundle {self.bundle} "
             f"--archive {self.work / 'station' / 'archive'}"
         )
         if not self.s.serve:
-            print(f"done in {self.progress.elapsed()}. To browse the results later: {again}",
-                  file=out, flush=True)  # fmt: skip
+            self.progress.line(
+                f"done in {self.progress.elapsed()}. To browse the results later: {again}",
+                indent="",
+            )
             return 0 if summary.complete else 1
-        print(
+        self.progress.line(
             f"done in {self.progress.elapsed()}. Dashboard: {url}  — the station and the "
             "collector keep running; Ctrl-C stops everything.",
-            file=out,
-            flush=True,
+            indent="",
         )
+        if self.progress.gone:  # nobody left to serve: the terminal closed meanwhile
+            return 0 if summary.complete else 1
         try:
             signal.pause()
         except KeyboardInterrupt:
-            print(file=out, flush=True)
+            self.progress.write("\n")
         return 0 if summary.complete else 1
 
 

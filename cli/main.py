@@ -9,8 +9,10 @@ has only ``fieldscope[edge]``; heavy imports happen inside the handlers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -56,17 +58,36 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not args.verbose:
+        _quiet_native_libraries()
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         result = args.handler(args)
     except FieldscopeError as exc:
-        print(f"fieldscope {args.command}: error: {exc}", file=sys.stderr)
+        _say(f"fieldscope {args.command}: error: {exc}")
         return 2
     except KeyboardInterrupt:
-        print(f"fieldscope {args.command}: interrupted", file=sys.stderr)
+        _say(f"fieldscope {args.command}: interrupted")
         return 130
     return int(result or 0)
+
+
+def _quiet_native_libraries() -> None:
+    """Without -v, TensorFlow's C++ log (also its "E0000 cuInit" on machines without a
+    GPU) and OpenCV's codec warnings (a TIFF_Warning per odd TIFF tag, by the hundred
+    when training on real TIFFs) stay off the terminal. Set before either library is
+    imported (the command modules are light), inherited by child processes; a value
+    the user exported wins."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
+
+
+def _say(line: str) -> None:
+    """One line to stderr; a terminal that went away (EIO) or a closed pipe must not turn
+    an orderly exit code into a traceback."""
+    with contextlib.suppress(OSError, ValueError):
+        print(line, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

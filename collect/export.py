@@ -27,7 +27,7 @@ import io
 import json
 import logging
 import os
-import tempfile
+import secrets
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -142,15 +142,33 @@ def _utc_text(value: datetime) -> str:
     return value.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
+def _new_file_beside(path: Path) -> Path:
+    """A new, uniquely named empty file next to ``path``, created 0666 less the umask."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise ExportError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        return tmp
+    raise ExportError(f"cannot write {path}: no free temporary name in {path.parent}")
+
+
 @contextlib.contextmanager
 def _atomic(path: Path, binary: bool = False) -> Iterator[Path]:
-    """A temporary path beside ``path``, renamed over it when the block succeeds."""
+    """A temporary path beside ``path``, renamed over it when the block succeeds. Missing
+    folders are created; the file gets 0666 less the umask (0644 with umask 022), not
+    mkstemp's 0600, because exports are for others to read (a web server, GBIF's IPT)."""
     parent = path.parent
-    if not parent.is_dir():
-        raise ExportError(f"cannot write {path}: the folder {parent} does not exist")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(
+            f"cannot write {path}: cannot create the folder {parent}: {exc.strerror or exc}"
+        ) from exc
+    tmp = _new_file_beside(path)
     try:
         yield tmp
         tmp.replace(path)

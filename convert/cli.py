@@ -96,7 +96,10 @@ def _convert(args: argparse.Namespace) -> int:
     # TensorFlow's C++ start-up chatter is not for users of a command-line tool. It is
     # imported only once the run, the options and the output folder have been checked.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from fieldscope.convert.run import convert_run
+    from fieldscope.edge.native_logs import quiet_native_stderr
+
+    with quiet_native_stderr():  # abseil's lines from before TF sets up its logging
+        from fieldscope.convert.run import convert_run
 
     result = convert_run(
         args.run_dir,

@@ -30,13 +30,20 @@ def key_paths(prefix: Path) -> tuple[Path, Path]:
 def new_keypair(prefix: Path, *, overwrite: bool = False) -> tuple[Path, Path]:
     """Write an ed25519 pair as ``PREFIX.key`` (mode 0600) and ``PREFIX.pub``.
 
+    The folder is created when missing, as ``train --out`` and ``convert --out`` do.
+
     Raises:
-        BundleError: a key file exists (and not ``overwrite``), or the folder is missing
-            or not writable.
+        BundleError: a key file exists (and not ``overwrite``), or the folder cannot be
+            created or written.
     """
     private, public = key_paths(prefix)
-    if not private.parent.is_dir():
-        raise BundleError(f"cannot write keys: the folder {private.parent} does not exist")
+    try:
+        private.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BundleError(
+            f"cannot write keys: cannot create the folder {private.parent}: "
+            f"{exc.strerror or exc}"
+        ) from exc
     generate_keypair(private, public, overwrite=overwrite)
     return private, public
 

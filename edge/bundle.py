@@ -635,7 +635,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_file(path: Path, data: bytes, mode: int = 0o644) -> None:
+def _write_file(path: Path, data: bytes, mode: int = 0o666) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
@@ -710,11 +710,10 @@ def write_bundle(
 
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        tmp = _create_beside(out_dir, f"tmp-{os.getpid()}", directory=True)
         try:
             _write_file(tmp / MODEL_FILE, model_bytes)
             _write_file(tmp / MANIFEST_FILE, _manifest_bytes(manifest))
-            tmp.chmod(0o755)
             _fsync_dir(tmp)
             _swap_into_place(tmp, out_dir)
         finally:
@@ -975,12 +974,33 @@ def sign_bundle(bundle_dir: Path, private_key_path: Path) -> Path:
     return sig_path
 
 
+def _create_beside(target: Path, tag: str, *, directory: bool = False, mode: int = -1) -> Path:
+    """Create a new, uniquely named file or folder next to ``target`` with ``mode`` less
+    the umask (default 0666 / 0777, as any file the user makes). Not mkstemp/mkdtemp:
+    their 0600/0700 would stay on a bundle or signature that a web server or another
+    user must read (only private keys are meant to be 0600)."""
+    import secrets
+
+    if mode < 0:
+        mode = 0o777 if directory else 0o666
+    for _ in range(100):
+        path = target.with_name(f".{target.name}.{tag}.{secrets.token_hex(4)}")
+        try:
+            if directory:
+                path.mkdir(mode=mode)
+            else:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode))
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"no free temporary name beside {target}")
+
+
 @contextlib.contextmanager
-def _atomic_path(target: Path) -> Iterator[Path]:
-    """A temporary path next to ``target`` that replaces it when the block succeeds."""
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    os.close(fd)
-    tmp = Path(name)
+def _atomic_path(target: Path, mode: int = 0o666) -> Iterator[Path]:
+    """A temporary path next to ``target`` that replaces it when the block succeeds; the
+    file is created with ``mode`` less the umask."""
+    tmp = _create_beside(target, "tmp", mode=mode)
     try:
         yield tmp
         tmp.replace(target)
@@ -1012,12 +1032,11 @@ def generate_keypair(private_path: Path, public_path: Path, *, overwrite: bool =
     )
     try:
         # Created 0600 from the start (not chmod-ed afterwards), so it is never readable.
-        with _atomic_path(private_path) as tmp:
-            tmp.chmod(0o600)
+        # The public key is meant to be shared: the umask decides (0644 with umask 022).
+        with _atomic_path(private_path, mode=0o600) as tmp:
             _write_file(tmp, private_pem, 0o600)
         with _atomic_path(public_path) as tmp:
             _write_file(tmp, public_pem)
-            tmp.chmod(0o644)
     except OSError as exc:
         raise BundleError(f"cannot write key pair: {exc}") from exc
     logger.info("wrote ed25519 key pair %s, %s", private_path, public_path)

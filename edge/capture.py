@@ -29,7 +29,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -363,6 +363,53 @@ def _name_from_db(value: str | bytes) -> str:
     return os.fsdecode(value) if isinstance(value, bytes) else value
 
 
+def _walk_files(
+    root: Path, skip: frozenset[str] = frozenset()
+) -> Iterator[tuple[str, os.DirEntry[str]]]:
+    """Every entry below ``root`` that is not a folder, as (path relative to ``root`` with
+    ``/``, entry); hidden folders and the top-level folders in ``skip`` are not entered.
+    Raises OSError only for ``root`` itself: a subfolder that vanishes is skipped."""
+    stack: list[tuple[str, Path]] = [("", root)]
+    first = True
+    while stack:
+        prefix, folder = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            if first:
+                raise
+            continue
+        first = False
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir(follow_symlinks=False)
+            except OSError:
+                continue
+            if is_dir:
+                if not entry.name.startswith(".") and not (not prefix and entry.name in skip):
+                    stack.append((f"{prefix}{entry.name}/", Path(entry.path)))
+            else:
+                yield f"{prefix}{entry.name}", entry
+
+
+def _no_images_hint(path: Path, patterns: Sequence[str], recursive: bool, key: str) -> str:
+    """Where an empty source looked and what it looked for, and what to change."""
+    where = f"{path} and its subfolders" if recursive else f"{path} (not its subfolders)"
+    text = f"no images matching {', '.join(patterns)} in {where}"
+    if not recursive:
+        try:
+            deeper = sum(
+                1 for rel, e in _walk_files(path) if "/" in rel and _matches(e.name, patterns)
+            )
+        except OSError:
+            deeper = 0
+        if deeper:
+            text += f"; {deeper} are in subfolders: set {key}.recursive = true"
+    else:
+        text += f" (change {key}.patterns or {key}.path)"
+    return text
+
+
 class _FileKey(NamedTuple):
     """A file's identity: a name rewritten with new content is a new file."""
 
@@ -429,6 +476,7 @@ class FolderCamera:
         scan_interval_s: float = 0.5,
         handled: str = "keep",
         max_attempts: int = 3,
+        recursive: bool = False,
         on_problem: ProblemCallback | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -443,6 +491,7 @@ class FolderCamera:
         self.scan_interval_s = scan_interval_s
         self.handled = handled
         self.max_attempts = max_attempts
+        self.recursive = recursive
         self.name = f"folder:{shown_path(self.path)}"
         self._on_problem = on_problem
         self._clock = clock
@@ -571,14 +620,19 @@ class FolderCamera:
         """Files ready to be taken, oldest first (under the lock)."""
         now = self._clock()
         try:
-            entries = list(os.scandir(self.path))
+            if self.recursive:
+                # With handled = "move" the finished files live in done/ and failed/.
+                skip = frozenset(("done", "failed")) if self.handled == "move" else frozenset()
+                entries = list(_walk_files(self.path, skip))
+            else:
+                entries = [(e.name, e) for e in os.scandir(self.path)]
         except OSError as exc:
             raise CameraError(
                 f"{self.name}: cannot list the folder: {exc.strerror or exc}"
             ) from exc
         ready: list[tuple[int, str, _FileKey]] = []
         present: set[str] = set()
-        for entry in entries:
+        for name, entry in entries:
             if not _matches(entry.name, self.patterns):
                 continue
             try:
@@ -587,13 +641,13 @@ class FolderCamera:
                 st = entry.stat()
             except OSError:
                 continue  # vanished between listing and stat
-            key = _FileKey(entry.name, st.st_size, st.st_mtime_ns)
-            present.add(entry.name)
+            key = _FileKey(name, st.st_size, st.st_mtime_ns)
+            present.add(name)
             if key in self._finished or key in self._in_flight:
                 continue
-            seen = self._sightings.get(entry.name)
+            seen = self._sightings.get(name)
             if seen is None or seen.key != key:
-                self._sightings[entry.name] = _Sighting(key, now)
+                self._sightings[name] = _Sighting(key, now)
                 if self.settle_s > 0:
                     continue
             elif now - seen.since < self.settle_s:
@@ -744,12 +798,11 @@ class FolderCamera:
             if state == "done" and self.handled == "delete":
                 path.unlink(missing_ok=True)
                 return
-            target_dir = self.path / state
-            target_dir.mkdir(exist_ok=True)
-            target = target_dir / key.name
+            target = self.path / state / key.name  # a subfolder's file keeps its subfolder
+            target.parent.mkdir(parents=True, exist_ok=True)
             n = 1
             while target.exists():
-                target = target_dir / f"{path.stem}.{n}{path.suffix}"
+                target = target.with_name(f"{path.stem}.{n}{path.suffix}")
                 n += 1
             path.rename(target)
         except OSError as exc:
@@ -779,16 +832,19 @@ class ReplayCamera:
         rate_hz: float = 1.0,
         loop: bool = False,
         limit: int = 0,
+        recursive: bool = True,
         on_problem: ProblemCallback | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.path = Path(path)
         self.patterns = tuple(patterns)
+        self.recursive = recursive
         self.period = 1.0 / rate_hz if rate_hz > 0 else 0.0
         self.loop = loop
         self.limit = limit
         self.name = f"replay:{shown_path(self.path)}"
         self.finished = False
+        self._announced = False
         self._on_problem = on_problem
         self._clock = clock
         self._closed = threading.Event()
@@ -800,22 +856,35 @@ class ReplayCamera:
 
     def open(self) -> None:
         try:
-            files = sorted(
-                p for p in self.path.iterdir() if _matches(p.name, self.patterns) and p.is_file()
-            )
+            if self.recursive:
+                # In path order: a species folder after another, each in name order.
+                found = sorted(
+                    (rel, Path(e.path))
+                    for rel, e in _walk_files(self.path)
+                    if _matches(e.name, self.patterns) and e.is_file()
+                )
+                files = [p for _, p in found]
+            else:
+                files = sorted(
+                    p
+                    for p in self.path.iterdir()
+                    if _matches(p.name, self.patterns) and p.is_file()
+                )
         except OSError as exc:
             raise CameraError(
                 f"{self.name}: cannot list the folder: {exc.strerror or exc}"
             ) from exc
         if not files:
             raise CameraError(
-                f"{self.name}: no images matching {', '.join(self.patterns)} in the folder"
+                f"{self.name}: "
+                + _no_images_hint(self.path, self.patterns, self.recursive, "camera.replay")
             )
         self._files = files
         self._bad = set()
         self._index = self._count = 0
         self._due = self._clock()
         self.finished = False
+        self._announced = False
         self._closed.clear()
 
     def read(self, timeout: float) -> Frame | None:
@@ -823,6 +892,7 @@ class ReplayCamera:
         if files is None:
             raise CameraError(f"{self.name}: read before open")
         if self.finished:
+            self._announce_end(len(files))
             self._closed.wait(max(0.0, timeout))
             return None
         wait = self._due - self._clock()
@@ -848,6 +918,26 @@ class ReplayCamera:
                 return None
         self.finished = True  # every file is unreadable
         return None
+
+    def _announce_end(self, files: int) -> None:
+        """Say once that the replay is over: the daemon itself keeps running."""
+        if self._announced:
+            return
+        self._announced = True
+        why = (
+            f"the limit of {self.limit} frames"
+            if self.limit and self._count >= self.limit
+            else (f"the end of its {files} file(s)")
+        )
+        skipped = f", {len(self._bad)} unreadable skipped" if self._bad else ""
+        logger.info(
+            "%s: replay finished after %d frame(s) (%s%s); no more frames will come "
+            "(camera.replay.loop = true starts over)",
+            self.name,
+            self._count,
+            why,
+            skipped,
+        )
 
     def _load(self, path: Path) -> Frame | None:
         if path in self._bad:
@@ -894,6 +984,7 @@ def make_camera(
             settle_s=cfg.folder.settle_s,
             scan_interval_s=cfg.folder.scan_interval_s,
             handled=cfg.folder.handled,
+            recursive=cfg.folder.recursive,
             on_problem=on_problem,
         )
     if cfg.backend == "replay":
@@ -905,6 +996,7 @@ def make_camera(
             rate_hz=cfg.replay.rate_hz,
             loop=cfg.replay.loop,
             limit=cfg.replay.limit,
+            recursive=cfg.replay.recursive,
             on_problem=on_problem,
         )
     raise ConfigError(f"camera.backend: unknown backend {cfg.backend!r}")

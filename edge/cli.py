@@ -47,11 +47,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--size", type=int, default=224, help="model input side (default 224)")
     p.add_argument("--denoise", default="none", help="none|bilateral|median|gaussian|nlmeans")
     p.add_argument(
-        "--param",
+        "--denoise-param",
+        "--param",  # the old spelling, kept; train and the config say --denoise-param
+        dest="param",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="denoise parameter, e.g. --param diameter=9 (repeatable)",
+        help="denoise parameter, e.g. --denoise-param diameter=9 (repeatable; as in train)",
     )
     p.add_argument("--resize", default="letterbox", help="stretch|center-crop|letterbox")
     p.add_argument("--fill", default="border", help="letterbox fill: border or R,G,B")
@@ -114,8 +116,13 @@ def register(subparsers: Any) -> None:
 def _specimens(args: argparse.Namespace) -> int:
     from fieldscope.edge.specimens import write_dataset
 
+    tty = sys.stderr.isatty()
+
     def progress(done: int, total: int) -> None:
-        print(f"\r  {done}/{total} images", end="", file=sys.stderr, flush=True)
+        # A counter redrawn in place only on a terminal: in a log file each \r would be
+        # one more line of noise.
+        if tty:
+            print(f"\r  {done}/{total} images", end="", file=sys.stderr, flush=True)
 
     counts = write_dataset(
         args.out_dir,
@@ -125,7 +132,8 @@ def _specimens(args: argparse.Namespace) -> int:
         seed=args.seed,
         on_progress=progress,
     )
-    print(file=sys.stderr)
+    if tty:
+        print(file=sys.stderr)
     for label, n in counts.items():
         print(f"{label:>24}  {n} images")
     print(f"wrote {sum(counts.values())} images in {len(counts)} classes to {args.out_dir}")
@@ -140,11 +148,11 @@ def _preview(args: argparse.Namespace) -> int:
     for item in args.param:
         key, sep, value = item.partition("=")
         if not sep:
-            raise RecipeError(f"--param expects KEY=VALUE, got {item!r}")
+            raise RecipeError(f"--denoise-param expects KEY=VALUE, got {item!r}")
         try:
             params[key] = int(value) if value.lstrip("-").isdigit() else float(value)
         except ValueError:
-            raise RecipeError(f"--param {key}: {value!r} is not a number") from None
+            raise RecipeError(f"--denoise-param {key}: {value!r} is not a number") from None
     fill: str | tuple[int, int, int] = args.fill
     if args.fill != "border":
         parts = args.fill.split(",")

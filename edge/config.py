@@ -206,7 +206,8 @@ class FolderOptions:
     exactly once, also across restarts. ``handled`` says what happens afterwards:
     ``keep`` leaves it (a state database remembers it), ``move`` moves it to
     ``path/done/``, ``delete`` removes it. Unreadable files go to ``path/failed/``
-    (``keep``: they are only recorded as failed).
+    (``keep``: they are only recorded as failed). ``recursive`` also takes the files
+    of subfolders (not of ``done/`` and ``failed/`` when ``handled = "move"``).
     """
 
     path: Path | None = None
@@ -214,6 +215,7 @@ class FolderOptions:
     settle_s: float = 1.0
     scan_interval_s: float = 0.5
     handled: str = "keep"
+    recursive: bool = False
 
     def problems(self) -> Problems:
         out: Problems = []
@@ -233,13 +235,16 @@ class FolderOptions:
 class ReplayOptions:
     """``[camera.replay]``: the images of a folder in name order at ``rate_hz``
     (0 = as fast as they are asked for), for tests, demos and benchmarks.
-    ``limit`` stops after that many frames (0 = no limit)."""
+    ``limit`` stops after that many frames (0 = no limit). ``recursive`` (the
+    default) includes subfolders, so a ``fieldscope specimens`` folder (one subfolder
+    per species) replays as it is."""
 
     path: Path | None = None
     patterns: tuple[str, ...] = DEFAULT_IMAGE_PATTERNS
     rate_hz: float = 1.0
     loop: bool = False
     limit: int = 0
+    recursive: bool = True
 
     def problems(self) -> Problems:
         out: Problems = []
@@ -604,12 +609,23 @@ class HeartbeatConfig:
 
 @dataclass(frozen=True)
 class LogConfig:
-    """``[log]``: the level of the daemon's log lines on stderr (journald)."""
+    """``[log]``: the level of the daemon's log lines on stderr (journald), and how often
+    a running daemon logs a one-line summary (frames by outcome, outbox depth, link),
+    so a healthy station is not silent; 0 turns the summary off."""
 
     level: str = "INFO"
+    summary_interval_s: float = 60.0
 
     def problems(self) -> Problems:
-        return _one_of("level", self.level, LOG_LEVELS)
+        out = _one_of("level", self.level, LOG_LEVELS)
+        if self.summary_interval_s != 0 and not 1 <= self.summary_interval_s <= 86400:
+            out.append(
+                (
+                    "summary_interval_s",
+                    f"must be 0 (off) or in [1, 86400] seconds, got {self.summary_interval_s}",
+                )
+            )
+        return out
 
 
 @dataclass(frozen=True)
@@ -1053,6 +1069,13 @@ class _Table:
         return found
 
 
+def _read_log(t: _Table) -> LogConfig:
+    return LogConfig(
+        level=t.text("level", LogConfig.level).upper(),
+        summary_interval_s=t.number("summary_interval_s", LogConfig.summary_interval_s),
+    )
+
+
 def _unknown_key_problems(ctx: _Context) -> Problems:
     """Keys no reader asked for, each with a suggestion where one is likely."""
     elsewhere: dict[str, list[str]] = {}
@@ -1167,6 +1190,7 @@ def _read_camera(root: _Table) -> CameraConfig:
         settle_s=fo.number("settle_s", FolderOptions.settle_s),
         scan_interval_s=fo.number("scan_interval_s", FolderOptions.scan_interval_s),
         handled=fo.text("handled", FolderOptions.handled),
+        recursive=fo.boolean("recursive", FolderOptions.recursive),
     )
     rp = t.table("replay")
     replay = ReplayOptions(
@@ -1175,6 +1199,7 @@ def _read_camera(root: _Table) -> CameraConfig:
         rate_hz=rp.number("rate_hz", ReplayOptions.rate_hz),
         loop=rp.boolean("loop", ReplayOptions.loop),
         limit=rp.integer("limit", ReplayOptions.limit),
+        recursive=rp.boolean("recursive", ReplayOptions.recursive),
     )
     return CameraConfig(
         backend=backend,
@@ -1400,7 +1425,7 @@ def config_from_dict(
         heartbeat=HeartbeatConfig(
             interval_s=root.table("heartbeat").number("interval_s", HeartbeatConfig.interval_s)
         ),
-        log=LogConfig(level=root.table("log").text("level", LogConfig.level).upper()),
+        log=_read_log(root.table("log")),
         source=None if source is None else Path(source),
     )
     problems = ctx.problems + _unknown_key_problems(ctx)

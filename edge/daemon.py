@@ -348,8 +348,10 @@ class Daemon:
         watchdog_every = self.notifier.watchdog_interval_s
         next_watchdog = now if watchdog_every is not None else math.inf
         next_bundle_check = now + BUNDLE_CHECK_INTERVAL_S
+        summary_every = self.cfg.log.summary_interval_s
+        next_summary = now + summary_every if summary_every > 0 else math.inf
         while not self.stop.is_set():
-            deadline = min(next_heartbeat, next_watchdog, next_bundle_check)
+            deadline = min(next_heartbeat, next_watchdog, next_bundle_check, next_summary)
             for byte in self._wait(deadline - time.monotonic()):
                 if byte == _STOP[0]:
                     logger.info("stop requested")
@@ -369,6 +371,32 @@ class Daemon:
             if now >= next_heartbeat:
                 self.publish_heartbeat()
                 next_heartbeat = time.monotonic() + self.cfg.heartbeat.interval_s
+            if now >= next_summary:
+                self._log_summary()
+                next_summary = time.monotonic() + summary_every
+
+    def _log_summary(self) -> None:
+        """``log.summary_interval_s``: one line a person reading the journal can act on;
+        a station that runs well is otherwise silent until it stops."""
+        if self._station is None:
+            return
+        beat = self.health(drain_events=False)
+        f = beat.frames
+        link = "connected" if self._station.link.connected else "disconnected"
+        logger.info(
+            "running: %d frames (%d ok, %d uncertain, %d rejected, %d failed), %.1f/s; "
+            "outbox %d waiting; broker %s; camera %s%s",
+            f.seen,
+            f.accepted,
+            f.uncertain,
+            f.rejected,
+            f.failed,
+            beat.fps,
+            beat.outbox_depth,
+            link,
+            beat.camera_state.value,
+            "; paused" if beat.paused else "",
+        )
 
     def _wait(self, timeout: float) -> bytes:
         """Block until the wake socket has bytes or ``timeout`` passes; the bytes."""

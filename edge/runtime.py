@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from fieldscope.edge.errors import BundleError, ConfigError, MissingDependencyError
+from fieldscope.edge.native_logs import quiet_native_stderr
 
 __all__ = [
     "RUNTIMES",
@@ -178,8 +179,10 @@ def make_interpreter(
             raise BundleError(f"model file {where} does not exist")
         kwargs = {"model_path": str(model)}
     try:
-        interpreter: Interpreter = cls(**kwargs, num_threads=num_threads)
-        interpreter.allocate_tensors()
+        # LiteRT announces its XNNPACK delegate on stderr for every interpreter.
+        with quiet_native_stderr():
+            interpreter: Interpreter = cls(**kwargs, num_threads=num_threads)
+            interpreter.allocate_tensors()
     except (ValueError, RuntimeError) as exc:
         detail = " ".join(str(exc).split())
         if "op" in detail.lower() and "version" in detail.lower():

@@ -349,6 +349,31 @@ def test_keypair_files(keys: tuple[Path, Path]) -> None:
     assert stat.S_IMODE(private.stat().st_mode) == 0o600
 
 
+@pytest.mark.parametrize(("umask", "shared"), [(0o022, 0o644), (0o027, 0o640)])
+def test_bundle_files_follow_the_umask_and_only_the_private_key_is_0600(
+    tmp_path: Path, tiny_models: Any, umask: int, shared: int
+) -> None:
+    """A web server or the deploy user reads bundles and signatures as another user."""
+    previous = os.umask(umask)
+    try:
+        out = tmp_path / "bundle"
+        _write(out, tiny_models.int8)
+        private, public = tmp_path / "fleet.key", tmp_path / "fleet.pub"
+        generate_keypair(private, public)
+        sign_bundle(out, private)
+    finally:
+        os.umask(previous)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (*out.iterdir(), private, public)}
+    assert modes == {
+        MODEL_FILE: shared,
+        "manifest.json": shared,
+        SIGNATURE_FILE: shared,
+        "fleet.pub": shared,
+        "fleet.key": 0o600,
+    }
+    assert stat.S_IMODE(out.stat().st_mode) == shared | 0o111 & ~umask
+
+
 def test_signed_bundle_verifies_with_its_key(bundle_dir: Path, keys: tuple[Path, Path]) -> None:
     private, public = keys
     sig = sign_bundle(bundle_dir, private)

@@ -635,6 +635,75 @@ def test_replay_loop_limit_and_corrupt_files(tmp_path: Path) -> None:
         ReplayCamera(empty).open()
 
 
+def test_replay_takes_subfolders_so_a_specimens_folder_replays_as_it_is(
+    tmp_path: Path,
+) -> None:
+    """`fieldscope specimens` writes one folder per species; the replay camera used to
+    see none of it and said only "no images matching"."""
+    data = tmp_path / "specimens"
+    for species, value in (("globigerina", 1), ("ammonia", 2)):
+        (data / species).mkdir(parents=True)
+        write_png(data / species / "0001.png", value)
+    (data / ".hidden").mkdir()
+    write_png(data / ".hidden" / "x.png", 9)
+    write_png(data / "top.png", 3)
+    camera = make_camera(
+        CameraConfig(backend="replay", replay=ReplayOptions(path=data, rate_hz=0)),
+        tmp_path / "state",
+    )
+    camera.open()
+    frames = []
+    while not camera.finished:
+        frame = camera.read(0.1)
+        if frame is not None:
+            frames.append(frame)
+    camera.close()
+    # In path order: ammonia/, globigerina/, then top.png; hidden folders are skipped.
+    assert [green(f) for f in frames] == [2, 1, 3]
+
+    # Not recursive: the error says where it looked, for what, and what to change.
+    (data / "top.png").unlink()
+    with pytest.raises(CameraError) as caught:
+        ReplayCamera(data, recursive=False).open()
+    message = str(caught.value)
+    assert "no images matching *.png, *.jpg" in message
+    assert f"in {data} (not its subfolders)" in message
+    assert "2 are in subfolders: set camera.replay.recursive = true" in message
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(
+        CameraError, match=f"in {empty} and its subfolders .*camera.replay.patterns"
+    ):
+        ReplayCamera(empty).open()
+
+
+def test_folder_camera_recursive_takes_subfolders_and_moves_them_keeping_the_subfolder(
+    tmp_path: Path,
+) -> None:
+    folder, state = tmp_path / "incoming", tmp_path / "state"
+    (folder / "slide-1").mkdir(parents=True)
+    write_png(folder / "slide-1" / "a.png", 11)
+    write_png(folder / "b.png", 12)
+    camera = folder_camera(folder, state, recursive=True, handled="move")
+    camera.open()
+    frames = read_all(camera)
+    assert sorted(green(f) for f in frames) == [11, 12]
+    for frame in frames:
+        assert frame.done is not None
+        frame.done()
+    # done/ is not scanned again; the subfolder's file keeps its subfolder there.
+    assert read_all(camera) == []
+    camera.close()
+    assert (folder / "done" / "slide-1" / "a.png").is_file()
+    assert (folder / "done" / "b.png").is_file()
+    # Not recursive (the default for folder): only the top level.
+    write_png(folder / "slide-1" / "c.png", 13)
+    camera = folder_camera(folder, tmp_path / "state2")
+    camera.open()
+    assert read_all(camera) == []
+    camera.close()
+
+
 def test_replay_read_honours_its_timeout(tmp_path: Path) -> None:
     write_png(tmp_path / "a.png", 1)
     write_png(tmp_path / "b.png", 2)

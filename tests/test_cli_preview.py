@@ -38,7 +38,7 @@ def test_preview_writes_a_png_of_the_model_input_size(
             "64",
             "--denoise",
             "median",
-            "--param",
+            "--denoise-param",  # the spelling train uses
             "ksize=3",
             "--resize",
             "letterbox",
@@ -60,7 +60,9 @@ def test_preview_writes_a_png_of_the_model_input_size(
     ("extra", "phrase"),
     [
         (["--denoise", "wavelet"], "denoise must be one of"),
-        (["--denoise", "median", "--param", "ksize=4"], "denoise_params.ksize"),
+        (["--denoise", "median", "--denoise-param", "ksize=4"], "denoise_params.ksize"),
+        (["--denoise", "median", "--denoise-param", "ksize"], "--denoise-param expects KEY="),
+        # The old spelling still works.
         (["--denoise", "median", "--param", "diameter=9"], "denoise_params.diameter"),
         (["--resize", "crop"], "resize must be one of"),
         (["--fill", "white"], "--fill expects"),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import os
+import stat
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -185,14 +187,28 @@ def test_ecotaxa_tsv_has_its_two_header_lines(store: Store, tmp_path: Path) -> N
 def test_export_errors_are_clear(store: Store, tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="unknown export format"):
         export(store, "xlsx", tmp_path / "x.xlsx")
-    with pytest.raises(ExportError, match="does not exist"):
-        export(store, "csv", tmp_path / "missing" / "x.csv")
     with pytest.raises(ExportError, match="is a folder"):
         export(store, "csv", tmp_path)
     with pytest.raises(ExportError, match="not a date"):
         parse_time("yesterday")
     assert parse_time("2026-11-20") == datetime(2026, 11, 20, tzinfo=UTC)
     assert parse_time("2026-11-20T08:00+02:00") == datetime(2026, 11, 20, 6, tzinfo=UTC)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "darwin-core"])
+def test_exports_are_readable_by_others_and_make_their_folder(
+    store: Store, tmp_path: Path, fmt: str
+) -> None:
+    """A web server or GBIF's IPT reads exports as another user: they follow the umask
+    (0644 with 022), never mkstemp's 0600; a missing folder is created."""
+    out = tmp_path / "exports" / "2026" / f"all.{fmt}"
+    previous = os.umask(0o022)
+    try:
+        export(store, fmt, out)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644
+    assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temporary left
 
 
 def test_export_command_line(store: Store, tmp_path: Path) -> None:

@@ -130,6 +130,13 @@ def test_keys_new_writes_a_private_key_only_its_owner_can_read(
     assert str(private) in out
 
 
+def test_keys_new_makes_its_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _cli(capsys, "keys", "new", str(tmp_path / "keys" / "fleet"))
+    assert code == 0, err
+    assert (tmp_path / "keys" / "fleet.key").is_file()
+    assert (tmp_path / "keys" / "fleet.pub").is_file()
+
+
 def test_convert_writes_a_signed_bundle_that_records_where_it_came_from(
     signed_bundle: Path,
     colour_run: Path,

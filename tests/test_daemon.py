@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -237,6 +239,32 @@ def test_one_valid_identification_per_image_with_status_model_and_heartbeats(
     assert after["running"] is False
     assert after["outbox"]["depth"] == 0
     assert after["outbox"]["next_seq"] == seqs[-1] + 1
+
+
+def test_a_running_daemon_logs_a_summary_and_the_end_of_its_replay(
+    site: Site, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A station that works was silent until it stopped: now a line every
+    log.summary_interval_s, and one when the replay is over."""
+    images = site.images.copy(site.tmp / "images", 3)
+    cfg = site.config(log={"summary_interval_s": 1})
+    caplog.set_level(logging.INFO, logger="fieldscope.edge")
+
+    def logged(fragment: str) -> bool:
+        return any(fragment in r.getMessage() for r in caplog.records)
+
+    with running(cfg):
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not logged(f"running: {len(images)} frames"):
+            time.sleep(0.1)
+    assert logged(f"replay finished after {len(images)} frame(s) (the end of its 3 file(s))")
+    line = next(
+        r.getMessage() for r in caplog.records if f"running: {len(images)} frames" in r.getMessage()
+    )
+    assert re.search(r"\(\d+ ok, \d+ uncertain, \d+ rejected, 0 failed\)", line), line
+    assert "outbox 0 waiting; broker connected; camera " in line
+    # Said once, however often the finished camera is asked for another frame.
+    assert sum("replay finished" in r.getMessage() for r in caplog.records) == 1
 
 
 # --- commands ----------------------------------------------------------------------------------

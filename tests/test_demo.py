@@ -321,6 +321,20 @@ def test_bad_options_give_one_line(tmp_path: Path, flags: list[str], message: st
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.parametrize(("value", "quick"), [("1", True), ("", False), ("0", False)])
+def test_fieldscope_demo_quick_in_the_environment_means_quick(
+    monkeypatch: pytest.MonkeyPatch, value: str, quick: bool
+) -> None:
+    """CI runs the README's `fieldscope demo` as written, with FIELDSCOPE_DEMO_QUICK=1."""
+    from fieldscope.cli.demo import FULL, QUICK, _settings_from
+    from fieldscope.cli.main import build_parser
+
+    monkeypatch.setenv("FIELDSCOPE_DEMO_QUICK", value)
+    args = build_parser().parse_args(["demo", "--no-serve"])
+    settings = _settings_from(args, tty=False)
+    assert settings.model == (QUICK if quick else FULL).model
+
+
 # --- end to end ---------------------------------------------------------------------------------
 
 
@@ -594,3 +608,78 @@ def test_ctrl_c_during_training_exits_cleanly(tmp_path: Path) -> None:
     assert run.stderr.strip().splitlines()[-1] == "fieldscope demo: interrupted", run.stderr
     assert "Traceback" not in run.stderr
     assert not _processes_mentioning(str(work))
+
+
+@pytest.mark.slow
+@pytest.mark.mqtt
+def test_a_closed_terminal_stops_every_child(trained_demo: DemoRun, tmp_path: Path) -> None:
+    """An SSH session that drops or a terminal window that closes: the demo gets SIGHUP and
+    every later write to its terminal fails with EIO. The clean-up must still stop the
+    station and the broker (it used to die on the 'stopping …' line and orphan both)."""
+    import pty
+    import select
+
+    work = _copy(trained_demo, tmp_path)
+    log = work / "station.log"
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the demo, on a terminal of its own (it leads the session)
+        os.execv(sys.executable, [sys.executable, "-m", "fieldscope.cli", "demo", "--quick",
+                                  "--workdir", str(work), "--port", "0", "--rate", "1",
+                                  "--broker", "mosquitto"])  # fmt: skip
+    output = b""
+    status: int | None = None
+    pids: list[int] = []
+    try:
+        deadline = time.monotonic() + DEMO_TIMEOUT_S
+        while time.monotonic() < deadline and not (
+            b"6/7 station" in output and log.exists() and "is running" in log.read_text()
+        ):
+            if select.select([fd], [], [], 0.5)[0]:
+                try:
+                    output += os.read(fd, 4096)
+                except OSError:
+                    break
+        text = output.decode(errors="replace")
+        assert b"6/7 station" in output, text
+        pids = [int(p) for p in re.findall(r"\bpid (\d+)", text)]
+        assert len(pids) == 2, text
+        os.close(fd)  # the terminal goes away mid-replay
+        fd = -1
+        deadline = time.monotonic() + 60
+        while status is None and time.monotonic() < deadline:
+            done, raw = os.waitpid(pid, os.WNOHANG)
+            status = raw if done else None
+            time.sleep(0.1)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        with contextlib.suppress(ProcessLookupError, ChildProcessError):
+            if status is None:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+    assert status is not None, "the demo did not exit after its terminal closed"
+    assert os.waitstatus_to_exitcode(status) == 130
+    assert _wait_gone(pids, 10), f"left running: {pids}"
+    assert not _processes_mentioning(str(work))
+    # The station was stopped by the demo (SIGTERM, drained), not left to die later.
+    assert "fieldscope.edge.daemon: stopped:" in log.read_text()
+
+
+def test_epoch_lines_show_the_val_loss_that_the_best_mark_follows() -> None:
+    """The * (the checkpoint kept) follows val_loss, which the line did not show."""
+    import io
+
+    from fieldscope.cli.demo import _EpochLines, _Progress
+
+    out = io.StringIO()
+    lines = _EpochLines(_Progress(out, steps=7))
+    lines.stage_begin(1, "head", 2, 0)
+    logs = {"loss": 1.0, "accuracy": 0.5, "val_loss": 0.75, "val_accuracy": 0.6}
+    lines.epoch_end(1, 1, 2, logs, improved=True)
+    lines.epoch_end(1, 2, 2, {**logs, "val_loss": 0.8, "val_accuracy": 0.7}, improved=False)
+    first, second = out.getvalue().splitlines()[1:]
+    assert "* = lowest val_loss so far" in out.getvalue().splitlines()[0]
+    assert "val_loss 0.750" in first
+    assert first.rstrip().split("  [")[0].endswith("*")
+    assert "val_loss 0.800" in second
+    assert "*" not in second

@@ -203,6 +203,8 @@ def test_shipped_example_loads_and_states_the_real_defaults(tmp_path: Path) -> N
         ("archive", 'format = "gif"', "archive.format", "png, jpg"),
         ("heartbeat", "interval_s = 0", "heartbeat.interval_s", "must be in [1, 86400]"),
         ("log", 'level = "verbose"', "log.level", "DEBUG, INFO, WARNING, ERROR"),
+        ("log", "summary_interval_s = 0.5", "log.summary_interval_s", "0 (off) or in [1, 86400]"),
+        ("camera.replay", 'recursive = "yes"', "camera.replay.recursive", "true or false"),
         ("mqqt", 'host = "x"', "mqqt", "unknown section (did you mean 'mqtt'?)"),
     ],
 )

@@ -201,9 +201,28 @@ def test_unknown_toml_key_through_the_cli(
 
 
 def test_resume_refuses_overrides(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = _run_cli(["train", "--resume", str(tmp_path), "--alpha", "0.5"], capsys)
+    assert code == 2
+    assert "drop --alpha" in err
+    assert "--overwrite" in err
+    # --epochs may change on a resume, but only of a training run.
     code, err = _run_cli(["train", "--resume", str(tmp_path), "--epochs", "3"], capsys)
     assert code == 2
-    assert "--epochs" in err
+    assert "is not a fieldscope training run" in err
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "thesis"
+    out.mkdir()
+    (out / "chapter1.tex").write_text("years of work")
+    data = tmp_path / "data"
+    data.mkdir()
+    code, err = _run_cli(["train", str(data), "--out", str(out), "--overwrite"], capsys)
+    assert code == 2
+    assert "replaces only a fieldscope training run" in err
+    assert (out / "chapter1.tex").exists()
 
 
 def test_train_without_out_is_a_clear_error(

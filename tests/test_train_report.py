@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -320,3 +321,19 @@ def test_training_plots_reject_bad_inputs(tmp_path: Path) -> None:
         write_training_plots(
             tmp_path, two_stage_history(), class_counts_per_split={"train": {"a": -1}}
         )
+
+
+def test_run_summary_says_once_how_the_threshold_was_chosen() -> None:
+    """It printed "0.9000 (target not reached) (chosen on validation)"."""
+    from fieldscope.train.pipeline import RunSummary
+
+    summary = RunSummary(
+        run_dir="runs/x", labels=["a", "b"], accuracy=0.5, macro_f1=0.4, threshold=0.9,
+        threshold_reached=False, counts={"train": 10}, skipped=0, seconds=3.0,
+    )  # fmt: skip
+    line = summary.lines()[1]
+    assert line == (
+        "decision threshold 0.9000 (chosen on validation; its target precision was not reached)"
+    )
+    reached = dataclasses.replace(summary, threshold_reached=True)
+    assert reached.lines()[1] == "decision threshold 0.9000 (chosen on validation)"

@@ -266,11 +266,18 @@ def test_resume_continues_an_interrupted_run(specimens: Path, tmp_path: Path) ->
     assert outcome.code == 2
     assert f"--resume {run_dir}" in outcome.err
 
-    outcome = _cli(["train", "--resume", str(run_dir)])
+    # After an epoch the checkpoint holds the weights: the starting weights stay as they were.
+    outcome = _cli(["train", "--resume", str(run_dir), "--weights", "imagenet"])
+    assert outcome.code == 2
+    assert "has trained epochs already, so --weights can no longer change" in outcome.err
+    assert _json(run_dir / "config.json")["weights"] == "none"
+
+    # More epochs are fine: stage 1 goes on to 3.
+    outcome = _cli(["train", "--resume", str(run_dir), "--epochs", "3"])
     assert outcome.code == 0, outcome.err
     assert "resuming after epoch 1" in outcome.err
     history = _json(run_dir / "history.json")
-    assert len(history["stages"]["head"]["loss"]) == 2
+    assert len(history["stages"]["head"]["loss"]) == 3
     assert len(history["stages"]["fine-tune"]["loss"]) == 1
     assert (run_dir / "model.keras").is_file()
     assert _json(run_dir / "run.json")["status"] == "complete"
@@ -279,6 +286,54 @@ def test_resume_continues_an_interrupted_run(specimens: Path, tmp_path: Path) ->
     outcome = _cli(["train", "--resume", str(run_dir)])
     assert outcome.code == 0
     assert "already complete" in outcome.out
+
+
+def test_a_run_that_failed_before_its_first_epoch_resumes_with_other_weights(
+    specimens: Path, tmp_path: Path
+) -> None:
+    """The trap a new user met: ImageNet weights fail to load (offline), the half-made
+    run folder stays, and neither a new run nor --resume with --weights none was allowed."""
+    run_dir = tmp_path / "run"
+    bad = tmp_path / "backbone.weights.h5"
+    bad.write_bytes(b"not an HDF5 file: as useless as a failed download")
+    quick = ["--epochs", "1", "--fine-tune-epochs", "0"]
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        try:
+            code = main(["train", str(specimens), "--out", str(run_dir), *TINY, *quick,
+                         "--weights", str(bad)])  # fmt: skip
+        except Exception:  # whatever Keras raises for a bad file
+            code = None
+    assert code != 0
+    assert _json(run_dir / "run.json")["status"] == "training"
+    assert f"fieldscope train --resume {run_dir}" in err.getvalue()
+    assert "--overwrite" in err.getvalue()
+
+    # A new run into the same folder says each way out.
+    outcome = _cli(["train", str(specimens), "--out", str(run_dir), *TINY, *quick])
+    assert outcome.code == 2
+    assert f"--resume {run_dir}" in outcome.err
+    assert "--overwrite" in outcome.err
+
+    outcome = _cli(["train", "--resume", str(run_dir), "--weights", "none", "--epochs", "1"])
+    assert outcome.code == 0, outcome.err
+    assert "with --weights none, --epochs 1" in outcome.err
+    assert _json(run_dir / "config.json")["weights"] == "none"
+    assert _json(run_dir / "run.json")["status"] == "complete"
+    assert (run_dir / "model.keras").is_file()
+
+    # A complete run keeps the config its model was trained with.
+    outcome = _cli(["train", "--resume", str(run_dir), "--epochs", "5"])
+    assert outcome.code == 2
+    assert "is complete, so its options can no longer change" in outcome.err
+    assert _json(run_dir / "config.json")["epochs"] == 1
+
+    # --overwrite starts over in the same folder.
+    outcome = _cli(["train", str(specimens), "--out", str(run_dir), *TINY, *quick,
+                    "--seed", "3", "--overwrite"])  # fmt: skip
+    assert outcome.code == 0, outcome.err
+    assert "removed the earlier run" in outcome.err
+    assert _json(run_dir / "config.json")["seed"] == 3
 
 
 def test_cross_validation_reports_mean_and_sd(specimens: Path, tmp_path: Path) -> None:

@@ -45,7 +45,15 @@ def register(subparsers: Any) -> None:
         "--resume",
         type=Path,
         metavar="RUN_DIR",
-        help="continue an interrupted run (with its saved config and data split)",
+        help="continue an interrupted or failed run (with its saved config and data split; "
+        "--epochs, --fine-tune-epochs and --patience may change, --weights until the "
+        "first epoch is done)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the training run already in --out RUN_DIR (only a fieldscope run "
+        "is removed; any other non-empty folder is refused)",
     )
     add_config_arguments(p)
     p.set_defaults(handler=_train)
@@ -72,9 +80,12 @@ def _require_training_stack() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import importlib
 
+    from fieldscope.edge.native_logs import quiet_native_stderr
+
     for name in _TRAIN_MODULES:
         try:
-            importlib.import_module(name)
+            with quiet_native_stderr():  # abseil's lines from before TF sets up its logging
+                importlib.import_module(name)
         except ModuleNotFoundError as exc:
             raise MissingDependencyError(
                 f"training needs {exc.name}, which is not installed; install the training "
@@ -82,17 +93,37 @@ def _require_training_stack() -> None:
             ) from exc
 
 
+# What a resumed run may change. The epoch counts and patience only say how long to go
+# on: the stage in progress continues to the new count, a finished stage is not re-opened.
+# The backbone's starting weights matter only until the first epoch (afterwards the
+# run's own checkpoint replaces them), so --weights is taken only before one: what a run
+# that failed to download its ImageNet weights needs (--resume RUN --weights none).
+_RESUME_ANYTIME = ("epochs", "fine_tune_epochs", "patience")
+_RESUME_BEFORE_FIRST_EPOCH = ("weights",)
+
+
 def _train(args: argparse.Namespace) -> int:
     overrides = overrides_from_args(args)
     if args.resume is not None:
         flags = {key.dotted: key.flag for key in config_keys()}
-        named = (("DATA_DIR", args.data_dir), ("--out", args.out), ("--config", args.config))
+        named = (
+            ("DATA_DIR", args.data_dir),
+            ("--out", args.out),
+            ("--config", args.config),
+            ("--overwrite", args.overwrite or None),
+        )
         given = [name for name, value in named if value is not None]
-        given += [flags[dotted] for dotted in overrides]
+        changeable = (*_RESUME_ANYTIME, *_RESUME_BEFORE_FIRST_EPOCH)
+        given += [flags[dotted] for dotted in overrides if dotted not in changeable]
         if given:
+            allowed = ", ".join(flags[d] for d in changeable)
             raise ConfigError(
-                f"--resume continues with the run's saved config and data; drop {', '.join(given)}"
+                f"--resume continues with the run's saved config and data; drop "
+                f"{', '.join(given)} (a resume may change only {allowed}), or start the run "
+                f"over: fieldscope train DATA_DIR --out {args.resume} --overwrite ..."
             )
+        if overrides:
+            _change_resumed_config(args.resume, overrides, flags)
         _require_training_stack()
         from fieldscope.train.pipeline import resume_run
 
@@ -106,6 +137,8 @@ def _train(args: argparse.Namespace) -> int:
         if args.data_dir is None or args.out is None:
             raise ConfigError("give DATA_DIR and --out RUN_DIR (or --resume RUN_DIR)")
         config = resolve_config(args.config, overrides)
+        if args.overwrite:
+            _clear_run_dir(args.out, args.data_dir)
         _require_training_stack()
         from fieldscope.train.pipeline import train_run
 
@@ -122,14 +155,108 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_config_path(run_dir: Path) -> Path:
+    """RUN_DIR's config.json, or a one-line error when RUN_DIR is no training run."""
+    if not (run_dir / "run.json").is_file() or not (run_dir / "config.json").is_file():
+        raise ConfigError(
+            f"{run_dir} is not a fieldscope training run (no run.json and config.json); "
+            "give the --out folder of an earlier fieldscope train"
+        )
+    return run_dir / "config.json"
+
+
+def _has_trained(run_dir: Path) -> bool:
+    """Whether the run finished an epoch (its checkpoint, not the backbone's starting
+    weights, is then what it continues from)."""
+    import json
+
+    if (run_dir / "model.keras").exists():
+        return True
+    path = run_dir / "state" / "progress.json"
+    try:
+        progress = json.loads(path.read_text())
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read {path} ({exc}); start over with --overwrite") from exc
+    return bool(progress.get("stage", 1) > 1 or progress.get("epoch", 0) > 0)
+
+
+def _change_resumed_config(run_dir: Path, overrides: Mapping[str, Any], flags: Any) -> None:
+    """Write the changed safe options into the run's saved config before it continues."""
+    import json
+
+    from fieldscope.train.config import TrainConfig
+
+    path = _run_config_path(run_dir)
+    try:
+        tree = json.loads(path.read_text())
+        status = json.loads((run_dir / "run.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ConfigError(f"cannot read {path} ({exc}); start over with --overwrite") from exc
+    if status == "complete":
+        # Its saved config must keep saying what the finished model was trained with.
+        raise ConfigError(
+            f"{run_dir} is complete, so its options can no longer change; train a new run "
+            f"(a new --out, or --out {run_dir} --overwrite)"
+        )
+    late = [d for d in overrides if d in _RESUME_BEFORE_FIRST_EPOCH and overrides[d] != tree.get(d)]
+    if late and _has_trained(run_dir):
+        names = ", ".join(flags[d] for d in late)
+        raise ConfigError(
+            f"{run_dir} has trained epochs already, so {names} can no longer change (the "
+            f"run's checkpoint holds the weights now); resume without {names}, or start over "
+            f"with --overwrite"
+        )
+    tree.update(overrides)
+    config = TrainConfig.from_dict(tree, source=f"{path} with the given options")
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    tmp.replace(path)
+    changed = ", ".join(f"{flags[d]} {v}" for d, v in overrides.items())
+    print(f"resuming {run_dir} with {changed}", file=sys.stderr)
+
+
+def _clear_run_dir(run_dir: Path, data_dir: Path | None) -> None:
+    """``--overwrite``: remove an earlier training run from RUN_DIR, and nothing else."""
+    import shutil
+
+    if data_dir is not None and not data_dir.is_dir():
+        # Checked before anything is removed: a typo must not cost the old run.
+        raise ConfigError(f"DATA_DIR {data_dir} is not a folder; nothing was overwritten")
+    if not run_dir.exists():
+        return
+    if run_dir.is_dir() and not any(run_dir.iterdir()):
+        return
+    if not run_dir.is_dir() or not (run_dir / "run.json").is_file():
+        raise ConfigError(
+            f"--overwrite replaces only a fieldscope training run, and {run_dir} is not one "
+            "(no run.json); choose another --out, or remove it yourself if it is yours to lose"
+        )
+    shutil.rmtree(run_dir)
+    print(f"removed the earlier run in {run_dir} (--overwrite)", file=sys.stderr)
+
+
 @contextlib.contextmanager
 def _resume_hint(run_dir: Path) -> Iterator[None]:
-    """On Ctrl-C, say how to continue: every finished epoch is saved in the run."""
+    """On Ctrl-C or a failure, say how to go on: every finished epoch is saved in the run,
+    and a run that failed before its first (e.g. no internet for the ImageNet weights)
+    resumes with other weights."""
     try:
         yield
     except KeyboardInterrupt:
         if (run_dir / "run.json").exists():
             print(f"\ncontinue with: fieldscope train --resume {run_dir}", file=sys.stderr)
+        raise
+    except Exception:
+        if (run_dir / "run.json").exists():
+            print(
+                f"\nthe run in {run_dir} did not finish. Once the cause is fixed: "
+                f"fieldscope train --resume {run_dir} (it may change --weights before the "
+                "first epoch, and --epochs, --fine-tune-epochs, --patience), or start over: "
+                f"fieldscope train DATA_DIR --out {run_dir} --overwrite ...",
+                file=sys.stderr,
+            )
         raise
 
 
@@ -146,6 +273,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _preprocess_progress(done: int, total: int) -> None:
+    """On a terminal a counter redrawn with ``\\r``; in a log file one line at the end."""
     stream = sys.stderr
     if stream.isatty():
         end = "\n" if done == total else ""

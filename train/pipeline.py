@@ -104,11 +104,13 @@ class RunSummary:
                 f"{self.accuracy_sd:.3f}, macro-F1 {self.macro_f1:.3f} ± {self.macro_f1_sd:.3f}"
             ]
         else:
-            reached = "" if self.threshold_reached in (None, True) else " (target not reached)"
-            threshold = "none" if self.threshold is None else f"{self.threshold:.4f}{reached}"
+            chosen = "chosen on validation"
+            if self.threshold_reached not in (None, True):
+                chosen += "; its target precision was not reached"
+            threshold = "none" if self.threshold is None else f"{self.threshold:.4f}"
             out = [
                 f"test accuracy {self.accuracy:.3f}, macro-F1 {self.macro_f1:.3f}",
-                f"decision threshold {threshold} (chosen on validation)",
+                f"decision threshold {threshold} ({chosen})",
             ]
             if self.test_coverage is not None:
                 precision = self.test_precision_at_threshold
@@ -506,13 +508,18 @@ def _augmented_samples(
 
 
 def _check_new_run_dir(run: Path) -> None:
+    """Refuse to mix a new run into an old one, and say each way out."""
     if (run / RUN_FILE).exists():
         raise TrainError(
-            f"{run} already holds a training run; continue it with --resume {run} "
-            "or choose a new --out"
+            f"{run} already holds a training run; continue it with --resume {run} (which "
+            "may change --weights before the first epoch, and --epochs, --fine-tune-epochs, "
+            f"--patience), start it over with --overwrite, or choose a new --out"
         )
     if run.exists() and (not run.is_dir() or any(run.iterdir())):
-        raise TrainError(f"--out {run} exists and is not an empty folder; choose a new --out")
+        raise TrainError(
+            f"--out {run} exists and is not an empty folder (nor a training run); choose a "
+            f"new --out, or remove {run} if nothing in it is needed"
+        )
 
 
 def _write_run_record(

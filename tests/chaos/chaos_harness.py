@@ -150,6 +150,23 @@ def tail(path: Path, lines: int = 25) -> str:
     return f"--- {path.name} (last {lines} lines) ---\n" + "\n".join(text.splitlines()[-lines:])
 
 
+@dataclass
+class HeldImages:
+    """Images :meth:`Site.hold_back` took out of the watched folder."""
+
+    site: Site
+    folder: Path
+    digests: list[str]
+
+    def release(self, into: Path | None = None) -> None:
+        """Put them back into the watched folder (or ``into``, the folder that will be it)."""
+        target = into or self.site.incoming
+        for path in sorted(self.folder.iterdir()):
+            path.rename(target / path.name)
+        self.site.held -= len(self.digests)
+        self.folder.rmdir()
+
+
 class Site:
     """One scenario's station, broker and collector as processes (see the module doc)."""
 
@@ -177,6 +194,7 @@ class Site:
         self.captured_at: list[datetime] = []  # of the stored rows in seq order (finish)
         self.incoming = root / "incoming"
         self.expected = place_images(images, self.incoming)
+        self.held = 0  # images taken out of the watched folder by hold_back, not yet back
         report.images = len(self.expected)
         self.store_path = root / "collect.sqlite"
         self.broker: Broker = start_mosquitto(root / "mosquitto")
@@ -350,9 +368,31 @@ class Site:
         return len(set(self.observer.on(TOPICS.identification)))
 
     def wait_progress(self, images: int, timeout: float = 60.0) -> None:
-        """Wait until ``images`` more distinct identifications went out."""
-        target = min(self.seen() + images, len(self.expected))
+        """Wait until ``images`` more distinct identifications went out (fewer when the
+        watched folder runs out: images held back cannot be waited for)."""
+        target = min(self.seen() + images, len(self.expected) - self.held)
         self.wait_until(lambda: self.seen() >= target, timeout, f"{target} identifications")
+
+    def hold_back(self, count: int, name: str) -> HeldImages:
+        """Take the ``count`` newest images still in the watched folder out of it, into
+        ``root/name``, so that a scenario knows some are captured after a later fault
+        (the camera may otherwise have taken them all before it). Renames keep their
+        modification times: back in the folder, they keep the folder order."""
+        files = sorted(self.incoming.glob("img-*.png"))[-count:]
+        held = self.root / name
+        held.mkdir()
+        for path in files:
+            path.rename(held / path.name)
+        self.held += len(files)
+        return HeldImages(self, held, [sha256(held / f.name) for f in files])
+
+    def seen_any(self, digests: list[str]) -> bool:
+        """Whether the observer has seen an identification of one of these images."""
+        wanted = set(digests)
+        return any(
+            Identification.from_json(p).image.sha256 in wanted
+            for p in self.observer.on(TOPICS.identification)
+        )
 
     def heartbeats(self) -> list[Heartbeat]:
         return [Heartbeat.from_json(p) for p in self.observer.on(TOPICS.heartbeat)]

@@ -20,6 +20,7 @@ import pytest
 
 _SEED = pytest.StashKey[int]()
 _REPORTS = pytest.StashKey[list[Any]]()
+_CALL_PASSED = pytest.StashKey[bool]()
 
 
 def pytest_plugin_registered(plugin: object, manager: pytest.PytestPluginManager) -> None:
@@ -65,7 +66,10 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     )
     for report in reports:
         terminalreporter.write_line(report.line())
-    terminalreporter.write_line(f"replay these fault plans with FIELDSCOPE_CHAOS_SEED={seed}")
+    terminalreporter.write_line(
+        f"replay these fault plans with FIELDSCOPE_CHAOS_SEED={seed} (a line with another "
+        "seed is a regression seed the test always replays)"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -100,16 +104,32 @@ def chaos_tally(pytestconfig: pytest.Config) -> Callable[[str], Any]:
     return get
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Remember whether the test body passed, for its chaos report's verdict."""
+    report = yield
+    if report.when == "call":
+        item.stash[_CALL_PASSED] = report.passed
+    return report
+
+
 @pytest.fixture
 def chaos_report(
     pytestconfig: pytest.Config, chaos_seed: int, request: pytest.FixtureRequest
-) -> Any:
-    """This scenario's report, listed in the terminal summary whatever the outcome."""
+) -> Iterator[Any]:
+    """This scenario's report, listed in the terminal summary whatever the outcome. Its
+    verdict is "ok" only when the harness's count passed *and* the whole test did: an
+    assertion after ``Site.finish`` fails the scenario's line too."""
     from chaos_harness import Report
 
-    report = Report(scenario=request.node.name.removeprefix("test_"), seed=chaos_seed)
+    # A test parametrized with ``regression_seed`` replays a plan that once failed, beside
+    # the session's own; the scenario name (the rng's salt) stays the test's, unparametrized.
+    params = getattr(getattr(request.node, "callspec", None), "params", {})
+    seed = params.get("regression_seed") or chaos_seed
+    report = Report(scenario=request.node.originalname.removeprefix("test_"), seed=seed)
     pytestconfig.stash[_REPORTS].append(report)
-    return report
+    yield report
+    report.passed = report.passed and request.node.stash.get(_CALL_PASSED, False)
 
 
 @pytest.fixture
