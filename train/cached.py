@@ -72,7 +72,7 @@ ACTIVATION_DTYPE = np.float16
 # Inverse L2 strengths tried for the stage-1 logistic regression (scikit-learn's C,
 # applied to the summed log-loss). Wide on purpose: the best value moves with the
 # number of images and classes (measured 0.1-1 on ndsb24, 1-10 on small sets).
-HEAD_C_GRID: tuple[float, ...] = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+HEAD_C_GRID: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 EXTRACT_BATCH = 32
 
 
