@@ -367,9 +367,7 @@ class Manifest:
         if self.schema_version == 1 and self.output is not None:
             problems.append("output needs schema_version 2 (version 1 has no output field)")
         elif self.schema_version == 2 and self.output not in OUTPUT_KINDS:
-            problems.append(
-                f"output must be one of {', '.join(OUTPUT_KINDS)}, got {self.output!r}"
-            )
+            problems.append(f"output must be one of {', '.join(OUTPUT_KINDS)}, got {self.output!r}")
         if not _is_number(self.threshold) or not 0.0 <= self.threshold <= 1.0:
             problems.append(f"threshold must be a number in 0..1, got {self.threshold!r}")
         if self.min_runtime is not None and not all(

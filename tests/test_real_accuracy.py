@@ -74,7 +74,7 @@ def _probe_accuracy(run: Path, recipe: object) -> float:
     from sklearn.metrics import log_loss
     from sklearn.preprocessing import StandardScaler
 
-    from fieldscope.train.backbones import build_classifier, backbone_of
+    from fieldscope.train.backbones import backbone_of, build_classifier
 
     split = json.loads((run / "split.json").read_text())
     labels = split["labels"]
@@ -126,7 +126,9 @@ def test_default_recipe_beats_a_linear_probe_on_real_plankton(
     recipe = bundle.manifest.preprocessing
     classifier = Classifier(bundle)
     truth = np.array([labels.index(item["label"]) for item in split["test"]])
-    images = [load_and_preprocess(Path(split["data_dir"]) / i["path"], recipe) for i in split["test"]]
+    images = [
+        load_and_preprocess(Path(split["data_dir"]) / i["path"], recipe) for i in split["test"]
+    ]
     predicted = np.array([np.argmax(p.probabilities) for p in classifier.classify_batch(images)])
     ours = float(np.mean(predicted == truth))
     probe = _probe_accuracy(run, recipe)

@@ -56,7 +56,8 @@ def test_fit_head_is_a_converged_logistic_regression() -> None:
     assert head.val_accuracy == pytest.approx(np.mean(probs.argmax(1) == y[200:]))
     assert head.val_accuracy > 0.9
     assert probs[:, 3].max() < 1e-6, "a class with no training image is never predicted"
-    assert head.c in head.scores and head.scores[head.c] == min(head.scores.values())
+    assert head.c in head.scores
+    assert head.scores[head.c] == min(head.scores.values())
 
 
 def test_precision_bound_is_clopper_pearson() -> None:
@@ -162,9 +163,7 @@ def test_manifest_output_is_checked(tmp_path: Path) -> None:
         quantize="float32",
         max_accuracy_drop=100,
     )
-    write_converted_bundle(
-        result, tmp_path / "b", model_name="m", model_version="1", threshold=0.5
-    )
+    write_converted_bundle(result, tmp_path / "b", model_name="m", model_version="1", threshold=0.5)
     data = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert (data["schema_version"], data["output"]) == (2, "logits")
     data["output"] = "scores"

@@ -139,7 +139,10 @@ def test_flags_override_the_file_which_overrides_defaults(tmp_path: Path) -> Non
         ("[preprocess]\ndenoise = 'wavelet'\n", "denoise"),
         ("[preprocess.denoise_params]\nksize = 3\n", "ksize"),
         ("backbone = 'resnet50'\nalpha = 0.5\n", "alpha applies only to"),
-        ("backbone = \"mobilenet_v2\"\nalpha = 0.6\n", "ImageNet weights for mobilenet_v2 exist only for alpha"),
+        (
+            'backbone = "mobilenet_v2"\nalpha = 0.6\n',
+            "ImageNet weights for mobilenet_v2 exist only for alpha",
+        ),
         ("epochs = 3\nepochs = 4\n", "not valid TOML"),
     ],
 )

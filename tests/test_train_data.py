@@ -6,7 +6,6 @@ Images are real PNG/JPEG files written with OpenCV; preprocessing is the edge's 
 from __future__ import annotations
 
 import json
-
 import os
 from collections.abc import Sequence
 from pathlib import Path

@@ -140,7 +140,7 @@ def split_backbone(model: keras.Model, top_layers: int) -> BackboneSplit:
     # The layers of the classifier before the backbone (input normalisation) and after it
     # (dropout, the Dense head), in order.
     index = model.layers.index(backbone)
-    before = [layer for layer in model.layers[1:index]]
+    before = list(model.layers[1:index])
     after = model.layers[index + 1 :]
     dense = after[-1]
     if not isinstance(dense, keras.layers.Dense):
@@ -292,6 +292,7 @@ class _Batches(keras.utils.PyDataset):  # type: ignore[misc]
         copies: Sequence[np.ndarray],
         y: np.ndarray,
         weights: np.ndarray | None,
+        *,
         batch_size: int,
         seed: int,
         epoch: int,
@@ -312,9 +313,9 @@ class _Batches(keras.utils.PyDataset):  # type: ignore[misc]
     def __getitem__(self, i: int) -> Any:
         rows = self.order[i * self.batch_size : (i + 1) * self.batch_size]
         which = self.which[rows]
-        x = np.stack(
-            [self.copies[k][r] for k, r in zip(which, rows, strict=True)]
-        ).astype("float32")
+        x = np.stack([self.copies[k][r] for k, r in zip(which, rows, strict=True)]).astype(
+            "float32"
+        )
         y = self.y[rows]
         if self.weights is None:
             return x, y
@@ -332,9 +333,7 @@ class _Loss(keras.losses.Loss):  # type: ignore[misc]
     def call(self, y_true: Any, y_pred: Any) -> Any:
         ops = keras.ops
         onehot = ops.one_hot(ops.cast(ops.reshape(y_true, (-1,)), "int32"), self.n_classes)
-        return keras.losses.categorical_crossentropy(
-            onehot, y_pred, label_smoothing=self.smoothing
-        )
+        return keras.losses.categorical_crossentropy(onehot, y_pred, label_smoothing=self.smoothing)
 
 
 def _class_weight_vector(
@@ -396,7 +395,9 @@ def fit_cached(
 
     copies = [extract_activations(split.bottom, x_train, on_batch=tick)]
     for k in range(1, copies_n):
-        copies.append(extract_activations(split.bottom, x_train, augmenter=augmenter(k), on_batch=tick))
+        copies.append(
+            extract_activations(split.bottom, x_train, augmenter=augmenter(k), on_batch=tick)
+        )
     a_val = extract_activations(split.bottom, x_val, on_batch=tick)
     extract_seconds = time.monotonic() - started
     log.info("extracted %d activations in %.1f s", total, extract_seconds)
@@ -414,7 +415,12 @@ def fit_cached(
         sample_weight=weights,
     )
     split.dense.set_weights([head.kernel, head.bias])
-    log.info("stage 1: C=%g, val log-loss %.4f, val accuracy %.3f", head.c, head.val_loss, head.val_accuracy)
+    log.info(
+        "stage 1: C=%g, val log-loss %.4f, val accuracy %.3f",
+        head.c,
+        head.val_loss,
+        head.val_accuracy,
+    )
     stage1_seconds = time.monotonic() - started
     progress.history[STAGE_NAMES[0]] = {
         "val_loss": [head.val_loss],
@@ -436,7 +442,9 @@ def fit_cached(
         stopped_early=False,
         seconds=stage1_seconds,
     )
-    reporter.epoch_end(1, 1, 1, {"val_loss": head.val_loss, "val_accuracy": head.val_accuracy}, True)
+    reporter.epoch_end(
+        1, 1, 1, {"val_loss": head.val_loss, "val_accuracy": head.val_accuracy}, True
+    )
     reporter.stage_end(result)
     progress.results.append(_as_dict(result))
 
@@ -514,7 +522,7 @@ def _fine_tune(
     for epoch in range(1, epochs + 1):
         first_step = (epoch - 1) * steps
         lrs.extend(float(schedule(first_step + s)) for s in range(steps))
-        data = _Batches(copies, y_train, weights, batch_size, seed, epoch)
+        data = _Batches(copies, y_train, weights, batch_size=batch_size, seed=seed, epoch=epoch)
         history = head_model.fit(data, epochs=1, verbose=0, shuffle=False)
         logs = {k: float(v[-1]) for k, v in history.history.items()}
         probs = keras.ops.convert_to_numpy(head_model.predict(val[0], batch_size=256, verbose=0))

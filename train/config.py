@@ -223,6 +223,27 @@ class TrainConfig:
             problems.append(
                 f"split needs train, val and test parts above 0, got {_ratio_text(self.split)}"
             )
+        problems += self._strategy_problems()
+        if not 0 <= self.dropout < 1:
+            problems.append(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.class_weight not in ("balanced", "none"):
+            problems.append(f"class_weight must be 'balanced' or 'none', got {self.class_weight!r}")
+        if not 0 < self.target_precision <= 1:
+            problems.append(f"target_precision must be in (0, 1], got {self.target_precision!r}")
+        a = self.augment
+        for name in ("rotation", "zoom", "contrast", "brightness"):
+            value = getattr(a, name)
+            if not 0 <= value < 1:
+                problems.append(f"augment.{name} must be in [0, 1), got {value!r}")
+        try:
+            self.recipe()
+        except RecipeError as exc:
+            problems.append(f"preprocess: {exc}")
+        return problems
+
+    def _strategy_problems(self) -> list[str]:
+        """Problems with the keys of the fitting strategy and the threshold rule."""
+        problems: list[str] = []
         if self.strategy not in STRATEGIES:
             problems.append(
                 f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}"
@@ -236,25 +257,10 @@ class TrainConfig:
             problems.append(f"augment_copies must be >= 1, got {self.augment_copies!r}")
         if not 0 <= self.label_smoothing < 0.5:
             problems.append(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing!r}")
-        if not 0 <= self.dropout < 1:
-            problems.append(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if self.class_weight not in ("balanced", "none"):
-            problems.append(f"class_weight must be 'balanced' or 'none', got {self.class_weight!r}")
         if not 0 <= self.threshold_confidence < 1:
             problems.append(
                 f"threshold_confidence must be in [0, 1), got {self.threshold_confidence!r}"
             )
-        if not 0 < self.target_precision <= 1:
-            problems.append(f"target_precision must be in (0, 1], got {self.target_precision!r}")
-        a = self.augment
-        for name in ("rotation", "zoom", "contrast", "brightness"):
-            value = getattr(a, name)
-            if not 0 <= value < 1:
-                problems.append(f"augment.{name} must be in [0, 1), got {value!r}")
-        try:
-            self.recipe()
-        except RecipeError as exc:
-            problems.append(f"preprocess: {exc}")
         return problems
 
     def fitting_strategy(self) -> str:
