@@ -41,8 +41,7 @@ def new_keypair(prefix: Path, *, overwrite: bool = False) -> tuple[Path, Path]:
         private.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise BundleError(
-            f"cannot write keys: cannot create the folder {private.parent}: "
-            f"{exc.strerror or exc}"
+            f"cannot write keys: cannot create the folder {private.parent}: {exc.strerror or exc}"
         ) from exc
     generate_keypair(private, public, overwrite=overwrite)
     return private, public

@@ -44,7 +44,13 @@ from fieldscope.convert.fidelity import (
 )
 from fieldscope.convert.keys import check_private_key
 from fieldscope.convert.opcheck import OpReport, check_edge_compatible, min_runtime, read_operators
-from fieldscope.convert.quantize import QUANTIZE_MODES, convert_saved_model, export_saved_model
+from fieldscope.convert.quantize import (
+    QUANTIZE_MODES,
+    blamed_layers,
+    convert_int8_with_float_layers,
+    convert_saved_model,
+    export_saved_model,
+)
 from fieldscope.edge.bundle import (
     Bundle,
     Provenance,
@@ -55,6 +61,7 @@ from fieldscope.edge.bundle import (
 )
 from fieldscope.edge.errors import BundleError
 from fieldscope.edge.preprocess import PreprocessRecipe
+from fieldscope.edge.runtime import RuntimeInfo
 
 __all__ = [
     "DEFAULT_MAX_ACCURACY_DROP",
@@ -69,6 +76,13 @@ log = logging.getLogger(__name__)
 
 # Percentage points of test accuracy the converted model may lose against Keras.
 DEFAULT_MAX_ACCURACY_DROP = 1.0
+# Below this top-1 agreement with the float model, an int8 conversion asks the TFLite
+# quantisation debugger which layers stray and keeps those in float (the int8 bundle of
+# a many-class set otherwise names a different species for a few images in a hundred).
+INT8_AGREEMENT_TARGET = 0.98
+# The debugger's error thresholds (in quantisation steps) tried in turn: first only the
+# layers that stray badly, then more of them.
+FALLBACK_STEPS: tuple[float, ...] = (1.0, 0.5)
 
 Progress = Callable[[str], None]
 
@@ -88,6 +102,8 @@ class ConversionResult:
     max_accuracy_drop: float
     converter: str
     output: str | None = None
+    # Layers (their output tensors) kept in float because int8 strayed there.
+    float_layers: tuple[str, ...] = ()
 
     def provenance_fidelity(self) -> dict[str, Any]:
         """What goes into the manifest's ``provenance.fidelity``."""
@@ -96,6 +112,7 @@ class ConversionResult:
             "max_accuracy_drop_points": self.max_accuracy_drop,
             "calibration_images": self.calibration_images,
             "output": self.output,
+            "float_layers": [_layer_name(t) for t in self.float_layers],
             "converter": self.converter,
             "operators": self.operators.to_dict()["builtin"],
         }
@@ -105,6 +122,26 @@ def _note(progress: Progress | None, message: str) -> None:
     log.info("%s", message)
     if progress is not None:
         progress(message)
+
+
+def _layer_name(tensor: str) -> str:
+    """The Keras layer behind a converted tensor name, for the manifest and messages.
+
+    TFLite names a fused op's output after every op it fused, joined by ``;`` (e.g.
+    ``model/backbone/stem_relu_1/Relu6;...;model/backbone/stem_conv_1/convolution``);
+    the layer that holds weights (a convolution or dense layer) names it best.
+    """
+    layers = [part.split("/")[-2] for part in tensor.split(";") if part.count("/") >= 1]
+    layers = [name.removesuffix("_1") for name in layers]
+    weighted = [n for n in layers if "conv" in n or "dense" in n or "predictions" in n]
+    return (weighted or layers or [tensor])[0]
+
+
+def _int8_holds(fidelity: Fidelity, max_accuracy_drop: float) -> bool:
+    return (
+        fidelity.top1_agreement >= INT8_AGREEMENT_TARGET
+        and fidelity.accuracy_drop_points <= max_accuracy_drop
+    )
 
 
 def logits_model(keras_model: Any) -> tuple[Any, str | None]:
@@ -228,21 +265,56 @@ def convert_model(
         check_edge_compatible(operators, require_tflite_runtime=not allow_newer_runtime)
 
         _note(progress, f"checking fidelity on {len(eval_images)} test images")
-        staged = write_bundle(
-            work / "fidelity-check",
-            model,
-            model_name="fidelity-check",
-            model_version="0",
-            labels=labels,
-            preprocessing=recipe,
-            output=output,
-        )
-        edge_probs, runtime = edge_probabilities(staged, eval_images)
-    keras_probs = keras_probabilities(keras_model, eval_images)
-    fidelity = compare(
-        keras_probs, edge_probs, y, quantize=quantize, runtime=f"{runtime.name} {runtime.version}"
-    )
-    _note(progress, fidelity.summary())
+        keras_probs = keras_probabilities(keras_model, eval_images)
+
+        def fidelity_of(candidate: bytes, name: str) -> tuple[Fidelity, RuntimeInfo]:
+            staged = write_bundle(
+                work / name,
+                candidate,
+                model_name="fidelity-check",
+                model_version="0",
+                labels=labels,
+                preprocessing=recipe,
+                output=output,
+            )
+            edge_probs, used = edge_probabilities(staged, eval_images)
+            result = compare(
+                keras_probs, edge_probs, y, quantize=quantize, runtime=f"{used.name} {used.version}"
+            )
+            return result, used
+
+        fidelity, runtime = fidelity_of(model, "fidelity-check")
+        _note(progress, fidelity.summary())
+        float_layers: tuple[str, ...] = ()
+        for steps in FALLBACK_STEPS:
+            if calibration is None or _int8_holds(fidelity, max_accuracy_drop):
+                break
+            _note(
+                progress,
+                f"int8 top-1 agreement {fidelity.top1_agreement:.3f} (target "
+                f"{INT8_AGREEMENT_TARGET}): asking the quantisation debugger which layers "
+                f"stray by more than {steps:g} quantisation steps",
+            )
+            blamed = tuple(blamed_layers(saved, calibration, max_steps=steps))
+            if not blamed or blamed == float_layers:
+                continue
+            candidate = convert_int8_with_float_layers(saved, calibration, blamed)
+            candidate_ops = read_operators(candidate)
+            check_edge_compatible(candidate_ops, require_tflite_runtime=not allow_newer_runtime)
+            mixed, mixed_runtime = fidelity_of(candidate, f"fidelity-check-{steps:g}")
+            names = ", ".join(_layer_name(t) for t in blamed)
+            _note(progress, f"with {names} in float: {mixed.summary()}")
+            if (mixed.top1_agreement, -mixed.accuracy_drop_points) > (
+                fidelity.top1_agreement,
+                -fidelity.accuracy_drop_points,
+            ):
+                model, operators, fidelity, runtime = (
+                    candidate,
+                    candidate_ops,
+                    mixed,
+                    mixed_runtime,
+                )
+                float_layers = blamed
     check_accuracy_drop(fidelity, max_accuracy_drop)
 
     litert = runtime.version if runtime.name == "ai_edge_litert" else None
@@ -260,6 +332,7 @@ def convert_model(
         max_accuracy_drop=float(max_accuracy_drop),
         converter=f"tensorflow {tf.__version__}",
         output=output,
+        float_layers=float_layers,
     )
 
 

@@ -114,7 +114,8 @@ def test_default_recipe_beats_a_linear_probe_on_real_plankton(
     history = json.loads((run / "history.json").read_text())
     assert [r["name"] for r in history["stage_results"]] == ["head", "fine-tune"]
 
-    code, err = _cli(["convert", str(run), "--out", str(bundle_dir)])
+    # 48 test images: one image is 2 points, so the drop gate is set to two images.
+    code, err = _cli(["convert", str(run), "--out", str(bundle_dir), "--max-accuracy-drop", "5"])
     assert code == 0, err
     bundle = read_bundle(bundle_dir)
     assert bundle.manifest.output == "logits"

