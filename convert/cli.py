@@ -70,6 +70,14 @@ def register(subparsers: Any) -> None:
         help="write a bundle even if tflite-runtime 2.14 cannot run it (it then needs a "
         "recent ai-edge-litert)",
     )
+    p.add_argument(
+        "--no-float-fallback",
+        dest="float_fallback",
+        action="store_false",
+        help="keep every layer int8 even when the int8 model's top-1 agreement with the "
+        "float model is below 0.98 (by default the layers the TFLite quantisation debugger "
+        "blames are then kept in float)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
     p.set_defaults(handler=_convert)
 
@@ -113,6 +121,7 @@ def _convert(args: argparse.Namespace) -> int:
         threshold=args.threshold,
         data_dir=args.data_dir,
         allow_newer_runtime=args.allow_newer_runtime,
+        float_fallback=args.float_fallback,
         overwrite=args.overwrite,
         progress=_progress,
     )

@@ -218,9 +218,15 @@ def convert_model(
     quantize: str = "int8",
     max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP,
     allow_newer_runtime: bool = False,
+    float_fallback: bool = True,
     progress: Progress | None = None,
 ) -> ConversionResult:
     """Convert, check the operators, check fidelity on the test images; see the module doc.
+
+    With ``float_fallback``, an int8 model whose top-1 agreement with Keras is below
+    ``INT8_AGREEMENT_TARGET`` (or whose accuracy drop exceeds the limit) is converted
+    again with the layers the TFLite quantisation debugger blames kept in float
+    (``FALLBACK_STEPS``), and the better of the two is kept.
 
     ``calibration_images`` (a stratified sample of the training split) and
     ``eval_images`` (the test split) are RGB uint8 at ``recipe.size``, preprocessed by
@@ -286,7 +292,7 @@ def convert_model(
         fidelity, runtime = fidelity_of(model, "fidelity-check")
         _note(progress, fidelity.summary())
         float_layers: tuple[str, ...] = ()
-        for steps in FALLBACK_STEPS:
+        for steps in FALLBACK_STEPS if float_fallback else ():
             if calibration is None or _int8_holds(fidelity, max_accuracy_drop):
                 break
             _note(

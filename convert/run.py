@@ -279,6 +279,7 @@ def convert_run(
     threshold: float | None = None,
     data_dir: Path | None = None,
     allow_newer_runtime: bool = False,
+    float_fallback: bool = True,
     overwrite: bool = False,
     progress: Progress | None = None,
 ) -> ConvertedRun:
@@ -337,6 +338,7 @@ def convert_run(
         quantize=quantize,
         max_accuracy_drop=max_accuracy_drop,
         allow_newer_runtime=allow_newer_runtime,
+        float_fallback=float_fallback,
         progress=progress,
     )
     bundle = write_converted_bundle(

@@ -601,11 +601,8 @@ def _fine_tune(
         data = _Batches(copies, y_train, weights, batch_size=batch_size, seed=seed, epoch=epoch)
         history = head_model.fit(data, epochs=1, verbose=0, shuffle=False)
         logs = {k: float(v[-1]) for k, v in history.history.items()}
-        probs = keras.ops.convert_to_numpy(head_model.predict(val[0], batch_size=256, verbose=0))
-        logs["val_loss"] = _log_loss(probs, y_val)
-        calibrated, temperature = calibrated_log_loss(probs, y_val)
-        logs["val_loss_calibrated"] = calibrated
-        logs["val_accuracy"] = float(np.mean(probs.argmax(axis=1) == y_val))
+        temperature = _validate(head_model, val, logs)
+        calibrated = logs["val_loss_calibrated"]
         if not math.isfinite(logs.get("loss", math.nan)):
             raise TrainError(
                 f"training diverged in stage 2 epoch {epoch} (loss {logs.get('loss')}); "
@@ -647,6 +644,18 @@ def _fine_tune(
     reporter.stage_end(result)
     progress.results.append(_as_dict(result))
     return best_weights
+
+
+def _validate(
+    model: keras.Model, val: tuple[np.ndarray, np.ndarray], logs: dict[str, float]
+) -> float:
+    """Add the validation figures of one epoch to ``logs``; return its temperature."""
+    x, y = val
+    probs = keras.ops.convert_to_numpy(model.predict(x, batch_size=256, verbose=0))
+    logs["val_loss"] = _log_loss(probs, y)
+    logs["val_loss_calibrated"], temperature = calibrated_log_loss(probs, y)
+    logs["val_accuracy"] = float(np.mean(probs.argmax(axis=1) == y))
+    return temperature
 
 
 def _save_weights(model: keras.Model, state_dir: Path) -> None:
