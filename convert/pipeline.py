@@ -41,6 +41,7 @@ from fieldscope.convert.fidelity import (
     compare,
     edge_probabilities,
     keras_probabilities,
+    second_runtime_agreement,
 )
 from fieldscope.convert.keys import check_private_key
 from fieldscope.convert.opcheck import OpReport, check_edge_compatible, min_runtime, read_operators
@@ -88,6 +89,8 @@ class ConversionResult:
     max_accuracy_drop: float
     converter: str
     output: str | None = None
+    # tflite-runtime 2.14 against LiteRT on the test images (None: not measured).
+    second_runtime: Mapping[str, Any] | None = None
 
     def provenance_fidelity(self) -> dict[str, Any]:
         """What goes into the manifest's ``provenance.fidelity``."""
@@ -98,6 +101,11 @@ class ConversionResult:
             "output": self.output,
             "converter": self.converter,
             "operators": self.operators.to_dict()["builtin"],
+            **(
+                {}
+                if self.second_runtime is None
+                else {"tflite_runtime_2_14": dict(self.second_runtime)}
+            ),
         }
 
 
@@ -238,6 +246,9 @@ def convert_model(
             output=output,
         )
         edge_probs, runtime = edge_probabilities(staged, eval_images)
+        second = second_runtime_agreement(staged.model_path, eval_images, edge_probs, output)
+        if second is not None:
+            _note(progress, f"tflite-runtime 2.14 against {runtime.name}: {second}")
     keras_probs = keras_probabilities(keras_model, eval_images)
     fidelity = compare(
         keras_probs, edge_probs, y, quantize=quantize, runtime=f"{runtime.name} {runtime.version}"
@@ -260,6 +271,7 @@ def convert_model(
         max_accuracy_drop=float(max_accuracy_drop),
         converter=f"tensorflow {tf.__version__}",
         output=output,
+        second_runtime=second,
     )
 
 
