@@ -50,7 +50,12 @@ def make(out_dir: Path, data: Path) -> None:
     run = out_dir / "run"
     bundle = out_dir / "bundles" / "ndsb24-int8"
     _fieldscope("train", str(data), "--out", str(run), *TRAIN_ARGS)
-    _fieldscope("convert", str(run), "--out", str(bundle), "--name", "ndsb24")
+    # The check compares the Pi with x86_64 on this bundle, whatever its accuracy: the
+    # quick recipe's int8 model loses accuracy against Keras (see the fidelity it
+    # prints), which the convert gate would refuse by default.
+    _fieldscope(
+        "convert", str(run), "--out", str(bundle), "--name", "ndsb24", "--max-accuracy-drop", "100"
+    )
     split = json.loads((run / "split.json").read_text())
     chosen: dict[str, list[str]] = defaultdict(list)
     for sample in split["test"]:
