@@ -109,6 +109,16 @@ class ConversionResult:
         }
 
 
+# Why a full-int8 bundle leaves tflite_runtime out of its min_runtime (recorded in
+# provenance.fidelity.tflite_runtime_2_14.refused; the edge shows it when refusing).
+INT8_NEEDS_LITERT = (
+    "full-int8 bundles need LiteRT: tflite-runtime 2.14's int8 kernels round "
+    "differently on aarch64 than on x86_64 (on a 24-class plankton bundle every output "
+    "moved by one quantisation step and 3 of 48 images changed their top-1 on an "
+    "emulated Pi 4), so a station would not give the answers this conversion checked"
+)
+
+
 def _note(progress: Progress | None, message: str) -> None:
     log.info("%s", message)
     if progress is not None:
@@ -257,6 +267,10 @@ def convert_model(
     check_accuracy_drop(fidelity, max_accuracy_drop)
 
     litert = runtime.version if runtime.name == "ai_edge_litert" else None
+    runtimes = min_runtime(operators, litert_version=litert, tensorflow_version=tf.__version__)
+    if quantize == "int8" and runtimes.pop("tflite_runtime", None) is not None:
+        second = {**(second or {"runtime": "tflite_runtime 2.14"}), "refused": INT8_NEEDS_LITERT}
+        _note(progress, "min_runtime leaves tflite_runtime out: " + INT8_NEEDS_LITERT)
     return ConversionResult(
         model=model,
         quantize=quantize,
@@ -264,9 +278,7 @@ def convert_model(
         recipe=recipe,
         fidelity=fidelity,
         operators=operators,
-        min_runtime=min_runtime(
-            operators, litert_version=litert, tensorflow_version=tf.__version__
-        ),
+        min_runtime=runtimes,
         calibration_images=0 if calibration is None else len(calibration),
         max_accuracy_drop=float(max_accuracy_drop),
         converter=f"tensorflow {tf.__version__}",

@@ -513,6 +513,20 @@ class Manifest:
         )
 
 
+def _refusal(manifest: Manifest) -> str | None:
+    """Why ``fieldscope convert`` left this device's runtime out of min_runtime, if said.
+
+    Recorded as ``provenance.fidelity.<runtime>_<major>_<minor>.refused`` (e.g.
+    ``tflite_runtime_2_14``); a free-form field, so anything else there is ignored.
+    """
+    info = runtime_info()
+    parts = info.version.split(".")
+    key = f"{info.name}_{'_'.join(parts[:2])}"
+    entry = manifest.provenance.fidelity.get(key) if manifest.provenance else None
+    reason = entry.get("refused") if isinstance(entry, Mapping) else None
+    return reason if isinstance(reason, str) and reason else None
+
+
 def _schema_problem(version: object) -> str:
     supported = ", ".join(str(v) for v in SUPPORTED_SCHEMA_VERSIONS)
     return (
@@ -968,7 +982,7 @@ def verify_bundle(path: Path, public_key: Path | None = None, *, load_model: boo
     if load_model:
         manifest = bundle.manifest
         try:
-            check_min_runtime(manifest.min_runtime, runtime_info())
+            check_min_runtime(manifest.min_runtime, runtime_info(), _refusal(manifest))
         except BundleError as exc:
             raise BundleError(f"bundle {path}: {exc}") from exc
         try:

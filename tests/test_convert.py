@@ -187,11 +187,15 @@ def test_each_mode_runs_on_the_edge_and_agrees_with_keras(
     assert fidelity["top1_agreement"] == pytest.approx(agreement, abs=1e-6)
     assert {"keras_accuracy", "edge_accuracy", "keras_macro_f1", "edge_macro_f1"} <= set(fidelity)
     assert fidelity["max_prob_diff"] == pytest.approx(result.fidelity.max_prob_diff, abs=1e-6)
-    assert m.min_runtime == {
-        "ai_edge_litert": "1.2",
-        "tensorflow": "2.14",
-        "tflite_runtime": "2.14",
-    }
+    if mode == "int8":  # tflite-runtime 2.14's int8 kernels round differently on ARM
+        assert m.min_runtime == {"ai_edge_litert": "1.2", "tensorflow": "2.14"}
+        assert "aarch64" in fidelity["tflite_runtime_2_14"]["refused"]
+    else:
+        assert m.min_runtime == {
+            "ai_edge_litert": "1.2",
+            "tensorflow": "2.14",
+            "tflite_runtime": "2.14",
+        }
     assert not result.operators.per_channel_dense
     assert result.operators.tflite_runtime_2_14_problems() == []
     if mode == "int8":

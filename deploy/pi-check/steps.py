@@ -124,10 +124,10 @@ class Context:
     tolerance: float  # probability differences up to this are "the same"
     max_drift: float  # beyond this (or another top-1) a difference fails, else warns
     strict: bool  # every difference beyond the tolerance fails
-    # One grey level of model-input pixels only warns (bundles with INTER_AREA recipes).
-    lenient_preprocessing: bool = False
     images: Path
     bundles: dict[str, Path]  # name -> folder
+    # One grey level of model-input pixels only warns (bundles with INTER_AREA recipes).
+    lenient_preprocessing: bool = False
     procs: Processes = field(default_factory=Processes)
 
     def guest(self, path: Path) -> str:
