@@ -150,7 +150,18 @@ def excluded(bundle_dir: Path, runtime: Runtime) -> str | None:
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
     listed = manifest.get("min_runtime")
     if listed and runtime.name not in listed:
-        return f"the bundle's min_runtime lists only {', '.join(sorted(listed))}"
+        why = f"the bundle's min_runtime lists only {', '.join(sorted(listed))}"
+        # fieldscope convert records why it left a runtime out (int8: tflite-runtime).
+        fidelity = (manifest.get("provenance") or {}).get("fidelity") or {}
+        refused = next(
+            (
+                v.get("refused")
+                for k, v in fidelity.items()
+                if k.startswith(runtime.name + "_") and isinstance(v, dict) and v.get("refused")
+            ),
+            None,
+        )
+        return f"{why}: {refused}" if refused else why
     return None
 
 
