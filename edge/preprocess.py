@@ -914,7 +914,7 @@ def _box_sums(values: npt.NDArray[Any], axis: _AreaAxis, m: int, dim: int) -> np
     cumulative = np.zeros(shape, dtype=np.int32 if small else np.int64)
     inner = [slice(None)] * values.ndim
     inner[dim] = slice(1, None)
-    np.cumsum(values, axis=dim, out=cumulative[tuple(inner)])
+    np.cumsum(values, axis=dim, dtype=cumulative.dtype, out=cumulative[tuple(inner)])
     whole = np.take(cumulative, axis.last + 1, axis=dim).astype(np.int64)
     whole -= np.take(cumulative, axis.first, axis=dim)
     weights = [1] * values.ndim
