@@ -11,9 +11,14 @@ reported too, and all of it goes into the bundle manifest.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import subprocess
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -202,3 +207,76 @@ def check_accuracy_drop(fidelity: Fidelity, max_drop_points: float) -> None:
         f"(limit {max_drop_points:g}; top-1 agreement {fidelity.top1_agreement:.3f}); "
         f"{hint}, or allow a larger drop with --max-accuracy-drop"
     )
+
+
+# An x86_64 Python with tflite-runtime 2.14 and numpy<2 (what older Pi images run), for
+# the optional second-runtime agreement; unset, the check is skipped.
+TFLITE_RUNTIME_214_ENV = "FIELDSCOPE_TFLITE_RUNTIME_214_PYTHON"
+
+_TFLITE_214_SCRIPT = """
+import json, sys, numpy as np
+from tflite_runtime import __version__ as version
+from tflite_runtime.interpreter import Interpreter
+images = np.load(sys.argv[2])
+it = Interpreter(model_path=sys.argv[1], num_threads=1)
+it.allocate_tensors()
+i, o = it.get_input_details()[0], it.get_output_details()[0]
+rows = []
+for image in images:
+    it.set_tensor(i["index"], image[None].astype(i["dtype"]))
+    it.invoke()
+    rows.append(it.get_tensor(o["index"])[0].astype(float).tolist())
+scale, zero = o["quantization"]
+print(json.dumps({"version": version, "rows": rows, "scale": scale, "zero": zero}))
+"""
+
+
+def second_runtime_agreement(
+    model_path: Path,
+    images: np.ndarray,
+    reference: np.ndarray,
+    output: str | None,
+    *,
+    python: str | None = None,
+    timeout: float = 600.0,
+) -> dict[str, Any] | None:
+    """The model under tflite-runtime 2.14 (another venv) against ``reference`` (LiteRT).
+
+    Older Raspberry Pi images run tflite-runtime 2.14, whose int8 kernels are not
+    LiteRT's: a bundle's fidelity says how often they agree on the test images. Returns
+    ``None`` when ``$FIELDSCOPE_TFLITE_RUNTIME_214_PYTHON`` (or ``python``) is unset,
+    else ``{"runtime", "top1_agreement", "max_prob_diff", "images"}``, or
+    ``{"runtime", "error"}`` when that runtime cannot run the model (recorded, since the
+    operator check already decides whether 2.14 is supported).
+    """
+    python = python or os.environ.get(TFLITE_RUNTIME_214_ENV)
+    if not python:
+        return None
+    with tempfile.TemporaryDirectory(prefix="fieldscope-tflite214-") as tmp:
+        batch = Path(tmp) / "images.npy"
+        np.save(batch, images)
+        try:
+            done = subprocess.run(
+                [python, "-c", _TFLITE_214_SCRIPT, str(model_path), str(batch)],
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return {"runtime": "tflite_runtime 2.14", "error": f"could not run {python}: {exc}"}
+    if done.returncode != 0:
+        reason = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        return {"runtime": "tflite_runtime 2.14", "error": reason[-300:]}
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    values = np.asarray(result["rows"], dtype=np.float64)
+    if result["scale"]:
+        values = (values - result["zero"]) * result["scale"]
+    probs = softmax(values).astype(np.float64) if output == "logits" else values
+    ref = np.asarray(reference, dtype=np.float64)
+    return {
+        "runtime": f"tflite_runtime {result['version']}",
+        "images": len(ref),
+        "top1_agreement": round(float((probs.argmax(1) == ref.argmax(1)).mean()), 6),
+        "max_prob_diff": round(float(np.abs(probs - ref).max()), 6),
+    }

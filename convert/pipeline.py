@@ -24,6 +24,7 @@ half-written, unsigned or unverified bundle.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import tempfile
@@ -41,6 +42,7 @@ from fieldscope.convert.fidelity import (
     compare,
     edge_probabilities,
     keras_probabilities,
+    second_runtime_agreement,
 )
 from fieldscope.convert.keys import check_private_key
 from fieldscope.convert.opcheck import OpReport, check_edge_compatible, min_runtime, read_operators
@@ -104,6 +106,8 @@ class ConversionResult:
     output: str | None = None
     # Layers (their output tensors) kept in float because int8 strayed there.
     float_layers: tuple[str, ...] = ()
+    # tflite-runtime 2.14 against LiteRT on the test images (None: not measured).
+    second_runtime: Mapping[str, Any] | None = None
 
     def provenance_fidelity(self) -> dict[str, Any]:
         """What goes into the manifest's ``provenance.fidelity``."""
@@ -115,7 +119,22 @@ class ConversionResult:
             "float_layers": [_layer_name(t) for t in self.float_layers],
             "converter": self.converter,
             "operators": self.operators.to_dict()["builtin"],
+            **(
+                {}
+                if self.second_runtime is None
+                else {"tflite_runtime_2_14": dict(self.second_runtime)}
+            ),
         }
+
+
+# Why a full-int8 bundle leaves tflite_runtime out of its min_runtime (recorded in
+# provenance.fidelity.tflite_runtime_2_14.refused; the edge shows it when refusing).
+INT8_NEEDS_LITERT = (
+    "full-int8 bundles need LiteRT: tflite-runtime 2.14's int8 kernels round "
+    "differently on aarch64 than on x86_64 (on a 24-class plankton bundle every output "
+    "moved by one quantisation step and 3 of 48 images changed their top-1 on an "
+    "emulated Pi 4), so a station would not give the answers this conversion checked"
+)
 
 
 def _note(progress: Progress | None, message: str) -> None:
@@ -135,6 +154,59 @@ def _layer_name(tensor: str) -> str:
     layers = [name.removesuffix("_1") for name in layers]
     weighted = [n for n in layers if "conv" in n or "dense" in n or "predictions" in n]
     return (weighted or layers or [tensor])[0]
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """A converted model with its fidelity check."""
+
+    model: bytes
+    operators: OpReport
+    fidelity: Fidelity
+    runtime: RuntimeInfo
+    staged: Bundle
+    edge_probs: np.ndarray
+    float_layers: tuple[str, ...] = ()
+
+
+def _float_fallback(
+    best: _Checked,
+    saved: Path,
+    calibration: np.ndarray,
+    fidelity_of: Callable[[bytes, str], _Checked],
+    *,
+    max_accuracy_drop: float,
+    allow_newer_runtime: bool,
+    progress: Progress | None,
+) -> _Checked:
+    """Keep the layers the quantisation debugger blames in float while int8 falls short."""
+    for steps in FALLBACK_STEPS:
+        if _int8_holds(best.fidelity, max_accuracy_drop):
+            break
+        _note(
+            progress,
+            f"int8 top-1 agreement {best.fidelity.top1_agreement:.3f} (target "
+            f"{INT8_AGREEMENT_TARGET}): asking the quantisation debugger which layers "
+            f"stray by more than {steps:g} quantisation steps",
+        )
+        blamed = tuple(blamed_layers(saved, calibration, max_steps=steps))
+        if not blamed or blamed == best.float_layers:
+            continue
+        candidate = convert_int8_with_float_layers(saved, calibration, blamed)
+        check_edge_compatible(
+            read_operators(candidate), require_tflite_runtime=not allow_newer_runtime
+        )
+        mixed = dataclasses.replace(
+            fidelity_of(candidate, f"fidelity-check-{steps:g}"), float_layers=blamed
+        )
+        names = ", ".join(_layer_name(t) for t in blamed)
+        _note(progress, f"with {names} in float: {mixed.fidelity.summary()}")
+        if (mixed.fidelity.top1_agreement, -mixed.fidelity.accuracy_drop_points) > (
+            best.fidelity.top1_agreement,
+            -best.fidelity.accuracy_drop_points,
+        ):
+            best = mixed
+    return best
 
 
 def _int8_holds(fidelity: Fidelity, max_accuracy_drop: float) -> bool:
@@ -273,7 +345,7 @@ def convert_model(
         _note(progress, f"checking fidelity on {len(eval_images)} test images")
         keras_probs = keras_probabilities(keras_model, eval_images)
 
-        def fidelity_of(candidate: bytes, name: str) -> tuple[Fidelity, RuntimeInfo]:
+        def fidelity_of(candidate: bytes, name: str) -> _Checked:
             staged = write_bundle(
                 work / name,
                 candidate,
@@ -287,43 +359,37 @@ def convert_model(
             result = compare(
                 keras_probs, edge_probs, y, quantize=quantize, runtime=f"{used.name} {used.version}"
             )
-            return result, used
+            return _Checked(candidate, read_operators(candidate), result, used, staged, edge_probs)
 
-        fidelity, runtime = fidelity_of(model, "fidelity-check")
-        _note(progress, fidelity.summary())
-        float_layers: tuple[str, ...] = ()
-        for steps in FALLBACK_STEPS if float_fallback else ():
-            if calibration is None or _int8_holds(fidelity, max_accuracy_drop):
-                break
-            _note(
-                progress,
-                f"int8 top-1 agreement {fidelity.top1_agreement:.3f} (target "
-                f"{INT8_AGREEMENT_TARGET}): asking the quantisation debugger which layers "
-                f"stray by more than {steps:g} quantisation steps",
+        best = fidelity_of(model, "fidelity-check")
+        _note(progress, best.fidelity.summary())
+        if float_fallback and calibration is not None:
+            best = _float_fallback(
+                best,
+                saved,
+                calibration,
+                fidelity_of,
+                max_accuracy_drop=max_accuracy_drop,
+                allow_newer_runtime=allow_newer_runtime,
+                progress=progress,
             )
-            blamed = tuple(blamed_layers(saved, calibration, max_steps=steps))
-            if not blamed or blamed == float_layers:
-                continue
-            candidate = convert_int8_with_float_layers(saved, calibration, blamed)
-            candidate_ops = read_operators(candidate)
-            check_edge_compatible(candidate_ops, require_tflite_runtime=not allow_newer_runtime)
-            mixed, mixed_runtime = fidelity_of(candidate, f"fidelity-check-{steps:g}")
-            names = ", ".join(_layer_name(t) for t in blamed)
-            _note(progress, f"with {names} in float: {mixed.summary()}")
-            if (mixed.top1_agreement, -mixed.accuracy_drop_points) > (
-                fidelity.top1_agreement,
-                -fidelity.accuracy_drop_points,
-            ):
-                model, operators, fidelity, runtime = (
-                    candidate,
-                    candidate_ops,
-                    mixed,
-                    mixed_runtime,
-                )
-                float_layers = blamed
+        model, operators, fidelity, runtime = (
+            best.model,
+            best.operators,
+            best.fidelity,
+            best.runtime,
+        )
+        staged, edge_probs, float_layers = best.staged, best.edge_probs, best.float_layers
+        second = second_runtime_agreement(staged.model_path, eval_images, edge_probs, output)
+        if second is not None:
+            _note(progress, f"tflite-runtime 2.14 against {runtime.name}: {second}")
     check_accuracy_drop(fidelity, max_accuracy_drop)
 
     litert = runtime.version if runtime.name == "ai_edge_litert" else None
+    runtimes = min_runtime(operators, litert_version=litert, tensorflow_version=tf.__version__)
+    if quantize == "int8" and runtimes.pop("tflite_runtime", None) is not None:
+        second = {**(second or {"runtime": "tflite_runtime 2.14"}), "refused": INT8_NEEDS_LITERT}
+        _note(progress, "min_runtime leaves tflite_runtime out: " + INT8_NEEDS_LITERT)
     return ConversionResult(
         model=model,
         quantize=quantize,
@@ -331,14 +397,13 @@ def convert_model(
         recipe=recipe,
         fidelity=fidelity,
         operators=operators,
-        min_runtime=min_runtime(
-            operators, litert_version=litert, tensorflow_version=tf.__version__
-        ),
+        min_runtime=runtimes,
         calibration_images=0 if calibration is None else len(calibration),
         max_accuracy_drop=float(max_accuracy_drop),
         converter=f"tensorflow {tf.__version__}",
         output=output,
         float_layers=float_layers,
+        second_runtime=second,
     )
 
 

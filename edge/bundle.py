@@ -72,8 +72,12 @@ logger = logging.getLogger(__name__)
 
 # Version 2 adds ``output`` (required); a bundle written without it stays version 1, so
 # stations that read only version 1 keep loading every bundle that does not need it.
-SCHEMA_VERSION = 2
-SUPPORTED_SCHEMA_VERSIONS: tuple[int, ...] = (1, 2)
+# Version 3 adds ``preprocessing.resample`` (output optional, absent as in version 1): a
+# recipe that shrinks with the exact integer box average is version 3, and a station
+# that reads only versions 1-2 refuses it instead of resampling with INTER_AREA; a
+# recipe that keeps INTER_AREA is written as version 1 or 2 without the field.
+SCHEMA_VERSION = 3
+SUPPORTED_SCHEMA_VERSIONS: tuple[int, ...] = (1, 2, 3)
 MODEL_FILE = "model.tflite"
 MANIFEST_FILE = "manifest.json"
 SIGNATURE_FILE = "manifest.sig"
@@ -302,7 +306,10 @@ _MANIFEST_KEYS = (
     "files",
 )
 # The fields each schema version adds to version 1's.
-_ADDED_KEYS: Mapping[int, tuple[str, ...]] = {1: (), 2: ("output",)}
+_ADDED_KEYS: Mapping[int, tuple[str, ...]] = {1: (), 2: ("output",), 3: ()}
+_OPTIONAL_KEYS: Mapping[int, tuple[str, ...]] = {1: (), 2: (), 3: ("output",)}
+# Versions whose preprocessing has no "resample": always INTER_AREA.
+_AREA_ONLY_VERSIONS = (1, 2)
 # What the model's output tensor holds. "logits": the edge applies softmax to the
 # dequantised values (int8 bundles keep softmax out of the integer graph, so close
 # classes are not tied by uint8 steps of 1/256); "probabilities": used as they are.
@@ -339,7 +346,10 @@ class Manifest:
 
     def __post_init__(self) -> None:
         if self.schema_version is None:
-            object.__setattr__(self, "schema_version", 1 if self.output is None else 2)
+            version = 1 if self.output is None else 2
+            if getattr(self.preprocessing, "resample", "area") != "area":
+                version = 3
+            object.__setattr__(self, "schema_version", version)
         object.__setattr__(self, "labels", tuple(self.labels))
         object.__setattr__(self, "input_shape", tuple(int(d) for d in self.input_shape))
         object.__setattr__(self, "files", dict(sorted(self.files.items())))
@@ -366,8 +376,16 @@ class Manifest:
         problems += self._input_problems()
         if self.schema_version == 1 and self.output is not None:
             problems.append("output needs schema_version 2 (version 1 has no output field)")
-        elif self.schema_version == 2 and self.output not in OUTPUT_KINDS:
+        elif (self.schema_version == 2 or self.output is not None) and (
+            self.output not in OUTPUT_KINDS
+        ):
             problems.append(f"output must be one of {', '.join(OUTPUT_KINDS)}, got {self.output!r}")
+        resample = getattr(self.preprocessing, "resample", "area")
+        if self.schema_version in _AREA_ONLY_VERSIONS and resample != "area":
+            problems.append(
+                f"preprocessing.resample {resample!r} needs schema_version 3 (versions 1 "
+                "and 2 always shrink with INTER_AREA)"
+            )
         if not _is_number(self.threshold) or not 0.0 <= self.threshold <= 1.0:
             problems.append(f"threshold must be a number in 0..1, got {self.threshold!r}")
         if self.min_runtime is not None and not all(
@@ -419,7 +437,7 @@ class Manifest:
             "input_dtype": self.input_dtype,
             "output_dtype": self.output_dtype,
             "quantization": None if self.quantization is None else self.quantization.to_dict(),
-            "preprocessing": self.preprocessing.to_dict(),
+            "preprocessing": self._preprocessing_dict(),
             "threshold": self.threshold,
             "min_runtime": None if self.min_runtime is None else dict(self.min_runtime),
             "provenance": self.provenance.to_dict(),
@@ -428,6 +446,12 @@ class Manifest:
         if self.output is not None:
             data["output"] = self.output
         return data
+
+    def _preprocessing_dict(self) -> dict[str, Any]:
+        recipe = self.preprocessing.to_dict()
+        if self.schema_version in _AREA_ONLY_VERSIONS:
+            recipe.pop("resample", None)  # implied, and unknown to their readers
+        return recipe
 
     @classmethod
     def from_dict(cls, data: object) -> Manifest:
@@ -442,9 +466,9 @@ class Manifest:
         version = r.integer("schema_version")
         if version not in SUPPORTED_SCHEMA_VERSIONS:
             raise BundleError(_schema_problem(version))
-        r.check_keys((*_MANIFEST_KEYS, *_ADDED_KEYS[version]))
+        r.check_keys((*_MANIFEST_KEYS, *_ADDED_KEYS[version]), _OPTIONAL_KEYS[version])
         output = r.data.get("output")
-        if version >= 2 and output not in OUTPUT_KINDS:
+        if (version == 2 or output is not None) and output not in OUTPUT_KINDS:
             raise r.fail("output", f"one of {', '.join(OUTPUT_KINDS)}")
         labels = r.data["labels"]
         if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
@@ -455,8 +479,14 @@ class Manifest:
         ):
             raise r.fail("input_shape", "a list of integers")
         quantization = r.data["quantization"]
+        recipe = r.mapping("preprocessing")
+        if version in _AREA_ONLY_VERSIONS and "resample" in recipe:
+            raise BundleError(
+                f"manifest field preprocessing.resample needs schema_version 3 (this "
+                f"manifest is version {version}, whose recipes always use INTER_AREA)"
+            )
         try:
-            preprocessing = PreprocessRecipe.from_dict(r.mapping("preprocessing"))
+            preprocessing = PreprocessRecipe.from_dict(recipe)
         except RecipeError as exc:
             raise BundleError(f"manifest field preprocessing: {exc}") from exc
         min_runtime = r.data["min_runtime"]
@@ -481,6 +511,20 @@ class Manifest:
                 for name, entry in r.mapping("files").items()
             },
         )
+
+
+def _refusal(manifest: Manifest) -> str | None:
+    """Why ``fieldscope convert`` left this device's runtime out of min_runtime, if said.
+
+    Recorded as ``provenance.fidelity.<runtime>_<major>_<minor>.refused`` (e.g.
+    ``tflite_runtime_2_14``); a free-form field, so anything else there is ignored.
+    """
+    info = runtime_info()
+    parts = info.version.split(".")
+    key = f"{info.name}_{'_'.join(parts[:2])}"
+    entry = manifest.provenance.fidelity.get(key) if manifest.provenance else None
+    reason = entry.get("refused") if isinstance(entry, Mapping) else None
+    return reason if isinstance(reason, str) and reason else None
 
 
 def _schema_problem(version: object) -> str:
@@ -938,7 +982,7 @@ def verify_bundle(path: Path, public_key: Path | None = None, *, load_model: boo
     if load_model:
         manifest = bundle.manifest
         try:
-            check_min_runtime(manifest.min_runtime, runtime_info())
+            check_min_runtime(manifest.min_runtime, runtime_info(), _refusal(manifest))
         except BundleError as exc:
             raise BundleError(f"bundle {path}: {exc}") from exc
         try:

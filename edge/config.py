@@ -350,6 +350,7 @@ class PreprocessingOverrides:
             denoise_params=params,
             resize=self.resize if self.resize is not None else recipe.resize,
             fill=self.fill if self.fill is not None else recipe.fill,
+            resample=recipe.resample,
         )
 
     def problems(self) -> Problems:

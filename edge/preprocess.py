@@ -37,6 +37,7 @@ __all__ = [
     "DENOISE_METHODS",
     "MAX_DECODE_BYTES",
     "MAX_PIXELS",
+    "RESAMPLE_METHODS",
     "RESIZE_POLICIES",
     "PreprocessRecipe",
     "decode_image",
@@ -60,6 +61,14 @@ DENOISE_DEFAULTS: Mapping[str, Mapping[str, float | int]] = {
 }
 DENOISE_METHODS: tuple[str, ...] = tuple(DENOISE_DEFAULTS)
 RESIZE_POLICIES: tuple[str, ...] = ("stretch", "center-crop", "letterbox")
+# How a shrink resamples. "exact" (the default since recipes carry the field): the box
+# average of INTER_AREA computed in integers; the same pixels on x86_64 and ARM. "area": OpenCV's
+# INTER_AREA, which at non-integer scales rounds differently on ARM (one grey level in
+# ~0.2 % of values, enough to flip a close call of a 73-class model); kept so bundles
+# and run folders made before the field existed keep the pixels they were trained on.
+RESAMPLE_METHODS: tuple[str, ...] = ("exact", "area")
+# What a recipe read from a manifest or run config without a "resample" key means.
+_LEGACY_RESAMPLE = "area"
 
 # The range each parameter may take. Windows are bounded because their cost grows with
 # their area: nlmeans with search_window=999 held a daemon's main thread for minutes on
@@ -109,6 +118,8 @@ class PreprocessRecipe:
     re-derives preprocessing. ``size`` is (height, width) of the model input.
     ``fill`` is the letterbox padding: ``"border"`` (median of the image border, which
     suits white-background plankton and dark-field images alike) or an RGB triple.
+    ``resample`` is how shrinking works (``RESAMPLE_METHODS``): ``"exact"`` gives the
+    same pixels on every CPU; ``"area"`` is what recipes without the field meant.
     Window parameters given as integral floats (``ksize = 5.0``) are stored as ints, so
     equal recipes compare equal whatever file format they came from.
     """
@@ -118,6 +129,7 @@ class PreprocessRecipe:
     denoise_params: Mapping[str, float | int] = field(default_factory=dict)
     resize: str = "letterbox"
     fill: str | tuple[int, int, int] = "border"
+    resample: str = "exact"
 
     def __post_init__(self) -> None:
         problems = self.validate()
@@ -137,6 +149,10 @@ class PreprocessRecipe:
         problems.extend(_size_problems(self.size, "size"))
         problems.extend(_denoise_problems(self.denoise, self.denoise_params))
         problems.extend(_resize_problems(self.resize, self.fill))
+        if not isinstance(self.resample, str) or self.resample not in RESAMPLE_METHODS:
+            problems.append(
+                f"resample must be one of {', '.join(RESAMPLE_METHODS)}, got {self.resample!r}"
+            )
         return problems
 
     def __hash__(self) -> int:
@@ -156,14 +172,20 @@ class PreprocessRecipe:
             "denoise_params": dict(self.denoise_params),
             "resize": self.resize,
             "fill": self.fill if isinstance(self.fill, str) else list(self.fill),
+            "resample": self.resample,
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PreprocessRecipe:
-        """Parse the manifest/config form; unknown keys are errors, not silently dropped."""
+        """Parse the manifest/config form; unknown keys are errors, not silently dropped.
+
+        A recipe without ``resample`` was written before the field existed (a bundle or
+        a run folder trained on INTER_AREA pixels), so it gets ``"area"``: the pixels it
+        was trained on, not the newer default.
+        """
         if not isinstance(data, Mapping):
             raise RecipeError(f"preprocessing recipe must be a table/object, got {data!r}")
-        known = {"size", "denoise", "denoise_params", "resize", "fill"}
+        known = {"size", "denoise", "denoise_params", "resize", "fill", "resample"}
         unknown = sorted(str(key) for key in set(data) - known)
         if unknown:
             raise RecipeError(
@@ -171,6 +193,7 @@ class PreprocessRecipe:
                 f"(known: {', '.join(sorted(known))})"
             )
         kwargs: dict[str, Any] = dict(data)
+        kwargs.setdefault("resample", _LEGACY_RESAMPLE)
         if "size" in kwargs and isinstance(kwargs["size"], list):
             kwargs["size"] = tuple(kwargs["size"])
         if "fill" in kwargs and isinstance(kwargs["fill"], list):
@@ -789,6 +812,7 @@ def resize_to(
     size: tuple[int, int],
     policy: str,
     fill: str | tuple[int, int, int] = "border",
+    resample: str = "exact",
 ) -> RGBImage:
     """Bring an image to ``size`` = (height, width) by one of ``RESIZE_POLICIES``.
 
@@ -799,9 +823,14 @@ def resize_to(
       ``fill``: an RGB triple, or ``"border"`` = the per-channel median of the image's
       outer 1-pixel border, so padding looks like the specimen's own background.
 
-    Shrinking uses INTER_AREA (averages, no aliasing of fine cell walls); enlarging on
-    either axis uses INTER_LINEAR_EXACT, OpenCV's bit-exact bilinear, so x86 and ARM
-    agree. Sizes and offsets are computed in integers; the result is deterministic.
+    Shrinking averages the source area under each output pixel (no aliasing of fine
+    cell walls). With ``resample="exact"`` that box average is computed in integers,
+    so it is the same on every CPU (OpenCV's INTER_AREA geometry, rounded half up;
+    within one grey level of INTER_AREA). ``"area"`` is OpenCV's INTER_AREA itself,
+    which rounds differently on ARM at non-integer scales (recipes made before
+    ``resample`` existed). Enlarging on either axis uses INTER_LINEAR_EXACT, OpenCV's
+    fixed-point bilinear, exact on x86 and ARM. Sizes and offsets
+    are computed in integers; the result is deterministic.
 
     Raises:
         RecipeError: invalid ``size``, ``policy`` or ``fill``.
@@ -809,19 +838,21 @@ def resize_to(
     """
     rgb = _check_rgb(image, "resize_to: image")
     problems = _size_problems(size, "size") + _resize_problems(policy, fill)
+    if resample not in RESAMPLE_METHODS:
+        problems.append(f"resample must be one of {', '.join(RESAMPLE_METHODS)}, got {resample!r}")
     if problems:
         raise RecipeError("; ".join(problems))
     out_h, out_w = int(size[0]), int(size[1])
     h, w = rgb.shape[:2]
     if policy == "stretch":
-        return _resize(rgb, out_w, out_h)
+        return _resize(rgb, out_w, out_h, resample)
     if policy == "center-crop":
         if w * out_h > h * out_w:  # source is wider than the target: crop the sides
             crop_h, crop_w = h, max(1, (2 * h * out_w + out_h) // (2 * out_h))
         else:  # taller (or equal): crop top and bottom
             crop_h, crop_w = max(1, (2 * w * out_h + out_w) // (2 * out_w)), w
         top, left = (h - crop_h) // 2, (w - crop_w) // 2
-        return _resize(rgb[top : top + crop_h, left : left + crop_w], out_w, out_h)
+        return _resize(rgb[top : top + crop_h, left : left + crop_w], out_w, out_h, resample)
     colour = _border_colour(rgb) if isinstance(fill, str) else tuple(int(c) for c in fill)
     if w * out_h >= h * out_w:  # limited by width
         new_w, new_h = out_w, min(out_h, max(1, (2 * h * out_w + w) // (2 * w)))
@@ -830,18 +861,93 @@ def resize_to(
     canvas = np.empty((out_h, out_w, 3), dtype=np.uint8)
     canvas[:, :] = np.array(colour, dtype=np.uint8)
     top, left = (out_h - new_h) // 2, (out_w - new_w) // 2
-    canvas[top : top + new_h, left : left + new_w] = _resize(rgb, new_w, new_h)
+    canvas[top : top + new_h, left : left + new_w] = _resize(rgb, new_w, new_h, resample)
     return canvas
 
 
-def _resize(image: RGBImage, width: int, height: int) -> RGBImage:
+def _resize(image: RGBImage, width: int, height: int, resample: str) -> RGBImage:
     h, w = image.shape[:2]
     if (h, w) == (height, width):
         return np.array(image, dtype=np.uint8, order="C", copy=True)
+    source = np.ascontiguousarray(image)
     shrink = width <= w and height <= h
+    if shrink and resample == "exact":
+        return _area_exact(source, height, width)
     interpolation = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR_EXACT
-    out = cv2.resize(np.ascontiguousarray(image), (width, height), interpolation=interpolation)
+    out = cv2.resize(source, (width, height), interpolation=interpolation)
     return np.ascontiguousarray(cast(RGBImage, out))
+
+
+class _AreaAxis(NamedTuple):
+    """Where each output pixel's box starts and ends along one axis, in integers.
+
+    Scaled so that a source pixel is ``m`` units and an output pixel ``n`` units long
+    (source length n, output length m): output j covers [j n, (j + 1) n), which starts
+    ``cut_first`` units into source pixel ``first`` and ends ``cut_last`` units before
+    the end of source pixel ``last``.
+    """
+
+    first: npt.NDArray[np.intp]
+    last: npt.NDArray[np.intp]
+    cut_first: npt.NDArray[np.int64]
+    cut_last: npt.NDArray[np.int64]
+
+
+def _area_axis(n: int, m: int) -> _AreaAxis:
+    start = np.arange(m, dtype=np.int64) * n
+    end = start + n
+    first = start // m
+    last = (end - 1) // m
+    return _AreaAxis(first, last, start - first * m, (last + 1) * m - end)
+
+
+def _box_sums(values: npt.NDArray[Any], axis: _AreaAxis, m: int, dim: int) -> npt.NDArray[np.int64]:
+    """Along ``dim``: each output box's sum of source values times overlap, exactly.
+
+    The running sum is int32 where it cannot overflow (uint8 rows up to 8 million
+    pixels long), which halves the memory traffic of the pass over the full frame.
+    """
+    n = values.shape[dim]
+    small = values.dtype == np.uint8 and 255 * n < 2**31
+    shape = list(values.shape)
+    shape[dim] += 1
+    cumulative = np.zeros(shape, dtype=np.int32 if small else np.int64)
+    inner = [slice(None)] * values.ndim
+    inner[dim] = slice(1, None)
+    np.cumsum(values, axis=dim, dtype=cumulative.dtype, out=cumulative[tuple(inner)])
+    whole = np.take(cumulative, axis.last + 1, axis=dim).astype(np.int64)
+    whole -= np.take(cumulative, axis.first, axis=dim)
+    weights = [1] * values.ndim
+    weights[dim] = -1
+    sums: npt.NDArray[np.int64] = whole * m
+    sums -= np.take(values, axis.first, axis=dim) * axis.cut_first.reshape(weights)
+    sums -= np.take(values, axis.last, axis=dim) * axis.cut_last.reshape(weights)
+    return sums
+
+
+def _area_exact(image: RGBImage, height: int, width: int) -> RGBImage:
+    """INTER_AREA's box average computed in integers: the same pixels on every CPU.
+
+    Each output pixel is the mean of the source area it covers, partial pixels at its
+    edges weighted by the part inside (OpenCV's INTER_AREA geometry), rounded half up.
+    Sums and overlaps are integers (int64 holds 255 x MAX_PIXELS x 4096), so no
+    float rounding, SIMD width or FMA can change a value. It works column-wise in bands
+    of rows, so the temporaries stay a few megabytes beyond the first pass's result,
+    made along the axis that leaves the smaller one.
+    """
+    h, w = image.shape[:2]
+    if h * width > height * w:  # narrow the longer way first: a smaller intermediate
+        flipped = _area_exact(np.ascontiguousarray(image.transpose(1, 0, 2)), width, height)
+        return np.ascontiguousarray(flipped.transpose(1, 0, 2))
+    columns = _area_axis(w, width)
+    rows = _area_axis(h, height)
+    narrowed = np.empty((h, width, 3), dtype=np.int64)
+    band = max(1, _BLOCK_PIXELS // max(1, w))
+    for top in range(0, h, band):
+        narrowed[top : top + band] = _box_sums(image[top : top + band], columns, width, 1)
+    total = _box_sums(narrowed, rows, height, 0)
+    divisor = w * h
+    return np.ascontiguousarray(((total + divisor // 2) // divisor).astype(np.uint8))
 
 
 def _border_colour(image: RGBImage) -> tuple[int, int, int]:
@@ -871,7 +977,7 @@ def preprocess(image: RGBImage, recipe: PreprocessRecipe) -> RGBImage:
         raise ValueError(f"preprocess: recipe must be a PreprocessRecipe, got {recipe!r}")
     if recipe.denoise != "none":
         rgb = denoise(rgb, recipe.denoise, recipe.denoise_params)
-    return resize_to(rgb, recipe.size, recipe.resize, recipe.fill)
+    return resize_to(rgb, recipe.size, recipe.resize, recipe.fill, recipe.resample)
 
 
 def load_and_preprocess(path: str | os.PathLike[str], recipe: PreprocessRecipe) -> RGBImage:

@@ -207,7 +207,9 @@ def _version_key(text: str) -> tuple[int, ...] | None:
     return tuple(parts + [0] * (3 - len(parts)))
 
 
-def check_min_runtime(min_runtime: Mapping[str, str] | None, info: RuntimeInfo) -> None:
+def check_min_runtime(
+    min_runtime: Mapping[str, str] | None, info: RuntimeInfo, reason: str | None = None
+) -> None:
     """Refuse to run a bundle on a runtime its manifest does not list as able to run it.
 
     ``min_runtime`` (written by ``fieldscope convert``) lists each runtime that is known
@@ -216,6 +218,7 @@ def check_min_runtime(min_runtime: Mapping[str, str] | None, info: RuntimeInfo) 
     does on aarch64 with some newer int8 models — crash in ``invoke()``; a clear refusal
     beats either. A bundle without ``min_runtime`` makes no claim and is not checked,
     nor is a runtime whose version is unknown (built from source, no pip metadata).
+    ``reason`` is why the converter left this runtime out, when the manifest says so.
 
     Raises:
         BundleError: this runtime is not listed, or is older than the listed version.
@@ -224,6 +227,12 @@ def check_min_runtime(min_runtime: Mapping[str, str] | None, info: RuntimeInfo) 
         return
     listed = ", ".join(f"{name} >= {version}" for name, version in sorted(min_runtime.items()))
     needed = min_runtime.get(info.name)
+    if needed is None and reason:
+        raise BundleError(
+            f"the bundle refuses {info.name} {info.version} (it lists: {listed}): {reason}; "
+            "install ai-edge-litert (`pip install ai-edge-litert`), or convert with "
+            "--quantize float16 for this runtime"
+        )
     if needed is None:
         raise BundleError(
             f"the bundle is not known to run on {info.name} {info.version} (it lists: "

@@ -32,7 +32,8 @@ from fieldscope.edge.bundle import (
 from fieldscope.edge.errors import BundleError
 from fieldscope.edge.preprocess import PreprocessRecipe
 
-RECIPE = PreprocessRecipe(size=(32, 32), denoise="median", resize="letterbox")
+# INTER_AREA resampling: what version 1 and 2 manifests hold (see the version 3 tests).
+RECIPE = PreprocessRecipe(size=(32, 32), denoise="median", resize="letterbox", resample="area")
 
 
 def _write(out: Path, model: bytes, **overrides: Any) -> Bundle:
@@ -129,6 +130,38 @@ def test_written_manifest_matches_the_published_json_schema(bundle_dir: Path) ->
             jsonschema.validate(bad, manifest_schema())
         with pytest.raises(BundleError):
             Manifest.from_dict(bad)
+
+
+def test_exact_resampling_makes_a_version_3_manifest_older_stations_refuse(
+    tmp_path: Path, tiny_models: Any
+) -> None:
+    # The pixels an exact recipe gives differ (by a grey level) from INTER_AREA's, so a
+    # station that only knows INTER_AREA must not run it: version 3 says so up front.
+    exact = PreprocessRecipe(size=(32, 32), denoise="median")
+    assert exact.resample == "exact"
+    bundle = _write(tmp_path / "b", tiny_models.int8, preprocessing=exact)
+    data = json.loads((bundle.path / MANIFEST_FILE).read_text())
+    assert data["schema_version"] == 3 == SCHEMA_VERSION
+    assert data["preprocessing"]["resample"] == "exact"
+    assert "output" not in data  # optional in version 3, as in version 1
+    jsonschema.validate(data, manifest_schema())
+    assert verify_bundle(bundle.path).manifest.preprocessing == exact
+    with_output = {**data, "output": "logits"}
+    jsonschema.validate(with_output, manifest_schema())
+    assert Manifest.from_dict(with_output).output == "logits"
+    older = {**data, "schema_version": 2, "output": "logits"}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(older, manifest_schema())
+    with pytest.raises(BundleError, match=r"preprocessing\.resample needs schema_version 3"):
+        Manifest.from_dict(older)
+    # A version 1 or 2 manifest (no resample) keeps INTER_AREA, as it was trained.
+    legacy = {
+        **older,
+        "preprocessing": {k: v for k, v in data["preprocessing"].items() if k != "resample"},
+    }
+    assert Manifest.from_dict(legacy).preprocessing.resample == "area"
+    with pytest.raises(BundleError, match="resample 'exact' needs schema_version 3"):
+        Manifest(**{**Manifest.from_dict(with_output).__dict__, "schema_version": 2})
 
 
 def test_float_bundle_has_no_quantization(tmp_path: Path, tiny_models: Any) -> None:
@@ -244,8 +277,8 @@ def test_refuses_a_changed_model(bundle_dir: Path) -> None:
 
 
 def test_refuses_unknown_schema_version(bundle_dir: Path) -> None:
-    _edit_manifest(bundle_dir, lambda d: d.update(schema_version=3, new_field=1))
-    _refused(bundle_dir, "schema_version 3", "reads version 1, 2")
+    _edit_manifest(bundle_dir, lambda d: d.update(schema_version=4, new_field=1))
+    _refused(bundle_dir, "schema_version 4", "reads version 1, 2, 3")
     _edit_manifest(bundle_dir, lambda d: d.update(schema_version="1"))
     _refused(bundle_dir, "schema_version must be an integer")
 

@@ -163,6 +163,29 @@ def test_a_bundle_for_another_runtime_is_refused(
     assert len(err.strip().splitlines()) == 1
 
 
+def test_a_runtime_the_converter_left_out_is_refused_with_its_reason(
+    bundle: Path, images: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `fieldscope convert` leaves tflite_runtime out of full-int8 bundles and records
+    # why; the station must say that, not suggest a converter flag that cannot help.
+    from fieldscope.edge.runtime import runtime_info
+
+    info = runtime_info()
+    key = f"{info.name}_{'_'.join(info.version.split('.')[:2])}"
+    manifest = bundle / MANIFEST_FILE
+    data = json.loads(manifest.read_text())
+    data["min_runtime"] = {"some_other_runtime": "1.0"}
+    data["provenance"]["fidelity"][key] = {"refused": "its int8 kernels round differently"}
+    manifest.write_text(json.dumps(data))
+    code, out, err = _run(capsys, str(bundle), str(images))
+    assert code == 2
+    assert out == ""
+    assert f"refuses {info.name} {info.version}" in err
+    assert "its int8 kernels round differently; install ai-edge-litert" in err
+    assert "--allow-newer-runtime" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize(
     ("option", "fragment"),
     [(["--top", "0"], "--top must be at least 1"), (["--threads", "0"], "num_threads")],

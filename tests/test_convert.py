@@ -26,6 +26,7 @@ from fieldscope.convert.fidelity import (
     check_accuracy_drop,
     compare,
     macro_f1,
+    second_runtime_agreement,
 )
 from fieldscope.convert.opcheck import (
     TFLITE_RUNTIME_2_14,
@@ -186,11 +187,15 @@ def test_each_mode_runs_on_the_edge_and_agrees_with_keras(
     assert fidelity["top1_agreement"] == pytest.approx(agreement, abs=1e-6)
     assert {"keras_accuracy", "edge_accuracy", "keras_macro_f1", "edge_macro_f1"} <= set(fidelity)
     assert fidelity["max_prob_diff"] == pytest.approx(result.fidelity.max_prob_diff, abs=1e-6)
-    assert m.min_runtime == {
-        "ai_edge_litert": "1.2",
-        "tensorflow": "2.14",
-        "tflite_runtime": "2.14",
-    }
+    if mode == "int8":  # tflite-runtime 2.14's int8 kernels round differently on ARM
+        assert m.min_runtime == {"ai_edge_litert": "1.2", "tensorflow": "2.14"}
+        assert "aarch64" in fidelity["tflite_runtime_2_14"]["refused"]
+    else:
+        assert m.min_runtime == {
+            "ai_edge_litert": "1.2",
+            "tensorflow": "2.14",
+            "tflite_runtime": "2.14",
+        }
     assert not result.operators.per_channel_dense
     assert result.operators.tflite_runtime_2_14_problems() == []
     if mode == "int8":
@@ -499,3 +504,53 @@ def test_bad_inputs_are_refused_before_converting(
 ) -> None:
     with pytest.raises(ConversionError, match=fragment.replace("(", r"\(")):
         convert_model(tiny_models.keras_model, **{**colour_inputs, **change})
+
+
+def test_fidelity_reports_tflite_runtime_2_14_agreement_when_it_is_available(
+    tiny_models: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gate runs the bundle under tflite-runtime 2.14 too and records the agreement.
+
+    Older Pi images run tflite-runtime 2.14, whose int8 kernels are not LiteRT's: the
+    manifest's provenance.fidelity says how often they give the same answer.
+    """
+    from fieldscope.edge.bundle import write_bundle
+
+    model = tmp_path / "int8.tflite"
+    model.write_bytes(tiny_models.int8)
+    rng = np.random.default_rng(4)
+    images = rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
+    for i in range(12):
+        images[i, :, :, i % 3] = 250  # a dominant colour: a confident, known answer
+    recipe = PreprocessRecipe(size=(32, 32))
+    bundle = write_bundle(
+        tmp_path / "b",
+        tiny_models.int8,
+        model_name="t",
+        model_version="1",
+        labels=("red", "green", "blue"),
+        preprocessing=recipe,
+    )
+    litert = np.stack([Classifier(bundle).classify(im).probabilities for im in images])
+    monkeypatch.delenv(TFLITE_214_ENV, raising=False)
+    assert second_runtime_agreement(model, images, litert, None) is None
+    broken = second_runtime_agreement(model, images, litert, None, python="/bin/false")
+    assert broken is not None
+    assert broken["error"] == "exit status 1"
+    python = os.environ.get(TFLITE_214_ENV) or _cached_tflite_214_python()
+    if python is None:
+        pytest.skip(f"set {TFLITE_214_ENV} to a python with tflite-runtime 2.14 and numpy<2")
+    found = second_runtime_agreement(model, images, litert, None, python=python)
+    assert found is not None
+    assert found["runtime"] == "tflite_runtime 2.14.0", found
+    assert found["images"] == 12
+    assert found["top1_agreement"] == 1.0
+    assert found["max_prob_diff"] < 0.05
+
+
+def _cached_tflite_214_python() -> str | None:
+    """The pi-check's x86_64 tflite-runtime 2.14 venv, if this machine has built it."""
+    cache = Path(os.environ.get("FIELDSCOPE_CACHE") or Path.home() / ".cache/fieldscope")
+    for python in sorted((cache / "pi-check").glob("x86_64-tflite214-*/bin/python")):
+        return str(python)
+    return None

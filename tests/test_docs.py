@@ -32,8 +32,16 @@ OUTSIDE_REFERENCES: tuple[tuple[re.Pattern[str], str, frozenset[str]], ...] = (
     (
         re.compile(r"\.\./shared/"),
         "a path outside the repository",
-        # The real plankton images used by these three are test data, not documentation.
-        frozenset({"tests/test_real_accuracy.py", "benchmarks/real_accuracy.py", ".ci/run"}),
+        # The real plankton images used by these are test data, not documentation.
+        frozenset(
+            {
+                "tests/test_real_accuracy.py",
+                "benchmarks/real_accuracy.py",
+                ".ci/run",
+                "deploy/pi-check/run",
+                "deploy/pi-check/make_real_bundle.py",
+            }
+        ),
     ),
     (re.compile(r"/work/shared\b"), "a path on one machine, outside the repository", frozenset()),
 )

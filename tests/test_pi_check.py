@@ -170,7 +170,16 @@ def test_a_bundle_converted_like_fieldscope_convert_passes_on_the_pi(
     assert done.returncode == 0, out + done.stderr
     assert "RESULT: PASS (" in out
     rows = _table(out)
-    assert all(r["RESULT"] == "PASS" for r in rows), out
+    # Every row passes, except that a denoise filter this bundle does not use may warn:
+    # OpenCV's bilateral filter rounds one value in thousands differently on aarch64
+    # (seen with OpenCV 4.11); this bundle's own recipe (median) must be exact.
+    others = [r for r in rows if r["STEP"] != "denoise filters"]
+    assert all(r["RESULT"] == "PASS" for r in others), out
+    for row in (r for r in rows if r["STEP"] == "denoise filters"):
+        assert row["RESULT"] == "PASS" or row["DETAIL"].startswith("differ: bilateral ("), out
+    for runtime in ("ai_edge_litert", "tflite_runtime"):
+        preprocess = _row(rows, "preprocess", "arm64 vs x86_64", runtime)
+        assert preprocess["DETAIL"].endswith("identical pixels"), preprocess
     n = IMAGES_PER_COLOUR * len(COLOUR_LABELS)
     # Each runtime gives the same answers on aarch64 as on x86_64, image by image; this
     # model's input pixels and outputs are even bit-identical.

@@ -12,6 +12,7 @@ import os
 import struct
 import tracemalloc
 import zlib
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from fieldscope.edge.preprocess import (
     DENOISE_DEFAULTS,
     DENOISE_METHODS,
     MAX_PIXELS,
+    RESAMPLE_METHODS,
     RESIZE_POLICIES,
     PreprocessRecipe,
     decode_image,
@@ -514,6 +516,95 @@ def test_resize_rejects_bad_arguments(
 ) -> None:
     with pytest.raises(RecipeError, match=phrase):
         resize_to(np.zeros((8, 8, 3), np.uint8), size, policy, fill)
+
+
+# ── exact resampling: the same pixels on x86_64 and ARM ──────────────────────────────
+
+
+def _specimen_like(height: int, width: int, seed: int = 3, noise: float = 12.0) -> np.ndarray:
+    """A smooth, textured frame with fine edges: where resize rounding shows."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
+    base = 128 + 60 * np.sin(xx / 7.3) * np.cos(yy / 5.1)
+    image = np.stack([base, base[::-1], base[:, ::-1]], axis=2)
+    image += rng.normal(0, noise, image.shape)
+    image[height // 3 : height // 2, width // 4 : width // 2] = (30, 200, 90)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def _area_reference(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The box average under each output pixel, in Python fractions: ground truth."""
+    h, w = image.shape[:2]
+
+    def weights(n: int, m: int) -> np.ndarray:
+        matrix = np.zeros((m, n), dtype=object)
+        for j in range(m):
+            for i in range(n):
+                overlap = min((i + 1) * m, (j + 1) * n) - max(i * m, j * n)
+                matrix[j, i] = Fraction(max(0, overlap), n)
+        return matrix
+
+    wy, wx = weights(h, height), weights(w, width)
+    out = np.empty((height, width, 3), dtype=np.uint8)
+    for c in range(3):
+        mean = wy.dot(image[:, :, c].astype(object)).dot(wx.T)
+        out[:, :, c] = [[int(v + Fraction(1, 2)) for v in row] for row in mean]
+    return out
+
+
+@pytest.mark.parametrize(
+    ("source", "target"),
+    [((26, 40), (13, 8)), ((37, 50), (13, 9)), ((61, 45), (16, 45)), ((30, 97), (8, 12))],
+)
+def test_exact_shrink_is_the_box_average_rounded_half_up(
+    source: tuple[int, int], target: tuple[int, int]
+) -> None:
+    image = _specimen_like(*source)
+    out = resize_to(image, target, "stretch", "border")
+    np.testing.assert_array_equal(out, _area_reference(image, *target))
+
+
+def test_exact_shrink_does_not_depend_on_opencv_code_paths() -> None:
+    # OpenCV's INTER_AREA at non-integer scales computes in float, and its NEON code
+    # rounds differently from SSE: an ARM station saw one grey level differ in 0.2 % of
+    # values, which flipped a close call of a 73-class model. The exact shrink is
+    # integer arithmetic; with OpenCV's optimised (SIMD) paths off it is unchanged, and
+    # it stays within one grey level of INTER_AREA (same geometry).
+    image = _specimen_like(961, 1283)
+    optimised = cv2.useOptimized()
+    try:
+        cv2.setUseOptimized(False)
+        reference = {p: resize_to(image, (224, 224), p, "border") for p in RESIZE_POLICIES}
+    finally:
+        cv2.setUseOptimized(optimised)
+    for policy in RESIZE_POLICIES:
+        exact = resize_to(image, (224, 224), policy, "border")
+        np.testing.assert_array_equal(exact, reference[policy])
+        area = resize_to(image, (224, 224), policy, "border", "area")
+        assert np.abs(exact.astype(np.int16) - area).max() <= 1
+
+
+def test_recipes_without_resample_keep_the_pixels_they_were_trained_on() -> None:
+    # A manifest or run config written before the field existed means INTER_AREA.
+    image = _specimen_like(300, 410)
+    old = PreprocessRecipe.from_dict({"size": [96, 96], "resize": "stretch"})
+    assert old.resample == "area"
+    np.testing.assert_array_equal(
+        preprocess(image, old), cv2.resize(image, (96, 96), interpolation=cv2.INTER_AREA)
+    )
+    new = PreprocessRecipe(size=(96, 96), resize="stretch")
+    assert new.resample == "exact"
+    assert new.to_dict()["resample"] == "exact"
+    assert PreprocessRecipe.from_dict(new.to_dict()) == new
+    assert new.fingerprint() != old.fingerprint()  # training caches are not mixed up
+
+
+def test_a_bad_resample_value_is_a_clear_error() -> None:
+    with pytest.raises(RecipeError, match=r"resample must be one of exact, area, got 'cubic'"):
+        PreprocessRecipe.from_dict({"resample": "cubic"})
+    with pytest.raises(RecipeError, match="resample must be one of"):
+        resize_to(np.zeros((8, 8, 3), np.uint8), (8, 8), "stretch", "border", "nearest")
+    assert RESAMPLE_METHODS == ("exact", "area")
 
 
 # ── preprocess: the whole contract ────────────────────────────────────────────────────

@@ -74,6 +74,7 @@ FLAG_VALUES: dict[str, tuple[str, object]] = {
     "preprocess.denoise_params": ("ksize=3", {"ksize": 3}),
     "preprocess.resize": ("center-crop", "center-crop"),
     "preprocess.fill": ("255,255,255", (255, 255, 255)),
+    "preprocess.resample": ("area", "area"),
     "augment.flip": ("", False),
     "augment.rotate90": ("", False),
     "augment.rotation": ("0.25", 0.25),
@@ -158,6 +159,17 @@ def test_saved_config_round_trips_with_its_recipe() -> None:
     assert data["preprocess"] == config.recipe().to_dict()
     assert data["preprocess"]["size"] == [96, 96]
     assert TrainConfig.from_dict(data) == config
+
+
+def test_a_run_saved_before_resample_existed_keeps_inter_area() -> None:
+    # Its model was trained on INTER_AREA pixels: resuming, evaluating or converting it
+    # must not switch to the exact resampling new runs use.
+    data = json.loads(json.dumps(_parse(["--image-size", "96"]).to_dict()))
+    assert data["preprocess"]["resample"] == "exact"
+    del data["preprocess"]["resample"]
+    assert TrainConfig.from_dict(data).recipe().resample == "area"
+    with pytest.raises(ConfigError, match="resample must be one of exact, area"):
+        _parse(["--resample", "bicubic"])
 
 
 def _run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:

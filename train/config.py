@@ -78,6 +78,14 @@ class PreprocessConfig:
         default="border",
         metadata=_key("letterbox fill: border or R,G,B", flag="--fill", metavar="FILL"),
     )
+    resample: str = field(
+        default="exact",
+        metadata=_key(
+            "how shrinking resamples: exact (integer box average, the same pixels on "
+            "x86_64 and ARM) or area (OpenCV INTER_AREA, what runs before it had)",
+            flag="--resample",
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -188,6 +196,7 @@ class TrainConfig:
             denoise_params=dict(recipe.denoise_params),
             resize=recipe.resize,
             fill=recipe.fill,
+            resample=recipe.resample,
         )
         object.__setattr__(self, "preprocess", canonical)
 
@@ -280,6 +289,7 @@ class TrainConfig:
             denoise_params=dict(p.denoise_params),
             resize=p.resize,
             fill=p.fill,
+            resample=p.resample,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -360,7 +370,11 @@ def _build(cls: type, data: Mapping[str, Any], *, prefix: str, source: str) -> A
 def _drop_recipe_size(
     value: Mapping[str, Any], data: Mapping[str, Any], source: str
 ) -> dict[str, Any]:
-    """A saved config carries the full recipe; its size must agree with image_size."""
+    """A saved config carries the full recipe; its size must agree with image_size.
+
+    A saved recipe without ``resample`` comes from a run made before the field existed,
+    whose model was trained on INTER_AREA pixels: it keeps ``area``.
+    """
     size = value["size"]
     side = data.get("image_size", TrainConfig.image_size)
     if list(size) != [side, side]:
@@ -368,7 +382,7 @@ def _drop_recipe_size(
             f"{source}: preprocess.size {list(size)} disagrees with image_size {side}; "
             "set image_size only"
         )
-    return {k: v for k, v in value.items() if k != "size"}
+    return {"resample": "area", **{k: v for k, v in value.items() if k != "size"}}
 
 
 def _is_number(value: Any) -> bool:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from compare import WHERE, compare_classify, compare_tensors
+from compare import WHERE, compare_classify, compare_denoise, compare_tensors
 from daemon_step import run_daemon
 from steps import (
     EXPECTED_HWCAPS,
@@ -96,6 +96,11 @@ def parse(argv: Sequence[str] | None) -> Plan:
     p.add_argument("--tolerance", type=float, default=1e-4)
     p.add_argument("--max-drift", type=float, default=0.05)
     p.add_argument("--strict", action="store_true", help="every difference fails")
+    p.add_argument(
+        "--lenient-preprocessing",
+        action="store_true",
+        help="model-input pixels one grey level apart only warn",
+    )
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--daemon-seconds", type=float, default=0.0, help="0: no daemon step")
     p.add_argument("--workdir", type=Path, required=True)
@@ -113,6 +118,7 @@ def parse(argv: Sequence[str] | None) -> Plan:
         tolerance=args.tolerance,
         max_drift=args.max_drift,
         strict=args.strict,
+        lenient_preprocessing=args.lenient_preprocessing,
         images=args.images,
         bundles=bundles,
     )
@@ -144,7 +150,18 @@ def excluded(bundle_dir: Path, runtime: Runtime) -> str | None:
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
     listed = manifest.get("min_runtime")
     if listed and runtime.name not in listed:
-        return f"the bundle's min_runtime lists only {', '.join(sorted(listed))}"
+        why = f"the bundle's min_runtime lists only {', '.join(sorted(listed))}"
+        # fieldscope convert records why it left a runtime out (int8: tflite-runtime).
+        fidelity = (manifest.get("provenance") or {}).get("fidelity") or {}
+        refused = next(
+            (
+                v.get("refused")
+                for k, v in fidelity.items()
+                if k.startswith(runtime.name + "_") and isinstance(v, dict) and v.get("refused")
+            ),
+            None,
+        )
+        return f"{why}: {refused}" if refused else why
     return None
 
 
@@ -259,6 +276,9 @@ class Check:
                 self.ctx, label, bundle, self.arm_tensors[key], x86_file
             )
             self.results.add(preprocess)
+            self.results.add(
+                compare_denoise(self.ctx, label, bundle, self.arm_tensors[key], x86_file)
+            )
             self.results.add(model)
         if key in self.arm_records and key in self.x86_records:
             self.results.add(
@@ -287,6 +307,7 @@ STEP_ORDER = (
     "model on tensors",
     "edge run (daemon, MQTT)",
     "preprocess",
+    "denoise filters",
     "model on identical input",
     "classify",
 )

@@ -126,6 +126,8 @@ class Context:
     strict: bool  # every difference beyond the tolerance fails
     images: Path
     bundles: dict[str, Path]  # name -> folder
+    # One grey level of model-input pixels only warns (bundles with INTER_AREA recipes).
+    lenient_preprocessing: bool = False
     procs: Processes = field(default_factory=Processes)
 
     def guest(self, path: Path) -> str:

@@ -18,10 +18,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
+# How many images each denoise filter is compared on (nlmeans is slow under emulation).
+DENOISE_IMAGES = 6
 # What `fieldscope edge classify` searches folders for.
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
 
@@ -61,7 +64,12 @@ def run(bundle_dir: Path, images: Path, out: Path, reference_file: Path | None) 
     reference's tensors)."""
     from fieldscope.edge.bundle import read_bundle
     from fieldscope.edge.classify import Classifier
-    from fieldscope.edge.preprocess import load_and_preprocess
+    from fieldscope.edge.preprocess import (
+        DENOISE_METHODS,
+        load_and_preprocess,
+        load_image,
+        preprocess,
+    )
     from fieldscope.edge.runtime import runtime_info
 
     bundle = read_bundle(bundle_dir)
@@ -71,6 +79,15 @@ def run(bundle_dir: Path, images: Path, out: Path, reference_file: Path | None) 
         return 2
     recipe = bundle.manifest.preprocessing
     tensors = np.stack([load_and_preprocess(images / name, recipe) for name in names])
+    # Every denoise filter at its defaults, on the first images, with this recipe's
+    # resizing: a filter that rounds differently on ARM shows here even when this
+    # bundle does not use it.
+    denoised = {}
+    for method in DENOISE_METHODS[1:]:
+        variant = replace(recipe, denoise=method, denoise_params={})
+        denoised[f"denoise_{method}"] = np.stack(
+            [preprocess(load_image(images / name), variant) for name in names[:DENOISE_IMAGES]]
+        )
     inputs = tensors
     if reference_file is not None:
         reference = np.load(reference_file)
@@ -87,6 +104,8 @@ def run(bundle_dir: Path, images: Path, out: Path, reference_file: Path | None) 
         tensors=tensors,
         probabilities=probabilities,
         runtime=np.array(f"{info.name} {info.version}"),
+        resample=np.array(getattr(recipe, "resample", "area")),
+        **denoised,
     )
     return 0
 
