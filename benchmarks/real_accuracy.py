@@ -36,6 +36,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -48,7 +49,11 @@ import numpy as np
 from _machine import Figure, Goal, Report, add_common_args, positive_int
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "ndsb24"
+# The NDSB sample lies beside the repository (never copied into it); FIELDSCOPE_NDSB24
+# points elsewhere, --data to any class-folder set.
+DEFAULT_DATA = Path(
+    os.environ.get("FIELDSCOPE_NDSB24") or HERE.parent.parent / "shared" / "data" / "ndsb24"
+)
 PROBE_C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 RESEARCH_BACKBONE = "mobilenet_v2_torchvision"
 
@@ -136,9 +141,12 @@ def research_recipe(
 ) -> dict[str, float]:
     """(b): the marine-life scripts' two-stage recipe, the research way, offline weights."""
     import keras
-    from keras.preprocessing.image import ImageDataGenerator
+    import tensorflow as tf
 
     from fieldscope.train.ported import build_ported
+
+    # Keras 3 keeps the research scripts' generator only under its legacy tf.keras path.
+    ImageDataGenerator = tf.keras.preprocessing.image.ImageDataGenerator  # noqa: N806
 
     started = time.monotonic()
     keras.utils.set_random_seed(seed)
@@ -351,7 +359,7 @@ def _add_figures(report: Report, rows: dict[str, list[dict[str, float]]]) -> Non
     )
 
 
-def main() -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="class-folder data set")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -362,7 +370,17 @@ def main() -> int:
         "--skip-research", action="store_true", help="leave out (b), the slowest by far"
     )
     parser.add_argument(
-        "--keep", type=Path, metavar="DIR", help="keep the runs and bundles of (c) in DIR"
+        "--keep",
+        type=Path,
+        metavar="DIR",
+        help="keep the runs and bundles of (c) in DIR; a run already there is reused",
+    )
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        choices=("probe", "research", "ours"),
+        default=("probe", "research", "ours"),
+        help="which of (a) probe, (b) research, (c) ours to run (default all)",
     )
     parser.add_argument(
         "--research-epochs", type=positive_int, nargs=2, default=(10, 10), metavar=("E1", "E2")
@@ -375,7 +393,11 @@ def main() -> int:
         help="run (b) for the first N seeds only (it takes ~20x longer than the others)",
     )
     add_common_args(parser)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> int:
+    args = _parser().parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(level=logging.WARNING)
     if not args.data.is_dir():
@@ -402,16 +424,22 @@ def main() -> int:
             work.mkdir(parents=True, exist_ok=True)
         data = _quick_data(args.data, work) if args.quick else args.data
         for seed in seeds:
-            print(f"seed {seed}: fieldscope train + convert ...", flush=True)
-            ours, run = fieldscope_default(data, work, seed, size, args.quick)
-            rows["ours"].append(ours)
-            print(f"  ours: {ours}", flush=True)
+            run = work / f"run-{seed}"
+            if "ours" in args.parts or not (run / "split.json").exists():
+                print(f"seed {seed}: fieldscope train + convert ...", flush=True)
+                shutil.rmtree(run, ignore_errors=True)
+                shutil.rmtree(work / f"bundle-{seed}", ignore_errors=True)
+                ours, run = fieldscope_default(data, work, seed, size, args.quick)
+                if "ours" in args.parts:
+                    rows["ours"].append(ours)
+                    print(f"  ours: {ours}", flush=True)
             files = _split_files(run)
-            probe = linear_probe(files, default.backbone, size)
-            rows["probe"].append(probe)
-            print(f"  linear probe: {probe}", flush=True)
+            if "probe" in args.parts:
+                probe = linear_probe(files, default.backbone, size)
+                rows["probe"].append(probe)
+                print(f"  linear probe: {probe}", flush=True)
             research_seeds = seeds[: args.research_seeds] if args.research_seeds else seeds
-            if not args.skip_research and seed in research_seeds:
+            if "research" in args.parts and not args.skip_research and seed in research_seeds:
                 epochs = (1, 1) if args.quick else tuple(args.research_epochs)
                 research = research_recipe(files, size, seed, epochs)  # type: ignore[arg-type]
                 rows["research"].append(research)
