@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -191,6 +192,16 @@ def make_fleet(root: Path, release: Release, *, venv: bool = True) -> Fleet:
         "ANSIBLE_RETRY_FILES_ENABLED": "False",
         "ANSIBLE_LOCALHOST_WARNING": "False",
     }
+    if sys.prefix != sys.base_prefix:
+        # The playbook makes the device venv with --system-site-packages (to see apt's
+        # picamera2) and installs with --no-index: on a Pi the dependencies come from
+        # apt or a wheel folder. When these tests run inside a venv (the README's
+        # `.venv`), "system" would be bare Debian Python; the dependencies are this
+        # venv's site-packages instead. Only the dependencies: fieldscope itself is
+        # editable here (reached through a .pth, which PYTHONPATH entries skip), so the
+        # device still runs the wheel the playbook installs.
+        purelib = sysconfig.get_paths()["purelib"]
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (purelib, os.environ.get("PYTHONPATH")) if p)
     return Fleet(root, path, env)
 
 
@@ -249,6 +260,7 @@ def test_provision_installs_config_unit_and_package(provisioned: Fleet, release:
         status = subprocess.run(
             [str(venv_fieldscope), "edge", "status", "--json", "--config", config],
             check=False,
+            env=provisioned.env,
             capture_output=True,
             text=True,
             timeout=60,

@@ -277,6 +277,8 @@ class HeadFit:
     val_loss: float
     val_accuracy: float
     scores: dict[float, float]
+    train_loss: float = math.nan
+    train_accuracy: float = math.nan
 
 
 def fit_head(
@@ -309,6 +311,7 @@ def fit_head(
     xv = (x_val - mean) / scale
     present = np.unique(y_train)
     best: tuple[float, float, np.ndarray, np.ndarray, np.ndarray] | None = None
+    train_fit = (math.nan, math.nan)
     scores: dict[float, float] = {}
     # Ascending C with warm starts: each fit starts from the previous, more regularised
     # solution, which L-BFGS refines in a fraction of the iterations of a cold start.
@@ -326,6 +329,12 @@ def fit_head(
         scores[float(c)] = loss
         log.debug("head C=%g: val log-loss %.4f", c, loss)
         if best is None or loss < best[1] - 1e-9:
+            train_probs = np.zeros((len(xt), n_classes))
+            train_probs[:, clf.classes_] = clf.predict_proba(xt)
+            train_fit = (
+                _log_loss(train_probs, y_train),
+                float(np.mean(train_probs.argmax(axis=1) == y_train)),
+            )
             best = (float(c), loss, clf.coef_.copy(), clf.intercept_.copy(), probs)
             worse = 0
         else:
@@ -342,7 +351,16 @@ def fit_head(
     kernel[:, clf.classes_] = (coef / scale).T
     bias[clf.classes_] = intercept - (coef / scale) @ mean
     accuracy = float(np.mean(val_probs.argmax(axis=1) == y_val))
-    return HeadFit(kernel.astype("float32"), bias.astype("float32"), c, loss, accuracy, scores)
+    return HeadFit(
+        kernel.astype("float32"),
+        bias.astype("float32"),
+        c,
+        loss,
+        accuracy,
+        scores,
+        train_loss=train_fit[0],
+        train_accuracy=train_fit[1],
+    )
 
 
 class _Batches(keras.utils.PyDataset):  # type: ignore[misc]
@@ -490,10 +508,11 @@ def fit_cached(
     )
     stage1_seconds = time.monotonic() - started
     progress.history[STAGE_NAMES[0]] = {
+        "loss": [head.train_loss],
+        "accuracy": [head.train_accuracy],
         "val_loss": [head.val_loss],
         "val_loss_calibrated": [head_calibrated],
         "val_accuracy": [head.val_accuracy],
-        "learning_rate": [math.nan],
     }
     progress.best_val_loss = head_calibrated
     progress.best_val_accuracy = head.val_accuracy
@@ -512,7 +531,16 @@ def fit_cached(
         seconds=stage1_seconds,
     )
     reporter.epoch_end(
-        1, 1, 1, {"val_loss": head_calibrated, "val_accuracy": head.val_accuracy}, True
+        1,
+        1,
+        1,
+        {
+            "loss": head.train_loss,
+            "accuracy": head.train_accuracy,
+            "val_loss": head_calibrated,
+            "val_accuracy": head.val_accuracy,
+        },
+        True,
     )
     reporter.stage_end(result)
     progress.results.append(_as_dict(result))

@@ -451,7 +451,7 @@ def _schedule(
     lr_schedule: Mapping[str, Sequence[float]] | None,
     unit: str,
 ) -> tuple[Mapping[str, Sequence[float]] | None, str]:
-    if lr_schedule is not None:
+    if lr_schedule:
         return lr_schedule, unit
     logged = {
         stage: series.get("learning_rate", series.get("lr", []))
