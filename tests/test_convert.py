@@ -42,7 +42,7 @@ from fieldscope.convert.quantize import (
     stratified_sample,
 )
 from fieldscope.edge.bundle import verify_bundle
-from fieldscope.edge.classify import Classifier
+from fieldscope.edge.classify import Classifier, softmax
 from fieldscope.edge.preprocess import PreprocessRecipe, load_and_preprocess
 from fieldscope.edge.specimens import write_dataset
 
@@ -296,7 +296,9 @@ print(json.dumps(out))
             it.set_tensor(i["index"], image[None].astype(i["dtype"]))
             it.invoke()
             rows.append(it.get_tensor(o["index"])[0].astype(float))
-        new, ref = np.stack(rows) * scale, np.asarray(old[path]) * scale
+        # The bundles output logits (softmax runs on the edge): compare probabilities.
+        new = softmax(np.stack(rows) * scale)
+        ref = softmax(np.asarray(old[path]) * scale)
         # Float kernels agree to rounding. The quantised kernels of the two runtimes
         # (XNNPACK in LiteRT) round differently: the same answers, with probabilities
         # apart by up to 0.055 (int8) and 0.022 (dynamic) as measured here.

@@ -252,7 +252,8 @@ class _StopAfter:
 def test_resume_continues_an_interrupted_run(specimens: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     config = TrainConfig(
-        weights="none", alpha=0.35, image_size=32, batch_size=8, run_eagerly=True,
+        backbone="mobilenet_v2", weights="none", alpha=0.35, image_size=32, batch_size=8,
+        run_eagerly=True,
         epochs=2, fine_tune_epochs=1, fine_tune_layers=20, seed=5,
     )  # fmt: skip
     with pytest.raises(KeyboardInterrupt):
@@ -360,7 +361,8 @@ def test_cross_validation_reports_mean_and_sd(specimens: Path, tmp_path: Path) -
 
 def test_a_fixed_seed_reproduces_the_whole_run(specimens: Path, tmp_path: Path) -> None:
     config = TrainConfig(
-        weights="none", alpha=0.35, image_size=32, batch_size=8, run_eagerly=True,
+        backbone="mobilenet_v2", weights="none", alpha=0.35, image_size=32, batch_size=8,
+        run_eagerly=True,
         epochs=1, fine_tune_epochs=0, seed=11,
     )  # fmt: skip
     runs = [tmp_path / "a", tmp_path / "b"]
