@@ -537,7 +537,7 @@ def fit_cached(
         {
             "loss": head.train_loss,
             "accuracy": head.train_accuracy,
-            "val_loss": head_calibrated,
+            "val_loss": head.val_loss,  # raw, like the stage-2 lines
             "val_accuracy": head.val_accuracy,
         },
         True,
