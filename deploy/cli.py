@@ -111,6 +111,19 @@ def playbook_dir() -> Path:
     return Path(str(files("fieldscope.deploy") / "ansible"))
 
 
+def find_ansible_playbook() -> str | None:
+    """``ansible-playbook`` of this Python's environment, else the one on PATH.
+
+    ``pip install 'fieldscope[deploy]'`` into a venv puts it beside this interpreter;
+    ``.venv/bin/fieldscope deploy`` runs without the venv activated, so PATH alone
+    would miss it.
+    """
+    beside = Path(sys.executable).parent / "ansible-playbook"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which("ansible-playbook")
+
+
 def ansible_command(
     playbook: str,
     inventory: Path,
@@ -126,10 +139,11 @@ def ansible_command(
     """
     from fieldscope.edge.errors import FieldscopeError, MissingDependencyError
 
-    binary = shutil.which("ansible-playbook")
+    binary = find_ansible_playbook()
     if binary is None:
         raise MissingDependencyError(
-            f"ansible-playbook is not on PATH; install Ansible with: {INSTALL_HINT}"
+            f"ansible-playbook is neither beside {sys.executable} nor on PATH; install "
+            f"Ansible with: {INSTALL_HINT}"
         )
     if not inventory.exists():
         raise FieldscopeError(

@@ -24,9 +24,11 @@ from typing import Any
 
 import pytest
 
+from fieldscope.deploy.cli import find_ansible_playbook
+
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("ansible-playbook") is None, reason="needs ansible-core"),
+    pytest.mark.skipif(find_ansible_playbook() is None, reason="needs ansible-core"),
 ]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,7 +126,12 @@ class Fleet:
         return len(log.read_text().splitlines()) if log.exists() else 0
 
     def play(self, playbook: str, **extra: object) -> subprocess.CompletedProcess[str]:
-        command = ["ansible-playbook", "-i", str(self.inventory), str(PLAYBOOKS / playbook)]
+        command = [
+            str(find_ansible_playbook()),
+            "-i",
+            str(self.inventory),
+            str(PLAYBOOKS / playbook),
+        ]
         return subprocess.run(
             [*command, "-e", json.dumps(extra)],
             check=False,

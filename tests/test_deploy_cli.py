@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from fieldscope.cli.main import main
-from fieldscope.deploy.cli import ansible_command, playbook_dir
+from fieldscope.deploy.cli import ansible_command, find_ansible_playbook, playbook_dir
 
 
 def test_playbooks_ship_with_the_package() -> None:
@@ -34,6 +33,8 @@ def test_missing_ansible_names_the_extra(
     inventory = tmp_path / "inventory.yml"
     inventory.write_text("all: {}\n")
     monkeypatch.setenv("PATH", str(tmp_path))
+    # Nor beside the interpreter (where a venv's pip puts it).
+    monkeypatch.setattr("sys.executable", str(tmp_path / "python"))
     assert main(["deploy", "status", "-i", str(inventory)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
@@ -41,7 +42,7 @@ def test_missing_ansible_names_the_extra(
     assert "pip install 'fieldscope[deploy]'" in err
 
 
-@pytest.mark.skipif(shutil.which("ansible-playbook") is None, reason="needs ansible-core")
+@pytest.mark.skipif(find_ansible_playbook() is None, reason="needs ansible-core")
 def test_missing_inventory_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["deploy", "rollback", "-i", str(tmp_path / "nope.yml")]) == 2
     err = capsys.readouterr().err
@@ -49,7 +50,7 @@ def test_missing_inventory_is_one_line(tmp_path: Path, capsys: pytest.CaptureFix
     assert "inventory.example.yml" in err
 
 
-@pytest.mark.skipif(shutil.which("ansible-playbook") is None, reason="needs ansible-core")
+@pytest.mark.skipif(find_ansible_playbook() is None, reason="needs ansible-core")
 def test_command_line_passes_variables_and_limit(tmp_path: Path) -> None:
     import json
 
@@ -64,7 +65,7 @@ def test_command_line_passes_variables_and_limit(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("ansible-playbook") is None, reason="needs ansible-core")
+@pytest.mark.skipif(find_ansible_playbook() is None, reason="needs ansible-core")
 def test_rollout_refuses_a_damaged_bundle_before_touching_the_fleet(
     tiny_bundles: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -80,7 +81,7 @@ def test_rollout_refuses_a_damaged_bundle_before_touching_the_fleet(
 def test_provision_outside_a_source_tree_asks_for_a_wheel(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    if shutil.which("ansible-playbook") is None:
+    if find_ansible_playbook() is None:
         pytest.skip("needs ansible-core")
     inventory = tmp_path / "inventory.yml"
     inventory.write_text("all: {}\n")
