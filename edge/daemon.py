@@ -51,6 +51,7 @@ from types import FrameType
 from typing import Any, TextIO
 
 from fieldscope.edge.archive import ImageArchive
+from fieldscope.edge.broker import broker_settings
 from fieldscope.edge.capture import Camera, CameraSupervisor, Trigger, make_camera, make_trigger
 from fieldscope.edge.commands import Command, CommandError, CommandName, parse_command
 from fieldscope.edge.config import EdgeConfig
@@ -62,7 +63,7 @@ from fieldscope.edge.health import (
     cpu_temperature_c,
     disk_free_bytes,
 )
-from fieldscope.edge.link import MqttLink, MqttProtocol, MqttSettings
+from fieldscope.edge.link import MqttLink
 from fieldscope.edge.model_slot import (
     LoadedModel,
     ModelSlot,
@@ -284,26 +285,7 @@ class Daemon:
         return supervisor, make_trigger(c)
 
     def _start_link(self, outbox: Outbox) -> MqttLink:
-        m = self.cfg.mqtt
-        tls = m.tls
-        settings = MqttSettings(
-            host=m.host,
-            port=m.port,
-            client_id=m.client_id,
-            username=m.username,
-            password=m.password,
-            tls=tls is not None,
-            tls_ca=None if tls is None else tls.ca,
-            tls_cert=None if tls is None else tls.cert,
-            tls_key=None if tls is None else tls.key,
-            tls_insecure=False if tls is None else tls.insecure,
-            keepalive=m.keepalive,
-            protocol=MqttProtocol(m.protocol),
-            session_expiry_s=m.session_expiry_s,
-            reconnect_min_s=int(m.reconnect_backoff_s[0]),
-            reconnect_max_s=int(m.reconnect_backoff_s[1]),
-            max_in_flight=self.cfg.outbox.batch,
-        )
+        settings = broker_settings(self.cfg.mqtt, max_in_flight=self.cfg.outbox.batch)
         link = MqttLink(
             settings,
             self.topics,

@@ -10,13 +10,12 @@ never touch SQLite and never block.
 
 Decisions:
 
-* **MQTT 5 by default** (``protocol="3.1.1"`` for old brokers). The session starts
+* **The session** (set up by :func:`fieldscope.edge.broker.make_client`) starts
   clean when the process starts (commands queued for a previous run are stale) and
-  then persists across reconnects for ``session_expiry_s``, so a command sent
-  during a short outage still arrives while a week-old one does not; 3.1.1 has no
-  expiry, so there the session is simply persistent (``clean_session=False``).
-  MQTT 5 also lets the broker refuse a message in its PUBACK (e.g. not
-  authorised): the entry then stays in the outbox and is retried with backoff.
+  then persists across reconnects for ``session_expiry_s`` (MQTT 5), so a command
+  sent during a short outage still arrives while a week-old one does not. MQTT 5
+  also lets the broker refuse a message in its PUBACK (e.g. not authorised): the
+  entry then stays in the outbox and is retried with backoff.
 * **A stable client id** (from the configuration), required by persistent sessions
   and so that a restarted daemon takes over its own session at the broker.
 * **Redelivery.** Messages unacknowledged when the connection drops stay in the
@@ -30,9 +29,7 @@ Decisions:
   so a subscriber that sees it already has the model. The last will is retained
   ``offline``; a clean stop publishes retained ``stopped`` first, since the broker
   does not send the will after a clean DISCONNECT.
-* **paho sends at most 20 messages at once** (mosquitto's default receive
-  maximum; paho does not honour a smaller one announced by an MQTT 5 broker), the
-  link hands it at most ``max_in_flight``; the rest waits on disk, not in memory.
+* **At most ``max_in_flight`` unacknowledged**, the rest waits on disk, not in memory.
 * **Commands** (``.../command/+``) are handed to ``on_command(name, payload)`` on
   the link's own dispatcher thread, so a slow handler never stalls the network.
   Retained commands are ignored: they would run again on every reconnect.
@@ -42,52 +39,50 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import queue
-import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from enum import StrEnum
-from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Protocol
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
-from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from fieldscope.edge.errors import ConfigError, FieldscopeError
-from fieldscope.edge.outbox import Outbox, OutboxError
+from fieldscope.edge.broker import (
+    PAHO_MAX_INFLIGHT,
+    BrokerSettings,
+    MqttProtocol,
+    PahoLog,
+    describe,
+    make_client,
+)
+from fieldscope.edge.errors import FieldscopeError
+from fieldscope.edge.link_commands import CommandInbox
+from fieldscope.edge.link_health import LinkCounters, LinkHealth
+from fieldscope.edge.outbox import Entry, Outbox, OutboxError
 from fieldscope.edge.topics import (
     TOPIC_SPECS,
     DeviceStatus,
     TopicError,
     TopicKind,
     Topics,
-    check_segment,
-    parse,
     show,
 )
 
 __all__ = [
     "PAHO_MAX_INFLIGHT",
+    "BrokerSettings",
     "LinkError",
     "LinkHealth",
     "MqttLink",
     "MqttProtocol",
-    "MqttSettings",
     "SupportsJson",
 ]
 
 logger = logging.getLogger(__name__)
 
-# What paho puts on the wire at once; mosquitto's default receive maximum.
-PAHO_MAX_INFLIGHT = 20
-# Commands waiting for the dispatcher; more in a burst are dropped (and logged).
-_COMMAND_QUEUE = 64
 # The longest the publisher sleeps without an event; only bounds how late it sees
 # the shared stop event, which cannot wake a condition variable.
 _MAX_WAIT_S = 1.0
@@ -97,157 +92,13 @@ _REFUSED_RETRY_MAX_S = 300.0
 
 
 class LinkError(FieldscopeError):
-    """The MQTT link cannot be set up (bad TLS files) or was misused."""
-
-
-class MqttProtocol(StrEnum):
-    """The MQTT protocol version spoken to the broker."""
-
-    V5 = "5"
-    V311 = "3.1.1"
+    """The MQTT link was misused (bad settings and files raise ``ConfigError``)."""
 
 
 class SupportsJson(Protocol):
     """A payload dataclass (``Heartbeat``, ``ModelInfo``, ``CommandReply``)."""
 
     def to_json(self) -> bytes: ...
-
-
-def _field_error(name: str, problem: str, value: object) -> ConfigError:
-    return ConfigError(f"mqtt.{name} {problem}, got {show(value)}")
-
-
-def _int_in(name: str, value: object, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise _field_error(name, f"must be an integer from {low} to {high}", value)
-
-
-@dataclass(frozen=True)
-class MqttSettings:
-    """How to reach the broker; built once from the configuration's ``[mqtt]`` section.
-
-    TLS is on when ``tls`` is true or any of ``tls_ca``/``tls_cert``/``tls_key`` is
-    set (without ``tls_ca`` the system's CAs verify the broker). ``tls_insecure``
-    skips the host-name check only (the certificate chain is still verified); use
-    it for a broker reached by IP address, never to silence a wrong certificate.
-
-    Raises:
-        ConfigError: a value is out of range or inconsistent; the message names it.
-    """
-
-    host: str
-    port: int
-    client_id: str
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    tls_ca: Path | None = None
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_insecure: bool = False
-    keepalive: int = 60
-    tls: bool = False
-    protocol: MqttProtocol = MqttProtocol.V5
-    session_expiry_s: int = 3600
-    reconnect_min_s: int = 1
-    reconnect_max_s: int = 60
-    max_in_flight: int = 100
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.host, str) or not self.host.strip():
-            raise _field_error("host", "must be a host name or address", self.host)
-        _int_in("port", self.port, 1, 65535)
-        try:
-            check_segment("client_id", self.client_id)
-        except TopicError as exc:
-            raise ConfigError(f"mqtt.{exc}") from None
-        if self.username is not None and (not isinstance(self.username, str) or not self.username):
-            raise _field_error("username", "must be a non-empty string when set", self.username)
-        if self.password is not None and self.username is None:
-            raise ConfigError("mqtt.password is set but mqtt.username is not; set both")
-        if self.password is not None and not isinstance(self.password, str):
-            raise ConfigError(f"mqtt.password must be a string, got {type(self.password).__name__}")
-        for name in ("tls_ca", "tls_cert", "tls_key"):
-            value = getattr(self, name)
-            if value is not None:
-                object.__setattr__(self, name, Path(value))
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ConfigError("mqtt.tls_cert and mqtt.tls_key go together: set both or neither")
-        for name in ("tls_insecure", "tls"):
-            if not isinstance(getattr(self, name), bool):
-                raise _field_error(name, "must be true or false", getattr(self, name))
-        _int_in("keepalive", self.keepalive, 5, 65535)
-        try:
-            object.__setattr__(self, "protocol", MqttProtocol(self.protocol))
-        except ValueError:
-            raise _field_error("protocol", 'must be "5" or "3.1.1"', self.protocol) from None
-        _int_in("session_expiry_s", self.session_expiry_s, 0, 2**32 - 1)
-        _int_in("reconnect_min_s", self.reconnect_min_s, 1, 3600)
-        _int_in("reconnect_max_s", self.reconnect_max_s, self.reconnect_min_s, 3600)
-        _int_in("max_in_flight", self.max_in_flight, 1, 10_000)
-
-    @property
-    def tls_enabled(self) -> bool:
-        return self.tls or any(p is not None for p in (self.tls_ca, self.tls_cert, self.tls_key))
-
-
-@dataclass(frozen=True)
-class LinkHealth:
-    """The link's state for health and logs."""
-
-    connected: bool
-    last_connected_at: datetime | None
-    last_disconnected_at: datetime | None
-    disconnects: int
-    connect_failures: int
-    in_flight: int
-    published: int
-    acknowledged: int
-    refused: int
-    last_error: str | None
-
-
-def _tls_context(settings: MqttSettings) -> ssl.SSLContext:
-    def missing(name: str, path: Path | None) -> None:
-        if path is not None and not path.is_file():
-            raise LinkError(f"mqtt.{name}: no such file {path}")
-
-    missing("tls_ca", settings.tls_ca)
-    missing("tls_cert", settings.tls_cert)
-    missing("tls_key", settings.tls_key)
-    try:
-        context = ssl.create_default_context(
-            cafile=None if settings.tls_ca is None else str(settings.tls_ca)
-        )
-    except (ssl.SSLError, OSError) as exc:
-        raise LinkError(f"mqtt.tls_ca {settings.tls_ca} is not a usable CA file ({exc})") from exc
-    if settings.tls_cert is not None and settings.tls_key is not None:
-        try:
-            context.load_cert_chain(str(settings.tls_cert), str(settings.tls_key))
-        except (ssl.SSLError, OSError) as exc:
-            raise LinkError(
-                f"mqtt.tls_cert {settings.tls_cert} / mqtt.tls_key {settings.tls_key} are not "
-                f"a usable certificate and key ({exc})"
-            ) from exc
-    return context
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-class _PahoLog(logging.LoggerAdapter[logging.Logger]):
-    """paho's log on ``fieldscope.edge.link.paho``, minus the ERROR paho 2.2 writes
-    after every deliberate disconnect ("Client is not connected"), which would
-    otherwise end each clean shutdown in journald with a false alarm."""
-
-    def __init__(self, closing: Callable[[], bool]) -> None:
-        super().__init__(logging.getLogger(f"{__name__}.paho"), {})
-        self._closing = closing
-
-    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
-        if self._closing() and str(msg).startswith("Client is not connected"):
-            return
-        super().log(level, msg, *args, **kwargs)
 
 
 def _as_bytes(payload: bytes | SupportsJson) -> bytes:
@@ -268,7 +119,7 @@ class MqttLink:
 
     def __init__(
         self,
-        settings: MqttSettings,
+        settings: BrokerSettings,
         topics: Topics,
         outbox: Outbox,
         *,
@@ -279,7 +130,7 @@ class MqttLink:
         self.settings = settings
         self.topics = topics
         self.outbox = outbox
-        self._on_command = on_command
+        self._inbox = CommandInbox(topics, on_command, stop, _MAX_WAIT_S)
         self._retained_model = retained_model
         self._stop = stop
         self._cv = threading.Condition()
@@ -300,15 +151,7 @@ class MqttLink:
         self._online = False
         self._stopped_mid: int | None = None
         self._stopped_acked = False
-        self._last_connected_at: datetime | None = None
-        self._last_disconnected_at: datetime | None = None
-        self._disconnects = 0
-        self._connect_failures = 0
-        self._published = 0
-        self._acknowledged = 0
-        self._refused = 0
-        self._last_error: str | None = None
-        self._commands: queue.Queue[tuple[str, bytes] | None] = queue.Queue(_COMMAND_QUEUE)
+        self._n = LinkCounters()
         self._threads: list[threading.Thread] = []
         self._started = False
         self._stop_result: bool | None = None
@@ -318,32 +161,17 @@ class MqttLink:
     # --- set-up ---------------------------------------------------------------------------
 
     def _make_client(self) -> mqtt.Client:
-        s = self.settings
-        v5 = s.protocol is MqttProtocol.V5
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=s.client_id,
-            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
-            clean_session=None if v5 else False,
+        client = make_client(
+            self.settings,
+            fresh_session=True,
+            paho_logger=PahoLog(f"{__name__}.paho", lambda: self._closing),
         )
-        client.enable_logger(cast(logging.Logger, _PahoLog(lambda: self._closing)))
-        client.suppress_exceptions = True  # a bug in a callback must not kill the network
         client.will_set(*self.topics.last_will())
-        client.reconnect_delay_set(s.reconnect_min_s, s.reconnect_max_s)
-        client.max_inflight_messages_set(PAHO_MAX_INFLIGHT)
-        client.max_queued_messages_set(0)
-        if s.username is not None:
-            client.username_pw_set(s.username, s.password)
-        if s.tls_enabled:
-            client.tls_set_context(_tls_context(s))
-            if s.tls_insecure:
-                logger.warning("mqtt.tls_insecure: the broker's host name is not verified")
-                client.tls_insecure_set(True)
         client.on_connect = self._handle_connect
         client.on_connect_fail = self._handle_connect_fail
         client.on_disconnect = self._handle_disconnect
         client.on_publish = self._handle_publish
-        client.on_message = self._handle_message
+        client.on_message = lambda _client, _userdata, message: self._inbox.offer(message)
         return client
 
     def start(self) -> None:
@@ -355,24 +183,9 @@ class MqttLink:
         if self._started:
             raise LinkError("MqttLink.start() was called twice")
         self._started = True
-        s = self.settings
-        properties = None
-        kwargs: dict[str, Any] = {}
-        if s.protocol is MqttProtocol.V5:
-            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            properties.SessionExpiryInterval = s.session_expiry_s
-            kwargs["clean_start"] = mqtt.MQTT_CLEAN_START_FIRST_ONLY
-        self._client.connect_async(s.host, s.port, s.keepalive, properties=properties, **kwargs)
         self._client.loop_start()
-        logger.info(
-            "connecting to mqtt%s://%s:%d as %s (MQTT %s)",
-            "s" if s.tls_enabled else "",
-            s.host,
-            s.port,
-            s.client_id,
-            s.protocol.value,
-        )
-        for name, target in (("publisher", self.run), ("commands", self._dispatch_commands)):
+        logger.info("connecting to %s", describe(self.settings))
+        for name, target in (("publisher", self.run), ("commands", self._inbox.run)):
             thread = threading.Thread(target=target, name=f"fieldscope-mqtt-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -390,9 +203,9 @@ class MqttLink:
         if reason.is_failure:
             text = f"the broker refused the connection: {reason}"
             with self._cv:
-                new = text != self._last_error
-                self._last_error = text
-                self._connect_failures += 1
+                new = text != self._n.last_error
+                self._n.last_error = text
+                self._n.connect_failures += 1
             if new:
                 logger.error("%s (check mqtt.username/password and the broker's ACL)", text)
             return
@@ -403,8 +216,8 @@ class MqttLink:
             self._rewind = True  # re-scan the backlog for anything not in flight
             self._retry_at = None
             self._retry_delay = _REFUSED_RETRY_MIN_S
-            self._last_connected_at = _now()
-            self._last_error = None
+            self._n.last_connected_at = datetime.now(UTC)
+            self._n.last_error = None
             self._cv.notify_all()
         logger.info(
             "connected to %s:%d (session present: %s)",
@@ -416,9 +229,9 @@ class MqttLink:
     def _handle_connect_fail(self, _client: mqtt.Client, _userdata: object) -> None:
         text = f"cannot reach the broker at {self.settings.host}:{self.settings.port}"
         with self._cv:
-            self._connect_failures += 1
-            first = self._last_error != text
-            self._last_error = text
+            self._n.connect_failures += 1
+            first = self._n.last_error != text
+            self._n.last_error = text
         if first:
             logger.warning("%s; retrying with backoff", text)
 
@@ -435,12 +248,12 @@ class MqttLink:
             self._connected = False
             self._online = False
             if was_connected:
-                self._disconnects += 1
-                self._last_disconnected_at = _now()
+                self._n.disconnects += 1
+                self._n.last_disconnected_at = datetime.now(UTC)
                 if self._closing:
                     was_connected = False  # our own disconnect: not worth a warning
                 else:
-                    self._last_error = f"disconnected from the broker: {reason}"
+                    self._n.last_error = f"disconnected from the broker: {reason}"
             in_flight = len(self._in_flight)
             self._cv.notify_all()
         if was_connected:
@@ -463,35 +276,6 @@ class MqttLink:
         with self._cv:
             self._acks.append((mid, reason))
             self._cv.notify_all()
-
-    def _handle_message(
-        self, _client: mqtt.Client, _userdata: object, message: mqtt.MQTTMessage
-    ) -> None:
-        try:
-            parsed = parse(message.topic, self.topics.prefix)
-        except TopicError as exc:
-            logger.warning("ignoring a message outside the topic scheme: %s", exc)
-            return
-        if (
-            parsed.kind is not TopicKind.COMMAND
-            or parsed.command is None
-            or (parsed.station, parsed.device) != (self.topics.station, self.topics.device)
-        ):
-            logger.warning("ignoring an unexpected message on %s", show(message.topic))
-            return
-        if message.retain:
-            logger.warning(
-                "ignoring retained command %s: a retained command would run again on every "
-                "reconnect; clear it by publishing an empty retained message to that topic",
-                show(message.topic),
-            )
-            return
-        try:
-            self._commands.put_nowait((parsed.command, bytes(message.payload)))
-        except queue.Full:
-            logger.warning(
-                "dropping command %s: %d commands already waiting", parsed.command, _COMMAND_QUEUE
-            )
 
     # --- the publisher thread ---------------------------------------------------------------
 
@@ -572,14 +356,14 @@ class MqttLink:
                 continue
             self._in_flight_seqs.discard(seq)
             if reason is not None and reason.is_failure:
-                self._refused += 1
-                self._last_error = f"the broker refused message seq {seq}: {reason}"
-                logger.warning("%s; it stays in the outbox and is retried", self._last_error)
+                self._n.refused += 1
+                self._n.last_error = f"the broker refused message seq {seq}: {reason}"
+                logger.warning("%s; it stays in the outbox and is retried", self._n.last_error)
                 if self._retry_at is None:
                     self._retry_at = time.monotonic() + self._retry_delay
                     self._retry_delay = min(2 * self._retry_delay, _REFUSED_RETRY_MAX_S)
                 continue
-            self._acknowledged += 1
+            self._n.acknowledged += 1
             done.append(seq)
         return done
 
@@ -594,7 +378,7 @@ class MqttLink:
         except OutboxError as exc:
             with self._cv:
                 self._unacked_deletes = batch
-                self._last_error = str(exc)
+                self._n.last_error = str(exc)
             logger.warning("cannot delete acknowledged messages (they will be resent): %s", exc)
             return
         with self._cv:
@@ -639,59 +423,44 @@ class MqttLink:
                 entries = self.outbox.pending(room, after=after)
             except OutboxError as exc:
                 with self._cv:
-                    self._last_error = str(exc)
+                    self._n.last_error = str(exc)
                     self._retry_at = time.monotonic() + self._retry_delay
                 logger.error("cannot read the outbox: %s", exc)
                 return
             for entry in entries:
-                with self._cv:
-                    if not self._connected:
-                        self._dirty = True
-                        return
-                    if entry.seq in self._in_flight_seqs or entry.seq in self._unacked_deletes:
-                        self._cursor = max(self._cursor, entry.seq)
-                        continue
-                info = self._client.publish(entry.topic, entry.payload, qos=entry.qos)
-                with self._cv:
-                    if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and entry.qos == 0:
-                        # paho drops QoS 0 while disconnected: send it again after reconnect.
-                        self._rewind = True
-                        self._dirty = True
-                        return
-                    if info.rc not in (
-                        MQTTErrorCode.MQTT_ERR_SUCCESS,
-                        MQTTErrorCode.MQTT_ERR_NO_CONN,
-                    ):
-                        self._last_error = (
-                            f"paho refused seq {entry.seq}: {mqtt.error_string(info.rc)}"
-                        )
-                        logger.warning("%s; retrying later", self._last_error)
-                        self._retry_at = time.monotonic() + self._retry_delay
-                        return
-                    # With NO_CONN paho keeps a QoS 1 message and sends it on reconnect.
-                    self._in_flight[info.mid] = entry.seq
-                    self._in_flight_seqs.add(entry.seq)
-                    self._cursor = max(self._cursor, entry.seq)
-                    self._published += 1
+                if not self._hand_over(entry):
+                    return
             if len(entries) == room:
                 with self._cv:
                     self._dirty = True  # a full batch: there may be more behind it
 
-    # --- the command dispatcher thread ------------------------------------------------------
-
-    def _dispatch_commands(self) -> None:
-        while not self._stop.is_set():
-            try:
-                item = self._commands.get(timeout=_MAX_WAIT_S)
-            except queue.Empty:
-                continue
-            if item is None:
-                return
-            name, payload = item
-            try:
-                self._on_command(name, payload)
-            except Exception:
-                logger.exception("the command handler failed on %s", show(name))
+    def _hand_over(self, entry: Entry) -> bool:
+        """Publish one outbox entry and remember its ``mid``; False to stop filling."""
+        with self._cv:
+            if not self._connected:
+                self._dirty = True
+                return False
+            if entry.seq in self._in_flight_seqs or entry.seq in self._unacked_deletes:
+                self._cursor = max(self._cursor, entry.seq)
+                return True
+        info = self._client.publish(entry.topic, entry.payload, qos=entry.qos)
+        with self._cv:
+            if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and entry.qos == 0:
+                # paho drops QoS 0 while disconnected: send it again after reconnect.
+                self._rewind = True
+                self._dirty = True
+                return False
+            if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+                self._n.last_error = f"paho refused seq {entry.seq}: {mqtt.error_string(info.rc)}"
+                logger.warning("%s; retrying later", self._n.last_error)
+                self._retry_at = time.monotonic() + self._retry_delay
+                return False
+            # With NO_CONN paho keeps a QoS 1 message and sends it on reconnect.
+            self._in_flight[info.mid] = entry.seq
+            self._in_flight_seqs.add(entry.seq)
+            self._cursor = max(self._cursor, entry.seq)
+            self._n.published += 1
+        return True
 
     # --- publishing state ----------------------------------------------------------------
 
@@ -747,19 +516,9 @@ class MqttLink:
             return self._cv.wait_for(lambda: self._online, timeout)
 
     def health(self) -> LinkHealth:
+        """A snapshot of the link's state and counters since start."""
         with self._cv:
-            return LinkHealth(
-                connected=self._connected,
-                last_connected_at=self._last_connected_at,
-                last_disconnected_at=self._last_disconnected_at,
-                disconnects=self._disconnects,
-                connect_failures=self._connect_failures,
-                in_flight=len(self._in_flight),
-                published=self._published,
-                acknowledged=self._acknowledged,
-                refused=self._refused,
-                last_error=self._last_error,
-            )
+            return self._n.snapshot(connected=self._connected, in_flight=len(self._in_flight))
 
     # --- stopping ---------------------------------------------------------------------
 
@@ -792,8 +551,7 @@ class MqttLink:
             self._client.disconnect()
         if self._started:
             self._client.loop_stop()
-        with contextlib.suppress(queue.Full):
-            self._commands.put_nowait(None)
+        self._inbox.close()
         for thread in self._threads:
             thread.join(max(0.1, deadline - time.monotonic()))
         left = self.outbox.depth()

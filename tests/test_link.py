@@ -26,10 +26,11 @@ import paho.mqtt.client as mqtt
 import pytest
 from conftest import Broker, start_mosquitto, stop_mosquitto
 
+from fieldscope.edge.broker import BrokerSettings, MqttProtocol, TlsSettings
 from fieldscope.edge.commands import CommandError, parse_command
 from fieldscope.edge.errors import ConfigError
 from fieldscope.edge.health import CommandReply
-from fieldscope.edge.link import LinkError, MqttLink, MqttProtocol, MqttSettings
+from fieldscope.edge.link import MqttLink
 from fieldscope.edge.outbox import Outbox
 from fieldscope.edge.topics import Topics
 
@@ -170,9 +171,9 @@ def stations() -> Iterator[Callable[..., Station]]:
         outbox = Outbox(db, **(outbox_args or {}))
         stop = threading.Event()
         commands: list[tuple[str, bytes]] = []
-        settings = {"reconnect_min_s": 1, "reconnect_max_s": 2, **settings}
+        settings = {"reconnect_backoff_s": (1.0, 2.0), **settings}
         link = MqttLink(
-            MqttSettings(host, port, f"fieldscope-{device}", **settings),
+            BrokerSettings(host=host, port=port, client_id=f"fieldscope-{device}", **settings),
             topics,
             outbox,
             on_command=on_command or (lambda name, payload: commands.append((name, payload))),
@@ -417,7 +418,8 @@ def test_the_model_is_republished_after_a_restart_of_a_broker_without_persistenc
 KILLED_STATION = textwrap.dedent(
     """
     import sys, threading, time
-    from fieldscope.edge.link import MqttLink, MqttSettings
+    from fieldscope.edge.broker import BrokerSettings
+    from fieldscope.edge.link import MqttLink
     from fieldscope.edge.outbox import Outbox
     from fieldscope.edge.topics import Topics
 
@@ -425,7 +427,8 @@ KILLED_STATION = textwrap.dedent(
     topics = Topics("fs", "pond-3", "scope-k")
     outbox = Outbox(db)
     link = MqttLink(
-        MqttSettings("127.0.0.1", port, "fieldscope-scope-k"), topics, outbox,
+        BrokerSettings(host="127.0.0.1", port=port, client_id="fieldscope-scope-k"),
+        topics, outbox,
         on_command=lambda name, payload: None, retained_model=lambda: None,
         stop=threading.Event(),
     )
@@ -633,7 +636,7 @@ def test_tls_with_username_and_password(broker_dir: Path, stations: Callable[...
             broker,
             broker_dir / "good.db",
             device="good",
-            tls_ca=ca,
+            tls=TlsSettings(ca=ca),
             username="scope",
             password="s3cret",
         )
@@ -644,7 +647,7 @@ def test_tls_with_username_and_password(broker_dir: Path, stations: Callable[...
             broker,
             broker_dir / "bad.db",
             device="bad",
-            tls_ca=ca,
+            tls=TlsSettings(ca=ca),
             username="scope",
             password="nope",
         )
@@ -676,22 +679,17 @@ def test_a_refused_message_stays_in_the_outbox(
         stop_mosquitto(broker)
 
 
-def test_settings_are_validated_with_the_key_named(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"mqtt\.port must be an integer from 1 to 65535"):
-        MqttSettings("localhost", 0, "dev")
-    with pytest.raises(ConfigError, match=r"mqtt\.client_id must not contain '/'"):
-        MqttSettings("localhost", 1883, "a/b")
-    with pytest.raises(ConfigError, match=r"mqtt\.password is set but mqtt\.username is not"):
-        MqttSettings("localhost", 1883, "dev", password="x")
-    with pytest.raises(ConfigError, match=r"tls_cert and mqtt\.tls_key go together"):
-        MqttSettings("localhost", 1883, "dev", tls_cert=tmp_path / "c.pem")
-    with pytest.raises(ConfigError, match=r"mqtt\.protocol must be"):
-        MqttSettings("localhost", 1883, "dev", protocol="4")  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match=r"mqtt\.reconnect_max_s"):
-        MqttSettings("localhost", 1883, "dev", reconnect_min_s=10, reconnect_max_s=5)
-    settings = MqttSettings("localhost", 8883, "dev", tls_ca=tmp_path / "missing.pem")
+def test_bad_settings_stop_the_link_with_every_problem_named(tmp_path: Path) -> None:
+    settings = BrokerSettings(
+        host="localhost",
+        port=0,
+        client_id="a/b",
+        password="x",
+        tls=TlsSettings(ca=tmp_path / "missing.pem", cert=tmp_path / "c.pem"),
+        reconnect_backoff_s=(10.0, 5.0),
+    )
     assert settings.tls_enabled
-    with Outbox(tmp_path / "o.db") as outbox, pytest.raises(LinkError, match="no such file"):
+    with Outbox(tmp_path / "o.db") as outbox, pytest.raises(ConfigError) as caught:
         MqttLink(
             settings,
             Topics(PREFIX, "pond-3", "dev"),
@@ -700,3 +698,10 @@ def test_settings_are_validated_with_the_key_named(tmp_path: Path) -> None:
             retained_model=lambda: None,
             stop=threading.Event(),
         )
+    text = str(caught.value)
+    assert "mqtt.port: must be an integer >= 1, got 0" in text
+    assert "mqtt.client_id: must not contain '/'" in text
+    assert "mqtt.password: needs username as well" in text
+    assert f"mqtt.tls.ca: no such file: {tmp_path / 'missing.pem'}" in text
+    assert "mqtt.tls.cert: needs key as well" in text
+    assert "mqtt.reconnect_backoff_s: must be [min, max]" in text
