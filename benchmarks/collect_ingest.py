@@ -43,7 +43,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from fieldscope.collect.samples import sample_identification
 from fieldscope.collect.store import open_store
-from fieldscope.collect.subscriber import Collector, CollectorSettings
+from fieldscope.collect.subscriber import BrokerSettings, Collector, CollectorSettings
 from fieldscope.edge.topics import Topics
 
 GOAL = 5000.0
@@ -154,7 +154,9 @@ def start_publisher(port: int, n: int) -> subprocess.Popen[bytes]:
 
 
 def ours(port: int, n: int, work: Path) -> tuple[float, float]:
-    settings = CollectorSettings(host="127.0.0.1", port=port, client_id="bench-collector")
+    settings = CollectorSettings(
+        broker=BrokerSettings(host="127.0.0.1", port=port, client_id="bench-collector")
+    )
     with open_store(str(work / "drain.sqlite")) as store:
         # Create the persistent session, then stop: the broker queues for it.
         collector = Collector(settings, store)
@@ -172,7 +174,9 @@ def ours(port: int, n: int, work: Path) -> tuple[float, float]:
         if store.count() != n:
             raise SystemExit(f"collector drain: {store.count()} stored, expected {n}")
 
-    live_settings = CollectorSettings(host="127.0.0.1", port=port, client_id="bench-live")
+    live_settings = CollectorSettings(
+        broker=BrokerSettings(host="127.0.0.1", port=port, client_id="bench-live")
+    )
     with open_store(str(work / "live.sqlite")) as store:
         collector = Collector(live_settings, store)
         collector.start()

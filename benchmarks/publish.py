@@ -49,7 +49,7 @@ from _machine import Figure, Goal, Report, add_common_args, positive_float, posi
 from paho.mqtt.enums import CallbackAPIVersion
 
 from fieldscope.collect.samples import sample_identification
-from fieldscope.edge.link import MqttLink, MqttSettings
+from fieldscope.edge.link import BrokerSettings, MqttLink
 from fieldscope.edge.outbox import Outbox
 from fieldscope.edge.topics import Topics
 
@@ -80,7 +80,7 @@ def pace(t0: float, i: int, rate: float) -> None:
 
 def new_link(port: int, device: str, outbox: Outbox, stop: threading.Event) -> MqttLink:
     return MqttLink(
-        MqttSettings(host="127.0.0.1", port=port, client_id=f"bench-{device}"),
+        BrokerSettings(host="127.0.0.1", port=port, client_id=f"bench-{device}"),
         Topics(PREFIX, STATION, device),
         outbox,
         on_command=lambda _name, _payload: None,

@@ -737,8 +737,8 @@ class _Demo:
         from fieldscope.collect.store import open_store
         from fieldscope.collect.subscriber import Collector, CollectorSettings
         from fieldscope.collect.web import Dashboard, DashboardSettings
+        from fieldscope.edge.broker import BrokerSettings, MqttProtocol
         from fieldscope.edge.errors import FieldscopeError
-        from fieldscope.edge.link import MqttProtocol
 
         done = self._prepare_workdir()
         self.progress.line(f"work folder: {self.work}", indent="")
@@ -757,13 +757,15 @@ class _Demo:
         stack.callback(store.close)
         collector = Collector(
             CollectorSettings(
-                host=broker.host,
-                port=broker.port,
-                prefix=PREFIX,
-                client_id="fieldscope-demo-collector",
-                username=DEMO_USERNAME,
-                session_expiry_s=3600,
-                protocol=MqttProtocol(broker.protocol),
+                broker=BrokerSettings(
+                    host=broker.host,
+                    port=broker.port,
+                    prefix=PREFIX,
+                    client_id="fieldscope-demo-collector",
+                    username=DEMO_USERNAME,
+                    session_expiry_s=3600,
+                    protocol=MqttProtocol(broker.protocol),
+                )
             ),
             store,
         )

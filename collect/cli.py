@@ -21,6 +21,7 @@ from typing import Any
 __all__ = ["register"]
 
 PASSWORD_ENV = "FIELDSCOPE_MQTT_PASSWORD"
+SESSION_EXPIRY_S = 7 * 24 * 3600
 DEFAULT_DB = "fieldscope-collect.sqlite"
 
 
@@ -147,6 +148,16 @@ def _run_arguments(p: argparse.ArgumentParser, *, required: bool) -> None:
         "--share-group",
         help="take identifications through $share/GROUP/... so several collectors split them",
     )
+    _broker_arguments(p)
+    p.add_argument(
+        "--durable",
+        action="store_true",
+        help="SQLite synchronous=FULL: also survive a power cut of this host (slower)",
+    )
+
+
+def _broker_arguments(p: argparse.ArgumentParser) -> None:
+    """The connection options, those of the station's ``[mqtt]`` section."""
     p.add_argument(
         "--protocol",
         choices=("5", "3.1.1"),
@@ -157,16 +168,33 @@ def _run_arguments(p: argparse.ArgumentParser, *, required: bool) -> None:
     p.add_argument(
         "--session-expiry",
         type=int,
-        default=7 * 24 * 3600,
+        default=SESSION_EXPIRY_S,
         metavar="SECONDS",
         help="how long the broker keeps messages for a stopped collector (default 7 days)",
     )
-    p.add_argument("--username", help=f"broker user name (password from ${PASSWORD_ENV})")
-    p.add_argument("--ca-file", help="use TLS, trusting this CA file")
     p.add_argument(
-        "--durable",
+        "--username",
+        help=f"broker user name (password from --password-file, else ${PASSWORD_ENV})",
+    )
+    p.add_argument(
+        "--password-file",
+        type=Path,
+        metavar="FILE",
+        help="read the broker password from the first line of FILE (e.g. a systemd credential)",
+    )
+    p.add_argument("--tls", action="store_true", help="use TLS, trusting the system's CAs")
+    p.add_argument("--ca-file", type=Path, help="use TLS, trusting this CA file")
+    p.add_argument(
+        "--tls-cert",
+        type=Path,
+        metavar="PEM",
+        help="use TLS and authenticate with this client certificate (with --tls-key)",
+    )
+    p.add_argument("--tls-key", type=Path, metavar="PEM", help="the client certificate's key")
+    p.add_argument(
+        "--tls-insecure",
         action="store_true",
-        help="SQLite synchronous=FULL: also survive a power cut of this host (slower)",
+        help="use TLS without checking the broker's host name (the chain is still verified)",
     )
 
 
@@ -200,37 +228,61 @@ def _broker(text: str | None) -> tuple[str, int]:
     return host.strip("[]"), int(port_text)
 
 
-def _run(args: argparse.Namespace) -> int:
-    from fieldscope.collect.store import open_store
-    from fieldscope.collect.subscriber import Collector, CollectorSettings, default_client_id
+def _collector_settings(args: argparse.Namespace) -> Any:
+    """The collector's settings from its options; the password is read when connecting."""
+    from fieldscope.collect.subscriber import CollectorSettings, default_client_id
+    from fieldscope.edge.broker import BrokerSettings, MqttProtocol, TlsSettings
 
     host, port = _broker(args.broker)
-    settings = CollectorSettings(
+    tls_files = (args.ca_file, args.tls_cert, args.tls_key)
+    tls = args.tls or args.tls_insecure or any(f is not None for f in tls_files)
+    from_env = args.username and not args.password_file and os.environ.get(PASSWORD_ENV)
+    broker = BrokerSettings(
         host=host,
         port=port,
         prefix=args.topic_prefix,
         client_id=args.client_id or default_client_id(),
-        share_group=args.share_group,
-        session_expiry_s=args.session_expiry,
         username=args.username,
-        password=os.environ.get(PASSWORD_ENV),
-        ca_file=args.ca_file,
-        protocol=args.protocol,
+        password_env=PASSWORD_ENV if from_env else None,
+        password_file=args.password_file,
+        tls=TlsSettings(
+            ca=args.ca_file, cert=args.tls_cert, key=args.tls_key, insecure=args.tls_insecure
+        )
+        if tls
+        else None,
+        keepalive=30,
+        protocol=MqttProtocol(args.protocol),
+        session_expiry_s=args.session_expiry,
+        reconnect_backoff_s=(1.0, 30.0),
     )
+    settings = CollectorSettings(broker=broker, share_group=args.share_group)
+    settings.check()
+    return settings
+
+
+def _run(args: argparse.Namespace) -> int:
+    from fieldscope.collect.store import open_store
+    from fieldscope.collect.subscriber import Collector
+    from fieldscope.edge.broker import describe
+
+    settings = _collector_settings(args)
     store = open_store(args.db, durable=args.durable)
+    try:
+        collector = Collector(settings, store)
+    except BaseException:
+        store.close()
+        raise
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
         stop.set()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    collector = Collector(settings, store)
     try:
         collector.start()
         print(
-            f"collecting from {host}:{port} (MQTT {settings.protocol.value}, prefix "
-            f"{settings.prefix}, client id "
-            f"{settings.client_id}) into {store.url}; Ctrl-C to stop",
+            f"collecting from {describe(settings.broker)}, prefix {settings.broker.prefix}, "
+            f"into {store.url}; Ctrl-C to stop",
             file=sys.stderr,
         )
         while not stop.wait(1.0):

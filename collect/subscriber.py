@@ -32,17 +32,15 @@ import contextlib
 import logging
 import queue
 import socket
-import ssl
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
+import msgspec
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -59,17 +57,22 @@ from fieldscope.collect.records import (
     poison_reason,
 )
 from fieldscope.collect.store import MAX_GAP, Store, StoreDataError, StoreError, WriteResult
+from fieldscope.edge.broker import BrokerSettings, Problems, describe, field_problems, make_client
 from fieldscope.edge.errors import ConfigError, FieldscopeError
-from fieldscope.edge.link import MqttProtocol
 from fieldscope.edge.topics import (
-    DEFAULT_PREFIX,
+    TopicError,
     TopicKind,
-    check_segment,
     shared,
     subscription_filters,
 )
 
-__all__ = ["Collector", "CollectorSettings", "CollectorStats", "default_client_id"]
+__all__ = [
+    "BrokerSettings",
+    "Collector",
+    "CollectorSettings",
+    "CollectorStats",
+    "default_client_id",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -85,54 +88,37 @@ def default_client_id() -> str:
     return f"fieldscope-collect-{host or 'host'}"[:64]
 
 
-@dataclass(frozen=True)
-class CollectorSettings:
-    """How the collector connects and what it subscribes to.
+class CollectorSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The collector's own settings; how it reaches the broker is ``broker``.
 
-    ``client_id`` must be stable across restarts (the broker keeps the session under
-    it) and different for each collector running at the same time. ``session_expiry_s``
-    is how long the broker keeps messages for a stopped collector. ``password`` comes
-    from the environment, never from the command line (see the CLI). ``protocol`` is
-    the MQTT version: 5, or "3.1.1" for brokers that speak only that (amqtt, old
-    installations); 3.1.1 has no session expiry, so there the session is simply
-    persistent (clean session off) and ``session_expiry_s`` is not sent.
+    ``broker.client_id`` must be stable across restarts (the broker keeps the session
+    under it) and different for each collector running at the same time;
+    ``broker.session_expiry_s`` is how long the broker keeps messages for a stopped
+    collector (MQTT 5; with 3.1.1 the session never expires). ``batch_max`` bounds a
+    write transaction, ``queue_max`` the messages waiting for the writer.
     """
 
-    host: str
-    port: int = 1883
-    prefix: str = DEFAULT_PREFIX
-    client_id: str = field(default_factory=default_client_id)
+    broker: BrokerSettings
     share_group: str | None = None
-    session_expiry_s: int = 7 * 24 * 3600
-    keepalive_s: int = 30
-    username: str | None = None
-    password: str | None = None
-    ca_file: str | None = None
-    batch_max: int = 5000
-    queue_max: int = 100_000
-    protocol: MqttProtocol = MqttProtocol.V5
+    batch_max: Annotated[int, msgspec.Meta(ge=1)] = 5000
+    queue_max: Annotated[int, msgspec.Meta(ge=1)] = 100_000
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.host, str) or not self.host.strip():
-            raise ConfigError(f"--broker needs a host name, got {self.host!r}")
-        if not isinstance(self.port, int) or not 1 <= self.port <= 65535:
-            raise ConfigError(f"broker port must be 1-65535, got {self.port!r}")
-        check_segment("client id", self.client_id)
+    def problems(self) -> Problems:
+        """Every problem at once, ``broker.*`` keys for the broker's."""
+        out = field_problems(self)
         if self.share_group is not None:
-            shared(self.share_group, "x")  # validates the group name
-        subscription_filters(self.prefix)  # validates the prefix
-        if not 0 <= self.session_expiry_s <= 2**32 - 1:
-            raise ConfigError(
-                f"session expiry must be 0..{2**32 - 1} s, got {self.session_expiry_s}"
-            )
-        if self.batch_max < 1 or self.queue_max < 1:
-            raise ConfigError("batch_max and queue_max must be >= 1")
-        try:
-            object.__setattr__(self, "protocol", MqttProtocol(self.protocol))
-        except ValueError:
-            raise ConfigError(
-                f'MQTT protocol must be "5" or "3.1.1", got {self.protocol!r}'
-            ) from None
+            try:
+                shared(self.share_group, "x")
+            except TopicError as exc:
+                out.append(("share_group", str(exc)))
+        out.extend((f"broker.{key}", message) for key, message in self.broker.problems())
+        return out
+
+    def check(self) -> None:
+        """Raise one :class:`ConfigError` listing every problem."""
+        problems = self.problems()
+        if problems:
+            raise ConfigError("; ".join(f"{key}: {message}" for key, message in problems))
 
 
 @dataclass
@@ -187,6 +173,12 @@ class Collector:
     """
 
     def __init__(self, settings: CollectorSettings, store: Store) -> None:
+        """Check the settings and make the (not yet connected) client.
+
+        Raises:
+            ConfigError: a setting is invalid, or a TLS or password file is unusable.
+        """
+        settings.check()
         self.settings = settings
         self.store = store
         self.stats = CollectorStats()
@@ -201,7 +193,7 @@ class Collector:
         self._idle.set()
         self._started = False
         self._pending_sub: int | None = None
-        self._topics = TopicCache(settings.prefix)
+        self._topics = TopicCache(settings.broker.prefix)
         # Per device, the highest seq stored so far (writer thread only): a new one more
         # than one above it reveals a gap (see _check_gaps).
         self._high: dict[str, int] = {}
@@ -210,26 +202,11 @@ class Collector:
     # --- set-up ---------------------------------------------------------------------------
 
     def _make_client(self) -> mqtt.Client:
-        s = self.settings
-        v5 = s.protocol is MqttProtocol.V5
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=s.client_id,
-            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
-            # 3.1.1: a persistent session (no expiry in that version); 5: see start().
-            clean_session=None if v5 else False,
-            manual_ack=True,
+        # Every connection resumes the session, so nothing sent while it was away is lost;
+        # the broker may send up to 5000 unacknowledged messages (acked after commit).
+        client = make_client(
+            self.settings.broker, receive_maximum=5000, manual_ack=True, where="broker"
         )
-        client.suppress_exceptions = True
-        client.reconnect_delay_set(1, 30)
-        if s.username is not None:
-            client.username_pw_set(s.username, s.password)
-        if s.ca_file is not None:
-            try:
-                context = ssl.create_default_context(cafile=s.ca_file)
-            except (OSError, ssl.SSLError) as exc:
-                raise ConfigError(f"--ca-file {s.ca_file}: cannot load it: {exc}") from exc
-            client.tls_set_context(context)
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
@@ -241,9 +218,9 @@ class Collector:
         """The filters (with QoS) this collector subscribes to."""
         s = self.settings
         plain = [TopicKind.STATUS, TopicKind.MODEL, TopicKind.HEARTBEAT]
-        subs = list(subscription_filters(s.prefix, kinds=plain))
+        subs = list(subscription_filters(s.broker.prefix, kinds=plain))
         subs += subscription_filters(
-            s.prefix, kinds=[TopicKind.IDENTIFICATION], share_group=s.share_group
+            s.broker.prefix, kinds=[TopicKind.IDENTIFICATION], share_group=s.share_group
         )
         return [(sub.filter, sub.qos) for sub in subs]
 
@@ -254,23 +231,11 @@ class Collector:
         self._started = True
         s = self.settings
         self._start_writer()
-        if s.protocol is MqttProtocol.V5:
-            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            properties.SessionExpiryInterval = s.session_expiry_s
-            properties.ReceiveMaximum = 5000
-            self._client.connect_async(
-                s.host, s.port, s.keepalive_s, clean_start=False, properties=properties
-            )
-        else:
-            self._client.connect_async(s.host, s.port, s.keepalive_s)
         self._client.loop_start()
         logger.info(
-            "collecting from %s:%d (MQTT %s, prefix %r, client id %s%s) into %s",
-            s.host,
-            s.port,
-            s.protocol.value,
-            s.prefix,
-            s.client_id,
+            "collecting from %s (prefix %r%s) into %s",
+            describe(s.broker),
+            s.broker.prefix,
             f", shared group {s.share_group}" if s.share_group else "",
             self.store.url,
         )
@@ -330,8 +295,8 @@ class Collector:
     ) -> None:
         if reason.is_failure:
             logger.error(
-                "the broker refused the connection: %s (check --username, "
-                "FIELDSCOPE_MQTT_PASSWORD and the broker's ACL)",
+                "the broker refused the connection: %s (check the user name, the password "
+                "and the broker's ACL)",
                 reason,
             )
             return
@@ -345,8 +310,8 @@ class Collector:
         self._pending_sub = mid
         logger.info(
             "connected to %s:%d (session present: %s)",
-            self.settings.host,
-            self.settings.port,
+            self.settings.broker.host,
+            self.settings.broker.port,
             flags.session_present,
         )
 
@@ -367,7 +332,9 @@ class Collector:
 
     def _on_connect_fail(self, _client: mqtt.Client, _userdata: object) -> None:
         logger.warning(
-            "cannot reach the broker at %s:%d; retrying", self.settings.host, self.settings.port
+            "cannot reach the broker at %s:%d; retrying",
+            self.settings.broker.host,
+            self.settings.broker.port,
         )
 
     def _on_disconnect(

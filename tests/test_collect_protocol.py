@@ -21,8 +21,8 @@ from fieldscope.cli.broker import DEMO_USERNAME, start_broker
 from fieldscope.collect.samples import sample_identification
 from fieldscope.collect.store import open_store
 from fieldscope.collect.subscriber import Collector, CollectorSettings
+from fieldscope.edge.broker import BrokerSettings, MqttProtocol
 from fieldscope.edge.errors import ConfigError
-from fieldscope.edge.link import MqttProtocol
 from fieldscope.edge.topics import Topics
 
 
@@ -94,11 +94,13 @@ def test_a_3_1_1_collector_gets_what_was_published_while_it_was_stopped(
 ) -> None:
     db = tmp_path / "collect.sqlite"
     settings = CollectorSettings(
-        host=broker.host,
-        port=broker.port,
-        client_id="collector-311",
-        username=broker.username,
-        protocol=MqttProtocol.V311,
+        broker=BrokerSettings(
+            host=broker.host,
+            port=broker.port,
+            client_id="collector-311",
+            username=broker.username,
+            protocol=MqttProtocol.V311,
+        )
     )
 
     def run_collector(until: Callable[[Collector], bool]) -> None:
@@ -122,12 +124,16 @@ def test_a_3_1_1_collector_gets_what_was_published_while_it_was_stopped(
     assert stored_seqs(db) == list(range(25))
 
 
-def test_the_protocol_is_checked() -> None:
-    with pytest.raises(ConfigError, match=r'"5" or "3\.1\.1"'):
-        CollectorSettings(host="localhost", protocol="4")  # type: ignore[arg-type]
-    assert CollectorSettings(host="localhost").protocol is MqttProtocol.V5
-    as_text = CollectorSettings(host="localhost", protocol="3.1.1")  # type: ignore[arg-type]
-    assert as_text.protocol is MqttProtocol.V311
+def test_the_protocol_is_checked(tmp_path: Path) -> None:
+    bad = CollectorSettings(broker=BrokerSettings(host="localhost", client_id="c", protocol="4"))  # type: ignore[arg-type]
+    assert ("broker.protocol", 'must be one of "5", "3.1.1", got \'4\'') in bad.problems()
+    store = open_store(str(tmp_path / "c.sqlite"))
+    with pytest.raises(ConfigError, match=r'broker\.protocol: must be one of "5", "3\.1\.1"'):
+        Collector(bad, store)
+    store.close()
+    assert BrokerSettings(host="localhost", client_id="c").mqtt_protocol is MqttProtocol.V5
+    as_text = BrokerSettings(host="localhost", client_id="c", protocol="3.1.1")  # type: ignore[arg-type]
+    assert as_text.mqtt_protocol is MqttProtocol.V311
 
 
 @pytest.mark.mqtt
@@ -155,7 +161,7 @@ def test_collect_run_protocol_flag(tmp_path: Path) -> None:
             proc.kill()
             proc.wait(10)
         stop_mosquitto(mosquitto)
-    assert "(MQTT 3.1.1," in log.read_text()
+    assert "(MQTT 3.1.1)" in log.read_text()
     bad = subprocess.run(
         [sys.executable, "-m", "fieldscope.cli", "collect", "run", "--protocol", "4",
          "--broker", "localhost"],

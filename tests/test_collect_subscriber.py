@@ -21,6 +21,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from fieldscope.collect.samples import sample_identification
 from fieldscope.collect.store import open_store
 from fieldscope.collect.subscriber import Collector, CollectorSettings
+from fieldscope.edge.broker import BrokerSettings
 from fieldscope.edge.message import Identification
 from fieldscope.edge.topics import Topics
 
@@ -75,7 +76,9 @@ def test_duplicates_are_stored_once_and_invalid_payloads_kept_apart(
     db = tmp_path / "collect.sqlite"
     store = open_store(str(db))
     collector = Collector(
-        CollectorSettings(host=mosquitto.host, port=mosquitto.port, client_id="collector-1"),
+        CollectorSettings(
+            broker=BrokerSettings(host=mosquitto.host, port=mosquitto.port, client_id="collector-1")
+        ),
         store,
     )
     collector.start()
@@ -176,7 +179,8 @@ def test_two_collectors_on_a_shared_subscription_store_each_message_once(
     for name in ("collector-a", "collector-b"):
         store = open_store(str(db))
         settings = CollectorSettings(
-            host=mosquitto.host, port=mosquitto.port, client_id=name, share_group="fleet"
+            broker=BrokerSettings(host=mosquitto.host, port=mosquitto.port, client_id=name),
+            share_group="fleet",
         )
         collector = Collector(settings, store)
         collector.start()

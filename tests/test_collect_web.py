@@ -39,7 +39,7 @@ from fieldscope.collect.samples import (
     sample_model_info,
 )
 from fieldscope.collect.store import open_store
-from fieldscope.collect.subscriber import Collector, CollectorSettings
+from fieldscope.collect.subscriber import BrokerSettings, Collector, CollectorSettings
 from fieldscope.collect.web import Dashboard, DashboardSettings, parse_multipart, resolve_archived
 from fieldscope.edge.specimens import SPECIES, render_specimen
 from fieldscope.edge.topics import Topics
@@ -367,7 +367,10 @@ def test_fleet_view_shows_a_device_going_offline(
     db = tmp_path / "collect.sqlite"
     store = open_store(str(db))
     collector = Collector(
-        CollectorSettings(host=mosquitto.host, port=mosquitto.port, client_id="dash"), store
+        CollectorSettings(
+            broker=BrokerSettings(host=mosquitto.host, port=mosquitto.port, client_id="dash")
+        ),
+        store,
     )
     collector.start()
     station = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="scope-x", protocol=mqtt.MQTTv5)

@@ -24,7 +24,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from fieldscope.collect.records import decode
 from fieldscope.collect.samples import sample_heartbeat, sample_identification, sample_model_info
 from fieldscope.collect.store import open_store
-from fieldscope.collect.subscriber import Collector, CollectorSettings
+from fieldscope.collect.subscriber import BrokerSettings, Collector, CollectorSettings
 from fieldscope.edge.topics import Topics
 
 pytestmark = pytest.mark.mqtt
@@ -139,7 +139,9 @@ def test_a_poison_retained_model_message_does_not_stop_a_new_collector(
     store = open_store(str(db))
     collector = Collector(
         CollectorSettings(
-            host=mosquitto.host, port=mosquitto.port, prefix=PREFIX, client_id="brand-new"
+            broker=BrokerSettings(
+                host=mosquitto.host, port=mosquitto.port, prefix=PREFIX, client_id="brand-new"
+            )
         ),
         store,
     )
@@ -176,7 +178,9 @@ def test_the_whole_corpus_over_a_real_broker_leaves_the_collector_storing(
     store = open_store(str(db))
     collector = Collector(
         CollectorSettings(
-            host=mosquitto.host, port=mosquitto.port, prefix=PREFIX, client_id="c-corpus"
+            broker=BrokerSettings(
+                host=mosquitto.host, port=mosquitto.port, prefix=PREFIX, client_id="c-corpus"
+            )
         ),
         store,
     )
@@ -213,7 +217,10 @@ def test_a_value_the_database_cannot_hold_is_kept_apart_and_the_rest_stored(
 
     store = open_store(str(tmp_path / "c.sqlite"))
     collector = Collector(
-        CollectorSettings(host="127.0.0.1", port=1, prefix=PREFIX, client_id="unit"), store
+        CollectorSettings(
+            broker=BrokerSettings(host="127.0.0.1", port=1, prefix=PREFIX, client_id="unit")
+        ),
+        store,
     )
     now = datetime.now(UTC)
     batch = [
@@ -407,7 +414,9 @@ def test_a_broker_killed_with_an_offline_collectors_queue_shows_as_a_seq_gap(
     def collector() -> tuple[Collector, object]:
         store = open_store(str(db))
         settings = CollectorSettings(
-            host=broker.host, port=broker.port, prefix=PREFIX, client_id="c-gaps"
+            broker=BrokerSettings(
+                host=broker.host, port=broker.port, prefix=PREFIX, client_id="c-gaps"
+            )
         )
         c = Collector(settings, store)
         c.start()
