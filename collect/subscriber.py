@@ -57,7 +57,14 @@ from fieldscope.collect.records import (
     poison_reason,
 )
 from fieldscope.collect.store import MAX_GAP, Store, StoreDataError, StoreError, WriteResult
-from fieldscope.edge.broker import BrokerSettings, Problems, describe, field_problems, make_client
+from fieldscope.edge.broker import (
+    BrokerSettings,
+    Problems,
+    describe,
+    field_problems,
+    make_client,
+    route_connection,
+)
 from fieldscope.edge.errors import ConfigError, FieldscopeError
 from fieldscope.edge.topics import (
     TopicError,
@@ -207,9 +214,13 @@ class Collector:
         client = make_client(
             self.settings.broker, receive_maximum=5000, manual_ack=True, where="broker"
         )
-        client.on_connect = self._on_connect
-        client.on_connect_fail = self._on_connect_fail
-        client.on_disconnect = self._on_disconnect
+        route_connection(
+            client,
+            self.settings.broker,
+            connected=self._on_connect,
+            failed=self._on_connect_failed,
+            disconnected=self._on_disconnect,
+        )
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
         return client
@@ -285,35 +296,15 @@ class Collector:
 
     # --- paho callbacks: network thread; hand over, never block for long -----------------
 
-    def _on_connect(
-        self,
-        client: mqtt.Client,
-        _userdata: object,
-        flags: mqtt.ConnectFlags,
-        reason: ReasonCode,
-        _properties: Properties | None,
-    ) -> None:
-        if reason.is_failure:
-            logger.error(
-                "the broker refused the connection: %s (check the user name, the password "
-                "and the broker's ACL)",
-                reason,
-            )
-            return
+    def _on_connect(self) -> None:
         with self._lock:
             self._generation += 1
         self.stats.connects += 1
         self._connected.set()
         # Subscribing on every connect is harmless with a persistent session and needed on
         # the first; the broker answers with the retained status and model of each device.
-        _, mid = client.subscribe(self.subscriptions())
+        _, mid = self._client.subscribe(self.subscriptions())
         self._pending_sub = mid
-        logger.info(
-            "connected to %s:%d (session present: %s)",
-            self.settings.broker.host,
-            self.settings.broker.port,
-            flags.session_present,
-        )
 
     def _on_subscribe(
         self,
@@ -330,21 +321,13 @@ class Collector:
         if mid == self._pending_sub:
             self._subscribed.set()
 
-    def _on_connect_fail(self, _client: mqtt.Client, _userdata: object) -> None:
-        logger.warning(
-            "cannot reach the broker at %s:%d; retrying",
-            self.settings.broker.host,
-            self.settings.broker.port,
-        )
+    def _on_connect_failed(self, text: str, refused: bool) -> None:
+        if refused:
+            logger.error("%s (check the user name, the password and the broker's ACL)", text)
+        else:
+            logger.warning("%s; retrying", text)
 
-    def _on_disconnect(
-        self,
-        _client: mqtt.Client,
-        _userdata: object,
-        _flags: mqtt.DisconnectFlags,
-        reason: ReasonCode,
-        _properties: Properties | None,
-    ) -> None:
+    def _on_disconnect(self, reason: ReasonCode) -> None:
         self._connected.clear()
         self._subscribed.clear()
         if not self._stopping.is_set():

@@ -39,6 +39,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from fieldscope.edge.errors import ConfigError
 from fieldscope.edge.topics import DEFAULT_PREFIX, TopicError, Topics, segment_problem, show
@@ -57,6 +58,7 @@ __all__ = [
     "describe",
     "make_client",
     "read_password",
+    "route_connection",
 ]
 
 logger = logging.getLogger(__name__)
@@ -110,6 +112,14 @@ def _expected(kind: Any, exc: msgspec.ValidationError) -> str:
     for name, words in (("int", "an integer"), ("str", "a string"), ("bool", "true or false")):
         text = re.sub(rf"^{name}\b", words, text)
     return f"must be {text}"
+
+
+def _prefix_problems(prefix: str) -> Problems:
+    try:
+        Topics(prefix, "station", "device")
+    except TopicError as exc:
+        return [("prefix", str(exc).removeprefix("prefix "))]
+    return []
 
 
 class TlsSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -215,25 +225,18 @@ class BrokerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
             out.append(("client_id", f"{problem}, got {show(self.client_id)}"))
         out.extend(self._backoff_problems())
         out.extend(self._password_problems())
-        try:
-            Topics(self.prefix, "station", "device")
-        except TopicError as exc:
-            out.append(("prefix", str(exc).removeprefix("prefix ")))
-        if self.tls is not None:
-            out.extend((f"tls.{key}", message) for key, message in self.tls.problems())
-        return out
+        out.extend(_prefix_problems(self.prefix))
+        tls = [] if self.tls is None else self.tls.problems()
+        return out + [(f"tls.{key}", message) for key, message in tls]
 
     def _backoff_problems(self) -> Problems:
-        low, high = self.reconnect_backoff_s
-        if 1 <= low <= high <= 3600 and low == int(low) and high == int(high):
+        first, longest = self.reconnect_backoff_s
+        whole = first == int(first) and longest == int(longest)
+        if whole and 1 <= first <= longest <= 3600:
             return []
-        return [
-            (
-                "reconnect_backoff_s",
-                "must be [min, max] whole seconds with 1 <= min <= max <= 3600, "
-                f"got [{low:g}, {high:g}]",
-            )
-        ]
+        got = f"[{first:g}, {longest:g}]"
+        rule = "whole seconds with 1 <= min <= max <= 3600"
+        return [("reconnect_backoff_s", f"must be [min, max] {rule}, got {got}")]
 
     def _password_problems(self) -> Problems:
         out: Problems = []
@@ -360,16 +363,18 @@ def make_client(
     client.reconnect_delay_set(int(s.reconnect_backoff_s[0]), int(s.reconnect_backoff_s[1]))
     client.max_inflight_messages_set(min(s.max_in_flight, PAHO_MAX_INFLIGHT))
     client.max_queued_messages_set(0)
-    if s.username is not None:
-        client.username_pw_set(s.username, read_password(s, where))
-    if s.tls is not None:
-        client.tls_set_context(s.tls.context(where))
-        if s.tls.insecure:
-            logger.warning("%s.tls.insecure: the broker's host name is not verified", where)
-            client.tls_insecure_set(True)
-    if not v5:
+    _authenticate(client, s, where)
+    _address(client, s, fresh_session=fresh_session, receive_maximum=receive_maximum)
+    return client
+
+
+def _address(
+    client: mqtt.Client, s: BrokerSettings, *, fresh_session: bool, receive_maximum: int | None
+) -> None:
+    """``connect_async``: where to, and the session (MQTT 5 properties, or persistent)."""
+    if s.mqtt_protocol is not MqttProtocol.V5:
         client.connect_async(s.host, s.port, s.keepalive)
-        return client
+        return
     properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     properties.SessionExpiryInterval = s.session_expiry_s
     if receive_maximum is not None:
@@ -378,7 +383,51 @@ def make_client(
     client.connect_async(
         s.host, s.port, s.keepalive, clean_start=clean_start, properties=properties
     )
-    return client
+
+
+def _authenticate(client: mqtt.Client, s: BrokerSettings, where: str) -> None:
+    """User name and password, TLS with the client certificate."""
+    if s.username is not None:
+        client.username_pw_set(s.username, read_password(s, where))
+    if s.tls is not None:
+        client.tls_set_context(s.tls.context(where))
+        if s.tls.insecure:
+            logger.warning("%s.tls.insecure: the broker's host name is not verified", where)
+            client.tls_insecure_set(True)
+
+
+def route_connection(
+    client: mqtt.Client,
+    settings: BrokerSettings,
+    *,
+    connected: Callable[[], None],
+    failed: Callable[[str, bool], None],
+    disconnected: Callable[[ReasonCode], None],
+) -> None:
+    """Route paho's connection callbacks to what the link and the collector act on:
+    ``connected()``; ``failed(text, refused)`` (refused by the broker, or unreachable);
+    ``disconnected(reason)``. A successful connect is logged here, for both.
+    All run on paho's network thread: record and hand over, never block."""
+    where = f"{settings.host}:{settings.port}"
+
+    def on_connect(
+        _client: mqtt.Client,
+        _userdata: object,
+        flags: mqtt.ConnectFlags,
+        reason: ReasonCode,
+        _properties: Properties | None,
+    ) -> None:
+        if reason.is_failure:
+            failed(f"the broker refused the connection: {reason}", True)
+            return
+        connected()
+        logger.info("connected to %s (session present: %s)", where, flags.session_present)
+
+    client.on_connect = on_connect
+    client.on_connect_fail = lambda _client, _userdata: failed(
+        f"cannot reach the broker at {where}", False
+    )
+    client.on_disconnect = lambda _client, _userdata, _flags, reason, _props: disconnected(reason)
 
 
 def broker_settings(mqtt_config: MqttConfig, *, max_in_flight: int = 100) -> BrokerSettings:

@@ -57,6 +57,7 @@ from fieldscope.edge.broker import (
     PahoLog,
     describe,
     make_client,
+    route_connection,
 )
 from fieldscope.edge.errors import FieldscopeError
 from fieldscope.edge.link_commands import CommandInbox
@@ -167,9 +168,13 @@ class MqttLink:
             paho_logger=PahoLog(f"{__name__}.paho", lambda: self._closing),
         )
         client.will_set(*self.topics.last_will())
-        client.on_connect = self._handle_connect
-        client.on_connect_fail = self._handle_connect_fail
-        client.on_disconnect = self._handle_disconnect
+        route_connection(
+            client,
+            self.settings,
+            connected=self._handle_connect,
+            failed=self._handle_connect_failed,
+            disconnected=self._handle_disconnect,
+        )
         client.on_publish = self._handle_publish
         client.on_message = lambda _client, _userdata, message: self._inbox.offer(message)
         return client
@@ -192,23 +197,7 @@ class MqttLink:
 
     # --- paho callbacks: network thread; record and hand over, never block -----------------
 
-    def _handle_connect(
-        self,
-        _client: mqtt.Client,
-        _userdata: object,
-        flags: mqtt.ConnectFlags,
-        reason: ReasonCode,
-        _properties: Properties | None,
-    ) -> None:
-        if reason.is_failure:
-            text = f"the broker refused the connection: {reason}"
-            with self._cv:
-                new = text != self._n.last_error
-                self._n.last_error = text
-                self._n.connect_failures += 1
-            if new:
-                logger.error("%s (check mqtt.username/password and the broker's ACL)", text)
-            return
+    def _handle_connect(self) -> None:
         with self._cv:
             self._connected = True
             self._announce = True
@@ -219,30 +208,18 @@ class MqttLink:
             self._n.last_connected_at = datetime.now(UTC)
             self._n.last_error = None
             self._cv.notify_all()
-        logger.info(
-            "connected to %s:%d (session present: %s)",
-            self.settings.host,
-            self.settings.port,
-            flags.session_present,
-        )
 
-    def _handle_connect_fail(self, _client: mqtt.Client, _userdata: object) -> None:
-        text = f"cannot reach the broker at {self.settings.host}:{self.settings.port}"
+    def _handle_connect_failed(self, text: str, refused: bool) -> None:
         with self._cv:
             self._n.connect_failures += 1
-            first = self._n.last_error != text
+            new = self._n.last_error != text
             self._n.last_error = text
-        if first:
+        if new and refused:
+            logger.error("%s (check mqtt.username/password and the broker's ACL)", text)
+        elif new:
             logger.warning("%s; retrying with backoff", text)
 
-    def _handle_disconnect(
-        self,
-        _client: mqtt.Client,
-        _userdata: object,
-        _flags: mqtt.DisconnectFlags,
-        reason: ReasonCode,
-        _properties: Properties | None,
-    ) -> None:
+    def _handle_disconnect(self, reason: ReasonCode) -> None:
         with self._cv:
             was_connected = self._connected
             self._connected = False
