@@ -231,7 +231,7 @@ def _broker(text: str | None) -> tuple[str, int]:
 def _collector_settings(args: argparse.Namespace) -> Any:
     """The collector's settings from its options; the password is read when connecting."""
     from fieldscope.collect.subscriber import CollectorSettings, default_client_id
-    from fieldscope.edge.broker import BrokerSettings, MqttProtocol, TlsSettings
+    from fieldscope.edge.broker import BrokerSettings, MqttProtocol, TlsSettings, read_password
 
     host, port = _broker(args.broker)
     tls_files = (args.ca_file, args.tls_cert, args.tls_key)
@@ -257,6 +257,7 @@ def _collector_settings(args: argparse.Namespace) -> Any:
     )
     settings = CollectorSettings(broker=broker, share_group=args.share_group)
     settings.check()
+    read_password(broker, "broker")  # an unreadable --password-file fails before anything
     return settings
 
 

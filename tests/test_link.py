@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import datetime as dt
-import ipaddress
 import logging
-import os
-import pwd
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
@@ -25,6 +19,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 from conftest import Broker, start_mosquitto, stop_mosquitto
+from mqtt_security import make_certificates, mosquitto_dir, password_lines, start_configured
 
 from fieldscope.edge.broker import BrokerSettings, MqttProtocol, TlsSettings
 from fieldscope.edge.commands import CommandError, parse_command
@@ -193,43 +188,9 @@ def stations() -> Iterator[Callable[..., Station]]:
 
 @pytest.fixture
 def broker_dir() -> Iterator[Path]:
-    """A directory where mosquitto can save its persistence file.
-
-    Started as root, mosquitto drops to the ``mosquitto`` user, who cannot write
-    inside pytest's root-only tmp_path: it would then silently lose its state on a
-    restart. A directory it owns makes ``persistence true`` real.
-    """
-    path = Path(tempfile.mkdtemp(prefix="fieldscope-mosquitto-"))
-    if os.geteuid() == 0:
-        with contextlib.suppress(KeyError):
-            user = pwd.getpwnam("mosquitto")
-            os.chown(path, user.pw_uid, user.pw_gid)
-    try:
+    """A directory mosquitto can write to (see :func:`mqtt_security.mosquitto_dir`)."""
+    with mosquitto_dir() as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def start_configured(workdir: Path, lines: list[str]) -> Broker:
-    """A mosquitto with extra configuration lines (TLS, passwords, ACLs)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    workdir.mkdir(parents=True, exist_ok=True)
-    config = workdir / "mosquitto.conf"
-    log = workdir / "mosquitto.log"
-    config.write_text("\n".join([f"listener {port} 127.0.0.1", "log_dest stderr", *lines]) + "\n")
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    with log.open("ab") as fh:
-        proc = subprocess.Popen([binary, "-c", str(config)], stdout=fh, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return Broker("127.0.0.1", port, proc, config, log)
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError(f"mosquitto did not start:\n{log.read_text()}")
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
@@ -569,74 +530,19 @@ def test_nothing_is_published_while_disconnected(
 # --- security and broker refusals --------------------------------------------------------
 
 
-def _certificates(directory: Path) -> tuple[Path, Path, Path]:
-    """A CA and a server certificate for 127.0.0.1, made with `cryptography`."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = dt.datetime.now(dt.UTC)
-
-    def cert(subject: str, key: Any, issuer: str, signer: Any, ca: bool) -> x509.Certificate:
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        )
-        if not ca:
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                critical=False,
-            )
-        return builder.sign(signer, hashes.SHA256())
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    ca = cert("fieldscope test CA", ca_key, "fieldscope test CA", ca_key, ca=True)
-    server = cert("127.0.0.1", server_key, "fieldscope test CA", ca_key, ca=False)
-    pem = serialization.Encoding.PEM
-    paths = (directory / "ca.pem", directory / "server.pem", directory / "server.key")
-    paths[0].write_bytes(ca.public_bytes(pem))
-    paths[1].write_bytes(server.public_bytes(pem))
-    paths[2].write_bytes(
-        server_key.private_bytes(
-            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    for path in paths:
-        path.chmod(0o644)
-    return paths
-
-
 def test_tls_with_username_and_password(broker_dir: Path, stations: Callable[..., Station]) -> None:
     if shutil.which("mosquitto_passwd") is None:
         pytest.skip("mosquitto_passwd is not installed")
-    ca, server_cert, server_key = _certificates(broker_dir)
-    passwd = broker_dir / "passwd"
-    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwd), "scope", "s3cret"], check=True)
-    passwd.chmod(0o644)
+    certs = make_certificates(broker_dir)
     broker = start_configured(
-        broker_dir,
-        [
-            f"cafile {ca}",
-            f"certfile {server_cert}",
-            f"keyfile {server_key}",
-            "allow_anonymous false",
-            f"password_file {passwd}",
-        ],
+        broker_dir, certs.broker_lines() + password_lines(broker_dir, "scope", "s3cret")
     )
     try:
         good = stations(
             broker,
             broker_dir / "good.db",
             device="good",
-            tls=TlsSettings(ca=ca),
+            tls=TlsSettings(ca=certs.ca),
             username="scope",
             password="s3cret",
         )
@@ -647,7 +553,7 @@ def test_tls_with_username_and_password(broker_dir: Path, stations: Callable[...
             broker,
             broker_dir / "bad.db",
             device="bad",
-            tls=TlsSettings(ca=ca),
+            tls=TlsSettings(ca=certs.ca),
             username="scope",
             password="nope",
         )
