@@ -6,23 +6,30 @@ with QoS 1 by a paho client the way a station's link publishes them.
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-from conftest import Broker
+from conftest import Broker, stop_mosquitto
+from mqtt_security import make_certificates, mosquitto_dir, password_lines, start_configured
 from paho.mqtt.enums import CallbackAPIVersion
 
+from fieldscope.cli.main import main
 from fieldscope.collect.samples import sample_identification
 from fieldscope.collect.store import open_store
 from fieldscope.collect.subscriber import Collector, CollectorSettings
-from fieldscope.edge.broker import BrokerSettings
+from fieldscope.edge.broker import BrokerSettings, MqttProtocol, TlsSettings
+from fieldscope.edge.link import MqttLink
 from fieldscope.edge.message import Identification
+from fieldscope.edge.outbox import Outbox
 from fieldscope.edge.topics import Topics
 
 pytestmark = pytest.mark.mqtt
@@ -212,3 +219,153 @@ def test_two_collectors_on_a_shared_subscription_store_each_message_once(
         (device,) = reader.devices()
         # Status is not shared: every collector hears it (retained, idempotent).
         assert device.status == "online"
+
+
+# --- secured brokers: client certificates, passwords from files, MQTT 3.1.1 -------------
+
+
+@pytest.fixture
+def secure_dir() -> Iterator[Path]:
+    with mosquitto_dir() as path:
+        yield path
+
+
+@contextlib.contextmanager
+def station_link(settings: BrokerSettings, db: Path) -> Iterator[Outbox]:
+    """A station's link publishing its outbox with ``settings``; yields the outbox."""
+    outbox = Outbox(db)
+    stop = threading.Event()
+    link = MqttLink(
+        settings,
+        Topics("fieldscope", "pond-3", "scope-a"),
+        outbox,
+        on_command=lambda name, payload: None,
+        retained_model=lambda: None,
+        stop=stop,
+    )
+    link.start()
+    try:
+        assert link.wait_online(10), link.health().last_error
+        yield outbox
+    finally:
+        stop.set()
+        link.stop_clean(2.0)
+        outbox.close()
+
+
+def add_identifications(outbox: Outbox, n: int) -> None:
+    topic = Topics("fieldscope", "pond-3", "scope-a").identification
+    for _ in range(n):
+        outbox.add(topic, lambda seq: sample_identification(seq).to_json())
+
+
+def test_the_collector_connects_with_a_client_certificate_and_is_refused_without(
+    secure_dir: Path, tmp_path: Path
+) -> None:
+    certs = make_certificates(secure_dir)
+    lines = [*certs.broker_lines(require_certificate=True), "allow_anonymous true"]
+    broker = start_configured(secure_dir, lines)
+    with_cert = TlsSettings(ca=certs.ca, cert=certs.client_cert, key=certs.client_key)
+    store = open_store(str(tmp_path / "collect.sqlite"))
+    try:
+        collector = Collector(
+            CollectorSettings(
+                broker=BrokerSettings(
+                    host=broker.host, port=broker.port, client_id="c-cert", tls=with_cert
+                )
+            ),
+            store,
+        )
+        collector.start()
+        try:
+            assert collector.wait_subscribed(10)
+            station = BrokerSettings(
+                host=broker.host, port=broker.port, client_id="scope-a", tls=with_cert
+            )
+            with station_link(station, tmp_path / "outbox.db") as outbox:
+                add_identifications(outbox, 5)
+                wait_for(lambda: collector.stats.stored == 5, what="five stored")
+        finally:
+            collector.stop()
+        without = Collector(
+            CollectorSettings(
+                broker=BrokerSettings(
+                    host=broker.host,
+                    port=broker.port,
+                    client_id="c-none",
+                    tls=TlsSettings(ca=certs.ca),
+                )
+            ),
+            store,
+        )
+        without.start()
+        try:
+            assert not without.wait_subscribed(3)
+            assert not without.connected
+        finally:
+            without.stop(timeout=1)
+    finally:
+        store.close()
+        stop_mosquitto(broker)
+
+
+@pytest.mark.skipif(shutil.which("mosquitto_passwd") is None, reason="needs mosquitto_passwd")
+def test_collect_run_with_client_certificate_password_file_and_mqtt_3_1_1(
+    secure_dir: Path, tmp_path: Path
+) -> None:
+    """Both sides speak 3.1.1 and authenticate with a client certificate and a
+    password read from a file (trailing newline and all)."""
+    certs = make_certificates(secure_dir)
+    lines = certs.broker_lines(require_certificate=True)
+    broker = start_configured(secure_dir, lines + password_lines(secure_dir, "fleet", "s3cret"))
+    password = tmp_path / "password"
+    password.write_text("s3cret\n")
+    db, log = tmp_path / "collect.sqlite", tmp_path / "collector.log"
+    with log.open("ab") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fieldscope.cli", "-v", "collect", "run",
+             "--broker", f"{broker.host}:{broker.port}", "--db", str(db),
+             "--client-id", "cli-secure", "--protocol", "3.1.1",
+             "--ca-file", str(certs.ca), "--tls-cert", str(certs.client_cert),
+             "--tls-key", str(certs.client_key),
+             "--username", "fleet", "--password-file", str(password)],
+            stdout=fh, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        _wait_ready(proc, log)
+        station = BrokerSettings(
+            host=broker.host,
+            port=broker.port,
+            client_id="scope-a",
+            tls=TlsSettings(ca=certs.ca, cert=certs.client_cert, key=certs.client_key),
+            username="fleet",
+            password_file=password,
+            protocol=MqttProtocol.V311,
+        )
+        with station_link(station, tmp_path / "outbox.db") as outbox:
+            add_identifications(outbox, 5)
+            wait_for(lambda: stored_count(db) == 5, what="five stored")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        stop_mosquitto(broker)
+    assert "mqtts://127.0.0.1" in log.read_text()
+    assert "(MQTT 3.1.1)" in log.read_text()
+    assert "s3cret" not in log.read_text()
+
+
+def test_collect_run_names_an_empty_password_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    empty = tmp_path / "password"
+    empty.write_text("")
+    db = tmp_path / "collect.sqlite"
+    argv = ["collect", "run", "--broker", "127.0.0.1:1", "--db", str(db)]
+    assert main([*argv, "--username", "u", "--password-file", str(empty)]) == 2
+    assert f"broker.password_file: {empty} is empty" in capsys.readouterr().err
+    assert main([*argv, "--tls-key", str(empty)]) == 2
+    assert "broker.tls.key: needs cert as well" in capsys.readouterr().err
+    assert not db.exists()
