@@ -40,17 +40,27 @@ def register(subparsers: Any) -> None:
     actions = p.add_subparsers(dest="collect_action", metavar="ACTION")
     actions.required = False
 
+    _add_run(actions)
+    _add_export(actions)
+    _add_gaps(actions)
+    _add_serve(actions)
+
+
+def _add_run(actions: Any) -> None:
     r = actions.add_parser(
         "run",
         help="subscribe and store (the default action)",
         description="Subscribe with a persistent MQTT session (5 by default, or 3.1.1) and "
         "store every message "
         "once; a message is acknowledged to the broker only after it is committed. "
-        f"The broker password is read from ${PASSWORD_ENV}. Stop with Ctrl-C or SIGTERM.",
+        f"The broker password is read from --password-file, else ${PASSWORD_ENV}. "
+        "Stop with Ctrl-C or SIGTERM.",
     )
     _run_arguments(r, required=True)
     r.set_defaults(handler=_run)
 
+
+def _add_export(actions: Any) -> None:
     e = actions.add_parser(
         "export",
         help="write stored identifications as CSV, Parquet, Darwin Core or EcoTaxa TSV",
@@ -80,6 +90,8 @@ def register(subparsers: Any) -> None:
     e.add_argument("--dataset-name", default="", help="Darwin Core datasetName")
     e.set_defaults(handler=_export)
 
+
+def _add_gaps(actions: Any) -> None:
     g = actions.add_parser(
         "gaps",
         help="list identifications lost on the way: gaps in each device's seq",
@@ -95,6 +107,8 @@ def register(subparsers: Any) -> None:
     )
     g.set_defaults(handler=_gaps)
 
+
+def _add_serve(actions: Any) -> None:
     s = actions.add_parser(
         "serve",
         help="web dashboard: fleet, identifications, chart, try a model",
