@@ -204,6 +204,10 @@ class BrokerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
 
     __str__ = __repr__
 
+    def __rich_repr__(self) -> list[tuple[str, Any]]:
+        """For ``rich``: the fields without the password."""
+        return [(n, getattr(self, n)) for n in self.__struct_fields__ if n != "password"]
+
     @property
     def tls_enabled(self) -> bool:
         """True when the connection uses TLS (a ``tls`` section is present)."""

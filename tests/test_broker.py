@@ -65,6 +65,7 @@ def test_the_password_is_never_in_repr() -> None:
     assert "s3cret" not in repr(settings)
     assert "s3cret" not in str(settings)
     assert "password=<hidden>" in repr(settings)
+    assert "s3cret" not in repr(settings.__rich_repr__())
 
 
 def test_the_password_comes_from_a_file_or_the_environment(
