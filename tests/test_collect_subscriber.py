@@ -120,15 +120,22 @@ def test_duplicates_are_stored_once_and_invalid_payloads_kept_apart(
 
 
 def _start_cli_collector(
-    broker: Broker, db: Path, log: Path, client_id: str
+    broker: Broker, db: Path, log: Path, client_id: str, *options: str
 ) -> subprocess.Popen[bytes]:
     with log.open("ab") as fh:
         return subprocess.Popen(
             [sys.executable, "-m", "fieldscope.cli", "-v", "collect", "run",
              "--broker", f"{broker.host}:{broker.port}", "--db", str(db),
-             "--client-id", client_id],
+             "--client-id", client_id, *options],
             stdout=fh, stderr=subprocess.STDOUT,
         )  # fmt: skip
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    """Whatever a failed test left running."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], log: Path) -> None:
@@ -165,9 +172,7 @@ def test_a_killed_collector_misses_nothing_published_meanwhile(
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0, log.read_text()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        _kill(proc)
     text = log.read_text()
     assert "session present: True" in text
     assert "stopped:" in text  # the summary of a clean SIGTERM shutdown
@@ -321,16 +326,10 @@ def test_collect_run_with_client_certificate_password_file_and_mqtt_3_1_1(
     password = tmp_path / "password"
     password.write_text("s3cret\n")
     db, log = tmp_path / "collect.sqlite", tmp_path / "collector.log"
-    with log.open("ab") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "fieldscope.cli", "-v", "collect", "run",
-             "--broker", f"{broker.host}:{broker.port}", "--db", str(db),
-             "--client-id", "cli-secure", "--protocol", "3.1.1",
-             "--ca-file", str(certs.ca), "--tls-cert", str(certs.client_cert),
-             "--tls-key", str(certs.client_key),
-             "--username", "fleet", "--password-file", str(password)],
-            stdout=fh, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+    tls = ["--ca-file", str(certs.ca), "--tls-cert", str(certs.client_cert)]
+    tls += ["--tls-key", str(certs.client_key)]
+    login = ["--username", "fleet", "--password-file", str(password)]
+    proc = _start_cli_collector(broker, db, log, "cli-secure", "--protocol", "3.1.1", *tls, *login)
     try:
         _wait_ready(proc, log)
         station = BrokerSettings(
@@ -348,9 +347,7 @@ def test_collect_run_with_client_certificate_password_file_and_mqtt_3_1_1(
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0, log.read_text()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        _kill(proc)
         stop_mosquitto(broker)
     assert "mqtts://127.0.0.1" in log.read_text()
     assert "(MQTT 3.1.1)" in log.read_text()
