@@ -26,6 +26,8 @@ DEFAULT_DB = "fieldscope-collect.sqlite"
 
 def register(subparsers: Any) -> None:
     """Add ``collect`` and its actions to the ``fieldscope`` parser."""
+    from fieldscope.collect.export.registry import FORMATS  # the one list of formats
+
     p = subparsers.add_parser(
         "collect",
         help="subscribe to the fleet and store identifications; export; dashboard",
@@ -61,7 +63,7 @@ def register(subparsers: Any) -> None:
     e.add_argument(
         "--format",
         required=True,
-        choices=("csv", "parquet", "darwin-core", "ecotaxa"),
+        choices=FORMATS,
         dest="fmt",
     )
     e.add_argument("--out", type=Path, required=True, help="the file to write")
