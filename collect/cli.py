@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +25,24 @@ PASSWORD_ENV = "FIELDSCOPE_MQTT_PASSWORD"
 DEFAULT_DB = "fieldscope-collect.sqlite"
 
 
+class _ExportFormats:
+    """The export registry's format names (the one list of them), read only when
+    argparse checks or prints ``--format``: ``fieldscope --help`` imports no store."""
+
+    def _names(self) -> tuple[str, ...]:
+        from fieldscope.collect.export.registry import FORMATS
+
+        return FORMATS
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+
 def register(subparsers: Any) -> None:
     """Add ``collect`` and its actions to the ``fieldscope`` parser."""
-    from fieldscope.collect.export.registry import FORMATS  # the one list of formats
-
     p = subparsers.add_parser(
         "collect",
         help="subscribe to the fleet and store identifications; export; dashboard",
@@ -63,7 +78,9 @@ def register(subparsers: Any) -> None:
     e.add_argument(
         "--format",
         required=True,
-        choices=FORMATS,
+        choices=_ExportFormats(),
+        metavar="FORMAT",
+        help="one of %(choices)s",
         dest="fmt",
     )
     e.add_argument("--out", type=Path, required=True, help="the file to write")

@@ -30,6 +30,7 @@ __all__ = [
     "parse_time",
     "unescape_formula",
     "utc_text",
+    "write_counted",
 ]
 
 CSV_COLUMNS: tuple[str, ...] = RECORD_COLUMNS
@@ -166,6 +167,19 @@ def unescape_formula(text: str) -> str:
     if text.startswith("'") and text.lstrip("'")[:1] in _FORMULA_START:
         return text[1:]
     return text
+
+
+def write_counted(
+    name: str,
+    out: Path,
+    write_rows: Callable[[Iterable[IdentificationRow], Path], int],
+    rows: Iterable[IdentificationRow],
+) -> ExportSummary:
+    """``write_rows(rows, tmp)`` into a temporary file renamed to ``out``; the summary
+    of a format that writes every row (``write_rows`` returns how many)."""
+    with atomic(out) as tmp:
+        n = write_rows(rows, tmp)
+    return ExportSummary(out, name, n)
 
 
 def clean_tsv(value: str) -> str:

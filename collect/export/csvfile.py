@@ -18,10 +18,10 @@ from fieldscope.collect.export.base import (
     ExportFormat,
     ExportOptions,
     ExportSummary,
-    atomic,
     escape_formula,
     unescape_formula,
     utc_text,
+    write_counted,
 )
 from fieldscope.collect.store import IdentificationRow
 
@@ -80,9 +80,7 @@ def read_csv(path: Path) -> list[dict[str, Any]]:
 
 def write(rows: Iterable[IdentificationRow], out: Path, options: ExportOptions) -> ExportSummary:
     """Every column of every row, as :func:`read_csv` reads it back."""
-    with atomic(out) as tmp:
-        n = _write_csv(rows, tmp)
-    return ExportSummary(out, "csv", n)
+    return write_counted("csv", out, _write_csv, rows)
 
 
 FORMAT = ExportFormat("csv", ".csv", write, "every column of the store, one row each")

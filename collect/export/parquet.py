@@ -15,7 +15,7 @@ from fieldscope.collect.export.base import (
     ExportFormat,
     ExportOptions,
     ExportSummary,
-    atomic,
+    write_counted,
 )
 from fieldscope.collect.store import IdentificationRow
 from fieldscope.edge.errors import MissingDependencyError
@@ -67,9 +67,7 @@ def _write_parquet(rows: Iterable[IdentificationRow], tmp: Path, chunk: int = 10
 
 def write(rows: Iterable[IdentificationRow], out: Path, options: ExportOptions) -> ExportSummary:
     """Every column of every row, typed, in row groups of 10,000."""
-    with atomic(out) as tmp:
-        n = _write_parquet(rows, tmp)
-    return ExportSummary(out, "parquet", n)
+    return write_counted("parquet", out, _write_parquet, rows)
 
 
 FORMAT = ExportFormat("parquet", ".parquet", write, "the store's columns with their types")

@@ -17,25 +17,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Annotated, Any, Protocol, runtime_checkable
 
+import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from fieldscope.edge.errors import FieldscopeError
+from fieldscope.edge.errors import ConfigError, FieldscopeError
 from fieldscope.edge.topics import show
-
-__all__ = [
-    "DEFAULT_IMAGE_PATTERNS",
-    "FOLDER_HANDLING",
-    "STATE_DB_NAME",
-    "Camera",
-    "CameraBackend",
-    "CameraError",
-    "Frame",
-    "ProblemCallback",
-    "Problems",
-]
 
 RGBImage = npt.NDArray[np.uint8]
 # (source, message): a file that could not be used, for logs and health messages.
@@ -53,6 +42,8 @@ DEFAULT_IMAGE_PATTERNS: tuple[str, ...] = (
     "*.tiff",
     "*.bmp",
 )
+# A frame's width or height, where a backend lets the configuration choose it.
+FrameSide = Annotated[int, msgspec.Meta(ge=16, le=16384, description="pixels")]
 # What the folder camera does with a file once it is handled.
 FOLDER_HANDLING: tuple[str, ...] = ("keep", "move", "delete")
 
@@ -149,6 +140,18 @@ class CameraBackend:
     options: type[Any]
     build: Callable[[Any, Path, ProblemCallback | None], Camera]
     summary: str = ""
+
+
+def live_frame(array: object, source: str) -> Frame:
+    """A live camera's frame, taken now: its array checked and made RGB."""
+    return Frame(image=as_rgb(array, source), source=source, captured_at=utc_now())
+
+
+def required_path(path: Path | None, backend: str) -> Path:
+    """A file backend's folder, which its options may leave unset only for other backends."""
+    if path is None:
+        raise ConfigError(f"camera.{backend}.path: required when camera.backend = {backend!r}")
+    return path
 
 
 def one_of(key: str, value: str, choices: Sequence[str]) -> Problems:

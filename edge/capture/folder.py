@@ -29,6 +29,7 @@ from fieldscope.edge.capture.base import (
     RGBImage,
     one_of,
     patterns_problems,
+    required_path,
     utc_now,
 )
 from fieldscope.edge.capture.files import (
@@ -486,18 +487,9 @@ class FolderCamera:
 def _build(
     options: FolderOptions, data_dir: Path, on_problem: ProblemCallback | None
 ) -> FolderCamera:
-    if options.path is None:
-        raise ConfigError("camera.folder.path: required when camera.backend = 'folder'")
-    return FolderCamera(
-        options.path,
-        Path(data_dir) / STATE_DB_NAME,
-        patterns=options.patterns,
-        settle_s=options.settle_s,
-        scan_interval_s=options.scan_interval_s,
-        handled=options.handled,
-        recursive=options.recursive,
-        on_problem=on_problem,
-    )
+    settings = msgspec.structs.asdict(options)
+    settings["path"] = required_path(options.path, "folder")
+    return FolderCamera(state_db=data_dir / STATE_DB_NAME, on_problem=on_problem, **settings)
 
 
 BACKEND = CameraBackend(

@@ -15,18 +15,16 @@ from fieldscope.edge.capture.base import (
     CameraBackend,
     CameraError,
     Frame,
+    FrameSide,
     ProblemCallback,
     Problems,
-    as_rgb,
     frame_size_problems,
-    utc_now,
+    live_frame,
 )
 
 __all__ = ["BACKEND", "OpenCVCamera", "OpenCVOptions"]
 
 logger = logging.getLogger(__name__)
-
-_Size = Annotated[int, msgspec.Meta(ge=16, le=16384, description="pixels")]
 
 
 class OpenCVOptions(msgspec.Struct, frozen=True, kw_only=True):
@@ -34,8 +32,8 @@ class OpenCVOptions(msgspec.Struct, frozen=True, kw_only=True):
     or an RTSP/HTTP stream URL. Unset ``width``/``height``/``fps`` keep the device's."""
 
     source: int | str = 0
-    width: _Size | None = None
-    height: _Size | None = None
+    width: FrameSide | None = None
+    height: FrameSide | None = None
     fps: Annotated[float, msgspec.Meta(gt=0, le=1000)] | None = None
 
     def problems(self) -> Problems:
@@ -129,7 +127,7 @@ class OpenCVCamera:
         array = np.asarray(bgr)
         if array.ndim == 3 and array.shape[2] in (3, 4):
             array = array[:, :, 2::-1]  # BGR(A) → RGB
-        return Frame(image=as_rgb(array, self.name), source=self.name, captured_at=utc_now())
+        return live_frame(array, self.name)
 
     def close(self) -> None:
         capture, self._capture = self._capture, None

@@ -15,11 +15,11 @@ from fieldscope.edge.capture.base import (
     CameraBackend,
     CameraError,
     Frame,
+    FrameSide,
     ProblemCallback,
     Problems,
-    as_rgb,
     frame_size_problems,
-    utc_now,
+    live_frame,
 )
 from fieldscope.edge.errors import MissingDependencyError
 
@@ -27,7 +27,6 @@ __all__ = ["BACKEND", "Picamera2Camera", "Picamera2Options"]
 
 logger = logging.getLogger(__name__)
 
-_Size = Annotated[int, msgspec.Meta(ge=16, le=16384, description="pixels")]
 _Control = float | int | bool | tuple[float, ...]
 
 
@@ -45,8 +44,8 @@ class Picamera2Options(msgspec.Struct, frozen=True, kw_only=True):
     """
 
     camera_num: Annotated[int, msgspec.Meta(ge=0)] = 0
-    width: _Size | None = None
-    height: _Size | None = None
+    width: FrameSide | None = None
+    height: FrameSide | None = None
     controls: Mapping[str, _Control] = msgspec.field(default_factory=_no_controls)
 
     def problems(self) -> Problems:
@@ -118,7 +117,7 @@ class Picamera2Camera:
             array = self._camera.capture_array("main")
         except Exception as exc:  # the hardware boundary, see open()
             raise CameraError(f"{self.name}: capture failed: {exc}") from exc
-        return Frame(image=as_rgb(array, self.name), source=self.name, captured_at=utc_now())
+        return live_frame(array, self.name)
 
     def close(self) -> None:
         camera, self._camera = self._camera, None

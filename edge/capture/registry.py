@@ -10,7 +10,9 @@ its own passes ``CAMERAS.adding(name, entry)`` to :func:`make_camera`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import msgspec
 
 from fieldscope.edge.capture import folder, opencv, picamera2, replay
 from fieldscope.edge.capture.base import Camera, CameraBackend, ProblemCallback
@@ -50,7 +52,14 @@ def make_camera(
             folder backend without a path.
     """
     backend = backends.lookup(cfg.backend, ConfigError, "camera.backend")
+    return backend.build(_own_options(backend, cfg), Path(data_dir), on_problem)
+
+
+def _own_options(backend: CameraBackend, cfg: CameraConfig) -> Any:
+    """``cfg``'s options for ``backend`` as the backend's own options model: the
+    configuration may hold them as another class with the same fields (or none)."""
     options = getattr(cfg, backend.name, None)
-    if options is None:
-        options = backend.options()
-    return backend.build(options, Path(data_dir), on_problem)
+    if options is None or isinstance(options, backend.options):
+        return options if options is not None else backend.options()
+    fields = msgspec.structs.fields(backend.options)
+    return backend.options(**{f.name: getattr(options, f.name) for f in fields})

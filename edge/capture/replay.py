@@ -20,10 +20,11 @@ from fieldscope.edge.capture.base import (
     ProblemCallback,
     Problems,
     patterns_problems,
+    required_path,
     utc_now,
 )
 from fieldscope.edge.capture.files import matches, no_images_hint, shown_path, walk_files
-from fieldscope.edge.errors import ConfigError, ImageDecodeError
+from fieldscope.edge.errors import ImageDecodeError
 from fieldscope.edge.preprocess import decode_image
 
 __all__ = ["BACKEND", "ReplayCamera", "ReplayOptions"]
@@ -200,17 +201,9 @@ class ReplayCamera:
 def _build(
     options: ReplayOptions, data_dir: Path, on_problem: ProblemCallback | None
 ) -> ReplayCamera:
-    if options.path is None:
-        raise ConfigError("camera.replay.path: required when camera.backend = 'replay'")
-    return ReplayCamera(
-        options.path,
-        patterns=options.patterns,
-        rate_hz=options.rate_hz,
-        loop=options.loop,
-        limit=options.limit,
-        recursive=options.recursive,
-        on_problem=on_problem,
-    )
+    settings = msgspec.structs.asdict(options)
+    settings["path"] = required_path(options.path, "replay")
+    return ReplayCamera(on_problem=on_problem, **settings)
 
 
 BACKEND = CameraBackend(
