@@ -145,6 +145,32 @@ def test_the_options_models_match_the_configuration_classes(name: str) -> None:
         model().x = 1  # frozen
 
 
+def _path_hook(kind: type, value: object) -> object:
+    return Path(str(value)) if kind is Path else value
+
+
+@pytest.mark.parametrize("name", ["picamera2", "opencv", "folder", "replay"])
+def test_the_options_models_decode_from_a_table_and_have_a_json_schema(name: str) -> None:
+    """What a generic TOML -> Struct loader needs from each backend's options model."""
+    model = CAMERAS[name].options
+    schema = msgspec.json.schema(model)
+    assert set(schema["$defs"][model.__name__]["properties"]) == set(model.__struct_fields__)
+    assert msgspec.convert({}, model) == model()
+    table = {
+        "picamera2": {"camera_num": 1, "controls": {"ExposureTime": 2000, "ColourGains": [1, 2]}},
+        "opencv": {"source": "rtsp://cam/stream", "fps": 5},
+        "folder": {"path": "/data/in", "handled": "move", "settle_s": 2},
+        "replay": {"path": "/data/specimens", "rate_hz": 0, "loop": True},
+    }[name]
+    decoded = msgspec.convert(table, model, dec_hook=_path_hook)
+    assert not decoded.problems()
+    for key, value in table.items():
+        got = getattr(decoded, key)
+        assert str(got) == value if isinstance(got, Path) else got is not None
+    with pytest.raises(msgspec.ValidationError, match="unknown field"):
+        msgspec.convert({"not_an_option": 1}, model)
+
+
 def test_a_registry_is_immutable_and_refuses_a_name_twice() -> None:
     with pytest.raises(ValueError, match="'folder' is registered twice"):
         CAMERAS.adding("folder", TOY)

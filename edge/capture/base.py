@@ -44,6 +44,11 @@ DEFAULT_IMAGE_PATTERNS: tuple[str, ...] = (
 )
 # A frame's width or height, where a backend lets the configuration choose it.
 FrameSide = Annotated[int, msgspec.Meta(ge=16, le=16384, description="pixels")]
+# An image folder. msgspec has no Path type of its own: a loader decoding text into
+# it passes a ``dec_hook`` (and resolves it against the configuration file's folder).
+ImageFolder = Annotated[
+    Path, msgspec.Meta(extra_json_schema={"type": "string", "description": "a folder"})
+]
 # What the folder camera does with a file once it is handled.
 FOLDER_HANDLING: tuple[str, ...] = ("keep", "move", "delete")
 

@@ -24,6 +24,7 @@ from fieldscope.edge.capture.base import (
     CameraBackend,
     CameraError,
     Frame,
+    ImageFolder,
     ProblemCallback,
     Problems,
     RGBImage,
@@ -47,7 +48,7 @@ __all__ = ["BACKEND", "FolderCamera", "FolderOptions"]
 logger = logging.getLogger(__name__)
 
 
-class FolderOptions(msgspec.Struct, frozen=True, kw_only=True):
+class FolderOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """``[camera.folder]``: images another acquisition program drops into ``path``.
 
     A file is taken once its size and modification time have not changed for
@@ -59,7 +60,7 @@ class FolderOptions(msgspec.Struct, frozen=True, kw_only=True):
     of subfolders (not of ``done/`` and ``failed/`` when ``handled = "move"``).
     """
 
-    path: Path | None = None
+    path: ImageFolder | None = None
     patterns: tuple[str, ...] = DEFAULT_IMAGE_PATTERNS
     settle_s: Annotated[float, msgspec.Meta(ge=0, le=3600, description="seconds")] = 1.0
     scan_interval_s: Annotated[float, msgspec.Meta(ge=0.01, le=3600, description="seconds")] = 0.5

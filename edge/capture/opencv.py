@@ -27,7 +27,7 @@ __all__ = ["BACKEND", "OpenCVCamera", "OpenCVOptions"]
 logger = logging.getLogger(__name__)
 
 
-class OpenCVOptions(msgspec.Struct, frozen=True, kw_only=True):
+class OpenCVOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """``[camera.opencv]``: a USB/UVC microscope by index or device path, a video file,
     or an RTSP/HTTP stream URL. Unset ``width``/``height``/``fps`` keep the device's."""
 

@@ -34,7 +34,7 @@ def _no_controls() -> Mapping[str, _Control]:
     return MappingProxyType({})
 
 
-class Picamera2Options(msgspec.Struct, frozen=True, kw_only=True):
+class Picamera2Options(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """``[camera.picamera2]``: the Raspberry Pi camera (libcamera).
 
     ``width``/``height`` unset means the sensor's full resolution. ``controls`` are

@@ -17,6 +17,7 @@ from fieldscope.edge.capture.base import (
     CameraBackend,
     CameraError,
     Frame,
+    ImageFolder,
     ProblemCallback,
     Problems,
     patterns_problems,
@@ -32,14 +33,14 @@ __all__ = ["BACKEND", "ReplayCamera", "ReplayOptions"]
 logger = logging.getLogger(__name__)
 
 
-class ReplayOptions(msgspec.Struct, frozen=True, kw_only=True):
+class ReplayOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """``[camera.replay]``: the images of a folder in name order at ``rate_hz``
     (0 = as fast as they are asked for), for tests, demos and benchmarks.
     ``limit`` stops after that many frames (0 = no limit). ``recursive`` (the
     default) includes subfolders, so a ``fieldscope specimens`` folder (one subfolder
     per species) replays as it is."""
 
-    path: Path | None = None
+    path: ImageFolder | None = None
     patterns: tuple[str, ...] = DEFAULT_IMAGE_PATTERNS
     rate_hz: Annotated[float, msgspec.Meta(ge=0, le=10_000)] = 1.0
     loop: bool = False
