@@ -180,8 +180,15 @@ def frame_size_problems(width: int | None, height: int | None) -> Problems:
     return out
 
 
-def patterns_problems(patterns: Sequence[str]) -> Problems:
-    """File name patterns must be a non-empty list of non-empty globs."""
-    if not patterns or any(not p for p in patterns):
-        return [("patterns", "must be a non-empty list of non-empty glob patterns")]
-    return []
+class FileSourceOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What the file backends' options (folder, replay) begin with: the folder, and
+    which of its files are images."""
+
+    path: ImageFolder | None = None
+    patterns: tuple[str, ...] = DEFAULT_IMAGE_PATTERNS
+
+    def problems(self) -> Problems:
+        """File name patterns must be a non-empty list of non-empty globs."""
+        if not self.patterns or any(not p for p in self.patterns):
+            return [("patterns", "must be a non-empty list of non-empty glob patterns")]
+        return []

@@ -23,13 +23,12 @@ from fieldscope.edge.capture.base import (
     STATE_DB_NAME,
     CameraBackend,
     CameraError,
+    FileSourceOptions,
     Frame,
-    ImageFolder,
     ProblemCallback,
     Problems,
     RGBImage,
     one_of,
-    patterns_problems,
     required_path,
     utc_now,
 )
@@ -48,7 +47,7 @@ __all__ = ["BACKEND", "FolderCamera", "FolderOptions"]
 logger = logging.getLogger(__name__)
 
 
-class FolderOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class FolderOptions(FileSourceOptions, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """``[camera.folder]``: images another acquisition program drops into ``path``.
 
     A file is taken once its size and modification time have not changed for
@@ -60,8 +59,6 @@ class FolderOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     of subfolders (not of ``done/`` and ``failed/`` when ``handled = "move"``).
     """
 
-    path: ImageFolder | None = None
-    patterns: tuple[str, ...] = DEFAULT_IMAGE_PATTERNS
     settle_s: Annotated[float, msgspec.Meta(ge=0, le=3600, description="seconds")] = 1.0
     scan_interval_s: Annotated[float, msgspec.Meta(ge=0.01, le=3600, description="seconds")] = 0.5
     handled: str = "keep"
@@ -69,7 +66,7 @@ class FolderOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
 
     def problems(self) -> Problems:
         """Every problem with these options, as (key, message)."""
-        out: Problems = patterns_problems(self.patterns)
+        out = super().problems()
         if not 0 <= self.settle_s <= 3600:
             out.append(("settle_s", f"must be in [0, 3600] seconds, got {self.settle_s}"))
         if not 0.01 <= self.scan_interval_s <= 3600:

@@ -16,11 +16,10 @@ from fieldscope.edge.capture.base import (
     DEFAULT_IMAGE_PATTERNS,
     CameraBackend,
     CameraError,
+    FileSourceOptions,
     Frame,
-    ImageFolder,
     ProblemCallback,
     Problems,
-    patterns_problems,
     required_path,
     utc_now,
 )
@@ -33,15 +32,13 @@ __all__ = ["BACKEND", "ReplayCamera", "ReplayOptions"]
 logger = logging.getLogger(__name__)
 
 
-class ReplayOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class ReplayOptions(FileSourceOptions, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """``[camera.replay]``: the images of a folder in name order at ``rate_hz``
     (0 = as fast as they are asked for), for tests, demos and benchmarks.
     ``limit`` stops after that many frames (0 = no limit). ``recursive`` (the
     default) includes subfolders, so a ``fieldscope specimens`` folder (one subfolder
     per species) replays as it is."""
 
-    path: ImageFolder | None = None
-    patterns: tuple[str, ...] = DEFAULT_IMAGE_PATTERNS
     rate_hz: Annotated[float, msgspec.Meta(ge=0, le=10_000)] = 1.0
     loop: bool = False
     limit: Annotated[int, msgspec.Meta(ge=0)] = 0
@@ -49,7 +46,7 @@ class ReplayOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
 
     def problems(self) -> Problems:
         """Every problem with these options, as (key, message)."""
-        out: Problems = patterns_problems(self.patterns)
+        out = super().problems()
         if not 0 <= self.rate_hz <= 10_000:
             out.append(("rate_hz", f"must be in [0, 10000] (0 = unlimited), got {self.rate_hz}"))
         if self.limit < 0:
