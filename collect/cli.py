@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,22 @@ __all__ = ["register"]
 PASSWORD_ENV = "FIELDSCOPE_MQTT_PASSWORD"
 SESSION_EXPIRY_S = 7 * 24 * 3600
 DEFAULT_DB = "fieldscope-collect.sqlite"
+
+
+class _ExportFormats:
+    """The export registry's format names (the one list of them), read only when
+    argparse checks or prints ``--format``: ``fieldscope --help`` imports no store."""
+
+    def _names(self) -> tuple[str, ...]:
+        from fieldscope.collect.export.registry import FORMATS
+
+        return FORMATS
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
 
 
 def register(subparsers: Any) -> None:
@@ -72,7 +89,9 @@ def _add_export(actions: Any) -> None:
     e.add_argument(
         "--format",
         required=True,
-        choices=("csv", "parquet", "darwin-core", "ecotaxa"),
+        choices=_ExportFormats(),
+        metavar="FORMAT",
+        help="one of %(choices)s",
         dest="fmt",
     )
     e.add_argument("--out", type=Path, required=True, help="the file to write")

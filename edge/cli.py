@@ -23,6 +23,8 @@ __all__ = ["register"]
 
 def register(subparsers: Any) -> None:
     """Add the edge subcommands to the ``fieldscope`` parser."""
+    from fieldscope.edge.denoise import DENOISE_METHODS  # the filter registry, light
+
     p = subparsers.add_parser(
         "specimens",
         help="generate a synthetic microscope specimen dataset (class folders)",
@@ -45,7 +47,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("images", type=Path, nargs="+", metavar="IMAGE")
     p.add_argument("--out", type=Path, required=True, help="folder for the preprocessed PNGs")
     p.add_argument("--size", type=int, default=224, help="model input side (default 224)")
-    p.add_argument("--denoise", default="none", help="none|bilateral|median|gaussian|nlmeans")
+    p.add_argument("--denoise", default="none", help="|".join(DENOISE_METHODS))
     p.add_argument(
         "--denoise-param",
         "--param",  # the old spelling, kept; train and the config say --denoise-param

@@ -49,6 +49,7 @@ from fieldscope.edge.config import (
     check_config,
     load_config,
 )
+from fieldscope.edge.decode import _read_header
 from fieldscope.edge.errors import BundleError, ImageDecodeError, MessageError, RecipeError
 from fieldscope.edge.health import Heartbeat, ModelInfo, PayloadError
 from fieldscope.edge.message import Identification
@@ -56,7 +57,6 @@ from fieldscope.edge.model_slot import ModelSlot, load_model
 from fieldscope.edge.preprocess import (
     MAX_DECODE_BYTES,
     PreprocessRecipe,
-    _read_header,
     decode_image,
     load_image,
 )
