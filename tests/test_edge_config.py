@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import replace
+from msgspec.structs import replace
 from importlib import resources
 from pathlib import Path
 
