@@ -53,10 +53,12 @@ from fieldscope.edge.untrusted import RejectedValueError, read_number
 __all__ = [
     "ConfigFileError",
     "ConfigProblem",
+    "FieldSpec",
     "Problems",
     "ProblemsError",
     "Reader",
     "constraint_problems",
+    "field_spec",
     "key_lines",
     "kind",
     "line_of",
@@ -104,7 +106,7 @@ def one_of(key: str, value: str, choices: Sequence[str]) -> Problems:
     return [(key, f"must be one of {', '.join(choices)}, got {show(value)}{hint}")]
 
 
-class _Spec(msgspec.Struct, frozen=True):
+class FieldSpec(msgspec.Struct, frozen=True):
     """A field's declared type taken apart: the bare type, its Meta, whether None is allowed."""
 
     bare: Any
@@ -116,7 +118,7 @@ class _Spec(msgspec.Struct, frozen=True):
         return (self.meta.extra or {}) if self.meta is not None else {}
 
 
-def _spec(annotation: Any) -> _Spec:
+def field_spec(annotation: Any) -> FieldSpec:
     meta = None
     if typing.get_origin(annotation) is Annotated:
         annotation, *extras = typing.get_args(annotation)
@@ -125,8 +127,8 @@ def _spec(annotation: Any) -> _Spec:
     if typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in args:
         rest = tuple(a for a in args if a is not type(None))
         bare = rest[0] if len(rest) == 1 else typing.Union[rest]  # noqa: UP007
-        return _Spec(bare, meta, True)
-    return _Spec(annotation, meta, False)
+        return FieldSpec(bare, meta, True)
+    return FieldSpec(annotation, meta, False)
 
 
 def _struct_type(bare: Any) -> type[msgspec.Struct] | None:
@@ -181,7 +183,7 @@ def _range_text(meta: msgspec.Meta, is_int: bool) -> str:
     return f"{'<=' if meta.lt is None else '<'} {high:g}"
 
 
-def _constraint_problem(value: Any, spec: _Spec) -> str | None:
+def _constraint_problem(value: Any, spec: FieldSpec) -> str | None:
     """Why ``value`` breaks the declared Literal or Meta bounds, or None."""
     if typing.get_origin(spec.bare) is Literal:
         found = one_of("", value, typing.get_args(spec.bare))
@@ -215,7 +217,7 @@ def constraint_problems(struct: msgspec.Struct) -> Problems:
         value = getattr(struct, f.name)
         if value is None:
             continue
-        problem = _constraint_problem(value, _spec(f.type))
+        problem = _constraint_problem(value, field_spec(f.type))
         if problem is not None:
             out.append((f.encode_name, problem))
     return out
@@ -309,7 +311,7 @@ class Reader:
         kwargs: dict[str, Any] = {}
         fields = msgspec.structs.fields(cls)
         for f in sorted(fields, key=lambda f: _join(dotted, f.encode_name) in self.derived):
-            if _spec(f.type).extra.get("internal"):  # not a key of the file
+            if field_spec(f.type).extra.get("internal"):  # not a key of the file
                 kwargs[f.name] = f.default
                 continue
             table.known.append(f.encode_name)
@@ -332,7 +334,7 @@ class Reader:
             return None
 
     def _field(self, f: msgspec.structs.FieldInfo, raw: Any, key: str, present: bool) -> Any:
-        spec = _spec(f.type)
+        spec = field_spec(f.type)
         struct = _struct_type(spec.bare)
         if raw is _MISSING:
             return self._absent(f, spec, key, present)
@@ -344,7 +346,9 @@ class Reader:
         value = self.convert(key, spec, raw)
         return self._fallback(f, spec, key) if value is _MISSING else value
 
-    def _absent(self, f: msgspec.structs.FieldInfo, spec: _Spec, key: str, present: bool) -> Any:
+    def _absent(
+        self, f: msgspec.structs.FieldInfo, spec: FieldSpec, key: str, present: bool
+    ) -> Any:
         struct = _struct_type(spec.bare)
         what = spec.meta.description if spec.meta is not None else None
         if key in self.derived:
@@ -358,7 +362,7 @@ class Reader:
             self.problem(key, f"required ({what})")
         return self._fallback(f, spec, key)
 
-    def _fallback(self, f: msgspec.structs.FieldInfo, spec: _Spec, key: str) -> Any:
+    def _fallback(self, f: msgspec.structs.FieldInfo, spec: FieldSpec, key: str) -> Any:
         """The default in place of a bad or missing value, so that reading goes on."""
         if f.default is not _MISSING:
             return f.default
@@ -369,7 +373,7 @@ class Reader:
         placeholders = {str: "", Path: self.base_dir, int: 0, float: 0.0}
         return None if spec.optional else placeholders.get(spec.bare)
 
-    def convert(self, key: str, spec: _Spec, raw: Any) -> Any:
+    def convert(self, key: str, spec: FieldSpec, raw: Any) -> Any:
         """One value checked against its declared type and constraints; ``_MISSING`` if bad."""
         extra = spec.extra
         if "parse" in extra:
@@ -396,7 +400,7 @@ class Reader:
             return _MISSING
         return value
 
-    def _typed(self, key: str, spec: _Spec, raw: Any, expected: str | None) -> Any:
+    def _typed(self, key: str, spec: FieldSpec, raw: Any, expected: str | None) -> Any:
         bare = _convertible(spec.bare)
         if bare is float and not isinstance(raw, bool) and isinstance(raw, int | float):
             try:  # the shared bounded reader: a 400-digit integer is a problem, not OverflowError
@@ -417,11 +421,11 @@ class Reader:
             )
             return _MISSING
 
-    def _mapping(self, key: str, spec: _Spec, raw: Any) -> Any:
+    def _mapping(self, key: str, spec: FieldSpec, raw: Any) -> Any:
         if not isinstance(raw, dict):
             self.problem(key, f"must be a table, got {kind(raw)} {_shown(raw)}")
             return _MISSING
-        item = _Spec(typing.get_args(spec.bare)[1], None, False)
+        item = FieldSpec(typing.get_args(spec.bare)[1], None, False)
         out = {}
         for name, value in raw.items():
             converted = self._typed(f"{key}.{name}", item, value, spec.extra.get("item"))

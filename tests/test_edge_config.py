@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-from msgspec.structs import replace
 from importlib import resources
 from pathlib import Path
 
 import pytest
+from msgspec.structs import replace
 
 from fieldscope.edge.config import (
     ArchiveConfig,
