@@ -141,31 +141,17 @@ def _specimens(args: argparse.Namespace) -> int:
 
 
 def _preview(args: argparse.Namespace) -> int:
-    from fieldscope.edge.errors import FieldscopeError, RecipeError
-    from fieldscope.edge.preprocess import PreprocessRecipe, load_image, preprocess, save_png
+    from fieldscope.edge.errors import FieldscopeError
+    from fieldscope.edge.preprocess import load_image, preprocess, save_png
+    from fieldscope.edge.recipe import RecipeTable, parse_fill, parse_params
 
-    params: dict[str, float | int] = {}
-    for item in args.param:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise RecipeError(f"--denoise-param expects KEY=VALUE, got {item!r}")
-        try:
-            params[key] = int(value) if value.lstrip("-").isdigit() else float(value)
-        except ValueError:
-            raise RecipeError(f"--denoise-param {key}: {value!r} is not a number") from None
-    fill: str | tuple[int, int, int] = args.fill
-    if args.fill != "border":
-        parts = args.fill.split(",")
-        if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
-            raise RecipeError(f"--fill expects 'border' or R,G,B, got {args.fill!r}")
-        fill = (int(parts[0]), int(parts[1]), int(parts[2]))
-    recipe = PreprocessRecipe(
-        size=(args.size, args.size),
+    table = RecipeTable(
         denoise=args.denoise,
-        denoise_params=params,
+        denoise_params=parse_params("--denoise-param", args.param),
         resize=args.resize,
-        fill=fill,
+        fill=parse_fill("--fill", args.fill),
     )
+    recipe = table.recipe((args.size, args.size))
     try:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

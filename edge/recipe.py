@@ -190,5 +190,5 @@ def recipe_from_saved(config: Any) -> PreprocessRecipe:
 
     saved = config.get("preprocess") if isinstance(config, Mapping) else None
     if saved is None:
-        raise RecipeError("it has no preprocessing recipe")
+        raise RecipeError("it has no preprocessing recipe (no 'preprocess' object)")
     return PreprocessRecipe.from_dict(saved)
