@@ -10,10 +10,15 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fieldscope.cli.main import main
+from fieldscope.edge.config import load_config as load_edge_config
 from fieldscope.edge.errors import ConfigError
+from fieldscope.edge.preprocess import load_image, preprocess, save_png
+from fieldscope.edge.recipe import RecipeTable
+from fieldscope.edge.typed import ConfigFileError
 from fieldscope.train.config import (
     TrainConfig,
     add_config_arguments,
@@ -250,3 +255,77 @@ def test_train_without_out_is_a_clear_error(
     code, err = _run_cli(["train", str(tmp_path)], capsys)
     assert code == 2
     assert "--out RUN_DIR" in err
+
+
+def test_every_problem_of_the_file_at_once_with_its_line(tmp_path: Path) -> None:
+    # Before: the first mistake stopped reading, so a user fixed one per run.
+    text = "epoch = 3\nbatch_size = 0\n[augment]\nflip = 1\nzom = 0.1\n"
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigFileError) as info:
+        resolve_config(path)
+    assert [str(p) for p in info.value.problems] == [
+        f"{path}:1: epoch: unknown key (did you mean 'epochs'?)",
+        f"{path}:2: batch_size: must be > 0, got 0",
+        f"{path}:4: augment.flip: must be true or false, got an integer 1",
+        f"{path}:5: augment.zom: unknown key (did you mean 'zoom'?)",
+    ]
+
+
+def test_the_old_preprocess_table_is_read_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    table = 'denoise = "median"\n[{}.denoise_params]\nksize = 3\n'
+    new = resolve_config(_write(tmp_path, "[preprocessing]\n" + table.format("preprocessing")))
+    assert not caplog.records
+    old = resolve_config(_write(tmp_path, "[preprocess]\n" + table.format("preprocess")))
+    assert old == new
+    assert old.recipe().denoise_params == {"ksize": 3}
+    [record] = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "[preprocess]" in record.getMessage()
+    assert "rename it" in record.getMessage()
+    assert "[preprocessing]" in record.getMessage()
+
+
+# The smallest valid station config (see tests/test_edge_config.py).
+MINIMAL = (
+    '[device]\nstation = "pond-3"\nid = "scope-a"\n[camera]\nbackend = "picamera2"\n'
+    '[model]\nbundle = "bundles/current"\n[mqtt]\nhost = "127.0.0.1"\n'
+)
+RECIPE_TABLE = (
+    '[preprocessing]\ndenoise = "median"\nresize = "stretch"\nfill = [0, 0, 0]\n'
+    "[preprocessing.denoise_params]\nksize = {ksize}\n"
+)
+
+
+def test_one_recipe_table_serves_train_edge_and_preview(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    train = resolve_config(_write(tmp_path, "image_size = 48\n" + RECIPE_TABLE.format(ksize=3)))
+    station_file = tmp_path / "edge.toml"
+    station_file.write_text(MINIMAL + RECIPE_TABLE.format(ksize=3))
+    station = load_edge_config(station_file, environ={})
+    assert type(train.preprocess) is type(station.preprocessing) is RecipeTable
+    # A bundle made by this run carries train.recipe(); the station's identical
+    # overrides leave it as it is.
+    assert station.preprocessing.apply(train.recipe()) == train.recipe()
+
+    image = tmp_path / "slide.png"
+    save_png(image, np.random.default_rng(1).integers(0, 256, (40, 60, 3), dtype=np.uint8))
+    argv = ["preview", str(image), "--out", str(tmp_path / "out"), "--size", "48"]
+    flags = ["--denoise", "median", "--denoise-param", "ksize=3", "--resize", "stretch"]
+    assert main([*argv, *flags, "--fill", "0,0,0"]) == 0
+    seen = load_image(tmp_path / "out" / "slide.png")
+    assert np.array_equal(seen, preprocess(load_image(image), train.recipe()))
+
+    # The same mistake gets the same message from both config files.
+    bad = RECIPE_TABLE.format(ksize=4)
+    with pytest.raises(ConfigFileError) as from_train:
+        resolve_config(_write(tmp_path, bad))
+    station_file.write_text(MINIMAL + bad)
+    with pytest.raises(ConfigFileError) as from_station:
+        load_edge_config(station_file, environ={})
+    messages = [
+        str(p).split(": ", 1)[1] for p in (*from_train.value.problems, *from_station.value.problems)
+    ]
+    assert messages[0] == messages[1]
+    assert messages[0].startswith("preprocessing.denoise_params.ksize: must be an odd integer")
