@@ -25,7 +25,14 @@ from fieldscope.edge.errors import RecipeError
 if TYPE_CHECKING:
     from fieldscope.edge.preprocess import PreprocessRecipe
 
-__all__ = ["RECIPE_KEYS", "RecipeTable", "parse_fill", "parse_params", "recipe_from_saved"]
+__all__ = [
+    "DEFAULT_TABLE",
+    "RECIPE_KEYS",
+    "RecipeTable",
+    "parse_fill",
+    "parse_params",
+    "recipe_from_saved",
+]
 
 Problems = list[tuple[str, str]]
 
@@ -145,6 +152,11 @@ class RecipeTable(msgspec.Struct, frozen=True, kw_only=True):
 
 
 RECIPE_KEYS: tuple[str, ...] = tuple(f.name for f in msgspec.structs.fields(RecipeTable))
+# ``PreprocessRecipe``'s defaults as a table, for help texts that must not import OpenCV
+# (a test keeps the two equal).
+DEFAULT_TABLE = RecipeTable(
+    denoise="none", denoise_params={}, resize="letterbox", fill="border", resample="exact"
+)
 
 
 def parse_params(flag: str, items: Sequence[str]) -> dict[str, float | int]:

@@ -16,8 +16,8 @@ import pytest
 from fieldscope.cli.main import main
 from fieldscope.edge.config import load_config as load_edge_config
 from fieldscope.edge.errors import ConfigError
-from fieldscope.edge.preprocess import load_image, preprocess, save_png
-from fieldscope.edge.recipe import RecipeTable
+from fieldscope.edge.preprocess import PreprocessRecipe, load_image, preprocess, save_png
+from fieldscope.edge.recipe import DEFAULT_TABLE, RecipeTable
 from fieldscope.edge.typed import ConfigFileError
 from fieldscope.train.config import (
     TrainConfig,
@@ -255,6 +255,12 @@ def test_train_without_out_is_a_clear_error(
     code, err = _run_cli(["train", str(tmp_path)], capsys)
     assert code == 2
     assert "--out RUN_DIR" in err
+
+
+def test_the_help_texts_defaults_are_the_recipes() -> None:
+    # The help is built without importing OpenCV, from the table's copy of the defaults.
+    assert DEFAULT_TABLE.recipe((224, 224)) == PreprocessRecipe()
+    assert TrainConfig().preprocess == DEFAULT_TABLE
 
 
 def test_every_problem_of_the_file_at_once_with_its_line(tmp_path: Path) -> None:

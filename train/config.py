@@ -32,7 +32,7 @@ import msgspec
 from msgspec import Meta
 
 from fieldscope.edge.errors import ConfigError
-from fieldscope.edge.recipe import RecipeTable, parse_fill, parse_params
+from fieldscope.edge.recipe import DEFAULT_TABLE, RecipeTable, parse_fill, parse_params
 from fieldscope.edge.typed import (
     ConfigFileError,
     ConfigProblem,
@@ -338,16 +338,23 @@ class ConfigKey(msgspec.Struct, frozen=True):
 
 def config_keys() -> Iterator[ConfigKey]:
     """Every leaf key of the config tree (``augment.zoom``, ``preprocess.denoise``, ...)."""
-    yield from _keys(TrainConfig, TrainConfig(), prefix="", path=())
+    yield from _keys(TrainConfig, None, prefix="", path=())
 
 
 def _keys(cls: type, defaults: Any, prefix: str, path: tuple[str, ...]) -> Iterator[ConfigKey]:
+    """The leaves below ``cls``; ``defaults`` (when given) overrides the declared ones.
+
+    No ``TrainConfig()`` is built: checking its recipe imports OpenCV, and the parser
+    is built for ``fieldscope --help`` before the native libraries are quietened.
+    """
     for f in msgspec.structs.fields(cls):
         spec = field_spec(f.type)
         dotted, where = f"{prefix}{f.name}", (*path, f.encode_name)
-        default = getattr(defaults, f.name)
+        default = f.default if f.default_factory is msgspec.NODEFAULT else f.default_factory()
+        default = default if defaults is None else getattr(defaults, f.name)
         if isinstance(default, msgspec.Struct):
-            yield from _keys(type(default), default, f"{dotted}.", where)
+            table = DEFAULT_TABLE if isinstance(default, RecipeTable) else None
+            yield from _keys(type(default), table, f"{dotted}.", where)
             continue
         bare = str if typing.get_origin(spec.bare) is Literal else spec.bare
         yield ConfigKey(
