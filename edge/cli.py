@@ -23,6 +23,12 @@ __all__ = ["register"]
 
 def register(subparsers: Any) -> None:
     """Add the edge subcommands to the ``fieldscope`` parser."""
+    for add in (_add_specimens, _add_preview, _add_bundle, _add_edge):
+        add(subparsers)
+
+
+def _add_specimens(subparsers: Any) -> None:
+    """The ``specimens`` command: a synthetic dataset."""
     p = subparsers.add_parser(
         "specimens",
         help="generate a synthetic microscope specimen dataset (class folders)",
@@ -36,6 +42,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.set_defaults(handler=_specimens)
 
+
+def _add_preview(subparsers: Any) -> None:
+    """The ``preview`` command: a recipe applied to images, saved as PNG."""
     p = subparsers.add_parser(
         "preview",
         help="write what the model sees for some images (decode, denoise, resize)",
@@ -59,6 +68,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--fill", default="border", help="letterbox fill: border or R,G,B")
     p.set_defaults(handler=_preview)
 
+
+def _add_bundle(subparsers: Any) -> None:
+    """The ``bundle`` commands: verify, info, inspect."""
     p = subparsers.add_parser("bundle", help="inspect and verify model bundles")
     bundle_sub = p.add_subparsers(dest="bundle_command", metavar="ACTION")
     bundle_sub.required = True
@@ -86,6 +98,9 @@ def register(subparsers: Any) -> None:
     )
     n.set_defaults(handler=_bundle_inspect)
 
+
+def _add_edge(subparsers: Any) -> None:
+    """The ``edge`` commands: the daemon's (run, check-config, status) and classify."""
     p = subparsers.add_parser("edge", help="run the edge code path on this machine")
     edge_sub = p.add_subparsers(dest="edge_command", metavar="ACTION")
     edge_sub.required = True
