@@ -37,6 +37,7 @@ from fieldscope.convert.quantize import QUANTIZE_MODES, stratified_sample
 from fieldscope.edge.bundle import Bundle
 from fieldscope.edge.errors import ImageDecodeError, MissingDependencyError, RecipeError
 from fieldscope.edge.preprocess import PreprocessRecipe, load_and_preprocess
+from fieldscope.edge.recipe import recipe_from_saved
 
 __all__ = [
     "DEFAULT_CALIBRATION_IMAGES",
@@ -156,9 +157,7 @@ def read_run(run_dir: Path, *, data_dir: Path | None = None) -> TrainingRun:
     labels = tuple(labels_data)
     config = _read_json(run / "config.json", "the training config")
     try:
-        recipe = PreprocessRecipe.from_dict(config["preprocess"])
-    except (KeyError, TypeError) as exc:
-        raise ConversionError(f"{run / 'config.json'} has no preprocessing recipe") from exc
+        recipe = recipe_from_saved(config)
     except RecipeError as exc:
         raise ConversionError(f"{run / 'config.json'}: {exc}") from exc
     split_path = run / "split.json"

@@ -23,8 +23,12 @@ __all__ = ["register"]
 
 def register(subparsers: Any) -> None:
     """Add the edge subcommands to the ``fieldscope`` parser."""
-    from fieldscope.edge.denoise import DENOISE_METHODS  # the filter registry, light
+    for add in (_add_specimens, _add_preview, _add_bundle, _add_edge):
+        add(subparsers)
 
+
+def _add_specimens(subparsers: Any) -> None:
+    """The ``specimens`` command: a synthetic dataset."""
     p = subparsers.add_parser(
         "specimens",
         help="generate a synthetic microscope specimen dataset (class folders)",
@@ -38,6 +42,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.set_defaults(handler=_specimens)
 
+
+def _add_preview(subparsers: Any) -> None:
+    """The ``preview`` command: a recipe applied to images, saved as PNG."""
     p = subparsers.add_parser(
         "preview",
         help="write what the model sees for some images (decode, denoise, resize)",
@@ -47,6 +54,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("images", type=Path, nargs="+", metavar="IMAGE")
     p.add_argument("--out", type=Path, required=True, help="folder for the preprocessed PNGs")
     p.add_argument("--size", type=int, default=224, help="model input side (default 224)")
+    from fieldscope.edge.denoise import DENOISE_METHODS  # the filter registry, light
+
     p.add_argument("--denoise", default="none", help="|".join(DENOISE_METHODS))
     p.add_argument(
         "--denoise-param",
@@ -61,6 +70,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--fill", default="border", help="letterbox fill: border or R,G,B")
     p.set_defaults(handler=_preview)
 
+
+def _add_bundle(subparsers: Any) -> None:
+    """The ``bundle`` commands: verify, info, inspect."""
     p = subparsers.add_parser("bundle", help="inspect and verify model bundles")
     bundle_sub = p.add_subparsers(dest="bundle_command", metavar="ACTION")
     bundle_sub.required = True
@@ -88,6 +100,9 @@ def register(subparsers: Any) -> None:
     )
     n.set_defaults(handler=_bundle_inspect)
 
+
+def _add_edge(subparsers: Any) -> None:
+    """The ``edge`` commands: the daemon's (run, check-config, status) and classify."""
     p = subparsers.add_parser("edge", help="run the edge code path on this machine")
     edge_sub = p.add_subparsers(dest="edge_command", metavar="ACTION")
     edge_sub.required = True
@@ -143,31 +158,17 @@ def _specimens(args: argparse.Namespace) -> int:
 
 
 def _preview(args: argparse.Namespace) -> int:
-    from fieldscope.edge.errors import FieldscopeError, RecipeError
-    from fieldscope.edge.preprocess import PreprocessRecipe, load_image, preprocess, save_png
+    from fieldscope.edge.errors import FieldscopeError
+    from fieldscope.edge.preprocess import load_image, preprocess, save_png
+    from fieldscope.edge.recipe import RecipeTable, parse_fill, parse_params
 
-    params: dict[str, float | int] = {}
-    for item in args.param:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise RecipeError(f"--denoise-param expects KEY=VALUE, got {item!r}")
-        try:
-            params[key] = int(value) if value.lstrip("-").isdigit() else float(value)
-        except ValueError:
-            raise RecipeError(f"--denoise-param {key}: {value!r} is not a number") from None
-    fill: str | tuple[int, int, int] = args.fill
-    if args.fill != "border":
-        parts = args.fill.split(",")
-        if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
-            raise RecipeError(f"--fill expects 'border' or R,G,B, got {args.fill!r}")
-        fill = (int(parts[0]), int(parts[1]), int(parts[2]))
-    recipe = PreprocessRecipe(
-        size=(args.size, args.size),
+    table = RecipeTable(
         denoise=args.denoise,
-        denoise_params=params,
+        denoise_params=parse_params("--denoise-param", args.param),
         resize=args.resize,
-        fill=fill,
+        fill=parse_fill("--fill", args.fill),
     )
+    recipe = table.recipe((args.size, args.size))
     try:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
 import pytest
+from msgspec.structs import replace
 
 from fieldscope.edge.config import (
     ArchiveConfig,
@@ -190,6 +190,7 @@ def test_shipped_example_loads_and_states_the_real_defaults(tmp_path: Path) -> N
             "needs preprocessing.denoise",
         ),
         ("preprocessing", "fill = [0, 0]", "preprocessing.fill", '"border" or [R, G, B]'),
+        ("preprocessing", 'resample = "area"', "preprocessing.resample", "cannot be overridden"),
         ("quality", "min_brightness = 1.5", "quality.min_brightness", "fraction in [0, 1]"),
         ("quality", "max_brightness = 0.01", "quality.max_brightness", "above min_brightness"),
         ("quality", "min_sharpness = nan", "quality.min_sharpness", "finite number"),

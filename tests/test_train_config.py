@@ -10,10 +10,15 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fieldscope.cli.main import main
+from fieldscope.edge.config import load_config as load_edge_config
 from fieldscope.edge.errors import ConfigError
+from fieldscope.edge.preprocess import PreprocessRecipe, load_image, preprocess, save_png
+from fieldscope.edge.recipe import DEFAULT_TABLE, RecipeTable
+from fieldscope.edge.typed import ConfigFileError
 from fieldscope.train.config import (
     TrainConfig,
     add_config_arguments,
@@ -42,7 +47,8 @@ def test_example_config_documents_exactly_the_defaults() -> None:
     text = EXAMPLE.read_text()
     for key in config_keys():
         leaf = key.dotted.split(".")[-1]
-        assert f"{leaf} =" in text or f"[{key.dotted}]" in text, f"{key.dotted} not in example"
+        table = ".".join(key.path)  # as the file spells it: [preprocessing.denoise_params]
+        assert f"{leaf} =" in text or f"[{table}]" in text, f"{key.dotted} not in example"
 
 
 # A non-default value for every key, as the user would type it on the command line.
@@ -112,8 +118,8 @@ def test_every_config_key_has_a_flag_that_overrides_it() -> None:
 def test_flags_override_the_file_which_overrides_defaults(tmp_path: Path) -> None:
     path = _write(
         tmp_path,
-        'backbone = "efficientnet_b0"\nepochs = 3\n[preprocess]\ndenoise = "bilateral"\n'
-        "[preprocess.denoise_params]\ndiameter = 5\n[augment]\nzoom = 0.2\n",
+        'backbone = "efficientnet_b0"\nepochs = 3\n[preprocessing]\ndenoise = "bilateral"\n'
+        "[preprocessing.denoise_params]\ndiameter = 5\n[augment]\nzoom = 0.2\n",
     )
     config = resolve_config(path, {"epochs": 5, "preprocess.denoise_params": {"sigma_color": 30}})
     assert config.backbone == "efficientnet_b0"
@@ -130,15 +136,18 @@ def test_flags_override_the_file_which_overrides_defaults(tmp_path: Path) -> Non
 @pytest.mark.parametrize(
     ("text", "needle"),
     [
-        ("epoch = 3\n", "unknown key 'epoch'"),
-        ("[augment]\nzom = 0.1\n", "unknown key 'augment.zom'"),
-        ("[preprocess]\nsize = [96, 96]\nresize = 'stretch'\n", "preprocess.size"),
-        ("epochs = 'ten'\n", "epochs must be an integer"),
-        ("[augment]\nflip = 1\n", "augment.flip must be true or false"),
-        ("split = [0.7, 0.3]\n", "split must be three ratios"),
-        ("batch_size = 0\n", "batch_size must be > 0"),
-        ("[preprocess]\ndenoise = 'wavelet'\n", "denoise"),
-        ("[preprocess.denoise_params]\nksize = 3\n", "ksize"),
+        ("epoch = 3\n", "epoch: unknown key (did you mean 'epochs'?)"),
+        ("[augment]\nzom = 0.1\n", "augment.zom: unknown key (did you mean 'zoom'?)"),
+        ("[preprocessing]\nsize = [96, 96]\nresize = 'stretch'\n", "preprocess.size"),
+        ("epochs = 'ten'\n", "epochs: must be an integer"),
+        ("[augment]\nflip = 1\n", "augment.flip: must be true or false"),
+        ("split = [0.7, 0.3]\n", "split: must be three ratios"),
+        ("batch_size = 0\n", "batch_size: must be > 0"),
+        ("[preprocessing]\ndenoise = 'wavelet'\n", "denoise"),
+        (
+            "[preprocessing.denoise_params]\nksize = 3\n",
+            "denoise_params: needs preprocessing.denoise",
+        ),
         ("backbone = 'resnet50'\nalpha = 0.5\n", "alpha applies only to"),
         (
             'backbone = "mobilenet_v2"\nalpha = 0.6\n',
@@ -168,7 +177,7 @@ def test_a_run_saved_before_resample_existed_keeps_inter_area() -> None:
     assert data["preprocess"]["resample"] == "exact"
     del data["preprocess"]["resample"]
     assert TrainConfig.from_dict(data).recipe().resample == "area"
-    with pytest.raises(ConfigError, match="resample must be one of exact, area"):
+    with pytest.raises(ConfigError, match="resample: must be one of exact, area"):
         _parse(["--resample", "bicubic"])
 
 
@@ -211,7 +220,7 @@ def test_unknown_toml_key_through_the_cli(
         ["train", str(tmp_path), "--out", str(tmp_path / "run"), "--config", str(path)], capsys
     )
     assert code == 2
-    assert "unknown key 'augment.shear'" in err
+    assert "augment.shear: unknown key" in err
     assert err.count("\n") == 1
 
 
@@ -246,3 +255,83 @@ def test_train_without_out_is_a_clear_error(
     code, err = _run_cli(["train", str(tmp_path)], capsys)
     assert code == 2
     assert "--out RUN_DIR" in err
+
+
+def test_the_help_texts_defaults_are_the_recipes() -> None:
+    # The help is built without importing OpenCV, from the table's copy of the defaults.
+    assert DEFAULT_TABLE.recipe((224, 224)) == PreprocessRecipe()
+    assert TrainConfig().preprocess == DEFAULT_TABLE
+
+
+def test_every_problem_of_the_file_at_once_with_its_line(tmp_path: Path) -> None:
+    # Before: the first mistake stopped reading, so a user fixed one per run.
+    text = "epoch = 3\nbatch_size = 0\n[augment]\nflip = 1\nzom = 0.1\n"
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigFileError) as info:
+        resolve_config(path)
+    assert [str(p) for p in info.value.problems] == [
+        f"{path}:1: epoch: unknown key (did you mean 'epochs'?)",
+        f"{path}:2: batch_size: must be > 0, got 0",
+        f"{path}:4: augment.flip: must be true or false, got an integer 1",
+        f"{path}:5: augment.zom: unknown key (did you mean 'zoom'?)",
+    ]
+
+
+def test_the_old_preprocess_table_is_read_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    table = 'denoise = "median"\n[{}.denoise_params]\nksize = 3\n'
+    new = resolve_config(_write(tmp_path, "[preprocessing]\n" + table.format("preprocessing")))
+    assert not caplog.records
+    old = resolve_config(_write(tmp_path, "[preprocess]\n" + table.format("preprocess")))
+    assert old == new
+    assert old.recipe().denoise_params == {"ksize": 3}
+    [record] = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "[preprocess]" in record.getMessage()
+    assert "rename it" in record.getMessage()
+    assert "[preprocessing]" in record.getMessage()
+
+
+# The smallest valid station config (see tests/test_edge_config.py).
+MINIMAL = (
+    '[device]\nstation = "pond-3"\nid = "scope-a"\n[camera]\nbackend = "picamera2"\n'
+    '[model]\nbundle = "bundles/current"\n[mqtt]\nhost = "127.0.0.1"\n'
+)
+RECIPE_TABLE = (
+    '[preprocessing]\ndenoise = "median"\nresize = "stretch"\nfill = [0, 0, 0]\n'
+    "[preprocessing.denoise_params]\nksize = {ksize}\n"
+)
+
+
+def test_one_recipe_table_serves_train_edge_and_preview(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    train = resolve_config(_write(tmp_path, "image_size = 48\n" + RECIPE_TABLE.format(ksize=3)))
+    station_file = tmp_path / "edge.toml"
+    station_file.write_text(MINIMAL + RECIPE_TABLE.format(ksize=3))
+    station = load_edge_config(station_file, environ={})
+    assert type(train.preprocess) is type(station.preprocessing) is RecipeTable
+    # A bundle made by this run carries train.recipe(); the station's identical
+    # overrides leave it as it is.
+    assert station.preprocessing.apply(train.recipe()) == train.recipe()
+
+    image = tmp_path / "slide.png"
+    save_png(image, np.random.default_rng(1).integers(0, 256, (40, 60, 3), dtype=np.uint8))
+    argv = ["preview", str(image), "--out", str(tmp_path / "out"), "--size", "48"]
+    flags = ["--denoise", "median", "--denoise-param", "ksize=3", "--resize", "stretch"]
+    assert main([*argv, *flags, "--fill", "0,0,0"]) == 0
+    seen = load_image(tmp_path / "out" / "slide.png")
+    assert np.array_equal(seen, preprocess(load_image(image), train.recipe()))
+
+    # The same mistake gets the same message from both config files.
+    bad = RECIPE_TABLE.format(ksize=4)
+    with pytest.raises(ConfigFileError) as from_train:
+        resolve_config(_write(tmp_path, bad))
+    station_file.write_text(MINIMAL + bad)
+    with pytest.raises(ConfigFileError) as from_station:
+        load_edge_config(station_file, environ={})
+    messages = [
+        str(p).split(": ", 1)[1] for p in (*from_train.value.problems, *from_station.value.problems)
+    ]
+    assert messages[0] == messages[1]
+    assert messages[0].startswith("preprocessing.denoise_params.ksize: must be an odd integer")

@@ -1,10 +1,18 @@
 """The training configuration: one typed, frozen tree, loaded once from TOML and the command line.
 
 Every key has a default, a help text and a command-line flag generated from the same
-field definition, so "every config key can be given on the command line" holds by
-construction (a test walks the fields). Precedence: defaults < TOML file < flags. The
-resolved tree is saved as ``config.json`` in the run, together with the preprocessing
-recipe it implies, so a run can be resumed, re-evaluated and converted without guessing.
+field declaration (a frozen ``msgspec.Struct``), so "every config key can be given on
+the command line" holds by construction (a test walks the fields). Precedence:
+defaults < TOML file < flags. The file is read by the edge's generic loader
+(:mod:`fieldscope.edge.typed`): every problem at once, each as ``file:line: key:
+message`` with a did-you-mean for unknown keys. The resolved tree is saved as
+``config.json`` in the run, together with the preprocessing recipe it implies (under
+``preprocess``, the run folder's format), so a run can be resumed, re-evaluated and
+converted without guessing.
+
+The ``[preprocessing]`` table is the edge's :class:`~fieldscope.edge.recipe.RecipeTable`,
+the same one a station's config and ``fieldscope edge preview`` read; ``[preprocess]``,
+its old name here, is still read, with a warning.
 
 This module imports no TensorFlow, nor OpenCV (the recipe is built lazily): the CLI
 builds its parser from it, and ``fieldscope --help`` must work on any install.
@@ -13,15 +21,28 @@ builds its parser from it, and ``fieldscope --help`` must work on any install.
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import logging
 import math
-import tomllib
+import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from fieldscope.edge.errors import ConfigError, RecipeError
+import msgspec
+from msgspec import Meta
+
+from fieldscope.edge.errors import ConfigError
+from fieldscope.edge.recipe import DEFAULT_TABLE, RecipeTable, parse_fill, parse_params
+from fieldscope.edge.typed import (
+    ConfigFileError,
+    ConfigProblem,
+    Problems,
+    ProblemsError,
+    Reader,
+    field_spec,
+    problems_of,
+    read_toml,
+)
 from fieldscope.train.backbones import BACKBONES, check_backbone_options
 
 if TYPE_CHECKING:
@@ -40,237 +61,182 @@ __all__ = [
     "resolve_config",
 ]
 
+_log = logging.getLogger(__name__)
 
 # The default backbone gets its ImageNet weights from a pip package (the
 # offline-weights extra), so the default works without internet.
 DEFAULT_BACKBONE = "efficientnet_lite0"
-STRATEGIES: tuple[str, ...] = ("auto", "cached", "end-to-end")
+Strategy = Literal["auto", "cached", "end-to-end"]
+STRATEGIES: tuple[str, ...] = typing.get_args(Strategy)
+# A training config is a few kilobytes; anything far bigger is not one.
+MAX_CONFIG_BYTES = 1024 * 1024
+_SPLIT_WORDS = 'three ratios, e.g. [0.7, 0.15, 0.15] or "70:15:15"'
 
 
-def _key(help_text: str, *, flag: str | None = None, metavar: str | None = None) -> Any:
-    """Field metadata: the help text and, when the generated name is clumsy, the flag."""
-    return {"help": help_text, "flag": flag, "metavar": metavar}
+def _key(
+    help_text: str, *, flag: str | None = None, metavar: str | None = None, **bounds: Any
+) -> Meta:
+    """Field metadata: the help text, the flag when the generated one is clumsy, bounds."""
+    unit = bounds.pop("unit", None)
+    extra = {"flag": flag, "metavar": metavar, **({"unit": unit} if unit else {})}
+    return Meta(description=help_text, extra=extra, **bounds)
 
 
-@dataclass(frozen=True)
-class PreprocessConfig:
-    """The ``[preprocess]`` table: the edge's preprocessing recipe minus its size."""
+_Fraction = Annotated[float, Meta(ge=0, lt=1)]
 
-    denoise: str = field(
-        default="none",
-        metadata=_key(
-            "denoise filter: none, bilateral, median, gaussian, nlmeans", flag="--denoise"
-        ),
-    )
-    denoise_params: Mapping[str, float | int] = field(
-        default_factory=dict,
-        metadata=_key(
-            "denoise parameter, e.g. diameter=9 (repeatable; OpenCV's names)",
-            flag="--denoise-param",
-            metavar="KEY=VALUE",
-        ),
-    )
-    resize: str = field(
-        default="letterbox",
-        metadata=_key("resize policy: letterbox, stretch, center-crop", flag="--resize"),
-    )
-    fill: str | tuple[int, int, int] = field(
-        default="border",
-        metadata=_key("letterbox fill: border or R,G,B", flag="--fill", metavar="FILL"),
-    )
-    resample: str = field(
-        default="exact",
-        metadata=_key(
-            "how shrinking resamples: exact (integer box average, the same pixels on "
-            "x86_64 and ARM) or area (OpenCV INTER_AREA, what runs before it had)",
-            flag="--resample",
-        ),
-    )
+# The recipe table, named as in the edge's config; kept under its old name for imports.
+PreprocessConfig = RecipeTable
 
 
-@dataclass(frozen=True)
-class AugmentConfig:
+class AugmentConfig(msgspec.Struct, frozen=True, kw_only=True):
     """The ``[augment]`` table: random changes a microscope image may show, training only."""
 
-    flip: bool = field(default=True, metadata=_key("random horizontal and vertical flips"))
-    rotate90: bool = field(default=True, metadata=_key("random 90° rotations (square inputs)"))
-    rotation: float = field(
-        default=0.5,
-        metadata=_key("free rotation, as a fraction of a full turn each way (0.5 = ±180°)"),
+    flip: Annotated[bool, _key("random horizontal and vertical flips")] = True
+    rotate90: Annotated[bool, _key("random 90° rotations (square inputs)")] = True
+    rotation: Annotated[
+        float,
+        _key("free rotation, as a fraction of a full turn each way (0.5 = ±180°)", ge=0, lt=1),
+    ] = 0.5
+    zoom: Annotated[float, _key("random zoom in/out, fraction of the size", ge=0, lt=1)] = 0.1
+    contrast: Annotated[float, _key("random contrast change, fraction", ge=0, lt=1)] = 0.2
+    brightness: Annotated[float, _key("random brightness change, fraction", ge=0, lt=1)] = 0.1
+
+
+def _split(raw: object, reader: Reader) -> object:
+    """``"70:15:15"`` or three numbers in any unit, as fractions (other values unchanged)."""
+    if isinstance(raw, str):
+        try:
+            return parse_split(raw)
+        except ConfigError as exc:
+            raise ValueError(str(exc).removeprefix("split ")) from None
+    numbers = isinstance(raw, list | tuple) and all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in raw
     )
-    zoom: float = field(default=0.1, metadata=_key("random zoom in/out, fraction of the size"))
-    contrast: float = field(default=0.2, metadata=_key("random contrast change, fraction"))
-    brightness: float = field(default=0.1, metadata=_key("random brightness change, fraction"))
+    if numbers and len(raw) == 3:  # type: ignore[arg-type]
+        return _normalise_split([float(v) for v in raw], "split", "config")  # type: ignore[union-attr]
+    return raw
 
 
-@dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(msgspec.Struct, frozen=True, kw_only=True):
     """Everything that decides a training run; see ``train/examples/train.toml``."""
 
-    backbone: str = field(
-        default=DEFAULT_BACKBONE, metadata=_key(f"backbone: {', '.join(BACKBONES)}")
-    )
-    alpha: float = field(
-        default=1.0, metadata=_key("width multiplier of the Keras mobilenet_v2/v3 backbones")
-    )
-    weights: str = field(
-        default="imagenet",
-        metadata=_key("backbone weights: imagenet, none, or a .weights.h5 file", metavar="W"),
-    )
-    image_size: int = field(default=224, metadata=_key("model input side in pixels", metavar="PX"))
-    seed: int = field(default=0, metadata=_key("seed for the split, initialisation, shuffling"))
-    split: tuple[float, float, float] = field(
-        default=(0.7, 0.15, 0.15),
-        metadata=_key("train:val:test ratios, e.g. 70:15:15", metavar="TR:VA:TE"),
-    )
-    folds: int = field(default=0, metadata=_key("k-fold cross-validation (0 = one split)"))
-    batch_size: int = field(default=32, metadata=_key("images per batch"))
-    epochs: int = field(default=10, metadata=_key("stage 1 epochs (frozen backbone)"))
-    learning_rate: float = field(default=1e-3, metadata=_key("stage 1 learning rate"))
-    fine_tune_epochs: int = field(
-        default=20, metadata=_key("stage 2 epochs (top layers unfrozen; 0 = skip)")
-    )
-    fine_tune_learning_rate: float = field(
-        default=1e-4,
-        metadata=_key("stage 2 initial learning rate (cosine decay)", flag="--fine-tune-lr"),
-    )
-    fine_tune_layers: int = field(
-        default=30, metadata=_key("backbone layers unfrozen from the top in stage 2")
-    )
-    dropout: float = field(default=0.2, metadata=_key("dropout before the classifier"))
-    strategy: str = field(
-        default="auto",
-        metadata=_key(
+    backbone: Annotated[str, _key(f"backbone: {', '.join(BACKBONES)}")] = DEFAULT_BACKBONE
+    alpha: Annotated[float, _key("width multiplier of the Keras mobilenet_v2/v3 backbones")] = 1.0
+    weights: Annotated[
+        str, _key("backbone weights: imagenet, none, or a .weights.h5 file", metavar="W")
+    ] = "imagenet"
+    image_size: Annotated[
+        int, _key("model input side in pixels", metavar="PX", ge=32, unit="pixels")
+    ] = 224
+    seed: Annotated[int, _key("seed for the split, initialisation, shuffling")] = 0
+    split: Annotated[
+        tuple[float, float, float],
+        Meta(
+            description="train:val:test ratios, e.g. 70:15:15",
+            extra={"metavar": "TR:VA:TE", "parse": _split, "expected": _SPLIT_WORDS},
+        ),
+    ] = (0.7, 0.15, 0.15)
+    folds: Annotated[int, _key("k-fold cross-validation (0 = one split)", ge=0)] = 0
+    batch_size: Annotated[int, _key("images per batch", gt=0)] = 32
+    epochs: Annotated[
+        int,
+        _key("stage 1 epochs (frozen backbone)", ge=1, unit="(stage 1 trains the new head)"),
+    ] = 10
+    learning_rate: Annotated[float, _key("stage 1 learning rate", gt=0)] = 1e-3
+    fine_tune_epochs: Annotated[
+        int, _key("stage 2 epochs (top layers unfrozen; 0 = skip)", ge=0)
+    ] = 20
+    fine_tune_learning_rate: Annotated[
+        float,
+        _key("stage 2 initial learning rate (cosine decay)", flag="--fine-tune-lr", gt=0),
+    ] = 1e-4
+    fine_tune_layers: Annotated[
+        int, _key("backbone layers unfrozen from the top in stage 2", ge=0)
+    ] = 30
+    dropout: Annotated[float, _key("dropout before the classifier", ge=0, lt=1)] = 0.2
+    strategy: Annotated[
+        Strategy,
+        _key(
             "fitting strategy: cached (stage 1 a converged head on cached backbone features, "
             "stage 2 fine-tunes the top on cached activations), end-to-end (every epoch "
             "through the whole network), or auto (cached with pretrained weights, "
             "end-to-end from scratch)"
         ),
-    )
-    augment_copies: int = field(
-        default=4,
-        metadata=_key(
+    ] = "auto"
+    augment_copies: Annotated[
+        int,
+        _key(
             "cached strategy: training images whose activations are cached, counting the "
-            "original and its randomly augmented copies"
+            "original and its randomly augmented copies",
+            ge=1,
         ),
-    )
-    label_smoothing: float = field(
-        default=0.1, metadata=_key("cached strategy: label smoothing of the stage 2 loss")
-    )
-    patience: int = field(
-        default=5, metadata=_key("early stopping: epochs without improvement (0 = off)")
-    )
-    class_weight: str = field(
-        default="balanced", metadata=_key("balanced (weights ~ 1/class size) or none")
-    )
-    target_precision: float = field(
-        default=0.95,
-        metadata=_key("decision threshold keeps the precision of accepted predictions >= this"),
-    )
-    threshold_confidence: float = field(
-        default=0.95,
-        metadata=_key(
+    ] = 4
+    label_smoothing: Annotated[
+        float, _key("cached strategy: label smoothing of the stage 2 loss", ge=0, lt=0.5)
+    ] = 0.1
+    patience: Annotated[int, _key("early stopping: epochs without improvement (0 = off)", ge=0)] = 5
+    class_weight: Annotated[
+        Literal["balanced", "none"], _key("balanced (weights ~ 1/class size) or none")
+    ] = "balanced"
+    target_precision: Annotated[
+        float,
+        _key("decision threshold keeps the precision of accepted predictions >= this", gt=0, le=1),
+    ] = 0.95
+    threshold_confidence: Annotated[
+        float,
+        _key(
             "the target precision holds with this confidence (lower bound of the "
-            "validation precision); 0 = use the observed precision"
+            "validation precision); 0 = use the observed precision",
+            ge=0,
+            lt=1,
         ),
-    )
-    run_eagerly: bool = field(
-        default=False, metadata=_key("run Keras eagerly (faster for tiny models, slower for real)")
-    )
-    cache_dir: str = field(
-        default="",
-        metadata=_key("preprocessed-image cache (default: RUN_DIR/cache)", metavar="DIR"),
-    )
-    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    ] = 0.95
+    run_eagerly: Annotated[
+        bool, _key("run Keras eagerly (faster for tiny models, slower for real)")
+    ] = False
+    cache_dir: Annotated[
+        str, _key("preprocessed-image cache (default: RUN_DIR/cache)", metavar="DIR")
+    ] = ""
+    preprocess: RecipeTable = msgspec.field(default_factory=RecipeTable, name="preprocessing")
+    augment: AugmentConfig = msgspec.field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
-        problems = self.validate()
+        problems = problems_of(self)
         if problems:
-            raise ConfigError("invalid training config: " + "; ".join(problems))
+            raise ProblemsError(problems, "invalid training config: ")
         # Store the recipe's canonical form (defaults merged), so a config read back from
         # config.json equals the one that wrote it.
         recipe = self.recipe()
-        canonical = PreprocessConfig(
+        canonical = RecipeTable(
             denoise=recipe.denoise,
             denoise_params=dict(recipe.denoise_params),
             resize=recipe.resize,
             fill=recipe.fill,
             resample=recipe.resample,
         )
-        object.__setattr__(self, "preprocess", canonical)
+        msgspec.structs.force_setattr(self, "preprocess", canonical)
+
+    def problems(self) -> Problems:
+        """The checks across keys (each key's own range is declared with it)."""
+        out: Problems = [
+            ("", p) for p in check_backbone_options(self.backbone, self.alpha, self.weights)
+        ]
+        if self.folds == 1:
+            out.append(("folds", "must be 0 (one split) or at least 2"))
+        out.extend(_split_problems(self.split, self.folds))
+        if self.strategy == "cached" and self.weights == "none":
+            out.append(
+                (
+                    "strategy",
+                    "'cached' needs pretrained weights (it freezes the backbone's lower "
+                    "layers); with weights 'none' use strategy 'end-to-end' or 'auto'",
+                )
+            )
+        return out
 
     def validate(self) -> list[str]:
         """Every problem with the values, each naming its key; empty when valid."""
-        problems = list(check_backbone_options(self.backbone, self.alpha, self.weights))
-        positive = {
-            "image_size": self.image_size,
-            "batch_size": self.batch_size,
-            "learning_rate": self.learning_rate,
-            "fine_tune_learning_rate": self.fine_tune_learning_rate,
-        }
-        problems += [f"{k} must be > 0, got {v!r}" for k, v in positive.items() if v <= 0]
-        not_negative = {
-            "epochs": self.epochs,
-            "fine_tune_epochs": self.fine_tune_epochs,
-            "fine_tune_layers": self.fine_tune_layers,
-            "patience": self.patience,
-            "folds": self.folds,
-        }
-        problems += [f"{k} must be >= 0, got {v!r}" for k, v in not_negative.items() if v < 0]
-        if self.image_size < 32:
-            problems.append(f"image_size must be at least 32 pixels, got {self.image_size}")
-        if self.epochs == 0:
-            problems.append("epochs must be >= 1: stage 1 trains the new classifier head")
-        if self.folds == 1:
-            problems.append("folds must be 0 (one split) or at least 2")
-        if len(self.split) != 3 or any(r < 0 for r in self.split):
-            problems.append(f"split must be three ratios >= 0, got {self.split!r}")
-        elif not math.isclose(sum(self.split), 1.0, abs_tol=1e-6):
-            problems.append(f"split ratios must add up to 1, got {self.split!r}")
-        elif self.split[0] == 0 or self.split[1] == 0 or (self.split[2] == 0 and not self.folds):
-            problems.append(
-                f"split needs train, val and test parts above 0, got {_ratio_text(self.split)}"
-            )
-        problems += self._strategy_problems()
-        if not 0 <= self.dropout < 1:
-            problems.append(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if self.class_weight not in ("balanced", "none"):
-            problems.append(f"class_weight must be 'balanced' or 'none', got {self.class_weight!r}")
-        if not 0 < self.target_precision <= 1:
-            problems.append(f"target_precision must be in (0, 1], got {self.target_precision!r}")
-        a = self.augment
-        for name in ("rotation", "zoom", "contrast", "brightness"):
-            value = getattr(a, name)
-            if not 0 <= value < 1:
-                problems.append(f"augment.{name} must be in [0, 1), got {value!r}")
-        try:
-            self.recipe()
-        except RecipeError as exc:
-            problems.append(f"preprocess: {exc}")
-        return problems
-
-    def _strategy_problems(self) -> list[str]:
-        """Problems with the keys of the fitting strategy and the threshold rule."""
-        problems: list[str] = []
-        if self.strategy not in STRATEGIES:
-            problems.append(
-                f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}"
-            )
-        elif self.strategy == "cached" and self.weights == "none":
-            problems.append(
-                "strategy 'cached' needs pretrained weights (it freezes the backbone's lower "
-                "layers); with weights 'none' use strategy 'end-to-end' or 'auto'"
-            )
-        if self.augment_copies < 1:
-            problems.append(f"augment_copies must be >= 1, got {self.augment_copies!r}")
-        if not 0 <= self.label_smoothing < 0.5:
-            problems.append(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing!r}")
-        if not 0 <= self.threshold_confidence < 1:
-            problems.append(
-                f"threshold_confidence must be in [0, 1), got {self.threshold_confidence!r}"
-            )
-        return problems
+        return [f"{key}: {message}" if key else message for key, message in problems_of(self)]
 
     def fitting_strategy(self) -> str:
         """The strategy that ``strategy = "auto"`` stands for with these weights."""
@@ -280,91 +246,60 @@ class TrainConfig:
 
     def recipe(self) -> PreprocessRecipe:
         """The edge preprocessing recipe this run trains with (and the bundle will carry)."""
-        from fieldscope.edge.preprocess import PreprocessRecipe
-
-        p = self.preprocess
-        return PreprocessRecipe(
-            size=(self.image_size, self.image_size),
-            denoise=p.denoise,
-            denoise_params=dict(p.denoise_params),
-            resize=p.resize,
-            fill=p.fill,
-            resample=p.resample,
-        )
+        return self.preprocess.recipe((self.image_size, self.image_size))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready resolved config; ``preprocess`` is the full recipe (``to_dict``)."""
-        data = dataclasses.asdict(self)
-        data["split"] = list(self.split)
+        data = {name: msgspec.to_builtins(getattr(self, name)) for name in self.__struct_fields__}
         data["preprocess"] = self.recipe().to_dict()
         return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> TrainConfig:
-        """Build from a TOML/JSON tree; unknown keys and wrong types are errors naming the key."""
-        return _build(cls, data, prefix="", source=source)
+        """Build from a saved ``config.json`` or a TOML tree; every problem names its key.
+
+        Raises:
+            ConfigFileError: one line per problem.
+        """
+        return _read(data, source=source, text=None)
 
 
-@dataclass(frozen=True)
-class ConfigKey:
-    """One leaf of the config tree, with what the CLI needs to expose it."""
-
-    dotted: str
-    dest: str
-    flag: str
-    kind: Any
-    default: Any
-    help: str
-    metavar: str | None
+def _split_problems(split: Sequence[float], folds: int) -> Problems:
+    if len(split) != 3 or any(r < 0 for r in split):
+        return [("split", f"must be three ratios >= 0, got {split!r}")]
+    if not math.isclose(sum(split), 1.0, abs_tol=1e-6):
+        return [("split", f"ratios must add up to 1, got {split!r}")]
+    if split[0] == 0 or split[1] == 0 or (split[2] == 0 and not folds):
+        return [("split", f"needs train, val and test parts above 0, got {_ratio_text(split)}")]
+    return []
 
 
-def config_keys() -> Iterator[ConfigKey]:
-    """Every leaf key of the config tree (``augment.zoom``, ``preprocess.denoise``, ...)."""
-    yield from _keys(TrainConfig, prefix="")
-
-
-def _keys(cls: type, prefix: str) -> Iterator[ConfigKey]:
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(f.default_factory):  # type: ignore[arg-type]
-            yield from _keys(f.default_factory, prefix=f"{prefix}{f.name}.")  # type: ignore[arg-type]
-            continue
-        dotted = f"{prefix}{f.name}"
-        flag = f.metadata.get("flag") or "--" + dotted.replace(".", "-").replace("_", "-")
-        default = f.default
-        if default is dataclasses.MISSING:
-            default = f.default_factory()  # type: ignore[misc,operator]
-        yield ConfigKey(
-            dotted=dotted,
-            dest="cfg__" + dotted.replace(".", "__"),
-            flag=flag,
-            kind=f.type,
-            default=default,
-            help=f.metadata.get("help", ""),
-            metavar=f.metadata.get("metavar"),
-        )
-
-
-def _build(cls: type, data: Mapping[str, Any], *, prefix: str, source: str) -> Any:
+def _read(data: Mapping[str, Any], *, source: str, text: str | None) -> TrainConfig:
+    """The config a (normalised) tree describes, or every problem at once."""
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a table")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for name in data:
-        if name not in fields:
-            where = f"{prefix}{name}"
-            known = ", ".join(f"{prefix}{k}" for k in fields)
-            raise ConfigError(f"{source}: unknown key {where!r} (known keys: {known})")
-    kwargs: dict[str, Any] = {}
-    for name, raw in data.items():
-        f = fields[name]
-        dotted = f"{prefix}{name}"
-        if dataclasses.is_dataclass(f.default_factory):  # type: ignore[arg-type]
-            table = raw
-            if dotted == "preprocess" and isinstance(raw, Mapping) and "size" in raw:
-                table = _drop_recipe_size(raw, data, source)
-            kwargs[name] = _build(f.default_factory, table, prefix=f"{dotted}.", source=source)  # type: ignore[arg-type]
-        else:
-            kwargs[name] = _coerce(dotted, str(f.type), raw, source)
-    return cls(**kwargs)
+        raise ConfigFileError([ConfigProblem("", "must be a table of config keys", source)])
+    reader = Reader(Path(source).parent, {})
+    config = reader.read(TrainConfig, _normalised(data, source))
+    problems = reader.located(config, text, source)
+    if problems or config is None:
+        raise ConfigFileError(problems)
+    return typing.cast(TrainConfig, config)
+
+
+def _normalised(data: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """``preprocess`` (a saved run's key, or the old TOML table name) read as
+    ``preprocessing``; a saved recipe's ``size`` checked against ``image_size``."""
+    tree = dict(data)
+    if "preprocess" in tree:
+        if "preprocessing" in tree:
+            raise ConfigFileError(
+                [ConfigProblem("preprocess", "give [preprocessing] only, not both", source)]
+            )
+        tree["preprocessing"] = tree.pop("preprocess")
+    table = tree.get("preprocessing")
+    if isinstance(table, Mapping) and "size" in table:
+        tree["preprocessing"] = _drop_recipe_size(table, tree, source)
+    return tree
 
 
 def _drop_recipe_size(
@@ -376,61 +311,62 @@ def _drop_recipe_size(
     whose model was trained on INTER_AREA pixels: it keeps ``area``.
     """
     size = value["size"]
-    side = data.get("image_size", TrainConfig.image_size)
-    if list(size) != [side, side]:
-        raise ConfigError(
-            f"{source}: preprocess.size {list(size)} disagrees with image_size {side}; "
-            "set image_size only"
-        )
+    side = data.get("image_size", 224)
+    if not isinstance(size, list | tuple) or list(size) != [side, side]:
+        shown = list(size) if isinstance(size, list | tuple) else size
+        message = f"{shown!r} disagrees with image_size {side}; set image_size only"
+        raise ConfigFileError([ConfigProblem("preprocess.size", message, source)])
     return {"resample": "area", **{k: v for k, v in value.items() if k != "size"}}
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+class ConfigKey(msgspec.Struct, frozen=True):
+    """One leaf of the config tree, with what the CLI needs to expose it.
+
+    ``dotted`` uses attribute names (``preprocess.denoise``); ``path`` is the same key
+    as the file spells it (``("preprocessing", "denoise")``).
+    """
+
+    dotted: str
+    dest: str
+    flag: str
+    kind: str
+    default: Any
+    help: str
+    metavar: str | None
+    path: tuple[str, ...] = ()
 
 
-def _split_value(value: Any) -> tuple[float, ...] | None:
-    if isinstance(value, str):
-        return parse_split(value)
-    if isinstance(value, list | tuple) and len(value) == 3 and all(map(_is_number, value)):
-        return _normalise_split([float(v) for v in value], "split", "config")
-    return None
+def config_keys() -> Iterator[ConfigKey]:
+    """Every leaf key of the config tree (``augment.zoom``, ``preprocess.denoise``, ...)."""
+    yield from _keys(TrainConfig, None, prefix="", path=())
 
 
-def _fill_value(value: Any) -> Any:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list | tuple) and len(value) == 3 and all(map(_is_int, value)):
-        return tuple(value)
-    return None
+def _keys(cls: type, defaults: Any, prefix: str, path: tuple[str, ...]) -> Iterator[ConfigKey]:
+    """The leaves below ``cls``; ``defaults`` (when given) overrides the declared ones.
 
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-# type name or dotted key -> (converter returning None when the value does not fit, expected)
-_CHECKS: dict[str, tuple[Callable[[Any], Any], str]] = {
-    "bool": (lambda v: v if isinstance(v, bool) else None, "true or false"),
-    "int": (lambda v: v if _is_int(v) else None, "an integer"),
-    "float": (lambda v: float(v) if _is_number(v) else None, "a number"),
-    "str": (lambda v: v if isinstance(v, str) else None, "a string"),
-    "split": (_split_value, 'three ratios, e.g. [0.7, 0.15, 0.15] or "70:15:15"'),
-    "preprocess.denoise_params": (
-        lambda v: dict(v) if isinstance(v, Mapping) else None,
-        "a table of numbers, e.g. {diameter = 9}",
-    ),
-    "preprocess.fill": (_fill_value, "'border' or three integers 0..255"),
-}
-
-
-def _coerce(dotted: str, type_name: str, value: Any, source: str) -> Any:
-    """Check one TOML/JSON value against the field's declared type (names it on error)."""
-    convert, expected = _CHECKS.get(type_name) or _CHECKS[dotted]
-    converted = convert(value)
-    if converted is None:
-        raise ConfigError(f"{source}: {dotted} must be {expected}, got {value!r}")
-    return converted
+    No ``TrainConfig()`` is built: checking its recipe imports OpenCV, and the parser
+    is built for ``fieldscope --help`` before the native libraries are quietened.
+    """
+    for f in msgspec.structs.fields(cls):
+        spec = field_spec(f.type)
+        dotted, where = f"{prefix}{f.name}", (*path, f.encode_name)
+        default = f.default if f.default_factory is msgspec.NODEFAULT else f.default_factory()
+        default = default if defaults is None else getattr(defaults, f.name)
+        if isinstance(default, msgspec.Struct):
+            table = DEFAULT_TABLE if isinstance(default, RecipeTable) else None
+            yield from _keys(type(default), table, f"{dotted}.", where)
+            continue
+        bare = str if typing.get_origin(spec.bare) is Literal else spec.bare
+        yield ConfigKey(
+            dotted=dotted,
+            dest="cfg__" + dotted.replace(".", "__"),
+            flag=spec.extra.get("flag") or "--" + dotted.replace(".", "-").replace("_", "-"),
+            kind=getattr(bare, "__name__", str(bare)),
+            default=default,
+            help=spec.meta.description if spec.meta is not None else "",
+            metavar=spec.extra.get("metavar"),
+            path=where,
+        )
 
 
 def _normalise_split(parts: Sequence[float], dotted: str, source: str) -> tuple[float, ...]:
@@ -459,35 +395,51 @@ def _ratio_text(split: Sequence[float]) -> str:
 
 
 def load_config(path: Path) -> dict[str, Any]:
-    """Read a TOML config file into a plain tree (validated later, with the overrides)."""
-    try:
-        with path.open("rb") as fh:
-            return tomllib.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    """Read a TOML config file into a plain tree (validated later, with the overrides).
+
+    Raises:
+        ConfigFileError: missing, unreadable or not TOML, naming the file (and line).
+    """
+    return read_toml(Path(path), MAX_CONFIG_BYTES)[0]
 
 
 def resolve_config(
     toml_path: Path | None = None, overrides: Mapping[str, Any] | None = None
 ) -> TrainConfig:
-    """Defaults, then the TOML file, then dotted-key overrides (from the command line)."""
-    tree: dict[str, Any] = load_config(toml_path) if toml_path is not None else {}
+    """Defaults, then the TOML file, then dotted-key overrides (from the command line).
+
+    Raises:
+        ConfigFileError: every problem of the file and the overrides, one per line.
+    """
+    tree: dict[str, Any] = {}
+    text = None
     source = str(toml_path) if toml_path is not None else "config"
+    if toml_path is not None:
+        tree, text = read_toml(Path(toml_path), MAX_CONFIG_BYTES)
+        if "preprocess" in tree:
+            _log.warning(
+                "%s: [preprocess] is the old name of the [preprocessing] table (the name "
+                "the edge's config uses too); rename it",
+                source,
+            )
+        tree = _normalised(tree, source)
+    paths = {key.dotted: key.path for key in config_keys()}
     for dotted, value in (overrides or {}).items():
-        node = tree
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"{source}: {part} must be a table")
-            node = child
-        merge = leaf == "denoise_params" and isinstance(node.get(leaf), Mapping)
-        node[leaf] = {**node[leaf], **value} if merge else value
-    return TrainConfig.from_dict(tree, source=source)
+        _set(tree, paths.get(dotted) or tuple(dotted.split(".")), value, source)
+    return _read(tree, source=source, text=text)
+
+
+def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any, source: str) -> None:
+    """One override into the tree; denoise parameters merge with the file's."""
+    node = tree
+    *parents, leaf = path
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigFileError([ConfigProblem(part, "must be a table", source)])
+        node = child
+    merge = leaf == "denoise_params" and isinstance(node.get(leaf), Mapping)
+    node[leaf] = {**node[leaf], **value} if merge else value
 
 
 # --- command line -------------------------------------------------------------------
@@ -550,34 +502,12 @@ def _flag_number(kind: type) -> Callable[[str, Any], Any]:
     return convert
 
 
-def _flag_params(flag: str, raw: Any) -> dict[str, float | int]:
-    params: dict[str, float | int] = {}
-    for item in raw:
-        name, sep, text = item.partition("=")
-        if not sep or not name:
-            raise ConfigError(f"{flag} expects KEY=VALUE, got {item!r}")
-        try:
-            params[name] = int(text) if text.lstrip("-").isdigit() else float(text)
-        except ValueError:
-            raise ConfigError(f"{flag} {name}: {text!r} is not a number") from None
-    return params
-
-
-def _flag_fill(flag: str, raw: Any) -> str | tuple[int, ...]:
-    if raw == "border":
-        return "border"
-    parts = raw.split(",")
-    if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
-        raise ConfigError(f"{flag} expects 'border' or R,G,B, got {raw!r}")
-    return tuple(int(p) for p in parts)
-
-
 # declared type or dotted key -> converter of the flag's text
-_FLAG_CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
+_FLAG_CONVERTERS: Mapping[str, Callable[[str, Any], Any]] = {
     "bool": lambda flag, raw: bool(raw),
     "int": _flag_number(int),
     "float": _flag_number(float),
     "split": lambda flag, raw: parse_split(raw),
-    "preprocess.denoise_params": _flag_params,
-    "preprocess.fill": _flag_fill,
+    "preprocess.denoise_params": parse_params,
+    "preprocess.fill": parse_fill,
 }

@@ -22,7 +22,6 @@ holds the cross-validation summary (mean ± sd) in metrics.json.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.metadata
 import json
 import logging
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import keras
+import msgspec
 import numpy as np
 
 from fieldscope.train import report
@@ -149,7 +149,7 @@ def train_run(
     check_weights_available(config)
     if config.cache_dir:
         # Saved absolute, so a resume from another working directory finds the cache.
-        config = dataclasses.replace(config, cache_dir=str(Path(config.cache_dir).resolve()))
+        config = msgspec.structs.replace(config, cache_dir=str(Path(config.cache_dir).resolve()))
     run.mkdir(parents=True, exist_ok=True)
     _write_json(run / CONFIG_FILE, config.to_dict())
     _write_json(run / LABELS_FILE, list(index.labels))

@@ -1,0 +1,523 @@
+"""The sections of the edge daemon's configuration, each a frozen ``msgspec.Struct``.
+
+Declared once: names, types, defaults and constraints (``Annotated[..., Meta(...)]``),
+read by :mod:`fieldscope.edge.typed` and checked by it for Structs built in code too.
+Each ``problems()`` holds only what a declaration cannot say (keys that go together,
+files that must exist, names that become MQTT topic levels). The whole tree,
+:class:`~fieldscope.edge.config.EdgeConfig`, and the file reading are in
+:mod:`fieldscope.edge.config`, which re-exports everything here.
+"""
+
+from __future__ import annotations
+
+import re
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from types import MappingProxyType
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+from fieldscope.edge.recipe import RecipeTable
+from fieldscope.edge.runtime import RUNTIMES
+from fieldscope.edge.topics import DEFAULT_PREFIX, TopicError, Topics, segment_problem, show
+from fieldscope.edge.typed import Problems, Reader, kind, one_of
+from fieldscope.edge.untrusted import RejectedValueError, read_regular_file
+
+# The one list of camera backends: each names a [camera.<backend>] options table.
+CameraBackend = Literal["picamera2", "opencv", "folder", "replay"]
+Trigger = Literal["continuous", "interval", "command"]
+FolderHandling = Literal["keep", "move", "delete"]
+OutboxWhenFull = Literal["drop-oldest", "reject-new"]
+ArchiveMode = Literal["none", "all", "uncertain"]
+ArchiveFormat = Literal["png", "jpg"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+MqttProtocol = Literal["5", "3.1.1"]
+
+CAMERA_BACKENDS: tuple[str, ...] = typing.get_args(CameraBackend)
+TRIGGERS: tuple[str, ...] = typing.get_args(Trigger)
+FOLDER_HANDLING: tuple[str, ...] = typing.get_args(FolderHandling)
+OUTBOX_WHEN_FULL: tuple[str, ...] = typing.get_args(OutboxWhenFull)
+ARCHIVE_MODES: tuple[str, ...] = typing.get_args(ArchiveMode)
+ARCHIVE_FORMATS: tuple[str, ...] = typing.get_args(ArchiveFormat)
+LOG_LEVELS: tuple[str, ...] = typing.get_args(LogLevel)
+MQTT_PROTOCOLS: tuple[str, ...] = typing.get_args(MqttProtocol)
+# What a microscope acquisition program writes; matched case-insensitively.
+DEFAULT_IMAGE_PATTERNS: tuple[str, ...] = (
+    "*.png",
+    "*.jpg",
+    "*.jpeg",
+    "*.tif",
+    "*.tiff",
+    "*.bmp",
+)
+
+_MQTT_PORT = 1883
+_MQTTS_PORT = 8883
+# A station's config is a few kilobytes; anything over this is not one (and is refused
+# before it is read whole).
+MAX_CONFIG_BYTES = 1024 * 1024
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_BACKOFF = {"expected": "an array of two numbers [min, max]"}
+
+
+def _seconds(low: float, high: float, note: str = "seconds") -> Meta:
+    return Meta(ge=low, le=high, extra={"unit": note})
+
+
+def _required(what: str) -> Meta:
+    """A required key or section: ``what`` says what it is, in the missing-key message."""
+    return Meta(description=what)
+
+
+def _size(raw: object, reader: Reader) -> int:
+    return parse_size(raw)
+
+
+def _source(raw: object, reader: Reader) -> int | str:
+    """A camera index, device path or URL as given; a file path from the config's folder."""
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and raw:
+        if "://" in raw or raw.startswith("/dev/"):
+            return raw
+        return str(reader.resolve(raw))
+    raise ValueError(
+        "must be a device index (0, 1, ...) or a device path, file or URL string, "
+        f"got {kind(raw)} {show(raw)}"
+    )
+
+
+# ── the configuration tree ────────────────────────────────────────────────────────────
+
+
+class DeviceConfig(msgspec.Struct, frozen=True):
+    """``[device]``: who this station is, and the daemon's own directory.
+
+    ``station`` and ``id`` become MQTT topic levels, so they follow the topic rules.
+    ``data_dir`` (default ``data`` next to the config file) holds the outbox, the folder
+    camera's state and the archive; it is the only place the daemon writes to (besides
+    the watched folder's done/failed).
+    """
+
+    station: Annotated[str, _required("the station's name, an MQTT topic level")]
+    id: Annotated[str, _required("this device's name within the station, an MQTT topic level")]
+    data_dir: Path
+
+    def problems(self) -> Problems:
+        out: Problems = []
+        for key, value in (("station", self.station), ("id", self.id)):
+            problem = segment_problem(value)
+            if problem is not None:
+                out.append((key, f"{problem} (it is an MQTT topic level), got {show(value)}"))
+        if self.data_dir.exists() and not self.data_dir.is_dir():
+            out.append(("data_dir", f"{self.data_dir} exists and is not a directory"))
+        return out
+
+
+_Pixels = Annotated[int | None, Meta(ge=16, le=16384, extra={"unit": "pixels"})]
+_Patterns = tuple[str, ...]
+
+
+def _frame_size_problems(width: int | None, height: int | None) -> Problems:
+    if (width is None) != (height is None):
+        given, missing = ("width", "height") if height is None else ("height", "width")
+        return [(given, f"needs {missing} as well (width and height go together)")]
+    return []
+
+
+def _patterns_problems(patterns: tuple[str, ...]) -> Problems:
+    if not patterns or any(not p for p in patterns):
+        return [("patterns", "must be a non-empty list of non-empty glob patterns")]
+    return []
+
+
+class Picamera2Options(msgspec.Struct, frozen=True):
+    """``[camera.picamera2]``: the Raspberry Pi camera (libcamera).
+
+    ``width``/``height`` unset means the sensor's full resolution. ``controls`` are
+    passed to ``Picamera2.set_controls`` as given (e.g. ``ExposureTime``,
+    ``AnalogueGain``, ``AwbEnable``): fixed exposure keeps a microscope's images
+    comparable, auto exposure drifts with the specimen.
+    """
+
+    camera_num: Annotated[int, Meta(ge=0)] = 0
+    width: _Pixels = None
+    height: _Pixels = None
+    controls: Annotated[
+        Mapping[str, float | int | bool | tuple[float, ...]],
+        Meta(extra={"item": "a number, a boolean or an array of numbers"}),
+    ] = msgspec.field(default_factory=lambda: MappingProxyType({}))
+
+    def problems(self) -> Problems:
+        return _frame_size_problems(self.width, self.height)
+
+
+class OpenCVOptions(msgspec.Struct, frozen=True):
+    """``[camera.opencv]``: a USB/UVC microscope by index or device path, a video file,
+    or an RTSP/HTTP stream URL. Unset ``width``/``height``/``fps`` keep the device's."""
+
+    source: Annotated[int | str, Meta(extra={"parse": _source})] = 0
+    width: _Pixels = None
+    height: _Pixels = None
+    fps: Annotated[float | None, Meta(gt=0, le=1000)] = None
+
+    def problems(self) -> Problems:
+        out: Problems = []
+        if isinstance(self.source, int) and self.source < 0:
+            out.append(("source", f"a device index must be >= 0, got {self.source}"))
+        if isinstance(self.source, str) and not self.source:
+            out.append(("source", "must not be empty"))
+        return out + _frame_size_problems(self.width, self.height)
+
+
+class FolderOptions(msgspec.Struct, frozen=True):
+    """``[camera.folder]``: images another acquisition program drops into ``path``.
+
+    A file is taken once its size and modification time have not changed for
+    ``settle_s`` (so a half-written file is never read), and each file is handled
+    exactly once, also across restarts. ``handled`` says what happens afterwards:
+    ``keep`` leaves it (a state database remembers it), ``move`` moves it to
+    ``path/done/``, ``delete`` removes it. Unreadable files go to ``path/failed/``
+    (``keep``: they are only recorded as failed). ``recursive`` also takes the files
+    of subfolders (not of ``done/`` and ``failed/`` when ``handled = "move"``).
+    """
+
+    path: Path | None = None
+    patterns: _Patterns = DEFAULT_IMAGE_PATTERNS
+    settle_s: Annotated[float, _seconds(0, 3600)] = 1.0
+    scan_interval_s: Annotated[float, _seconds(0.01, 3600)] = 0.5
+    handled: FolderHandling = "keep"
+    recursive: bool = False
+
+    def problems(self) -> Problems:
+        return _patterns_problems(self.patterns)
+
+
+class ReplayOptions(msgspec.Struct, frozen=True):
+    """``[camera.replay]``: the images of a folder in name order at ``rate_hz``
+    (0 = as fast as they are asked for), for tests, demos and benchmarks.
+    ``limit`` stops after that many frames (0 = no limit). ``recursive`` (the
+    default) includes subfolders, so a ``fieldscope specimens`` folder (one subfolder
+    per species) replays as it is."""
+
+    path: Path | None = None
+    patterns: _Patterns = DEFAULT_IMAGE_PATTERNS
+    rate_hz: Annotated[float, _seconds(0, 10_000, "(0 = unlimited)")] = 1.0
+    loop: bool = False
+    limit: Annotated[int, Meta(ge=0, extra={"unit": "(0 = no limit)"})] = 0
+    recursive: bool = True
+
+    def problems(self) -> Problems:
+        return _patterns_problems(self.patterns)
+
+
+class CameraConfig(msgspec.Struct, frozen=True):
+    """``[camera]``: which backend captures, and when.
+
+    ``trigger``: ``continuous`` captures as fast as the pipeline allows but at most
+    ``max_rate_hz`` (0 = no limit); ``interval`` captures every ``interval_s``;
+    ``command`` captures only on the MQTT ``capture`` command (which also works in
+    the other modes). A failed camera is reopened after ``reopen_backoff_s[0]``
+    seconds, doubling up to ``reopen_backoff_s[1]``. Each backend's options are in the
+    field of its name (``CAMERA_BACKENDS``).
+    """
+
+    backend: Annotated[CameraBackend, _required(f"one of {', '.join(CAMERA_BACKENDS)}")]
+    trigger: Trigger = "continuous"
+    max_rate_hz: Annotated[float, _seconds(0, 1000, "(0 = no limit)")] = 2.0
+    interval_s: Annotated[float, _seconds(0.01, 7 * 86400)] = 60.0
+    reopen_backoff_s: Annotated[tuple[float, float], Meta(extra=_BACKOFF)] = (1.0, 60.0)
+    picamera2: Picamera2Options = msgspec.field(default_factory=Picamera2Options)
+    opencv: OpenCVOptions = msgspec.field(default_factory=OpenCVOptions)
+    folder: FolderOptions = msgspec.field(default_factory=FolderOptions)
+    replay: ReplayOptions = msgspec.field(default_factory=ReplayOptions)
+
+    def problems(self) -> Problems:
+        out: Problems = []
+        low, high = self.reopen_backoff_s
+        if not 0 < low <= high <= 86400:
+            out.append(
+                (
+                    "reopen_backoff_s",
+                    f"must be [min, max] seconds with 0 < min <= max <= 86400, got [{low}, {high}]",
+                )
+            )
+        for name in ("folder", "replay"):
+            if self.backend == name and getattr(self, name).path is None:
+                out.append(
+                    (f"{name}.path", f"required when camera.backend = {name!r} (the image folder)")
+                )
+        return out
+
+
+# ``[preprocessing]``: deliberate departures from the bundle's recipe, the table that
+# training and ``fieldscope edge preview`` read too. The input size can never be
+# overridden (it is fixed by the model's graph), nor how the bundle's images were shrunk.
+PreprocessingOverrides = RecipeTable
+
+
+class QualityConfig(msgspec.Struct, frozen=True):
+    """``[quality]``: the gate that turns away frames not worth classifying.
+
+    ``sharpness`` is the variance of a Laplacian of Gaussian on a grey copy
+    ``quality.ANALYSIS_WIDTH`` pixels wide (so it does not depend on the camera's
+    resolution); ``brightness`` is the mean grey level as a fraction 0..1; ``clipped``
+    the fraction of pixels at 0 or 255. The defaults accept every synthetic specimen
+    (sharpness >= 1.0 there) and reject a frame blurred with a Gaussian of sigma 8
+    (<= 0.1) and black or white frames; calibrate ``min_sharpness`` on your own
+    microscope from the values recorded in the messages. With ``enabled = false``
+    the values are still measured and reported, but nothing is rejected.
+    """
+
+    enabled: bool = True
+    min_sharpness: Annotated[float, Meta(ge=0)] = 0.5
+    min_brightness: Annotated[float, Meta(ge=0, le=1, extra={"what": "a fraction"})] = 0.02
+    max_brightness: Annotated[float, Meta(ge=0, le=1, extra={"what": "a fraction"})] = 0.98
+    max_clipped: Annotated[float, Meta(ge=0, le=1, extra={"what": "a fraction"})] = 0.75
+
+    def problems(self) -> Problems:
+        low, high = self.min_brightness, self.max_brightness
+        if 0 <= low <= 1 and 0 <= high <= 1 and low >= high:
+            return [("max_brightness", f"must be above min_brightness ({low}), got {high}")]
+        return []
+
+
+class ModelConfig(msgspec.Struct, frozen=True):
+    """``[model]``: the bundle to serve.
+
+    ``bundle`` is typically a ``current`` symlink that a deployment re-points, so the
+    path is kept as written (never resolved through the link): the daemon notices
+    when its target changes. With ``public_key`` set, only signed bundles load.
+    ``threads`` unset lets the runtime choose; ``runtime`` forces one of
+    ``fieldscope.edge.runtime.RUNTIMES`` by name.
+    """
+
+    bundle: Annotated[Path, _required("the bundle directory, typically a 'current' symlink")]
+    public_key: Path | None = None
+    threads: Annotated[int | None, Meta(ge=1, le=64)] = None
+    runtime: str | None = None
+    top_k: Annotated[int, Meta(ge=1, le=100)] = 3
+
+    def problems(self) -> Problems:
+        out: Problems = []
+        if self.public_key is not None:
+            problem = _public_key_problem(self.public_key)
+            if problem is not None:
+                out.append(("public_key", problem))
+        if self.runtime is not None:
+            out.extend(one_of("runtime", self.runtime, tuple(r.name for r in RUNTIMES)))
+        return out
+
+
+class TlsConfig(msgspec.Struct, frozen=True):
+    """``[mqtt.tls]``: present means TLS is on. ``ca`` unset uses the system's CA
+    store; ``cert`` and ``key`` (both or neither) authenticate the station by
+    certificate. ``insecure = true`` skips the host name check: for tests only."""
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    insecure: bool = False
+
+    def problems(self) -> Problems:
+        out: Problems = []
+        for name in ("ca", "cert", "key"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                out.append((name, f"no such file: {path}"))
+        if (self.cert is None) != (self.key is None):
+            given, missing = ("cert", "key") if self.key is None else ("key", "cert")
+            out.append((given, f"needs {missing} as well (cert and key go together)"))
+        return out
+
+
+_Secret = Annotated[str | None, Meta(extra={"env": True})]
+
+
+class MqttConfig(msgspec.Struct, frozen=True):
+    """``[mqtt]``: the broker. QoS is not here: it is fixed per topic kind by the topic
+    scheme (``fieldscope.edge.topics.TOPIC_SPECS``). ``password`` holds the resolved
+    secret and is left out of ``repr`` so it cannot end up in a log line;
+    ``password_env`` is the variable it came from, for the summary.
+
+    ``protocol`` is the MQTT version; with 5, the broker keeps the session (and
+    commands sent meanwhile) for ``session_expiry_s`` after a disconnect. A lost
+    connection is retried after ``reconnect_backoff_s[0]`` seconds, doubling up to
+    ``reconnect_backoff_s[1]``. The client id is an MQTT topic-level-like name.
+    """
+
+    host: Annotated[str, _required("the broker's host name or IP address")]
+    client_id: str
+    port: Annotated[int, Meta(ge=1, le=65535)] = _MQTT_PORT
+    tls: TlsConfig | None = None
+    username: _Secret = None
+    password: _Secret = None
+    password_env: str | None = None
+    prefix: str = DEFAULT_PREFIX
+    keepalive: Annotated[int, _seconds(5, 65535)] = 60
+    protocol: MqttProtocol = "5"
+    session_expiry_s: Annotated[int, Meta(ge=0, le=2**32 - 1)] = 3600
+    reconnect_backoff_s: Annotated[tuple[float, float], Meta(extra=_BACKOFF)] = (1.0, 60.0)
+
+    def __repr__(self) -> str:
+        shown = (f"{f}={getattr(self, f)!r}" for f in self.__struct_fields__ if f != "password")
+        return f"MqttConfig({', '.join(shown)})"
+
+    def problems(self) -> Problems:
+        out: Problems = []
+        if not self.host or self.host != self.host.strip():
+            out.append(("host", f"must be a host name or IP address, got {show(self.host)}"))
+        elif "://" in self.host or "/" in self.host:
+            out.append(
+                ("host", f"give the host name only (no scheme or path), got {show(self.host)}")
+            )
+        problem = segment_problem(self.client_id)
+        if problem is not None:
+            out.append(("client_id", f"{problem}, got {show(self.client_id)}"))
+        low, high = self.reconnect_backoff_s
+        if not (1 <= low <= high <= 3600 and low == int(low) and high == int(high)):
+            out.append(
+                (
+                    "reconnect_backoff_s",
+                    "must be [min, max] whole seconds with 1 <= min <= max <= 3600, "
+                    f"got [{low:g}, {high:g}]",
+                )
+            )
+        if self.password is not None and self.username is None:
+            out.append(("password", "needs mqtt.username as well (MQTT sends no lone password)"))
+        try:
+            Topics(self.prefix, "station", "device")
+        except TopicError as exc:
+            out.append(("prefix", str(exc).removeprefix("prefix ")))
+        return out
+
+
+class OutboxConfig(msgspec.Struct, frozen=True):
+    """``[outbox]``: the durable queue between classification and the broker.
+
+    When it holds ``max_messages`` unacknowledged messages (a long broker outage),
+    ``when_full`` decides: ``drop-oldest`` (the default) deletes the oldest to make
+    room, because a live station's newest observations are worth most and the gap
+    in ``seq`` tells subscribers what was lost; ``reject-new`` keeps the backlog and
+    drops each new identification instead. Either way the drop is counted and
+    reported in health. ``max_bytes`` (unset: no cap) also caps the database file,
+    for a small SD card. ``batch`` bounds how many messages are in flight at once.
+    ``path`` defaults to ``outbox.sqlite`` in ``device.data_dir``.
+    """
+
+    path: Path
+    max_messages: Annotated[int, Meta(ge=1, le=100_000_000)] = 100_000
+    when_full: OutboxWhenFull = "drop-oldest"
+    batch: Annotated[int, Meta(ge=1, le=10_000)] = 100
+    max_bytes: Annotated[int | None, Meta(extra={"parse": _size})] = None
+
+    def problems(self) -> Problems:
+        out: Problems = []
+        if self.path.is_dir():
+            out.append(("path", f"{self.path} is a directory; give the database file's path"))
+        if self.max_bytes is not None and self.max_bytes < 16_384:
+            out.append(("max_bytes", f"must be at least 16 KiB, got {self.max_bytes} bytes"))
+        return out
+
+
+class ArchiveConfig(msgspec.Struct, frozen=True):
+    """``[archive]``: images kept on the station's disk (``none``, ``all``, or only
+    ``uncertain`` ones, the most useful for labelling), at most ``max_bytes`` in
+    total (oldest deleted first). ``format`` applies to camera frames; files from a
+    folder are kept byte for byte, so their hash matches the message's. ``dir``
+    defaults to ``archive`` in ``device.data_dir``."""
+
+    dir: Path
+    mode: ArchiveMode = "none"
+    max_bytes: Annotated[int, Meta(extra={"parse": _size})] = 1 << 30
+    format: Annotated[ArchiveFormat, Meta(extra={"case": "lower"})] = "png"
+
+    def problems(self) -> Problems:
+        out: Problems = []
+        if self.max_bytes < 1 << 20:
+            out.append(("max_bytes", f"must be at least 1 MiB, got {self.max_bytes} bytes"))
+        if self.dir.exists() and not self.dir.is_dir():
+            out.append(("dir", f"{self.dir} exists and is not a directory"))
+        return out
+
+
+class HeartbeatConfig(msgspec.Struct, frozen=True):
+    """``[heartbeat]``: how often health is published."""
+
+    interval_s: Annotated[float, _seconds(1, 86400)] = 60.0
+
+
+class LogConfig(msgspec.Struct, frozen=True):
+    """``[log]``: the level of the daemon's log lines on stderr (journald), and how often
+    a running daemon logs a one-line summary (frames by outcome, outbox depth, link),
+    so a healthy station is not silent; 0 turns the summary off."""
+
+    level: Annotated[LogLevel, Meta(extra={"case": "upper"})] = "INFO"
+    summary_interval_s: float = 60.0
+
+    def problems(self) -> Problems:
+        interval = self.summary_interval_s
+        if interval != 0 and not 1 <= interval <= 86400:
+            message = f"must be 0 (off) or in [1, 86400] seconds, got {interval}"
+            return [("summary_interval_s", message)]
+        return []
+
+
+def default_client_id(station: str, device: str) -> str:
+    """The MQTT client id when none is configured: stable across restarts, so the
+    broker recognises the station, and unique per device within a deployment."""
+    return f"fieldscope-{station}-{device}"
+
+
+def parse_size(value: object) -> int:
+    """Bytes from an integer or a string such as ``"500 MB"``, ``"2GiB"`` or ``"1.5G"``.
+
+    Units: B, kB/MB/GB/TB (powers of 1000) and KiB/MiB/GiB/TiB (powers of 1024);
+    K/M/G/T alone are taken as binary, as ``du -h`` prints them.
+
+    Raises:
+        ValueError: not a size.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) >= 2**63:
+            raise ValueError(f"must be a size below 8 EiB, got {show(value)}")
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f'must be a byte count or a size such as "2 GiB", got {show(value)}')
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?)([bB]?)\s*", value)
+    if match is None:
+        raise ValueError(f'must be a byte count or a size such as "2 GiB", got {show(value)}')
+    number, prefix, binary, unit = match.groups()
+    if not prefix and binary:
+        raise ValueError(f'must be a byte count or a size such as "2 GiB", got {show(value)}')
+    power = " KMGT".index(prefix.upper()) if prefix else 0
+    base = 1024 if binary or not unit else 1000
+    size = float(number) * base**power
+    if not size < 2**63:  # also inf, from a number of 400 digits
+        raise ValueError(f"must be a size below 8 EiB, got {show(value)}")
+    return int(size)
+
+
+def _public_key_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be the public key that bundles are verified with, or None.
+
+    A private key given here would also be refused when a bundle loads, but only then:
+    check-config says so at once, and that the private key must stay off devices.
+    """
+    if not path.is_file():
+        return f"no such file: {path}"
+    try:
+        data = read_regular_file(path, 64 * 1024)
+    except (RejectedValueError, OSError) as exc:
+        return f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}"
+    if b"PRIVATE KEY" in data:
+        return (
+            f"{path} is a PRIVATE key; give the public key (`openssl pkey -in KEY -pubout`) "
+            "and keep the private key off the station"
+        )
+    if b"-----BEGIN PUBLIC KEY-----" not in data:
+        return f"{path} is not a PEM public key (it has no BEGIN PUBLIC KEY line)"
+    return None
