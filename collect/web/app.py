@@ -85,7 +85,7 @@ async def upload(request: Request[Any, Any, Any], state: State) -> Response[byte
 
 @get("/healthz", include_in_schema=False, sync_to_thread=False)
 def healthz() -> Response[bytes]:
-    return Response(b"ok\n", media_type="text/plain; charset=utf-8")
+    return Response(b"ok\n", media_type="text/plain")
 
 
 @get("/thumb/{ident:str}", include_in_schema=False, sync_to_thread=True)
@@ -108,6 +108,12 @@ def static(name: Annotated[str, PathParameter()], state: State) -> Response[byte
     if found is None:
         return pages_of(state).error_page(HTTPStatus.NOT_FOUND, "No such file.")
     return Response(found[0], media_type=found[1])
+
+
+@get("/api/v1/openapi.json", include_in_schema=False, sync_to_thread=False)
+def openapi_json(request: Request[Any, Any, Any]) -> Response[Any]:
+    """The OpenAPI 3 document of /api/v1 (no schema UI: those need a CDN)."""
+    return Response(request.app.openapi_schema.to_schema(), media_type="application/json")
 
 
 def _message(request: Request[Any, Any, Any], exc: Exception) -> tuple[int, str]:
@@ -178,6 +184,7 @@ def create_app(pages: Pages) -> _ASGI:
             healthz,
             thumb,
             static,
+            openapi_json,
             api.router,
         ],
         state=State({"pages": pages}),
@@ -188,7 +195,9 @@ def create_app(pages: Pages) -> _ASGI:
             description="What the collector stored, and classifying an upload. "
             "Write endpoints need `Authorization: Bearer TOKEN` when the dashboard "
             "runs with --auth-file.",
-            path="/api/v1",
+            # Litestar also serves it (and a 404 for anything else) under this path;
+            # /api/v1/openapi.json is the handler openapi_json below.
+            path="/api/v1/openapi",
             render_plugins=[JsonRenderPlugin()],
         ),
         request_max_body_size=pages.settings.max_upload_bytes + 64 * 1024,

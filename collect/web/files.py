@@ -19,7 +19,7 @@ __all__ = ["resolve_archived", "static_file", "thumbnail_jpeg"]
 
 _STATIC_NAME = re.compile(r"^[a-z0-9_-]+\.(css|svg|png|ico)$")
 CONTENT_TYPES = {
-    "css": "text/css; charset=utf-8",
+    "css": "text/css",  # Litestar adds "; charset=utf-8"
     "svg": "image/svg+xml",
     "png": "image/png",
     "ico": "image/x-icon",

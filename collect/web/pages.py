@@ -32,7 +32,7 @@ __all__ = ["Pages", "html"]
 
 logger = logging.getLogger(__name__)
 
-HTML = "text/html; charset=utf-8"
+HTML = "text/html"  # Litestar adds "; charset=utf-8" to text/ types
 
 
 def html(status: int, page: str, headers: Mapping[str, str] | None = None) -> Response[bytes]:
