@@ -331,13 +331,10 @@ def test_the_chart_is_an_accessible_svg_of_stacked_bars_without_inline_styles() 
     assert "<b>" not in svg  # a label is escaped text
     assert "style=" not in svg
     assert "<style" not in svg  # the page's CSP forbids inline styles
-    heights = {
-        t: float(b.find("s:path", ns).get("d").split()[-3])
-        for b, t in zip(bars, tips)  # type: ignore[union-attr]
-    }
-    assert heights  # drawn as paths, one per bar segment
+    assert all(b.find("s:path", ns) is not None for b in bars)  # drawn by matplotlib
     empty = stacked_bars([], [])
-    assert "no identifications match" in empty or 'class="bar"' not in empty
+    assert "no identifications match" in empty
+    assert 'class="bar"' not in empty
 
 
 def test_the_identifications_page_inlines_the_chart_and_legend(url: str) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from http import HTTPStatus
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import anyio.to_thread
 from litestar import Litestar, Request, Response, get, post
@@ -203,4 +203,4 @@ def create_app(pages: Pages) -> _ASGI:
         request_max_body_size=pages.settings.max_upload_bytes + 64 * 1024,
         debug=False,
     )
-    return with_security_headers(app)
+    return with_security_headers(cast(_ASGI, app))

@@ -29,7 +29,7 @@ def guarded_protocol(timeout_s: float) -> type[Any]:
     """uvicorn's h11 protocol, closing a connection that waits on its client too long."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    class GuardedH11Protocol(H11Protocol):  # type: ignore[misc]
+    class GuardedH11Protocol(H11Protocol):
         _stall_timer: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport: Any) -> None:

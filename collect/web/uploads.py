@@ -31,13 +31,10 @@ logger = logging.getLogger(__name__)
 def _multipart() -> Any:
     try:
         import python_multipart
-    except ImportError:  # python-multipart before 0.0.13 installs as ``multipart``
-        try:
-            import multipart as python_multipart
-        except ImportError as exc:
-            raise MissingDependencyError(
-                "uploads need python-multipart: pip install 'fieldscope[collect]'"
-            ) from exc
+    except ImportError as exc:
+        raise MissingDependencyError(
+            "uploads need python-multipart: pip install 'fieldscope[collect]'"
+        ) from exc
     return python_multipart
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -125,14 +126,22 @@ def parse_window(
 def page_filters(query: Mapping[str, str]) -> tuple[Filters, list[str]]:
     """The identifications page's filters, and what was wrong with them (shown, not fatal)."""
     errors: list[str] = []
-    names = {"station": "stations", "device": "devices", "label": "labels", "status": "statuses"}
-    picks = {plural: (query[k],) if query.get(k) else () for k, plural in names.items()}
+
+    def pick(name: str) -> tuple[str, ...]:
+        return (query[name],) if query.get(name) else ()
+
+    base = Filters(
+        stations=pick("station"),
+        devices=pick("device"),
+        labels=pick("label"),
+        statuses=pick("status"),
+    )
     try:
         since, until = parse_window(query.get("since"), query.get("until"))
-        return Filters(**picks, since=since, until=until), errors
+        return dataclasses.replace(base, since=since, until=until), errors
     except (ExportError, StoreError) as exc:
         errors.append(str(exc))
-    return Filters(**picks), errors
+    return base, errors
 
 
 def row_item(r: IdentificationRow, thumbs: bool) -> dict[str, Any]:
@@ -161,9 +170,13 @@ def chart(store: Store, filters: Filters) -> tuple[str, list[tuple[int, str, int
     first, last = span
     hourly = last - first <= timedelta(days=3)
     bucket = "hour" if hourly else "day"
-    keep = {"minute": 0, "second": 0, "microsecond": 0} | ({} if hourly else {"hour": 0})
     step = timedelta(hours=1) if hourly else timedelta(days=1)
-    buckets = bucket_range(first.replace(**keep), last.replace(**keep), step)
+
+    def truncate(t: datetime) -> datetime:
+        t = t.replace(minute=0, second=0, microsecond=0)
+        return t if hourly else t.replace(hour=0)
+
+    buckets = bucket_range(truncate(first), truncate(last), step)
     series = series_from_counts(store.label_counts(filters, bucket), buckets)
     svg = stacked_bars(
         buckets,
