@@ -95,6 +95,11 @@ def register(subparsers: Any) -> None:
     )
     g.set_defaults(handler=_gaps)
 
+    _serve_parser(actions)
+
+
+def _serve_parser(actions: Any) -> None:
+    """``collect serve``: the dashboard's options."""
     s = actions.add_parser(
         "serve",
         help="web dashboard: fleet, identifications, chart, try a model",

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
+
 from fieldscope.edge.errors import FieldscopeError
 
 SCHEMA_VERSION = 1
@@ -107,9 +109,10 @@ class Filters:
             )
 
 
-@dataclass(frozen=True)
-class IdentificationRow:
-    """One stored identification, flattened (``top_k`` as (label, score) pairs)."""
+class IdentificationRow(msgspec.Struct, frozen=True, kw_only=True):
+    """One stored identification, flattened (``top_k`` as (label, score) pairs).
+
+    A ``msgspec.Struct``: the dashboard's API returns it as it is (JSON, OpenAPI)."""
 
     id: int
     device: str

@@ -42,34 +42,10 @@ class Candidate(msgspec.Struct, frozen=True):
     score: float
 
 
-class Identification(msgspec.Struct, frozen=True, kw_only=True):
-    """One stored identification (the columns of an export, without timings)."""
-
-    id: int
-    device: str
-    station: str
-    seq: int
-    captured_at: datetime
-    received_at: datetime
-    status: str
-    label: str | None
-    score: float | None
-    top_k: list[Candidate]
-    model_name: str
-    model_version: str
-    model_sha256: str
-    image_sha256: str
-    image_width: int
-    image_height: int
-    archived_path: str | None
-    reason: str | None
-    thumbnail_url: str | None
-
-
 class IdentificationPage(msgspec.Struct, frozen=True, kw_only=True):
     """Newest capture first; ``next_cursor`` is None on the last page."""
 
-    items: list[Identification]
+    items: list[IdentificationRow]
     total: int
     limit: int
     next_cursor: str | None
@@ -203,30 +179,6 @@ def decode_cursor(cursor: str) -> tuple[datetime, int]:
         raise bad_request("cursor", "not a cursor from next_cursor of a page") from exc
 
 
-def _identification(row: IdentificationRow, thumbs: bool) -> Identification:
-    return Identification(
-        id=row.id,
-        device=row.device,
-        station=row.station,
-        seq=row.seq,
-        captured_at=row.captured_at,
-        received_at=row.received_at,
-        status=row.status,
-        label=row.label,
-        score=row.score,
-        top_k=[Candidate(label, score) for label, score in row.top_k],
-        model_name=row.model_name,
-        model_version=row.model_version,
-        model_sha256=row.model_sha256,
-        image_sha256=row.image_sha256,
-        image_width=row.image_width,
-        image_height=row.image_height,
-        archived_path=row.archived_path,
-        reason=row.reason,
-        thumbnail_url=f"/thumb/{row.id}" if thumbs and row.archived_path else None,
-    )
-
-
 @get("/identifications", sync_to_thread=True)
 def list_identifications(
     state: State,
@@ -240,11 +192,10 @@ def list_identifications(
     with pages.store() as store:
         total = store.count(filters)
         rows = store.identifications(filters, limit=limit + 1, before=after)
-    thumbs = pages.settings.archive is not None
     more = len(rows) > limit
     rows = rows[:limit]
     return IdentificationPage(
-        items=[_identification(r, thumbs) for r in rows],
+        items=rows,
         total=total,
         limit=limit,
         next_cursor=encode_cursor(rows[-1]) if more else None,
@@ -252,14 +203,14 @@ def list_identifications(
 
 
 @get("/identifications/{ident:int}", sync_to_thread=True)
-def one_identification(state: State, ident: Annotated[int, PathParameter()]) -> Identification:
+def one_identification(state: State, ident: Annotated[int, PathParameter()]) -> IdentificationRow:
     """One identification by its ``id``."""
     pages: Pages = state.pages
     with pages.store() as store:
         row = store.identification(ident) if 0 <= ident < 2**63 else None
     if row is None:
         raise HTTPException(status_code=404, detail=f"no identification with id {ident}")
-    return _identification(row, pages.settings.archive is not None)
+    return row
 
 
 @get("/devices", sync_to_thread=True)

@@ -44,6 +44,34 @@ class _Part:
     data: bytearray = field(default_factory=bytearray)
 
 
+@dataclass
+class _Parts:
+    """python-multipart's callbacks, collecting each part's headers and bytes."""
+
+    parts: list[_Part] = field(default_factory=list)
+    name: bytes = b""
+    value: bytes = b""
+
+    def callbacks(self) -> dict[str, Any]:
+        return {
+            "on_part_begin": lambda: self.parts.append(_Part()),
+            "on_part_data": lambda d, a, b: self.parts[-1].data.extend(d[a:b]),
+            "on_header_field": self._header_field,
+            "on_header_value": self._header_value,
+            "on_header_end": self._header_end,
+        }
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self.name += data[start:end]
+
+    def _header_value(self, data: bytes, start: int, end: int) -> None:
+        self.value += data[start:end]
+
+    def _header_end(self) -> None:
+        self.parts[-1].headers[self.name.lower()] = self.value
+        self.name = self.value = b""
+
+
 def parse_multipart(content_type: str, body: bytes) -> dict[str, tuple[str | None, bytes]]:
     """The fields of a ``multipart/form-data`` body: name → (file name or None, bytes).
 
@@ -57,36 +85,17 @@ def parse_multipart(content_type: str, body: bytes) -> dict[str, tuple[str | Non
     boundary = options.get(b"boundary")
     if kind != b"multipart/form-data" or not boundary:
         raise UploadError("the upload must be sent as multipart/form-data")
-    parts: list[_Part] = []
-    header: list[bytes] = [b"", b""]
-
-    def header_field(data: bytes, start: int, end: int) -> None:
-        header[0] += data[start:end]
-
-    def header_value(data: bytes, start: int, end: int) -> None:
-        header[1] += data[start:end]
-
-    def header_end() -> None:
-        parts[-1].headers[header[0].lower()] = header[1]
-        header[:] = [b"", b""]
-
-    callbacks = {
-        "on_part_begin": lambda: parts.append(_Part()),
-        "on_part_data": lambda data, start, end: parts[-1].data.extend(data[start:end]),
-        "on_header_field": header_field,
-        "on_header_value": header_value,
-        "on_header_end": header_end,
-    }
+    collected = _Parts()
     try:
-        parser = pm.MultipartParser(boundary, callbacks)
+        parser = pm.MultipartParser(boundary, collected.callbacks())
         parser.write(body)
         parser.finalize()
     except pm.exceptions.MultipartParseError as exc:
         raise UploadError(f"the multipart body is malformed: {exc}") from exc
-    if not parts:
+    if not collected.parts:
         raise UploadError("the multipart body has no parts")
     fields: dict[str, tuple[str | None, bytes]] = {}
-    for part in parts:
+    for part in collected.parts:
         _, disposition = pm.multipart.parse_options_header(
             part.headers.get(b"content-disposition", b"")
         )
