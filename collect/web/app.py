@@ -116,11 +116,16 @@ def openapi_json(request: Request[Any, Any, Any]) -> Response[Any]:
     return Response(request.app.openapi_schema.to_schema(), media_type="application/json")
 
 
+def _source(source: Any) -> str:
+    """``ParamType.QUERY`` (an enum in the error's extra) → ``query``."""
+    return str(getattr(source, "value", source or "query"))
+
+
 def _message(request: Request[Any, Any, Any], exc: Exception) -> tuple[int, str]:
     """The status and a person-readable message for an exception a handler raised."""
     if isinstance(exc, ValidationException):
         problems = [
-            f"{e.get('source', 'query')} parameter {e.get('key')}: {e.get('message')}"
+            f"{_source(e.get('source'))} parameter {e.get('key')}: {e.get('message')}"
             for e in (exc.extra if isinstance(exc.extra, list) else [])
             if isinstance(e, dict)
         ]

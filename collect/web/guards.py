@@ -11,6 +11,20 @@ from fieldscope.collect.web.pages import Pages
 
 __all__ = ["authorize", "read_upload"]
 
+# An upload up to this many times the limit is read (and dropped) before its 413.
+DRAIN_FACTOR = 4
+
+
+async def _drain(request: Request[Any, Any, Any], budget: int) -> None:
+    """Receive and discard up to ``budget`` bytes of the body (memory stays flat)."""
+    while budget > 0:
+        message = await request.receive()
+        if message["type"] != "http.request":
+            return
+        budget -= len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
+
 
 def authorize(request: Request[Any, Any, Any], pages: Pages, *, api_client: bool) -> None:
     """Let a write request through when no token file is set or it carries a token.
@@ -48,6 +62,10 @@ async def read_upload(request: Request[Any, Any, Any], limit: int) -> bytes:
             status_code=411, detail="The upload needs a Content-Length.", headers=close
         )
     if int(length) > limit:
+        if int(length) <= DRAIN_FACTOR * limit:
+            # Read and drop it, so that the client, still sending, gets the 413 rather
+            # than a broken pipe; a far larger one is cut off unread.
+            await _drain(request, int(length))
         raise HTTPException(
             status_code=413,
             detail=f"The upload is {int(length) / 1e6:.1f} MB; the limit is {limit / 1e6:.1f} MB.",
