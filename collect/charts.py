@@ -44,7 +44,7 @@ PALETTE: tuple[str, ...] = (
 OTHER = "(other)"
 _SVG_NS = "http://www.w3.org/2000/svg"
 _XLINK_NS = "http://www.w3.org/1999/xlink"
-_BAR_ID = re.compile(r"^bar-(\d+)-(\d+)$")
+_SERIES_ID = re.compile(r"^series-(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,11 @@ def bucket_range(first: datetime, last: datetime, step: timedelta) -> list[datet
     return out
 
 
+def _drawn(s: ChartSeries) -> list[tuple[int, int]]:
+    """(bucket index, count) of the series' non-empty segments: those drawn."""
+    return [(j, c) for j, c in enumerate(s.counts) if c]
+
+
 def _draw(
     buckets: Sequence[datetime],
     series: Sequence[ChartSeries],
@@ -102,6 +107,7 @@ def _draw(
     size: tuple[float, float],
 ) -> Any:
     """The matplotlib figure: one stacked bar per bucket, three date ticks."""
+    from matplotlib.collections import PolyCollection
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
@@ -112,12 +118,20 @@ def _draw(
     ax.set_axisbelow(True)
     ax.tick_params(colors="#555555", labelsize=9, length=0)
     ax.yaxis.set_major_locator(MaxNLocator(nbins=4, integer=True))
-    positions = list(range(len(buckets)))
+    # One collection of rectangles per series, limits set up front: a patch per bar
+    # with autoscaling costs several times more.
+    totals = [sum(s.counts[j] for s in series) for j in range(len(buckets))]
+    ax.set_ylim(0, max([1, *totals]) * 1.05)
+    ax.set_autoscale_on(False)
     base = [0] * len(buckets)
     for i, s in enumerate(series):
-        bars = ax.bar(positions, s.counts, bottom=base, width=0.8, color=s.colour, linewidth=0)
-        for j, bar in enumerate(bars):
-            bar.set_gid(f"bar-{i}-{j}")
+        rectangles = [
+            [(j - 0.4, base[j]), (j + 0.4, base[j]), (j + 0.4, base[j] + c), (j - 0.4, base[j] + c)]
+            for j, c in _drawn(s)
+        ]
+        bars = PolyCollection(rectangles, facecolors=s.colour, linewidths=0)
+        bars.set_gid(f"series-{i}")
+        ax.add_collection(bars)
         base = [b + c for b, c in zip(base, s.counts, strict=True)]
     if buckets:
         n = len(buckets)
@@ -163,18 +177,15 @@ def _annotate_bars(
 ) -> None:
     """Each bar: class ``bar`` and a ``<title>`` tooltip (bucket — label: count)."""
     for group in root.iter(f"{{{_SVG_NS}}}g"):
-        match = _BAR_ID.match(group.get("id", ""))
+        match = _SERIES_ID.match(group.get("id", ""))
         if match is None:
             continue
         s = series[int(match.group(1))]
-        j = int(match.group(2))
-        if not s.counts[j]:
-            group.clear()  # an empty bar segment: nothing to hover
-            continue
-        group.set("class", "bar")
-        title = ElementTree.Element(f"{{{_SVG_NS}}}title")
-        title.text = f"{buckets[j].strftime(bucket_label)} — {s.name}: {s.counts[j]}"
-        group.insert(0, title)
+        paths = [e for e in group if e.tag in (f"{{{_SVG_NS}}}path", f"{{{_SVG_NS}}}use")]
+        for element, (j, count) in zip(paths, _drawn(s), strict=True):
+            element.set("class", "bar")
+            title = ElementTree.SubElement(element, f"{{{_SVG_NS}}}title")
+            title.text = f"{buckets[j].strftime(bucket_label)} — {s.name}: {count}"
 
 
 def stacked_bars(

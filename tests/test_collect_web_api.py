@@ -325,13 +325,13 @@ def test_the_chart_is_an_accessible_svg_of_stacked_bars_without_inline_styles() 
     assert root.get("class") == "chart"
     assert root.get("role") == "img"
     assert root.find("s:title", ns).text == "Identifications per label and day"  # type: ignore[union-attr]
-    bars = root.findall(".//s:g[@class='bar']", ns)
+    bars = root.findall(".//*[@class='bar']", ns)
     tips = sorted(b.find("s:title", ns).text for b in bars)  # type: ignore[union-attr,type-var]
     assert tips == ["2026-11-20 — A: 3", "2026-11-20 — B: 2", "2026-11-22 — <b>C</b>: 5"]
     assert "<b>" not in svg  # a label is escaped text
     assert "style=" not in svg
     assert "<style" not in svg  # the page's CSP forbids inline styles
-    assert all(b.find("s:path", ns) is not None for b in bars)  # drawn by matplotlib
+    assert {b.tag for b in bars} == {"{http://www.w3.org/2000/svg}path"}  # drawn by matplotlib
     empty = stacked_bars([], [])
     assert "no identifications match" in empty
     assert 'class="bar"' not in empty

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -162,11 +162,16 @@ def row_item(r: IdentificationRow, thumbs: bool) -> dict[str, Any]:
     }
 
 
-def chart(store: Store, filters: Filters) -> tuple[str, list[tuple[int, str, int]], str]:
-    """The chart's SVG, its legend (colour index, label, count) and the bucket (day/hour)."""
+def chart(
+    store: Store, filters: Filters, render: Callable[..., str] = stacked_bars
+) -> tuple[str, list[tuple[int, str, int]], str]:
+    """The chart's SVG, its legend (colour index, label, count) and the bucket (day/hour).
+
+    ``render`` draws it: :func:`stacked_bars`, or a cached one (its arguments are
+    hashable: tuples of datetimes and of frozen series)."""
     span = store.time_range(filters)
     if span is None:
-        return stacked_bars([], []), [], "day"
+        return render((), ()), [], "day"
     first, last = span
     hourly = last - first <= timedelta(days=3)
     bucket = "hour" if hourly else "day"
@@ -178,9 +183,9 @@ def chart(store: Store, filters: Filters) -> tuple[str, list[tuple[int, str, int
 
     buckets = bucket_range(truncate(first), truncate(last), step)
     series = series_from_counts(store.label_counts(filters, bucket), buckets)
-    svg = stacked_bars(
-        buckets,
-        series,
+    svg = render(
+        tuple(buckets),
+        tuple(series),
         bucket_label="%m-%d %H:00" if hourly else "%Y-%m-%d",
         title=f"Identifications per label and {bucket}",
     )
