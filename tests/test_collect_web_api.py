@@ -219,9 +219,13 @@ def test_not_found_is_json_under_the_api_and_a_page_elsewhere(url: str) -> None:
     status, body, _ = call(url + "/api/v1/nothing")
     assert status == 404
     assert body["status"] == 404
-    status, text, _ = call(url + "/nothing-here")
+    status, text, headers = call(url + "/nothing-here")
     assert status == 404
     assert "No page at /nothing-here" in text
+    assert "default-src 'none'" in headers["Content-Security-Policy"]
+    status, text, headers = call(url + "/invalid", "HEAD")  # as GET, without the body
+    assert (status, text, headers["Content-Type"]) == (200, "", "text/html; charset=utf-8")
+    assert int(headers["Content-Length"]) > 100
 
 
 def test_openapi_document_lists_the_api(url: str) -> None:

@@ -158,18 +158,24 @@ def on_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
 
 
 def with_security_headers(app: _ASGI) -> _ASGI:
-    """Wrap the whole app (404s from routing included) so every response is covered."""
+    """Wrap the whole app (404s from routing included) so every response is covered;
+    a HEAD request is answered as its GET, without the body."""
 
     async def wrapped(scope: _Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await app(scope, receive, send)
             return
+        head = scope["method"] == "HEAD"
+        if head:
+            scope = {**scope, "method": "GET"}
 
         async def send_with_headers(message: MutableMapping[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 names = {n for n, _ in SECURITY_HEADERS}
                 kept = [(n, v) for n, v in message.get("headers", []) if n.lower() not in names]
                 message["headers"] = [*kept, *SECURITY_HEADERS]
+            elif head and message["type"] == "http.response.body":
+                message = {**message, "body": b""}
             await send(message)
 
         await app(scope, receive, send_with_headers)
