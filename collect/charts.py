@@ -100,6 +100,19 @@ def _drawn(s: ChartSeries) -> list[tuple[int, int]]:
     return [(j, c) for j, c in enumerate(s.counts) if c]
 
 
+def _axes(fig: Any) -> Any:
+    """The plot area, styled like the page: light grid, no frame, grey ticks."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax = fig.add_axes((0.05, 0.14, 0.94, 0.82))
+    ax.spines[["top", "right", "left"]].set_visible(False)
+    ax.grid(axis="y", color="#d9dee3", linewidth=1)
+    ax.set_axisbelow(True)
+    ax.tick_params(colors="#555555", labelsize=9, length=0)
+    ax.yaxis.set_major_locator(MaxNLocator(nbins=4, integer=True))
+    return ax
+
+
 def _draw(
     buckets: Sequence[datetime],
     series: Sequence[ChartSeries],
@@ -109,15 +122,9 @@ def _draw(
     """The matplotlib figure: one stacked bar per bucket, three date ticks."""
     from matplotlib.collections import PolyCollection
     from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=size, dpi=100)
-    ax = fig.add_axes((0.05, 0.14, 0.94, 0.82))
-    ax.spines[["top", "right", "left"]].set_visible(False)
-    ax.grid(axis="y", color="#d9dee3", linewidth=1)
-    ax.set_axisbelow(True)
-    ax.tick_params(colors="#555555", labelsize=9, length=0)
-    ax.yaxis.set_major_locator(MaxNLocator(nbins=4, integer=True))
+    ax = _axes(fig)
     # One collection of rectangles per series, limits set up front: a patch per bar
     # with autoscaling costs several times more.
     totals = [sum(s.counts[j] for s in series) for j in range(len(buckets))]

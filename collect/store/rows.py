@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -143,9 +142,8 @@ class IdentificationRow(msgspec.Struct, frozen=True, kw_only=True):
     topic: str
 
 
-@dataclass(frozen=True)
-class DeviceRow:
-    """A device as the collector last heard of it."""
+class DeviceRow(msgspec.Struct, frozen=True, kw_only=True):
+    """A device as the collector last heard of it (the dashboard's API extends it)."""
 
     device: str
     station: str
@@ -153,12 +151,12 @@ class DeviceRow:
     status_at: datetime | None
     heartbeat_at: datetime | None
     heartbeat_received_at: datetime | None
-    heartbeat: Mapping[str, Any] | None
+    heartbeat: dict[str, Any] | None
     outbox_depth: int | None
     model_name: str | None
     model_version: str | None
     model_sha256: str | None
-    model_info: Mapping[str, Any] | None
+    model_info: dict[str, Any] | None
     updated_at: datetime
 
 

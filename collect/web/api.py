@@ -23,7 +23,7 @@ from litestar.exceptions import HTTPException
 from litestar.params import PathParameter, QueryParameter
 
 from fieldscope.collect.export import ExportError
-from fieldscope.collect.store import Filters, IdentificationRow, StoreError
+from fieldscope.collect.store import DeviceRow, Filters, IdentificationRow, StoreError
 from fieldscope.collect.web import views
 from fieldscope.collect.web.guards import authorize, read_upload
 from fieldscope.collect.web.pages import Pages
@@ -51,24 +51,13 @@ class IdentificationPage(msgspec.Struct, frozen=True, kw_only=True):
     next_cursor: str | None
 
 
-class Device(msgspec.Struct, frozen=True, kw_only=True):
+class Device(DeviceRow, frozen=True, kw_only=True):
     """A device as the collector last heard of it, with what it stored and lost."""
 
-    device: str
-    station: str
-    status: str | None
-    status_at: datetime | None
-    heartbeat_at: datetime | None
-    heartbeat_received_at: datetime | None
     stale: bool
-    outbox_depth: int | None
-    model_name: str | None
-    model_version: str | None
-    model_sha256: str | None
     identifications: int
     last_capture: datetime | None
     missing: int
-    heartbeat: dict[str, Any] | None
 
 
 class Devices(msgspec.Struct, frozen=True):
@@ -226,21 +215,11 @@ def list_devices(state: State) -> Devices:
     return Devices(
         [
             Device(
-                device=d.device,
-                station=d.station,
-                status=d.status,
-                status_at=d.status_at,
-                heartbeat_at=d.heartbeat_at,
-                heartbeat_received_at=d.heartbeat_received_at,
+                **msgspec.structs.asdict(d),
                 stale=d.heartbeat_received_at is not None and now - d.heartbeat_received_at > stale,
-                outbox_depth=d.outbox_depth,
-                model_name=d.model_name,
-                model_version=d.model_version,
-                model_sha256=d.model_sha256,
                 identifications=activity.get(d.device, (0, None))[0],
                 last_capture=activity.get(d.device, (0, None))[1],
                 missing=missing.get(d.device, 0),
-                heartbeat=None if d.heartbeat is None else dict(d.heartbeat),
             )
             for d in rows
         ]
