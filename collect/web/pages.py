@@ -73,8 +73,8 @@ class Pages:
         self.models: list[LoadedModel] = load_models(settings.bundles, settings.public_key)
         self._env = _templates()
         # Drawing a chart takes 0.1-0.5 s; the same data (paging, several viewers, a
-        # reload) is drawn once. Keyed by the bucketed counts, so new data is redrawn.
-        self._chart = functools.lru_cache(maxsize=64)(stacked_bars)
+        # reload) is drawn once (the last 32). Keyed by the bucketed counts, so new data is redrawn.
+        self._chart = functools.lru_cache(maxsize=32)(stacked_bars)
 
     @contextlib.contextmanager
     def store(self) -> Iterator[Store]:
