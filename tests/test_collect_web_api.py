@@ -188,6 +188,11 @@ def test_identifications_page_with_a_cursor_and_a_hard_limit(url: str) -> None:
         ("until=31/12/2026", "until"),
         ("since=2026-11-22&until=2026-11-20", "since"),
         ("cursor=%25%25not-a-cursor", "cursor"),
+        (
+            "cursor="
+            + base64.urlsafe_b64encode(b"2026-11-20T08:00:00+00:00|" + b"9" * 30).decode(),
+            "cursor",
+        ),
     ],
 )
 def test_a_bad_filter_is_a_400_naming_the_parameter(url: str, query: str, names: str) -> None:

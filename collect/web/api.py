@@ -163,9 +163,12 @@ def decode_cursor(cursor: str) -> tuple[datetime, int]:
     try:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         when, _, ident = text.partition("|")
-        return datetime.fromisoformat(when), int(ident)
+        captured_at, row_id = datetime.fromisoformat(when), int(ident)
     except (binascii.Error, UnicodeError, ValueError) as exc:
         raise bad_request("cursor", "not a cursor from next_cursor of a page") from exc
+    if captured_at.tzinfo is None or not 0 <= row_id < 2**63:
+        raise bad_request("cursor", "not a cursor from next_cursor of a page")
+    return captured_at, row_id
 
 
 @get("/identifications", sync_to_thread=True)
