@@ -4,6 +4,7 @@
     fieldscope collect run --broker HOST[:PORT] ...
     fieldscope collect export --db URL --format csv|parquet|darwin-core|ecotaxa --out FILE
     fieldscope collect serve --db URL [--port 8080] [--bundle DIR ...] [--archive DIR]
+                             [--host ADDR --auth-file FILE]
 
 Handlers import their modules lazily so ``fieldscope --help`` stays instant.
 """
@@ -128,12 +129,13 @@ def _add_gaps(actions: Any) -> None:
 
 
 def _add_serve(actions: Any) -> None:
+    """``collect serve``: the dashboard's options."""
     s = actions.add_parser(
         "serve",
         help="web dashboard: fleet, identifications, chart, try a model",
-        description="Serve the dashboard over the collector's database. Binds 127.0.0.1 "
-        "unless --host says otherwise; it has no login, so put it behind a reverse proxy "
-        "with authentication before exposing it.",
+        description="Serve the dashboard and its JSON API (/api/v1) over the collector's "
+        "database. Binds 127.0.0.1 unless --host says otherwise; any other address needs "
+        "--auth-file, whose tokens the upload endpoints then require.",
     )
     s.add_argument("--db", default=DEFAULT_DB, help=f"database URL or file (default {DEFAULT_DB})")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
@@ -162,6 +164,13 @@ def _add_serve(actions: Any) -> None:
         default=300.0,
         metavar="SECONDS",
         help="flag devices whose last heartbeat is older (default 300)",
+    )
+    s.add_argument(
+        "--auth-file",
+        type=Path,
+        metavar="FILE",
+        help="tokens for uploads: one token, or lines of user:token (required with a --host "
+        "other than loopback); clients send Authorization: Bearer TOKEN, browsers log in",
     )
     s.set_defaults(handler=_serve)
 
@@ -408,6 +417,7 @@ def _serve(args: argparse.Namespace) -> int:
             archive=args.archive,
             max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
             stale_after_s=args.stale_after,
+            auth_file=args.auth_file,
         )
     )
     stop = threading.Event()

@@ -306,6 +306,40 @@ def test_filters_and_label_counts(store: Store) -> None:
     assert store.device_activity()["b"] == (2, base + timedelta(days=1, hours=2))
 
 
+def test_score_bounds_keyset_pages_and_group_counts(store: Store) -> None:
+    """What the dashboard's API asks of both databases."""
+    base = datetime(2026, 11, 20, 23, 0, tzinfo=UTC)
+    messages = [
+        sample_identification(
+            seq,
+            device="ab"[seq % 2],
+            label="XY"[seq % 3 == 0],
+            score=0.5 + seq * 0.05,
+            captured_at=base + timedelta(minutes=20 * seq),
+        )
+        for seq in range(6)
+    ]
+    # Two captures at the same instant: the id breaks the tie, so no row is skipped.
+    messages.append(sample_identification(6, device="a", captured_at=base, score=0.99))
+    store.write([received(m) for m in messages])
+    assert store.count(Filters(min_score=0.6, max_score=0.7)) == 3  # 0.6, 0.65, 0.7
+    assert store.count(Filters(min_score=0.99)) == 1
+    pages: list[list[int]] = []
+    before = None
+    while True:
+        rows = store.identifications(limit=3, before=before)
+        if not rows:
+            break
+        pages.append([r.seq for r in rows])
+        before = (rows[-1].captured_at, rows[-1].id)
+    assert pages == [[5, 4, 3], [2, 1, 6], [0]]  # newest first; the tie by id, descending
+    assert store.group_counts(by="device") == [("a", 4), ("b", 3)]
+    assert store.group_counts(Filters(devices=("b",)), by="label") == [("X", 2), ("Y", 1)]
+    assert store.group_counts(by="day") == [("2026-11-20", 4), ("2026-11-21", 3)]
+    with pytest.raises(StoreError, match="by label, device or day"):
+        store.group_counts(by="week")
+
+
 def test_iteration_reads_in_chunks_in_capture_order(store: Store) -> None:
     messages = [sample_identification(seq) for seq in range(25)]
     store.write([received(m) for m in reversed(messages)])

@@ -320,7 +320,7 @@ def test_pages_load_in_chromium_and_upload_classifies(
     browser.screenshot(shots / "fleet.png")
 
     browser.goto(url + "/identifications")
-    assert browser.js("document.querySelectorAll('svg.chart rect').length") > 10
+    assert browser.js("document.querySelectorAll('svg.chart .bar').length") > 10
     assert browser.js("document.querySelectorAll('#identifications tbody tr').length") == 50
     # Thumbnails come from the archive folder and really decode in the browser.
     loaded = browser.js(
