@@ -19,8 +19,6 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import msgspec
-
 from fieldscope.edge.errors import ConfigError, FieldscopeError
 
 __all__ = ["OBJECT_COLUMNS", "register", "run_segment"]
@@ -133,6 +131,8 @@ def load_settings(config: Path | None, overrides: Mapping[str, Any]) -> Any:
     Raises:
         ConfigError: the file cannot be read, or a setting is invalid.
     """
+    import msgspec
+
     from fieldscope.edge.objects import ObjectsSettings, check_settings
 
     settings = ObjectsSettings(mode="segment")
@@ -210,6 +210,8 @@ def run_segment(frames: Path, out: Path, settings: Any, *, overwrite: bool = Fal
     Raises:
         ConfigError: no such folder, no images, an output folder in the way.
     """
+    import msgspec
+
     from fieldscope.edge.objects import Segmenter
 
     paths = _frames(frames)
@@ -257,6 +259,8 @@ def _one_frame(path: Path, out: Path, segmenter: Any) -> tuple[list[dict[str, An
 
 
 def _row(frame: str, crop: str, obj: Any) -> Iterator[tuple[str, Any]]:
+    import msgspec
+
     x, y, w, h = obj.bbox
     yield from (("frame", frame), ("object", obj.index), ("crop", crop))
     yield from (("x", x), ("y", y), ("width", w), ("height", h))
