@@ -372,6 +372,22 @@ def test_segment_command_writes_crops_and_measurements(
     assert len(list(out.glob("*.png"))) == 4, "the earlier run's crops are gone"
 
 
+def test_segment_command_skips_an_unreadable_frame_and_says_so(
+    frame_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    (frames / "a.png").write_bytes((frame_dir / "frame_000.png").read_bytes())
+    (frames / "b.png").write_bytes(b"not a png")
+    out = tmp_path / "crops"
+    assert main(["segment", str(frames), "--out", str(out), "--min-area-um2", "200"]) == 1
+    err = capsys.readouterr().err
+    assert "2/2 b.png: skipped:" in err
+    assert "1 frame(s) could not be read" in err
+    assert [r["frame"] for r in _rows(out / "frames.csv")] == ["a.png"]
+    assert _rows(out / "objects.csv")
+
+
 def test_segment_command_reads_the_objects_table(
     frame_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
