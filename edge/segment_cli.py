@@ -17,11 +17,14 @@ import os
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fieldscope.edge.errors import ConfigError, FieldscopeError
 
-__all__ = ["OBJECT_COLUMNS", "register", "run_segment"]
+if TYPE_CHECKING:
+    from fieldscope.edge.objects import FrameSummary, ObjectsSettings, SegmentedObject, Segmenter
+
+__all__ = ["OBJECT_COLUMNS", "load_settings", "register", "run_segment"]
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +127,7 @@ def _segment(args: argparse.Namespace) -> int:
     return run_segment(args.frames, args.out, settings, overwrite=args.overwrite)
 
 
-def load_settings(config: Path | None, overrides: Mapping[str, Any]) -> Any:
+def load_settings(config: Path | None, overrides: Mapping[str, Any]) -> ObjectsSettings:
     """``[objects]`` of ``config`` (or the defaults with ``mode = "segment"``), then the
     flags; every problem at once.
 
@@ -147,7 +150,7 @@ def load_settings(config: Path | None, overrides: Mapping[str, Any]) -> Any:
     return check_settings(settings)
 
 
-def _settings_from_file(path: Path) -> Any:
+def _settings_from_file(path: Path) -> ObjectsSettings:
     from fieldscope.edge.objects import ObjectsSettings
     from fieldscope.edge.typed import ConfigFileError, ConfigProblem, Reader, problems_of, read_toml
 
@@ -164,7 +167,7 @@ def _settings_from_file(path: Path) -> Any:
         return [(f"objects.{key}", message) for key, message in problems_of(root)]
 
     problems = reader.located(settings, text, str(path), checks)
-    if problems or settings is None:
+    if problems or not isinstance(settings, ObjectsSettings):
         raise ConfigFileError(problems)
     return settings
 
@@ -204,7 +207,9 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def run_segment(frames: Path, out: Path, settings: Any, *, overwrite: bool = False) -> int:
+def run_segment(
+    frames: Path, out: Path, settings: ObjectsSettings, *, overwrite: bool = False
+) -> int:
     """Segment every frame of ``frames`` into ``out``; 0, or 1 if a frame was unreadable.
 
     Raises:
@@ -243,7 +248,9 @@ def run_segment(frames: Path, out: Path, settings: Any, *, overwrite: bool = Fal
     return 1 if failed else 0
 
 
-def _one_frame(path: Path, out: Path, segmenter: Any) -> tuple[list[dict[str, Any]], Any]:
+def _one_frame(
+    path: Path, out: Path, segmenter: Segmenter
+) -> tuple[list[dict[str, Any]], FrameSummary]:
     import cv2
 
     from fieldscope.edge.decode import load_image
@@ -258,7 +265,7 @@ def _one_frame(path: Path, out: Path, segmenter: Any) -> tuple[list[dict[str, An
     return rows, result.summary
 
 
-def _row(frame: str, crop: str, obj: Any) -> Iterator[tuple[str, Any]]:
+def _row(frame: str, crop: str, obj: SegmentedObject) -> Iterator[tuple[str, Any]]:
     import msgspec
 
     x, y, w, h = obj.bbox
