@@ -116,7 +116,7 @@ class ObjectsSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     fill_holes: bool = True
     um_per_px: Annotated[float, Meta(gt=0, le=10_000, extra={"unit": "µm per pixel"})] = 1.0
     min_area_um2: Annotated[float, Meta(ge=0, extra={"unit": "µm²"})] = 0.0
-    max_area_um2: Annotated[float, Meta(gt=0, extra={"unit": "µm²"})] | None = None
+    max_area_um2: Annotated[float | None, Meta(gt=0, extra={"unit": "µm²"})] = None
     max_objects: Annotated[int, Meta(ge=1, le=100_000, extra={"unit": "objects"})] = 100
     pad_px: _Pad = 8
     drop_border: bool = False
@@ -137,7 +137,7 @@ class ObjectsSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             if value and value % 2 == 0:
                 out.append((key, f"must be an odd number of pixels, got {value}"))
         high, low = self.max_area_um2, self.min_area_um2
-        if high is not None and high <= low:
+        if high is not None and 0 < high <= low:  # <= 0 is the declared bound's problem
             out.append(("max_area_um2", f"must be above min_area_um2 ({low:g}), got {high:g}"))
         return out
 

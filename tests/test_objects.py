@@ -407,6 +407,14 @@ def test_segment_command_reads_the_objects_table(
     err = capsys.readouterr().err
     assert f"{config}:2: objects.max_object: unknown key (did you mean 'max_objects'?)" in err
     assert f"{config}:3: objects.blur_px: must be an odd number of pixels, got 4" in err
+    config.write_text('[objects]\nmax_area_um2 = -5\npolarity = "dark"\n', encoding="utf-8")
+    assert (
+        main(["segment", str(frame_dir), "--out", str(tmp_path / "x"), "--config", str(config)])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert f"{config}:2: objects.max_area_um2: must be > 0 µm², got -5" in err
+    assert f"{config}:3: objects.polarity: must be one of dark-on-light, light-on-dark, auto" in err
 
 
 @pytest.mark.parametrize(
