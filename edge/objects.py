@@ -73,13 +73,29 @@ Mask = npt.NDArray[np.bool_]
 MIN_MEDIAN_FRAMES = 3
 # The level a corrected frame's background is brought to (uint8, room for both signs).
 _CORRECTED_LEVEL = 128.0
-# skimage.measure.perimeter(neighborhood=4): weights of the boundary-pixel codes.
-_PERIMETER_KERNEL = np.array([[10, 2, 10], [2, 1, 2], [10, 2, 10]], np.float32)
-_PERIMETER_WEIGHTS = np.zeros(50, np.float64)
-_PERIMETER_WEIGHTS[[5, 7, 15, 17, 25, 27]] = 1.0
-_PERIMETER_WEIGHTS[[21, 33]] = math.sqrt(2.0)
-_PERIMETER_WEIGHTS[[13, 23]] = (1.0 + math.sqrt(2.0)) / 2.0
-_CROSS = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
+
+
+_Array = typing.TypeVar("_Array", bound=npt.NDArray[typing.Any])
+
+
+def _constant(array: _Array) -> _Array:
+    """A module-level table made read-only, so no caller can change it for the others."""
+    array.setflags(write=False)
+    return array
+
+
+def _perimeter_weights() -> npt.NDArray[np.float64]:
+    """skimage.measure.perimeter(neighborhood=4): the length each boundary-pixel code adds."""
+    weights = np.zeros(50, np.float64)
+    weights[[5, 7, 15, 17, 25, 27]] = 1.0
+    weights[[21, 33]] = math.sqrt(2.0)
+    weights[[13, 23]] = (1.0 + math.sqrt(2.0)) / 2.0
+    return _constant(weights)
+
+
+_PERIMETER_KERNEL = _constant(np.array([[10, 2, 10], [2, 1, 2], [10, 2, 10]], np.float32))
+_PERIMETER_WEIGHTS = _perimeter_weights()
+_CROSS = _constant(np.asarray(cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3)), np.uint8))
 
 
 _Kernel = Annotated[int, Meta(ge=0, le=101, extra={"unit": "pixels"})]
@@ -213,7 +229,8 @@ class Segmenter:
     """Cuts frames into objects with one set of settings.
 
     Holds the running median's frames (a flow cell's state), so a station keeps one
-    Segmenter for its life and a new one starts a fresh background.
+    Segmenter for its life and a new one starts a fresh background. Not thread-safe:
+    one Segmenter per pipeline thread that segments.
 
     Raises:
         ConfigError: invalid settings, or a blank frame that cannot be read.

@@ -91,16 +91,24 @@ def _match(frame: SyntheticFrame, found: FrameObjects) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(
-    ("dark_field", "polarity"),
-    [(False, "dark-on-light"), (True, "light-on-dark"), (False, "auto"), (True, "auto")],
+    ("dark_field", "polarity", "threshold"),
+    [
+        (False, "dark-on-light", "otsu"),
+        (True, "light-on-dark", "otsu"),
+        (False, "auto", "otsu"),
+        (True, "auto", "otsu"),
+        (False, "auto", "adaptive"),
+        (True, "auto", "adaptive"),
+    ],
 )
 def test_separated_specimens_are_found_with_their_size(
-    frames: dict[bool, list[SyntheticFrame]], dark_field: bool, polarity: str
+    frames: dict[bool, list[SyntheticFrame]], dark_field: bool, polarity: str, threshold: str
 ) -> None:
     totals = {"truth": 0, "hits": 0, "false": 0}
     errors: list[float] = []
     for frame in frames[dark_field]:
-        result = _match(frame, Segmenter(_settings(polarity=polarity)).segment(frame.image))
+        segmenter = Segmenter(_settings(polarity=polarity, threshold=threshold))
+        result = _match(frame, segmenter.segment(frame.image))
         for key in totals:
             totals[key] += result[key]
         errors += result["esd"]
