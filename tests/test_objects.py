@@ -258,6 +258,39 @@ def test_measurements_equal_regionprops_on_the_same_masks(
             assert getattr(ours, key) == pytest.approx(value, rel=1e-9, abs=1e-9), key
 
 
+def _odd_masks() -> list[np.ndarray]:
+    """Shapes a threshold makes besides round specimens: a ring (a hole counts in the
+    perimeter), one pixel, a one-pixel line, a diagonal chain, a blob filling its box."""
+    ring = np.zeros((31, 31), np.uint8)
+    cv2.circle(ring, (15, 15), 12, 1, -1)
+    cv2.circle(ring, (15, 15), 5, 0, -1)
+    line = np.ones((1, 17), np.uint8)
+    chain = np.eye(9, dtype=np.uint8)
+    noise = cv2.GaussianBlur(np.random.default_rng(3).random((40, 40)), (0, 0), 3)
+    blob = (noise > np.median(noise)).astype(np.uint8)
+    _, labels = cv2.connectedComponents(blob, connectivity=8)
+    largest = np.argmax(np.bincount(labels.ravel())[1:]) + 1
+    return [ring, np.ones((1, 1), np.uint8), line, chain, (labels == largest).astype(np.uint8)]
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_measurements_equal_regionprops_on_odd_shapes(index: int) -> None:
+    from skimage.measure import regionprops
+
+    mask = _odd_masks()[index]
+    gray = (np.arange(mask.size, dtype=np.uint32).reshape(mask.shape) % 251).astype(np.uint8)
+    region = regionprops(mask.astype(np.int32), intensity_image=gray)[0]
+    r0, c0, r1, c1 = region.bbox
+    ours = measure(mask[r0:r1, c0:c1].astype(bool), gray[r0:r1, c0:c1])
+    assert ours.area_px == region.area
+    assert ours.perimeter_um == pytest.approx(region.perimeter, abs=1e-9)
+    assert ours.major_axis_um == pytest.approx(region.axis_major_length, abs=1e-9)
+    assert ours.minor_axis_um == pytest.approx(region.axis_minor_length, abs=1e-6)
+    assert ours.eccentricity == pytest.approx(region.eccentricity, abs=1e-6)
+    assert ours.solidity == pytest.approx(region.solidity, abs=1e-9)
+    assert ours.mean_intensity == pytest.approx(region.intensity_mean)
+
+
 def test_real_photograph_count_agrees_with_a_second_method() -> None:
     """scikit-image's ``coins`` (a real photograph of 24 coins on an unevenly lit
     background) ships inside the wheel. ``human_mitosis`` and ``cells3d`` do not: they are
