@@ -482,3 +482,20 @@ def test_segment_command_errors_are_one_clear_line(
     assert message.format(**names) in err
     assert "Traceback" not in err
     assert not (tmp_path / "out").exists(), "nothing is written for a refused run"
+
+
+def test_segment_flag_choices_are_the_settings_choices() -> None:
+    """The parser stays light (no OpenCV to build it), so it spells the choices out;
+    they must stay those of ObjectsSettings."""
+    from fieldscope.cli.main import build_parser
+    from fieldscope.edge import objects
+
+    parser = build_parser()
+    segment = parser._subparsers._group_actions[0].choices["segment"]
+    choices = {a.dest: tuple(a.choices) for a in segment._actions if a.choices}
+    assert choices == {
+        "mode": objects.OBJECTS_MODES,
+        "background": objects.BACKGROUNDS,
+        "threshold": objects.THRESHOLDS,
+        "polarity": objects.POLARITIES,
+    }
