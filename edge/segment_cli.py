@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 _MAX_TOML_BYTES = 1024 * 1024
+_NOT_READY = " (running median not ready yet: no background correction on this frame)"
 OBJECT_COLUMNS = (
     "frame",
     "object",
@@ -241,7 +242,8 @@ def run_segment(
             obj_rows.writerows(rows)
             frame_rows.writerow({"frame": path.name, **msgspec.structs.asdict(summary)})
             objects += len(rows)
-            _progress(f"{number}/{len(paths)} {path.name}: {len(rows)} objects")
+            note = "" if summary.background_ready else _NOT_READY
+            _progress(f"{number}/{len(paths)} {path.name}: {len(rows)} objects{note}")
     _progress(f"{objects} objects from {len(paths) - failed} frames in {out}")
     if failed:
         _progress(f"{failed} frame(s) could not be read (listed above)")

@@ -407,10 +407,14 @@ def test_segment_command_writes_crops_and_measurements(
     # An earlier run is never overwritten without --overwrite.
     assert main(["segment", str(frame_dir), "--out", str(out)]) == 2
     assert "is not empty; choose a new folder or add --overwrite" in capsys.readouterr().err
+    assert "not ready" not in err
     argv = ["segment", str(frame_dir), "--out", str(out), "--overwrite", "--max-objects", "2"]
     assert main([*argv, "--min-area-um2", "200"]) == 0
     assert len(_rows(out / "objects.csv")) == 4
     assert len(list(out.glob("*.png"))) == 4, "the earlier run's crops are gone"
+    # Two frames never fill a running median: the user is told, frame by frame.
+    assert main([*argv, "--background", "median"]) == 0
+    assert capsys.readouterr().err.count("running median not ready yet") == 2
 
 
 def test_segment_command_skips_an_unreadable_frame_and_says_so(
