@@ -19,6 +19,7 @@ from collections.abc import Sequence
 # The packages that contribute subcommands, in the order they appear in --help.
 COMMAND_MODULES: tuple[str, ...] = (
     "fieldscope.edge.cli",
+    "fieldscope.edge.segment_cli",
     "fieldscope.train.cli",
     "fieldscope.convert.cli",
     "fieldscope.deploy.cli",
