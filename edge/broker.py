@@ -37,17 +37,17 @@ import ssl
 from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, cast
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import msgspec
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 
 from fieldscope.edge.errors import ConfigError
 from fieldscope.edge.topics import DEFAULT_PREFIX, TopicError, Topics, segment_problem, show
+
+if TYPE_CHECKING:  # paho is imported where a client is made: the config loads without it
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.properties import Properties
+    from paho.mqtt.reasoncodes import ReasonCode
 
 __all__ = [
     "PAHO_MAX_INFLIGHT",
@@ -368,6 +368,9 @@ def make_client(
         ConfigError: a setting is invalid, or a TLS or password file is unusable;
             the message names the key (``where.key``) and the file.
     """
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
     settings.check(where)
     s = settings
     v5 = s.mqtt_protocol is MqttProtocol.V5
@@ -393,6 +396,10 @@ def _address(
     client: mqtt.Client, s: BrokerSettings, *, fresh_session: bool, receive_maximum: int | None
 ) -> None:
     """``connect_async``: where to, and the session (MQTT 5 properties, or persistent)."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
     if s.mqtt_protocol is not MqttProtocol.V5:
         client.connect_async(s.host, s.port, s.keepalive)
         return
