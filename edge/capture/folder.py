@@ -39,7 +39,6 @@ from fieldscope.edge.capture.files import (
     walk_files,
 )
 from fieldscope.edge.errors import ConfigError, ImageDecodeError
-from fieldscope.edge.preprocess import decode_image
 from fieldscope.edge.typed import seconds
 
 __all__ = ["BACKEND", "FolderCamera", "FolderOptions"]
@@ -378,6 +377,9 @@ class FolderCamera:
         )
 
     def _load(self, key: _FileKey, path: Path) -> tuple[bytes, RGBImage] | None:
+        # Here: it loads OpenCV, and the configuration imports this module (FolderOptions).
+        from fieldscope.edge.preprocess import decode_image
+
         try:
             data = path.read_bytes()
             return data, decode_image(data, source=shown_path(path))

@@ -7,7 +7,6 @@ import logging
 from pathlib import Path
 from typing import Annotated, Any
 
-import cv2
 import msgspec
 import numpy as np
 
@@ -90,6 +89,8 @@ class OpenCVCamera:
         self._is_file = False
 
     def open(self) -> None:
+        import cv2  # here: the configuration loads this module for OpenCVOptions
+
         if self._capture is not None:
             return
         source = self.options.source
@@ -128,6 +129,8 @@ class OpenCVCamera:
             raise CameraError(f"{self.name}: read before open")
         if self.finished:
             return None
+        import cv2
+
         try:
             ok, bgr = self._capture.read()
         except cv2.error as exc:

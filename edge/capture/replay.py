@@ -24,7 +24,6 @@ from fieldscope.edge.capture.base import (
 )
 from fieldscope.edge.capture.files import matches, no_images_hint, shown_path, walk_files
 from fieldscope.edge.errors import ImageDecodeError
-from fieldscope.edge.preprocess import decode_image
 from fieldscope.edge.typed import seconds
 
 __all__ = ["BACKEND", "ReplayCamera", "ReplayOptions"]
@@ -168,6 +167,8 @@ class ReplayCamera:
         )
 
     def _load(self, path: Path) -> Frame | None:
+        from fieldscope.edge.preprocess import decode_image  # (OpenCV): see folder.py
+
         if path in self._bad:
             return None
         try:
