@@ -51,7 +51,6 @@ from types import FrameType
 from typing import Any, TextIO
 
 from fieldscope.edge.archive import ImageArchive
-from fieldscope.edge.broker import broker_settings
 from fieldscope.edge.capture import Camera, CameraSupervisor, Trigger, make_camera, make_trigger
 from fieldscope.edge.commands import Command, CommandError, CommandName, parse_command
 from fieldscope.edge.config import EdgeConfig
@@ -285,9 +284,8 @@ class Daemon:
         return supervisor, make_trigger(c)
 
     def _start_link(self, outbox: Outbox) -> MqttLink:
-        settings = broker_settings(self.cfg.mqtt, max_in_flight=self.cfg.outbox.batch)
         link = MqttLink(
-            settings,
+            self.cfg.mqtt,  # its max_in_flight is outbox.batch (the loader sets it)
             self.topics,
             outbox,
             on_command=self.on_command,
