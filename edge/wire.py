@@ -221,6 +221,11 @@ def from_builtins(cls: type[S], data: object, where: str = "") -> S:
         return msgspec.convert(data, cls)
     except msgspec.ValidationError as exc:
         raise cls._fail(_explain(exc, data, cls, where)) from None
+    except FieldscopeError as exc:
+        if isinstance(exc, cls._error):
+            raise
+        # A shared part (a ModelRef in a heartbeat) speaks of its own payload: say which.
+        raise cls._fail(str(exc).partition(": ")[2]) from None
 
 
 def _timestamp(cls: type[WireStruct], value: object, path: str) -> datetime:
