@@ -66,7 +66,8 @@ class WireStruct(msgspec.Struct, frozen=True):
     (which payload), ``_where`` (the part's path when made on its own, e.g.
     ``"candidate"``), ``_omit_none`` (optional fields: left out when None, refused as
     null, because "unknown" is an absent key on the wire) and ``_required`` (keys a
-    received payload must have although Python gives them a default).
+    received payload must have although Python gives them a default); ``problems()`` are
+    reported after ``_problems_prefix`` when it is set.
     """
 
     _error: ClassVar[type[FieldscopeError]] = FieldscopeError
@@ -74,13 +75,15 @@ class WireStruct(msgspec.Struct, frozen=True):
     _where: ClassVar[str] = ""
     _omit_none: ClassVar[frozenset[str]] = frozenset()
     _required: ClassVar[tuple[str, ...]] = ()
+    _problems_prefix: ClassVar[str | None] = None
 
     def __post_init__(self) -> None:
         _check_fields(self)
         problems = self.problems()
         if problems:
             text = "; ".join(f"{_join(self._where, key)} {message}" for key, message in problems)
-            raise self._error(self._prefix + text)
+            prefix = self._prefix if self._problems_prefix is None else self._problems_prefix
+            raise self._error(prefix + text)
 
     def problems(self) -> list[tuple[str, str]]:
         """Rules across fields, as ``(key, message)``; empty when the value is consistent."""
