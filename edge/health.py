@@ -125,6 +125,7 @@ class FrameCounts(_Part, frozen=True):
     the quality gate) and ``failed`` (could not be decoded or classified)."""
 
     _where: ClassVar[str] = "frames"
+    _required: ClassVar[tuple[str, ...]] = ("seen", "accepted", "uncertain", "rejected", "failed")
 
     seen: Count = 0
     accepted: Count = 0

@@ -59,6 +59,14 @@ OUTPUT_KINDS: tuple[str, ...] = ("probabilities", "logits")
 # Versions whose preprocessing has no "resample": always INTER_AREA.
 _AREA_ONLY_VERSIONS = (1, 2)
 
+SchemaVersion = Annotated[
+    int,
+    Meta(
+        description="Version of this manifest format: 1, 2 (adds output) or 3 (adds "
+        "preprocessing.resample).",
+        extra_json_schema={"enum": list(SUPPORTED_SCHEMA_VERSIONS)},
+    ),
+]
 Dtype = Literal["uint8", "int8", "float32"]
 NonEmpty = Annotated[str, Meta(min_length=1, extra={"must": "be a non-empty string"})]
 Sha256 = Annotated[
@@ -207,10 +215,10 @@ class Manifest(_Part, frozen=True, kw_only=True):
     """
 
     _problems_prefix: ClassVar[str] = "invalid manifest: "
-    _omit_none: ClassVar[frozenset[str]] = frozenset({"output"})
-    _required: ClassVar[tuple[str, ...]] = ("min_runtime",)
+    _omit_none: ClassVar[frozenset[str]] = frozenset({"schema_version", "output"})
+    _required: ClassVar[tuple[str, ...]] = ("schema_version", "min_runtime")
 
-    schema_version: int | None = None
+    schema_version: SchemaVersion | None = None
     model_name: NonEmpty
     model_version: NonEmpty
     labels: Annotated[tuple[NonEmpty, ...], Meta(min_length=2)]

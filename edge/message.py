@@ -123,7 +123,9 @@ Segment = Annotated[
         },
     ),
 ]
-UtcTime = Annotated[datetime, Meta(extra_json_schema={"pattern": TIMESTAMP_PATTERN})]
+UtcTime = Annotated[
+    datetime, Meta(extra_json_schema={"format": "date-time", "pattern": TIMESTAMP_PATTERN})
+]
 Version = Annotated[int, Meta(extra_json_schema={"const": MESSAGE_VERSION})]
 
 

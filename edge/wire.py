@@ -213,9 +213,6 @@ def from_builtins(cls: type[S], data: object, where: str = "") -> S:
         raise cls._fail(f"{where or 'the payload'} must be an object, got {_got(data)}")
     data = dict(data)
     cls._precheck(data)
-    for key in cls._required:
-        if key not in data:
-            raise cls._fail(f"{_join(where, key)} is required")
     _refuse_nulls(cls, data, where)
     for name, annotation in _fields(cls):
         if name in data and datetime in (annotation, *typing.get_args(annotation)):
@@ -245,7 +242,10 @@ def _timestamp(cls: type[WireStruct], value: object, path: str) -> datetime:
 
 def _refuse_nulls(cls: type[WireStruct], data: Mapping[str, Any], where: str) -> None:
     """Refuse ``null`` for optional fields, which the wire leaves out instead (msgspec
-    would read null as None), here and in the parts below."""
+    would read null as None), and a missing ``_required`` key, here and in the parts below."""
+    for key in cls._required:
+        if key not in data:
+            raise cls._fail(f"{_join(where, key)} is required")
     for name, annotation in _fields(cls):
         value = data.get(name, _MISSING)
         path = _join(where, name)

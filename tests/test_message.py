@@ -587,10 +587,16 @@ def test_schema_names_exactly_the_fields_a_writer_emits() -> None:
     assert sorted(schema["required"]) == sorted(Identification.from_dict(minimal).to_dict())
     full = sample().to_dict()
     assert sorted(props) == sorted(full)
+    defs = schema["$defs"]
+
+    def resolved(node: dict[str, Any]) -> dict[str, Any]:
+        return defs[node["$ref"].rsplit("/", 1)[1]] if "$ref" in node else node
+
     for part in ("model", "image", "quality", "timings_ms"):
-        assert sorted(props[part]["properties"]) == sorted(full[part]), part
-    assert sorted(props["timings_ms"]["required"]) == sorted(full["timings_ms"])
-    assert sorted(schema["$defs"]["candidate"]["properties"]) == sorted(full["top_k"][0])
+        assert sorted(resolved(props[part])["properties"]) == sorted(full[part]), part
+    assert sorted(resolved(props["timings_ms"])["required"]) == sorted(full["timings_ms"])
+    candidate = resolved(props["top_k"]["items"])
+    assert sorted(candidate["properties"]) == sorted(full["top_k"][0])
 
 
 # --- building messages from predictions ------------------------------------------------------
