@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -382,7 +383,7 @@ class CommandReply(_Part, frozen=True, kw_only=True):
     command: ShortText
     request_id: Text | None = None
     error: Text | None = None
-    data: dict[str, Any] | None = None
+    data: Mapping[str, Any] | None = None
     time: UtcTime = msgspec.field(default_factory=_now)
 
     def __post_init__(self) -> None:

@@ -67,6 +67,7 @@ SchemaVersion = Annotated[
         extra_json_schema={"enum": list(SUPPORTED_SCHEMA_VERSIONS)},
     ),
 ]
+Output = Annotated[str, Meta(extra_json_schema={"enum": list(OUTPUT_KINDS)})]
 Dtype = Literal["uint8", "int8", "float32"]
 NonEmpty = Annotated[str, Meta(min_length=1, extra={"must": "be a non-empty string"})]
 Sha256 = Annotated[
@@ -228,10 +229,10 @@ class Manifest(_Part, frozen=True, kw_only=True):
     quantization: Quantization | None
     preprocessing: PreprocessRecipe
     threshold: Annotated[float, Meta(ge=0, le=1)]
-    min_runtime: dict[str, str] | None = None
+    min_runtime: Mapping[str, str] | None = None
     provenance: Provenance
     files: FileMap
-    output: Literal["probabilities", "logits"] | None = None
+    output: Output | None = None
 
     def __post_init__(self) -> None:
         if self.schema_version is None:
@@ -276,8 +277,11 @@ class Manifest(_Part, frozen=True, kw_only=True):
         problems: list[tuple[str, str]] = []
         if self.schema_version == 1 and self.output is not None:
             problems.append(("output", "needs schema_version 2 (version 1 has no output field)"))
-        elif self.schema_version == 2 and self.output is None:
-            problems.append(("output", f"must be one of {', '.join(OUTPUT_KINDS)}, got None"))
+        elif (self.schema_version == 2 or self.output is not None) and (
+            self.output not in OUTPUT_KINDS
+        ):
+            kinds = ", ".join(OUTPUT_KINDS)
+            problems.append(("output", f"must be one of {kinds}, got {self.output!r}"))
         resample = getattr(self.preprocessing, "resample", "area")
         if self.schema_version in _AREA_ONLY_VERSIONS and resample != "area":
             problems.append(
