@@ -222,17 +222,45 @@ class Manifest(_Part, frozen=True, kw_only=True):
     schema_version: SchemaVersion | None = None
     model_name: NonEmpty
     model_version: NonEmpty
-    labels: Annotated[tuple[NonEmpty, ...], Meta(min_length=2)]
+    labels: Annotated[
+        tuple[NonEmpty, ...],
+        Meta(min_length=2, description="Class names in the order of the model's output scores."),
+    ]
     input_shape: InputShape
     input_dtype: Dtype
     output_dtype: Dtype
-    quantization: Quantization | None
+    quantization: Annotated[
+        Quantization | None,
+        Meta(
+            description="Affine quantisation (real = scale * (q - zero_point)) of the input and "
+            "output tensors; null for a float model, and null for a float tensor."
+        ),
+    ]
     preprocessing: PreprocessRecipe
-    threshold: Annotated[float, Meta(ge=0, le=1)]
-    min_runtime: Mapping[str, str] | None = None
+    threshold: Annotated[
+        float,
+        Meta(ge=0, le=1, description="Scores below this are reported as uncertain (label null)."),
+    ]
+    min_runtime: Annotated[
+        Mapping[str, str] | None,
+        Meta(
+            description="The oldest version of each runtime that can run the model, e.g. "
+            '{"tflite_runtime": "2.14", "ai_edge_litert": "1.2"}. verify_bundle refuses a bundle '
+            "whose list does not name the installed runtime, or names a newer version of it; "
+            "null means no constraint."
+        ),
+    ] = None
     provenance: Provenance
     files: FileMap
-    output: Output | None = None
+    output: Annotated[
+        Output | None,
+        Meta(
+            description='Version 2: what the model\'s output tensor holds. "logits": the edge '
+            "applies softmax to the dequantised values (fieldscope convert exports models this "
+            'way, so an int8 model keeps close classes apart); "probabilities": used as they '
+            "are. Version 1 has no such field and the classifier decides from a probe inference."
+        ),
+    ] = None
 
     def __post_init__(self) -> None:
         if self.schema_version is None:

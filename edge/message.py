@@ -129,6 +129,11 @@ UtcTime = Annotated[
 Version = Annotated[int, Meta(extra_json_schema={"const": MESSAGE_VERSION})]
 
 
+def _doc(text: str) -> Meta:
+    """A field's description in the generated JSON Schema."""
+    return Meta(description=text)
+
+
 class _Part(WireStruct, frozen=True):
     _error: ClassVar[type[FieldscopeError]] = MessageError
     _prefix: ClassVar[str] = "identification message: "
@@ -156,7 +161,9 @@ class ModelRef(_Part, frozen=True):
 
     name: Name
     version: Name
-    sha256: Sha256
+    sha256: Annotated[
+        Sha256, _doc("SHA-256 of the bundle's model.tflite, as listed in its manifest.")
+    ]
 
     @classmethod
     def from_dict(cls, data: object, path: str = "model") -> ModelRef:
@@ -170,10 +177,16 @@ class ImageRef(_Part, frozen=True):
     _where: ClassVar[str] = "image"
     _omit_none: ClassVar[frozenset[str]] = frozenset({"archived_path"})
 
-    sha256: Sha256
+    sha256: Annotated[Sha256, _doc("SHA-256 of the encoded image bytes.")]
     width: Side
     height: Side
-    archived_path: PathText | None = None
+    archived_path: Annotated[
+        PathText | None,
+        _doc(
+            "Where the station archived the image (a path on the station); omitted when it keeps "
+            "none."
+        ),
+    ] = None
 
     @classmethod
     def from_dict(cls, data: object, path: str = "image") -> ImageRef:
@@ -190,8 +203,12 @@ class Quality(_Part, frozen=True):
     _where: ClassVar[str] = "quality"
     _omit_none: ClassVar[frozenset[str]] = frozenset({"sharpness", "exposure"})
 
-    sharpness: Duration | None = None
-    exposure: Probability | None = None
+    sharpness: Annotated[
+        Duration | None, _doc("Variance of the Laplacian of the grey frame; higher is sharper.")
+    ] = None
+    exposure: Annotated[
+        Probability | None, _doc("Mean brightness as a fraction of full scale.")
+    ] = None
 
     @classmethod
     def from_dict(cls, data: object, path: str = "quality") -> Quality:
@@ -231,20 +248,57 @@ class Identification(_Part, frozen=True, kw_only=True):
     _omit_none: ClassVar[frozenset[str]] = frozenset({"quality", "reason"})
     _required: ClassVar[tuple[str, ...]] = ("version",)
 
-    version: Version = MESSAGE_VERSION
-    device: Segment
-    station: Segment
-    seq: Annotated[int, Meta(ge=0, le=MAX_SEQ)]
-    captured_at: UtcTime
-    status: Status
-    label: Label | None
-    score: Probability | None
-    top_k: tuple[Candidate, ...]
-    model: ModelRef
-    image: ImageRef
-    timings_ms: Timings
-    quality: Quality | None = None
-    reason: Text | None = None
+    version: Annotated[Version, _doc("Major version of this message format.")] = MESSAGE_VERSION
+    device: Annotated[
+        Segment,
+        _doc("The device's name, the last-but-one level of the topic; unique in the fleet."),
+    ]
+    station: Annotated[Segment, _doc("The station (site) the device belongs to, a topic level.")]
+    seq: Annotated[
+        int,
+        Meta(ge=0, le=MAX_SEQ),
+        _doc(
+            "Sequence number of this device's messages: grows by one per message and survives "
+            "restarts. At most 2^53-1 so JavaScript reads it exactly."
+        ),
+    ]
+    captured_at: Annotated[
+        UtcTime,
+        _doc(
+            "When the frame was captured, in UTC, e.g. 2026-11-23T18:39:00.123456Z (writers always"
+            " send 6 fraction digits; readers accept 0 to 6)."
+        ),
+    ]
+    status: Annotated[
+        Status,
+        _doc(
+            "ok: label is the model's answer; uncertain: the top score was below the model's "
+            "threshold; rejected: the capture failed the quality gate and no inference ran."
+        ),
+    ]
+    label: Annotated[Label | None, _doc("The identified species; null unless status is ok.")]
+    score: Annotated[
+        Probability | None, _doc("The model's score for top_k[0]; null when status is rejected.")
+    ]
+    top_k: Annotated[
+        tuple[Candidate, ...],
+        _doc("The best-scoring labels, by descending score; empty when status is rejected."),
+    ]
+    model: Annotated[ModelRef, _doc("The bundle that produced this identification.")]
+    image: Annotated[ImageRef, _doc("The captured frame.")]
+    timings_ms: Annotated[
+        Timings,
+        _doc(
+            "Milliseconds per stage; a stage that did not run reports 0. total is capture to "
+            "message, wall clock."
+        ),
+    ]
+    quality: Annotated[
+        Quality | None, _doc("Measurements of the quality gate; each member is optional.")
+    ] = None
+    reason: Annotated[
+        Text | None, _doc("Why the status is uncertain or rejected, in words for a person.")
+    ] = None
 
     def problems(self) -> list[tuple[str, str]]:
         """Topic levels, the ranking of ``top_k`` and what ``status`` allows."""

@@ -256,14 +256,21 @@ def _refuse_nulls(cls: type[WireStruct], data: Mapping[str, Any], where: str) ->
             continue
         if isinstance(value, Mapping):
             _refuse_nulls(part, value, path)
-        elif isinstance(value, list) and typing.get_origin(annotation) is tuple:
+        elif isinstance(value, list) and typing.get_origin(_unannotated(annotation)) is tuple:
             for i, item in enumerate(value):
                 if isinstance(item, Mapping):
                     _refuse_nulls(part, item, f"{path}[{i}]")
 
 
+def _unannotated(annotation: Any) -> Any:
+    while typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    return annotation
+
+
 def _part_type(annotation: Any) -> type[WireStruct] | None:
     """The WireStruct inside ``X``, ``X | None`` or ``tuple[X, ...]``, if any."""
+    annotation = _unannotated(annotation)
     args = typing.get_args(annotation) if typing.get_origin(annotation) else ()
     for candidate in (annotation, *args):
         if isinstance(candidate, type) and issubclass(candidate, WireStruct):
@@ -325,6 +332,8 @@ def _bare(info: mi.Type) -> mi.Type:
 
 def _non_null(info: mi.Type) -> mi.Type:
     """``X`` of ``X | None`` (metadata kept), else the type itself."""
+    while isinstance(info, mi.Metadata) and isinstance(info.type, mi.UnionType):
+        info = info.type
     if isinstance(info, mi.UnionType):
         rest = [t for t in info.types if not isinstance(t, mi.NoneType)]
         return rest[0] if len(rest) == 1 else info
