@@ -31,10 +31,11 @@ from typing import Any
 
 import numpy as np
 
-from fieldscope.edge.atomic import (
+from fieldscope.edge.bundle_files import (
     atomic_path,
     create_beside,
     fsync_dir,
+    read_capped,
     swap_into_place,
     write_file,
 )
@@ -57,7 +58,7 @@ from fieldscope.edge.manifest import (
 from fieldscope.edge.preprocess import PreprocessRecipe
 from fieldscope.edge.runtime import Interpreter, check_min_runtime, make_interpreter, runtime_info
 from fieldscope.edge.signing import check_signature, generate_keypair, load_private_key
-from fieldscope.edge.untrusted import RejectedValueError, load_json, read_regular_file, show_value
+from fieldscope.edge.untrusted import RejectedValueError, load_json, show_value
 
 # The manifest's names (edge/manifest.py) and generate_keypair (edge/signing.py) are
 # re-exported: this module stays the one import for everything about bundles.
@@ -268,21 +269,8 @@ def write_bundle(
             loaded, or the manifest would be invalid or disagree with the model.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise BundleError(f"cannot write bundle to {out_dir}: it exists and is not a directory")
-        if any(out_dir.iterdir()) and not overwrite:
-            raise BundleError(
-                f"cannot write bundle to {out_dir}: the directory is not empty "
-                "(choose another directory or overwrite it explicitly)"
-            )
-    if isinstance(model, Path):
-        try:
-            model_bytes = model.read_bytes()
-        except OSError as exc:
-            raise BundleError(f"cannot read model {model}: {exc.strerror or exc}") from exc
-    else:
-        model_bytes = bytes(model)
+    _check_target(out_dir, overwrite)
+    model_bytes = _model_bytes(model)
     interpreter = make_interpreter(model_bytes)
     if isinstance(provenance, Mapping):
         provenance = Provenance.from_dict(provenance)
@@ -299,7 +287,36 @@ def write_bundle(
         **_model_fields(interpreter),
     )
     check_model(manifest, interpreter)
+    _write_folder(out_dir, model_bytes, manifest)
+    logger.info("wrote bundle %s (%s %s)", out_dir, model_name, model_version)
+    return read_bundle(out_dir)
 
+
+def _check_target(out_dir: Path, overwrite: bool) -> None:
+    """Refuse to write over a file, or over a folder with content unless ``overwrite``."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise BundleError(f"cannot write bundle to {out_dir}: it exists and is not a directory")
+    if any(out_dir.iterdir()) and not overwrite:
+        raise BundleError(
+            f"cannot write bundle to {out_dir}: the directory is not empty "
+            "(choose another directory or overwrite it explicitly)"
+        )
+
+
+def _model_bytes(model: bytes | Path) -> bytes:
+    if not isinstance(model, Path):
+        return bytes(model)
+    try:
+        return model.read_bytes()
+    except OSError as exc:
+        raise BundleError(f"cannot read model {model}: {exc.strerror or exc}") from exc
+
+
+def _write_folder(out_dir: Path, model_bytes: bytes, manifest: Manifest) -> None:
+    """Write the bundle into a temporary sibling folder and rename it into place, so
+    ``out_dir`` is the old bundle or the complete new one, never half written."""
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = create_beside(out_dir, f"tmp-{os.getpid()}", directory=True)
@@ -314,8 +331,6 @@ def write_bundle(
         fsync_dir(out_dir.parent)
     except OSError as exc:
         raise BundleError(f"cannot write bundle to {out_dir}: {exc.strerror or exc}") from exc
-    logger.info("wrote bundle %s (%s %s)", out_dir, model_name, model_version)
-    return read_bundle(out_dir)
 
 
 def _open(path: Path, public_key: Path | None) -> Bundle:
@@ -327,7 +342,7 @@ def _open(path: Path, public_key: Path | None) -> Bundle:
     manifest_path = path / MANIFEST_FILE
     if not manifest_path.is_file():
         raise BundleError(f"bundle {path} has no {MANIFEST_FILE}")
-    raw = _read_capped(path, MANIFEST_FILE, MAX_MANIFEST_BYTES)
+    raw = read_capped(path, MANIFEST_FILE, MAX_MANIFEST_BYTES)
     # The signature covers the exact bytes, so check it before trusting any of them.
     if public_key is not None:
         check_signature(path, raw, public_key)
@@ -405,20 +420,7 @@ def _read_model(path: Path, expected: FileEntry) -> bytes:
         ) from exc
     if on_disk != expected.size:
         raise _size_mismatch(path, MODEL_FILE, on_disk, expected.size)
-    return _read_capped(path, MODEL_FILE, expected.size)
-
-
-def _read_capped(bundle_dir: Path, name: str, max_bytes: int) -> bytes:
-    """A bundle file's bytes, refusing special files and anything over ``max_bytes``
-    before reading it whole (a 300 MB manifest, a model symlinked to /dev/zero)."""
-    try:
-        return read_regular_file(bundle_dir / name, max_bytes)
-    except RejectedValueError as exc:
-        raise BundleError(f"bundle {bundle_dir}: {name} {exc}") from None
-    except OSError as exc:
-        raise BundleError(
-            f"bundle {bundle_dir}: cannot read {name}: {exc.strerror or exc}"
-        ) from exc
+    return read_capped(path, MODEL_FILE, expected.size)
 
 
 def read_bundle(path: Path) -> Bundle:

@@ -117,6 +117,52 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+class _Flat(msgspec.Struct, frozen=True, kw_only=True):
+    """A payload in the flat form the daemon builds; ``_payload`` is its wire Struct,
+    whose rules it is checked against on construction. ``_nested`` maps a flat field to
+    its place in the wire form (``outbox_depth`` -> ``outbox.depth``), ``_parts`` names
+    the Struct of each nested object."""
+
+    _payload: ClassVar[type[_Part]]
+    _nested: ClassVar[dict[str, tuple[str, str]]]
+    _parts: ClassVar[dict[str, type[_Part]]]
+
+    def __post_init__(self) -> None:
+        for name, value in self._flatten(self.payload()).items():
+            msgspec.structs.force_setattr(self, name, value)
+
+    def payload(self) -> Any:
+        """The wire form, checked (raises PayloadError naming the wire field)."""
+        values: dict[str, Any] = {}
+        parts: dict[str, dict[str, Any]] = {part: {} for part in self._parts}
+        for name in self.__struct_fields__:
+            part, key = self._nested.get(name, ("", name))
+            (parts[part] if part else values)[key] = getattr(self, name)
+        for part, kwargs in parts.items():
+            values[part] = self._parts[part](**kwargs)
+        return self._payload(**values)
+
+    @classmethod
+    def _flatten(cls, payload: Any) -> dict[str, Any]:
+        flat = {}
+        for name in cls.__struct_fields__:
+            part, key = cls._nested.get(name, ("", name))
+            flat[name] = getattr(getattr(payload, part) if part else payload, key)
+        return flat
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = self.payload().to_dict()
+        return out
+
+    def to_json(self) -> bytes:
+        """Compact UTF-8 JSON with sorted keys."""
+        return _dumps(self.to_dict())
+
+    @classmethod
+    def _decode(cls, data: bytes | str) -> dict[str, Any]:
+        return cls._flatten(decode_json(cls._payload, data))
+
+
 # --- heartbeat ---------------------------------------------------------------------------
 
 
@@ -175,7 +221,7 @@ class HeartbeatPayload(_Part, frozen=True, kw_only=True):
     warnings: Annotated[tuple[Text, ...], Meta(max_length=MAX_WARNINGS)]
 
 
-class Heartbeat(msgspec.Struct, frozen=True, kw_only=True):
+class Heartbeat(_Flat, frozen=True, kw_only=True):
     """Periodic liveness and health, published (QoS 0) on ``.../heartbeat``.
 
     ``fps`` is the recent capture rate; ``outbox_depth`` the messages waiting for the
@@ -201,58 +247,20 @@ class Heartbeat(msgspec.Struct, frozen=True, kw_only=True):
     warnings: tuple[str, ...] = ()
     version: int = PAYLOAD_VERSION
 
-    def __post_init__(self) -> None:
-        for name, value in _flat(self.payload()).items():
-            msgspec.structs.force_setattr(self, name, value)
-
-    def payload(self) -> HeartbeatPayload:
-        """The wire form (nested ``outbox`` and ``camera``), checked."""
-        return HeartbeatPayload(
-            version=self.version,
-            time=self.time,
-            uptime_s=self.uptime_s,
-            frames=self.frames,
-            fps=self.fps,
-            outbox=OutboxReport(self.outbox_depth, self.outbox_dropped, self.outbox_oldest_age_s),
-            camera=CameraReport(self.camera_state, self.camera_outage),
-            paused=self.paused,
-            disk_free_bytes=self.disk_free_bytes,
-            cpu_temperature_c=self.cpu_temperature_c,
-            model=self.model,
-            warnings=self.warnings,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.payload().to_dict()
-
-    def to_json(self) -> bytes:
-        """Compact UTF-8 JSON with sorted keys."""
-        return _dumps(self.to_dict())
+    _payload: ClassVar[type[_Part]] = HeartbeatPayload
+    _parts: ClassVar[dict[str, type[_Part]]] = {"outbox": OutboxReport, "camera": CameraReport}
+    _nested: ClassVar[dict[str, tuple[str, str]]] = {
+        "outbox_depth": ("outbox", "depth"),
+        "outbox_dropped": ("outbox", "dropped"),
+        "outbox_oldest_age_s": ("outbox", "oldest_age_s"),
+        "camera_state": ("camera", "state"),
+        "camera_outage": ("camera", "outage"),
+    }
 
     @classmethod
     def from_json(cls, data: bytes | str) -> Heartbeat:
         """Parse a received heartbeat; any defect raises PayloadError naming the field."""
-        return cls(**_flat(decode_json(HeartbeatPayload, data)))
-
-
-def _flat(p: HeartbeatPayload) -> dict[str, Any]:
-    return {
-        "version": p.version,
-        "time": p.time,
-        "uptime_s": p.uptime_s,
-        "frames": p.frames,
-        "fps": p.fps,
-        "outbox_depth": p.outbox.depth,
-        "outbox_dropped": p.outbox.dropped,
-        "outbox_oldest_age_s": p.outbox.oldest_age_s,
-        "camera_state": p.camera.state,
-        "camera_outage": p.camera.outage,
-        "paused": p.paused,
-        "disk_free_bytes": p.disk_free_bytes,
-        "cpu_temperature_c": p.cpu_temperature_c,
-        "model": p.model,
-        "warnings": p.warnings,
-    }
+        return cls(**cls._decode(data))
 
 
 # --- model info --------------------------------------------------------------------------
@@ -287,7 +295,7 @@ class ModelInfoPayload(_Part, frozen=True, kw_only=True):
         return [] if len(set(self.labels)) == len(self.labels) else [("labels", "must be unique")]
 
 
-class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
+class ModelInfo(_Flat, frozen=True, kw_only=True):
     """The bundle a device serves, published retained (QoS 1) on ``.../model``.
 
     Retained, so a dashboard that connects later learns at once which model, labels
@@ -305,21 +313,12 @@ class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
     signed: bool = False
     version: int = PAYLOAD_VERSION
 
-    def __post_init__(self) -> None:
-        for name, value in _flat_info(self.payload()).items():
-            msgspec.structs.force_setattr(self, name, value)
-
-    def payload(self) -> ModelInfoPayload:
-        """The wire form (nested ``runtime``), checked."""
-        return ModelInfoPayload(
-            version=self.version,
-            model=self.model,
-            labels=self.labels,
-            threshold=self.threshold,
-            loaded_at=self.loaded_at,
-            runtime=RuntimeRef(self.runtime, self.runtime_version),
-            signed=self.signed,
-        )
+    _payload: ClassVar[type[_Part]] = ModelInfoPayload
+    _parts: ClassVar[dict[str, type[_Part]]] = {"runtime": RuntimeRef}
+    _nested: ClassVar[dict[str, tuple[str, str]]] = {
+        "runtime": ("runtime", "name"),
+        "runtime_version": ("runtime", "version"),
+    }
 
     @classmethod
     def from_bundle(
@@ -337,30 +336,10 @@ class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
             signed=bundle.signed,
         )
 
-    def to_dict(self) -> dict[str, Any]:
-        return self.payload().to_dict()
-
-    def to_json(self) -> bytes:
-        """Compact UTF-8 JSON with sorted keys."""
-        return _dumps(self.to_dict())
-
     @classmethod
     def from_json(cls, data: bytes | str) -> ModelInfo:
         """Parse a received model info; any defect raises PayloadError naming the field."""
-        return cls(**_flat_info(decode_json(ModelInfoPayload, data)))
-
-
-def _flat_info(p: ModelInfoPayload) -> dict[str, Any]:
-    return {
-        "version": p.version,
-        "model": p.model,
-        "labels": p.labels,
-        "threshold": p.threshold,
-        "loaded_at": p.loaded_at,
-        "runtime": p.runtime.name,
-        "runtime_version": p.runtime.version,
-        "signed": p.signed,
-    }
+        return cls(**cls._decode(data))
 
 
 # --- command reply -----------------------------------------------------------------------

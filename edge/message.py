@@ -318,11 +318,11 @@ class Identification(_Part, frozen=True, kw_only=True):
                 return [(f"top_k[{i}].label", f"{show(candidate.label)} repeats top_k[{first}]")]
             seen[candidate.label] = i
             if i and candidate.score > top[i - 1].score:
+                order = f"top_k[{i}].score {show(candidate.score)} > top_k[{i - 1}].score"
                 return [
                     (
                         "top_k",
-                        f"must be sorted by descending score, but top_k[{i}].score "
-                        f"{show(candidate.score)} > top_k[{i - 1}].score {top[i - 1].score!r}",
+                        f"must be sorted by descending score, but {order} {top[i - 1].score!r}",
                     )
                 ]
         return []

@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from fieldscope.edge.atomic import atomic_path, write_file
+from fieldscope.edge.bundle_files import atomic_path, read_capped, write_file
 from fieldscope.edge.errors import BundleError
 from fieldscope.edge.manifest import MANIFEST_FILE, SIGNATURE_FILE
 from fieldscope.edge.untrusted import RejectedValueError, read_regular_file
@@ -80,7 +80,7 @@ def check_signature(bundle_dir: Path, manifest_bytes: bytes, public_key: Path) -
             "given, so a signature is required"
         )
     try:
-        key.verify(_read_signature(bundle_dir), manifest_bytes)
+        key.verify(read_capped(bundle_dir, SIGNATURE_FILE, MAX_KEY_BYTES), manifest_bytes)
     except InvalidSignature as exc:
         raise BundleError(
             f"bundle {bundle_dir}: {SIGNATURE_FILE} is not a valid signature of "
@@ -121,15 +121,3 @@ def generate_keypair(private_path: Path, public_path: Path, *, overwrite: bool =
     except OSError as exc:
         raise BundleError(f"cannot write key pair: {exc}") from exc
     logger.info("wrote ed25519 key pair %s, %s", private_path, public_path)
-
-
-def _read_signature(bundle_dir: Path) -> bytes:
-    """``manifest.sig``'s bytes; a special file or one over the key size is refused unread."""
-    try:
-        return read_regular_file(bundle_dir / SIGNATURE_FILE, MAX_KEY_BYTES)
-    except RejectedValueError as exc:
-        raise BundleError(f"bundle {bundle_dir}: {SIGNATURE_FILE} {exc}") from None
-    except OSError as exc:
-        raise BundleError(
-            f"bundle {bundle_dir}: cannot read {SIGNATURE_FILE}: {exc.strerror or exc}"
-        ) from exc

@@ -1,7 +1,9 @@
-"""Writing files so that a reader sees the old content or the new, never half of it.
+"""Bundle files on disk: read with a size cap, written so that a reader sees the old
+content or the new, never half of it.
 
 Bundles, signatures and key pairs are replaced by writing a temporary sibling, fsyncing
 it and renaming it into place; a power cut on a Pi leaves a working bundle either way.
+Reads refuse special files and anything over a cap before reading it whole.
 """
 
 from __future__ import annotations
@@ -13,7 +15,17 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "create_beside", "fsync_dir", "swap_into_place", "write_file"]
+from fieldscope.edge.errors import BundleError
+from fieldscope.edge.untrusted import RejectedValueError, read_regular_file
+
+__all__ = [
+    "atomic_path",
+    "create_beside",
+    "fsync_dir",
+    "read_capped",
+    "swap_into_place",
+    "write_file",
+]
 
 
 def fsync_dir(path: Path) -> None:
@@ -80,3 +92,16 @@ def swap_into_place(new: Path, target: Path) -> None:
         old.rename(target)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def read_capped(bundle_dir: Path, name: str, max_bytes: int) -> bytes:
+    """A bundle file's bytes, refusing special files and anything over ``max_bytes``
+    before reading it whole (a 300 MB manifest, a model symlinked to /dev/zero)."""
+    try:
+        return read_regular_file(bundle_dir / name, max_bytes)
+    except RejectedValueError as exc:
+        raise BundleError(f"bundle {bundle_dir}: {name} {exc}") from None
+    except OSError as exc:
+        raise BundleError(
+            f"bundle {bundle_dir}: cannot read {name}: {exc.strerror or exc}"
+        ) from exc
