@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Self
 
 import msgspec
 from msgspec import Meta
@@ -34,7 +34,7 @@ from msgspec import Meta
 from fieldscope.edge.errors import FieldscopeError, MessageError
 from fieldscope.edge.message import Label, ModelRef, Text, UtcTime
 from fieldscope.edge.topics import show
-from fieldscope.edge.wire import WireStruct, decode_json, utc_text, version_problem
+from fieldscope.edge.wire import WireStruct, compact_json, decode_json, utc_text, version_problem
 
 if TYPE_CHECKING:
     from fieldscope.edge.bundle import Bundle
@@ -102,16 +102,6 @@ class _Part(WireStruct, frozen=True):
         if "version" in data and (problem := version_problem(data["version"], SUPPORTED_VERSIONS)):
             raise cls._fail(problem)
 
-    def to_json(self) -> bytes:
-        """Compact UTF-8 JSON with sorted keys."""
-        return _dumps(self.to_dict())
-
-
-def _dumps(data: Any) -> bytes:
-    return json.dumps(
-        data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode("utf-8")
-
 
 def _now() -> datetime:
     return datetime.now(UTC)
@@ -156,11 +146,12 @@ class _Flat(msgspec.Struct, frozen=True, kw_only=True):
 
     def to_json(self) -> bytes:
         """Compact UTF-8 JSON with sorted keys."""
-        return _dumps(self.to_dict())
+        return compact_json(self.to_dict())
 
     @classmethod
-    def _decode(cls, data: bytes | str) -> dict[str, Any]:
-        return cls._flatten(decode_json(cls._payload, data))
+    def from_json(cls, data: bytes | str) -> Self:
+        """Parse a received payload; any defect raises PayloadError naming the field."""
+        return cls(**cls._flatten(decode_json(cls._payload, data)))
 
 
 # --- heartbeat ---------------------------------------------------------------------------
@@ -257,11 +248,6 @@ class Heartbeat(_Flat, frozen=True, kw_only=True):
         "camera_outage": ("camera", "outage"),
     }
 
-    @classmethod
-    def from_json(cls, data: bytes | str) -> Heartbeat:
-        """Parse a received heartbeat; any defect raises PayloadError naming the field."""
-        return cls(**cls._decode(data))
-
 
 # --- model info --------------------------------------------------------------------------
 
@@ -336,11 +322,6 @@ class ModelInfo(_Flat, frozen=True, kw_only=True):
             signed=bundle.signed,
         )
 
-    @classmethod
-    def from_json(cls, data: bytes | str) -> ModelInfo:
-        """Parse a received model info; any defect raises PayloadError naming the field."""
-        return cls(**cls._decode(data))
-
 
 # --- command reply -----------------------------------------------------------------------
 
@@ -392,11 +373,6 @@ class CommandReply(_Part, frozen=True, kw_only=True):
             raise self._fail(f"data must be at most {MAX_DATA_BYTES} bytes as JSON")
         copy: dict[str, Any] = json.loads(encoded)
         return copy
-
-    @classmethod
-    def from_json(cls, data: bytes | str) -> CommandReply:
-        """Parse a received reply; any defect raises PayloadError naming the field."""
-        return decode_json(cls, data)
 
 
 # --- measurements --------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 import msgspec
 from msgspec import Meta
@@ -121,11 +121,6 @@ class QuantParams(_Part, frozen=True):
     scale: Annotated[float, Meta(gt=0)]
     zero_point: int
 
-    @classmethod
-    def from_dict(cls, data: object, where: str) -> QuantParams:
-        """Parse the manifest form; errors name ``where`` (e.g. ``quantization.input``)."""
-        return from_builtins(cls, data, where)
-
 
 class Quantization(_Part, frozen=True):
     """Quantisation of the model's input and output; ``None`` for a float tensor."""
@@ -135,11 +130,6 @@ class Quantization(_Part, frozen=True):
     input: QuantParams | None
     output: QuantParams | None
 
-    @classmethod
-    def from_dict(cls, data: object) -> Quantization:
-        """Parse the manifest form."""
-        return from_builtins(cls, data, "quantization")
-
 
 class FileEntry(_Part, frozen=True):
     """Checksum and size of one bundle file, as listed in the manifest."""
@@ -148,11 +138,6 @@ class FileEntry(_Part, frozen=True):
 
     sha256: Sha256
     size: Annotated[int, Meta(ge=0)]
-
-    @classmethod
-    def from_dict(cls, data: object, where: str) -> FileEntry:
-        """Parse the manifest form."""
-        return from_builtins(cls, data, where)
 
 
 FileMap = Annotated[
@@ -197,11 +182,6 @@ class Provenance(_Part, frozen=True, kw_only=True):
             return []
         example = "such as 2026-11-02T10:15:00Z"
         return [("created_at", f"must be a UTC ISO-8601 time {example}, got {self.created_at!r}")]
-
-    @classmethod
-    def from_dict(cls, data: object) -> Provenance:
-        """Parse the manifest form."""
-        return from_builtins(cls, data, "provenance")
 
 
 class Manifest(_Part, frozen=True, kw_only=True):
@@ -361,11 +341,11 @@ class Manifest(_Part, frozen=True, kw_only=True):
             data["provenance"] = from_builtins(Provenance, data["provenance"], "provenance")
 
     @classmethod
-    def from_dict(cls, data: object) -> Manifest:
+    def from_dict(cls, data: object, path: str | None = None) -> Self:
         """Parse ``manifest.json``; every problem is a ``BundleError`` naming the field."""
         if not isinstance(data, Mapping):
             raise BundleError(f"manifest must be a JSON object, got {type(data).__name__}")
-        return from_builtins(cls, data)
+        return from_builtins(cls, data, path or "")
 
 
 def _recipe(recipe: Mapping[str, Any], version: int) -> PreprocessRecipe:

@@ -41,8 +41,6 @@ from fieldscope.edge.topics import MAX_SEGMENT_BYTES, segment_problem, show
 from fieldscope.edge.wire import (
     TIMESTAMP_PATTERN,
     WireStruct,
-    decode_json,
-    from_builtins,
     version_problem,
 )
 
@@ -147,10 +145,6 @@ class Candidate(_Part, frozen=True):
     label: Label
     score: Probability
 
-    @classmethod
-    def from_dict(cls, data: object, path: str = "candidate") -> Candidate:
-        return from_builtins(cls, data, path)
-
 
 class ModelRef(_Part, frozen=True):
     """Which model produced the identification: the bundle's name and version, and
@@ -164,10 +158,6 @@ class ModelRef(_Part, frozen=True):
     sha256: Annotated[
         Sha256, _doc("SHA-256 of the bundle's model.tflite, as listed in its manifest.")
     ]
-
-    @classmethod
-    def from_dict(cls, data: object, path: str = "model") -> ModelRef:
-        return from_builtins(cls, data, path)
 
 
 class ImageRef(_Part, frozen=True):
@@ -188,10 +178,6 @@ class ImageRef(_Part, frozen=True):
         ),
     ] = None
 
-    @classmethod
-    def from_dict(cls, data: object, path: str = "image") -> ImageRef:
-        return from_builtins(cls, data, path)
-
 
 class Quality(_Part, frozen=True):
     """Measurements of the quality gate, each optional.
@@ -210,10 +196,6 @@ class Quality(_Part, frozen=True):
         Probability | None, _doc("Mean brightness as a fraction of full scale.")
     ] = None
 
-    @classmethod
-    def from_dict(cls, data: object, path: str = "quality") -> Quality:
-        return from_builtins(cls, data, path)
-
 
 _STAGES = ("capture", "quality", "preprocess", "inference", "total")
 
@@ -229,10 +211,6 @@ class Timings(_Part, frozen=True):
     preprocess: Duration
     inference: Duration
     total: Duration
-
-    @classmethod
-    def from_dict(cls, data: object, path: str = "timings_ms") -> Timings:
-        return from_builtins(cls, data, path)
 
 
 # --- the message -----------------------------------------------------------------------------
@@ -376,26 +354,6 @@ class Identification(_Part, frozen=True, kw_only=True):
     def key(self) -> tuple[str, int]:
         """The message's identity, ``(device, seq)``: equal keys are the same message."""
         return (self.device, self.seq)
-
-    def to_json(self) -> bytes:
-        """Compact UTF-8 JSON with sorted keys: equal messages give equal bytes."""
-        return json.dumps(
-            self.to_dict(),
-            sort_keys=True,
-            separators=(",", ":"),
-            ensure_ascii=False,
-            allow_nan=False,
-        ).encode("utf-8")
-
-    @classmethod
-    def from_dict(cls, data: object) -> Identification:
-        """Parse a decoded payload; fields this version does not know are ignored."""
-        return from_builtins(cls, data)
-
-    @classmethod
-    def from_json(cls, data: bytes | str) -> Identification:
-        """Parse a received payload; any defect raises MessageError, never a library error."""
-        return decode_json(cls, data)
 
 
 # --- building a message from a prediction ----------------------------------------------------

@@ -17,13 +17,14 @@ collector's quarantine names the field and the value, never a library's wording.
 from __future__ import annotations
 
 import functools
+import json
 import math
 import re
 import typing
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from enum import Enum
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Self, TypeVar
 
 import msgspec
 from msgspec import inspect as mi
@@ -35,6 +36,7 @@ from fieldscope.edge.untrusted import MAX_PAYLOAD_BYTES, RejectedValueError, loa
 __all__ = [
     "TIMESTAMP_PATTERN",
     "WireStruct",
+    "compact_json",
     "decode_json",
     "from_builtins",
     "utc_text",
@@ -101,6 +103,28 @@ class WireStruct(msgspec.Struct, frozen=True):
         """The JSON-ready form: optional fields that are unknown are left out."""
         out: dict[str, Any] = _builtins(self)
         return out
+
+    def to_json(self) -> bytes:
+        """Compact UTF-8 JSON with sorted keys: equal values give equal bytes."""
+        return compact_json(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: object, path: str | None = None) -> Self:
+        """Parse the decoded JSON form; errors name fields under ``path`` (default: where
+        this part sits in its payload, e.g. ``timings_ms``)."""
+        return from_builtins(cls, data, cls._where if path is None else path)
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> Self:
+        """Parse a received payload; any defect raises ``_error`` naming the field."""
+        return decode_json(cls, data)
+
+
+def compact_json(data: Any) -> bytes:
+    """How payloads are written: compact UTF-8 JSON, sorted keys, no NaN."""
+    return json.dumps(
+        data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")
 
 
 def _builtins(value: object) -> Any:
