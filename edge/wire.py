@@ -168,25 +168,28 @@ def _check_fields(obj: WireStruct) -> None:
     """
     for name, annotation in _fields(type(obj)):
         value = getattr(obj, name)
-        path = _join(obj._where, name)
         if isinstance(value, float) and not math.isfinite(value):
-            raise obj._fail(f"{path} must be a finite number, got {show(value)}")
+            raise obj._fail(f"{_join(obj._where, name)} must be a finite number, got {show(value)}")
         try:
             converted = msgspec.convert(value, annotation)
         except msgspec.ValidationError as exc:
-            raise obj._fail(_explain(exc, value, annotation, path)) from None
+            raise obj._fail(_explain(exc, value, annotation, _join(obj._where, name))) from None
         if isinstance(converted, datetime):
-            converted = _utc(obj, converted, path)
+            converted = _utc(obj, converted, _join(obj._where, name))
         for text in converted if isinstance(converted, tuple) else (converted,):
-            if isinstance(text, str) and not text.isascii():
-                try:
-                    text.encode("utf-8")
-                except UnicodeEncodeError:
-                    raise obj._fail(
-                        f"{path} must be valid Unicode (it has a lone surrogate)"
-                    ) from None
+            if isinstance(text, str) and not text.isascii() and _has_surrogate(text):
+                path = _join(obj._where, name)
+                raise obj._fail(f"{path} must be valid Unicode (it has a lone surrogate)")
         if converted is not value:
             msgspec.structs.force_setattr(obj, name, converted)
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _utc(obj: WireStruct, value: datetime, path: str) -> datetime:
@@ -238,8 +241,8 @@ def from_builtins(cls: type[S], data: object, where: str = "") -> S:
     data = dict(data)
     cls._precheck(data)
     _refuse_nulls(cls, data, where)
-    for name, annotation in _fields(cls):
-        if name in data and datetime in (annotation, *typing.get_args(annotation)):
+    for name in _time_fields(cls):
+        if name in data:
             data[name] = _timestamp(cls, data[name], _join(where, name))
     try:
         return msgspec.convert(data, cls)
@@ -270,20 +273,38 @@ def _refuse_nulls(cls: type[WireStruct], data: Mapping[str, Any], where: str) ->
     for key in cls._required:
         if key not in data:
             raise cls._fail(f"{_join(where, key)} is required")
-    for name, annotation in _fields(cls):
+    for name, annotation, part, many in _parts(cls):
         value = data.get(name, _MISSING)
-        path = _join(where, name)
         if value is None and name in cls._omit_none:
-            raise cls._fail(f"{path} must be {_noun(_bare(mi.type_info(annotation)))}, got null")
-        part = _part_type(annotation)
+            noun = _noun(_bare(mi.type_info(annotation)))
+            raise cls._fail(f"{_join(where, name)} must be {noun}, got null")
         if part is None:
             continue
         if isinstance(value, Mapping):
-            _refuse_nulls(part, value, path)
-        elif isinstance(value, list) and typing.get_origin(_unannotated(annotation)) is tuple:
+            _refuse_nulls(part, value, _join(where, name))
+        elif many and isinstance(value, list):
             for i, item in enumerate(value):
                 if isinstance(item, Mapping):
-                    _refuse_nulls(part, item, f"{path}[{i}]")
+                    _refuse_nulls(part, item, f"{_join(where, name)}[{i}]")
+
+
+@functools.cache
+def _parts(cls: type[WireStruct]) -> tuple[tuple[str, Any, type[WireStruct] | None, bool], ...]:
+    """Per field: its annotation, the WireStruct it holds (if any), whether a tuple of them."""
+    return tuple(
+        (
+            name,
+            annotation,
+            _part_type(annotation),
+            typing.get_origin(_unannotated(annotation)) is tuple,
+        )
+        for name, annotation in _fields(cls)
+    )
+
+
+@functools.cache
+def _time_fields(cls: type[WireStruct]) -> tuple[str, ...]:
+    return tuple(n for n, a in _fields(cls) if datetime in (a, *typing.get_args(a)))
 
 
 def _unannotated(annotation: Any) -> Any:
