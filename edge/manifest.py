@@ -26,7 +26,7 @@ from msgspec import Meta
 
 from fieldscope.edge.errors import BundleError, FieldscopeError, RecipeError
 from fieldscope.edge.preprocess import PreprocessRecipe
-from fieldscope.edge.wire import WireStruct, from_builtins
+from fieldscope.edge.wire import Sha256, WireStruct, from_builtins
 
 __all__ = [
     "DTYPES",
@@ -70,15 +70,6 @@ SchemaVersion = Annotated[
 Output = Annotated[str, Meta(extra_json_schema={"enum": list(OUTPUT_KINDS)})]
 Dtype = Literal["uint8", "int8", "float32"]
 NonEmpty = Annotated[str, Meta(min_length=1, extra={"must": "be a non-empty string"})]
-Sha256 = Annotated[
-    str,
-    Meta(
-        min_length=64,
-        max_length=64,
-        pattern="^[0-9a-f]{64}$",
-        extra={"must": "be 64 lowercase hex digits"},
-    ),
-]
 InputShape = Annotated[
     tuple[int, ...],
     Meta(

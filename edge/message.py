@@ -40,6 +40,7 @@ from fieldscope.edge.errors import FieldscopeError, MessageError
 from fieldscope.edge.topics import MAX_SEGMENT_BYTES, segment_problem, show
 from fieldscope.edge.wire import (
     TIMESTAMP_PATTERN,
+    Sha256,
     WireStruct,
     version_problem,
 )
@@ -94,15 +95,6 @@ Name = Annotated[str, Meta(min_length=1, max_length=MAX_NAME_CHARS, pattern=r"\S
 Text = Annotated[str, Meta(min_length=1, max_length=MAX_TEXT_CHARS, pattern=r"\S", extra=_BLANK)]
 PathText = Annotated[
     str, Meta(min_length=1, max_length=MAX_PATH_CHARS, pattern=r"\S", extra=_BLANK)
-]
-Sha256 = Annotated[
-    str,
-    Meta(
-        min_length=64,
-        max_length=64,
-        pattern="^[0-9a-f]{64}$",
-        extra={"must": "be 64 lowercase hex digits (a SHA-256)"},
-    ),
 ]
 Probability = Annotated[float, Meta(ge=0, le=1)]
 Duration = Annotated[float, Meta(ge=0)]

@@ -24,7 +24,7 @@ import typing
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from enum import Enum
-from typing import Any, ClassVar, Self, TypeVar
+from typing import Annotated, Any, ClassVar, Self, TypeVar
 
 import msgspec
 from msgspec import inspect as mi
@@ -35,6 +35,7 @@ from fieldscope.edge.untrusted import MAX_PAYLOAD_BYTES, RejectedValueError, loa
 
 __all__ = [
     "TIMESTAMP_PATTERN",
+    "Sha256",
     "WireStruct",
     "compact_json",
     "decode_json",
@@ -51,6 +52,16 @@ TIMESTAMP_PATTERN = "^" + _TIMESTAMP.pattern + r"(?![\s\S])"
 _MISSING = object()
 _AT = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
 S = TypeVar("S", bound="WireStruct")
+# A checksum, as the manifest lists files and the messages name models and images.
+Sha256 = Annotated[
+    str,
+    msgspec.Meta(
+        min_length=64,
+        max_length=64,
+        pattern="^[0-9a-f]{64}$",
+        extra={"must": "be 64 lowercase hex digits (a SHA-256)"},
+    ),
+]
 
 
 def utc_text(value: datetime) -> str:
