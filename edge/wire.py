@@ -6,7 +6,7 @@ declared once, as ``msgspec.Struct`` classes with their constraints in
 ``Annotated[..., msgspec.Meta(...)]``. That one declaration decodes a received payload,
 checks a value the daemon builds in Python (msgspec checks types only while decoding, so
 :class:`WireStruct` does it on construction too), and generates the JSON Schemas third
-parties use (``python -m fieldscope.edge.schemas``). What a type cannot say (a UTC time,
+parties use (``python -m fieldscope.edge.wire_schemas``). What a type cannot say (a UTC time,
 an MQTT topic level, that ``label`` is ``top_k[0].label``) is each Struct's
 ``problems()``: ``(key, message)`` pairs, the protocol the config loader uses as well.
 
