@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import msgspec
 import paho.mqtt.client as mqtt
 import pytest
 from conftest import Broker
@@ -229,7 +230,7 @@ def test_a_value_the_database_cannot_hold_is_kept_apart_and_the_rest_stored(
     poison = _Received(TOPICS.identification, _ident_payload(99), 0, 0, 0, now)
     records = [collector._decode(m) for m in [*batch, poison]]
     # A reader that forgot a bound: the parsed message carries a 70-bit seq.
-    object.__setattr__(records[-1].message, "seq", 2**70)  # type: ignore[union-attr]
+    msgspec.structs.force_setattr(records[-1].message, "seq", 2**70)  # type: ignore[union-attr]
     result = collector._write([*batch, poison], records)
     assert result.stored == 3
     assert result.invalid == 1
