@@ -32,6 +32,7 @@ import keras
 from fieldscope.train.backbones import backbone_of, set_fine_tune_layers
 from fieldscope.train.config import TrainConfig
 from fieldscope.train.errors import TrainError
+from fieldscope.train.rundir import BEST_WEIGHTS, LAST_MODEL, PROGRESS_FILE
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -48,9 +49,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 STAGE_NAMES: tuple[str, str] = ("head", "fine-tune")
-PROGRESS_FILE = "progress.json"
-LAST_MODEL = "last.keras"
-BEST_WEIGHTS = "best.weights.h5"
 # Smallest drop in validation loss that counts as an improvement.
 MIN_DELTA = 1e-4
 
