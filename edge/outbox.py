@@ -253,12 +253,16 @@ class Outbox:
                     # Not storable and not retried: count it now, persist with the next write.
                     self._unsaved_losses += 1
                 raise
+        self._notify()
+        return entry
+
+    def _notify(self) -> None:
+        """Tell the listeners a message was stored (outside the lock)."""
         for listener in list(self._listeners):
             try:
                 listener()
             except Exception:  # the message is stored; a listener bug must not undo that
                 logger.exception("outbox listener %r failed", listener)
-        return entry
 
     def note_lost(self, count: int = 1) -> None:
         """Count ``count`` messages the caller gave up storing (see :meth:`add`); the
@@ -446,11 +450,7 @@ class Outbox:
                 self._conn.execute("DELETE FROM sent WHERE seq BETWEEN ? AND ?", (first, last))
             self._depth += moved
         if moved:
-            for listener in list(self._listeners):
-                try:
-                    listener()
-                except Exception:
-                    logger.exception("outbox listener failed")
+            self._notify()
         return moved, queued
 
     def kept_range(self) -> tuple[int, int] | None:

@@ -468,6 +468,28 @@ def _prepare_out_dir(out_dir: Path) -> None:
         raise ConfigError(f"cannot create output folder {out_dir}: {exc.strerror}") from exc
 
 
+def _check_arguments(
+    classes: object, per_class: object, size: object, seed: object
+) -> tuple[int, int, int, int]:
+    n_species = len(SPECIES)
+    return (
+        _check_int("classes", classes, 1, n_species, f" (number of species, at most {n_species})"),
+        _check_int("per_class", per_class, 1, MAX_PER_CLASS, " (images per species)"),
+        _check_size(size),
+        _check_int("seed", seed, 0, None),
+    )
+
+
+def _write_png(path: Path, rgb: np.ndarray) -> None:
+    ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not ok:  # pragma: no cover - OpenCV always has a PNG encoder
+        raise ConfigError(f"OpenCV could not encode {path} as PNG")
+    try:
+        path.write_bytes(encoded.tobytes())
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror}") from exc
+
+
 def write_dataset(
     out_dir: Path,
     *,
@@ -492,13 +514,7 @@ def write_dataset(
     Raises:
         ConfigError: an argument is out of range, or ``out_dir`` is unusable.
     """
-    n_species = len(SPECIES)
-    classes = _check_int(
-        "classes", classes, 1, n_species, f" (number of species, at most {n_species})"
-    )
-    per_class = _check_int("per_class", per_class, 1, MAX_PER_CLASS, " (images per species)")
-    size = _check_size(size)
-    seed = _check_int("seed", seed, 0, None)
+    classes, per_class, size, seed = _check_arguments(classes, per_class, size, seed)
     out_dir = Path(out_dir)
     _prepare_out_dir(out_dir)
 
@@ -514,14 +530,7 @@ def write_dataset(
             raise ConfigError(f"cannot create {folder}: {exc.strerror}") from exc
         for i in range(per_class):
             rgb = render_specimen(spec.name, np.random.default_rng([seed, c, i]), size)
-            ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-            path = folder / f"{spec.name}_{i:0{digits}d}.png"
-            if not ok:  # pragma: no cover - OpenCV always has a PNG encoder
-                raise ConfigError(f"OpenCV could not encode {path} as PNG")
-            try:
-                path.write_bytes(encoded.tobytes())
-            except OSError as exc:
-                raise ConfigError(f"cannot write {path}: {exc.strerror}") from exc
+            _write_png(folder / f"{spec.name}_{i:0{digits}d}.png", rgb)
             done += 1
             if on_progress is not None:
                 on_progress(done, total)
