@@ -286,6 +286,31 @@ def convert_run(
         ConversionError: (and its subclasses) the run, the options or the conversion.
         BundleError: the output folder or the signing key.
     """
+    _check_options(quantize, calibration_size, max_accuracy_drop)
+    run = read_run(run_dir, data_dir=data_dir)
+    chosen = _check_outputs(run, out_dir, threshold, sign_key=sign_key, overwrite=overwrite)
+    result = _convert(
+        run,
+        quantize=quantize,
+        calibration_size=calibration_size,
+        max_accuracy_drop=max_accuracy_drop,
+        allow_newer_runtime=allow_newer_runtime,
+        float_fallback=float_fallback,
+        progress=progress,
+    )
+    return _write(
+        result,
+        run,
+        out_dir,
+        threshold=chosen,
+        model_name=model_name,
+        model_version=model_version,
+        sign_key=sign_key,
+        overwrite=overwrite,
+    )
+
+
+def _check_options(quantize: str, calibration_size: int, max_accuracy_drop: float) -> None:
     if quantize not in QUANTIZE_MODES:
         raise ConversionError(
             f"unknown quantisation mode {quantize!r} (choose one of {', '.join(QUANTIZE_MODES)})"
@@ -296,7 +321,18 @@ def convert_run(
         raise ConversionError(
             f"the maximum accuracy drop must be >= 0 points, got {max_accuracy_drop}"
         )
-    run = read_run(run_dir, data_dir=data_dir)
+
+
+def _check_outputs(
+    run: TrainingRun,
+    out_dir: Path,
+    threshold: float | None,
+    *,
+    sign_key: Path | None,
+    overwrite: bool,
+) -> float:
+    """Check the output folder and the signing key; return the threshold to ship: the
+    given one, else the one the run chose on validation."""
     check_output_dir(out_dir, overwrite=overwrite)
     if sign_key is not None:
         check_private_key(sign_key)
@@ -307,7 +343,13 @@ def convert_run(
         )
     if not 0.0 <= chosen <= 1.0:
         raise ConversionError(f"the threshold must be in 0..1, got {chosen}")
+    return chosen
 
+
+def _run_images(
+    run: TrainingRun, quantize: str, calibration_size: int, progress: Progress | None
+) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+    """Calibration images (int8 only, stratified from train) and the test images."""
     calibration = None
     if quantize == "int8":
         picked = stratified_sample([y for _, y in run.train], calibration_size, seed=run.seed)
@@ -318,9 +360,24 @@ def convert_run(
     if progress:
         progress(f"preprocessing {len(run.test)} test images")
     test_images, test_labels = load_images(run.test, run.recipe, "test")
+    return calibration, test_images, test_labels
+
+
+def _convert(
+    run: TrainingRun,
+    *,
+    quantize: str,
+    calibration_size: int,
+    max_accuracy_drop: float,
+    allow_newer_runtime: bool,
+    float_fallback: bool,
+    progress: Progress | None,
+) -> ConversionResult:
+    """Preprocess the run's images with the edge's code, then convert its model."""
+    calibration, test_images, test_labels = _run_images(run, quantize, calibration_size, progress)
     if progress:
         progress(f"loading {run.model_path}")
-    result = convert_model(
+    return convert_model(
         load_keras_model(run.model_path),
         labels=run.labels,
         recipe=run.recipe,
@@ -333,12 +390,26 @@ def convert_run(
         float_fallback=float_fallback,
         progress=progress,
     )
+
+
+def _write(
+    result: ConversionResult,
+    run: TrainingRun,
+    out_dir: Path,
+    *,
+    threshold: float,
+    model_name: str | None,
+    model_version: str | None,
+    sign_key: Path | None,
+    overwrite: bool,
+) -> ConvertedRun:
+    """Write the bundle, named after the run folder and the time unless told otherwise."""
     bundle = write_converted_bundle(
         result,
         out_dir,
         model_name=model_name or run.path.resolve().name,
         model_version=model_version or _default_version(),
-        threshold=chosen,
+        threshold=threshold,
         source_run=str(run.path.resolve()),
         training_metrics=run.metrics,
         sign_key=sign_key,
