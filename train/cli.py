@@ -105,55 +105,63 @@ _RESUME_BEFORE_FIRST_EPOCH = ("weights",)
 
 def _train(args: argparse.Namespace) -> int:
     overrides = overrides_from_args(args)
-    if args.resume is not None:
-        flags = {key.dotted: key.flag for key in config_keys()}
-        named = (
-            ("DATA_DIR", args.data_dir),
-            ("--out", args.out),
-            ("--config", args.config),
-            ("--overwrite", args.overwrite or None),
-        )
-        given = [name for name, value in named if value is not None]
-        changeable = (*_RESUME_ANYTIME, *_RESUME_BEFORE_FIRST_EPOCH)
-        given += [flags[dotted] for dotted in overrides if dotted not in changeable]
-        if given:
-            allowed = ", ".join(flags[d] for d in changeable)
-            raise ConfigError(
-                f"--resume continues with the run's saved config and data; drop "
-                f"{', '.join(given)} (a resume may change only {allowed}), or start the run "
-                f"over: fieldscope train DATA_DIR --out {args.resume} --overwrite ..."
-            )
-        if overrides:
-            _change_resumed_config(args.resume, overrides, flags)
-        _require_training_stack()
-        from fieldscope.train.pipeline import resume_run
-
-        with _resume_hint(args.resume):
-            summary, worked = resume_run(
-                args.resume, reporter=_TerminalReporter(), on_progress=_preprocess_progress
-            )
-        if not worked:
-            print(f"{args.resume} is already complete; nothing to resume")
-    else:
-        if args.data_dir is None or args.out is None:
-            raise ConfigError("give DATA_DIR and --out RUN_DIR (or --resume RUN_DIR)")
-        config = resolve_config(args.config, overrides)
-        if args.overwrite:
-            _clear_run_dir(args.out, args.data_dir)
-        _require_training_stack()
-        from fieldscope.train.pipeline import train_run
-
-        with _resume_hint(args.out):
-            summary = train_run(
-                args.data_dir,
-                args.out,
-                config,
-                reporter=_TerminalReporter(),
-                on_progress=_preprocess_progress,
-            )
+    summary = _resume(args, overrides) if args.resume is not None else _new_run(args, overrides)
     for line in summary.lines():
         print(line)
     return 0
+
+
+def _resume(args: argparse.Namespace, overrides: Mapping[str, Any]) -> Any:
+    """``--resume RUN_DIR``: continue with the run's saved config, changing only safe options."""
+    flags = {key.dotted: key.flag for key in config_keys()}
+    named = (
+        ("DATA_DIR", args.data_dir),
+        ("--out", args.out),
+        ("--config", args.config),
+        ("--overwrite", args.overwrite or None),
+    )
+    given = [name for name, value in named if value is not None]
+    changeable = (*_RESUME_ANYTIME, *_RESUME_BEFORE_FIRST_EPOCH)
+    given += [flags[dotted] for dotted in overrides if dotted not in changeable]
+    if given:
+        allowed = ", ".join(flags[d] for d in changeable)
+        raise ConfigError(
+            f"--resume continues with the run's saved config and data; drop "
+            f"{', '.join(given)} (a resume may change only {allowed}), or start the run "
+            f"over: fieldscope train DATA_DIR --out {args.resume} --overwrite ..."
+        )
+    if overrides:
+        _change_resumed_config(args.resume, overrides, flags)
+    _require_training_stack()
+    from fieldscope.train.pipeline import resume_run
+
+    with _resume_hint(args.resume):
+        summary, worked = resume_run(
+            args.resume, reporter=_TerminalReporter(), on_progress=_preprocess_progress
+        )
+    if not worked:
+        print(f"{args.resume} is already complete; nothing to resume")
+    return summary
+
+
+def _new_run(args: argparse.Namespace, overrides: Mapping[str, Any]) -> Any:
+    """``DATA_DIR --out RUN_DIR``: a new run (``--overwrite`` replaces an earlier one)."""
+    if args.data_dir is None or args.out is None:
+        raise ConfigError("give DATA_DIR and --out RUN_DIR (or --resume RUN_DIR)")
+    config = resolve_config(args.config, overrides)
+    if args.overwrite:
+        _clear_run_dir(args.out, args.data_dir)
+    _require_training_stack()
+    from fieldscope.train.pipeline import train_run
+
+    with _resume_hint(args.out):
+        return train_run(
+            args.data_dir,
+            args.out,
+            config,
+            reporter=_TerminalReporter(),
+            on_progress=_preprocess_progress,
+        )
 
 
 def _run_config_path(run_dir: Path) -> Path:
