@@ -356,7 +356,7 @@ class RunDir:
     def read_metrics(self) -> MetricsRecord:
         """``metrics.json``: per-split metrics, the decision threshold, fold summary."""
         path = self.metrics_file
-        tree = self._decode(path, Any, "test metrics and threshold")
+        tree = self._decode(path, object, "test metrics and threshold")
         try:
             return msgspec.convert(tree, MetricsRecord)
         except msgspec.ValidationError as exc:
@@ -375,7 +375,7 @@ class RunDir:
             return None
         return self._decode(self.progress_file, dict[str, Any], "the fitting progress")
 
-    def _decode(self, path: Path, kind: type[T] | Any, what: str) -> T:
+    def _decode(self, path: Path, kind: type[T], what: str) -> T:
         try:
             data = path.read_bytes()
         except FileNotFoundError:
@@ -385,7 +385,7 @@ class RunDir:
         except OSError as exc:
             raise self.error(f"cannot read {path} ({what}): {exc}") from exc
         try:
-            return msgspec.json.decode(data, type=kind)  # type: ignore[no-any-return]
+            return msgspec.json.decode(data, type=kind)
         except msgspec.ValidationError as exc:
             raise self.error(f"{path} is damaged ({what}): {exc}") from None
         except msgspec.DecodeError as exc:
