@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 import pytest
 from chaos_harness import FUZZ_SETTINGS, TallyOf
+from helpers import identification_document, model_info_document
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -214,38 +215,6 @@ def test_the_undamaged_seeds_decode() -> None:
 # RecursionError past the bundle watcher. The property for every reader of outside data:
 # it returns a value or raises its own error type, whatever the number or the depth.
 
-_ID_SHA = "0" * 64
-
-
-def _identification_doc() -> dict[str, Any]:
-    return {
-        "version": 1,
-        "device": "dev-a",
-        "station": "atk",
-        "seq": 1,
-        "captured_at": "2026-12-07T01:43:34.280300Z",
-        "status": "ok",
-        "label": "a",
-        "score": 0.9,
-        "top_k": [{"label": "a", "score": 0.9}, {"label": "b", "score": 0.1}],
-        "model": {"name": "r1", "version": "1", "sha256": _ID_SHA},
-        "image": {"sha256": _ID_SHA, "width": 64, "height": 48},
-        "quality": {"sharpness": 3.5, "exposure": 0.5},
-        "timings_ms": {"capture": 1.0, "total": 2.0},
-    }
-
-
-def _model_doc() -> dict[str, Any]:
-    return {
-        "labels": ["a", "b"],
-        "loaded_at": "2026-12-07T01:43:34.280300Z",
-        "model": {"name": "r1", "sha256": _ID_SHA, "version": "1"},
-        "runtime": {"name": "x", "version": "1"},
-        "signed": True,
-        "threshold": 0.5,
-        "version": 1,
-    }
-
 
 def _manifest_doc() -> dict[str, Any]:
     return Manifest(
@@ -296,8 +265,8 @@ number_literals = st.one_of(
 
 def _document(kind: str) -> dict[str, Any]:
     return {
-        "identification": _identification_doc,
-        "model": _model_doc,
+        "identification": identification_document,
+        "model": model_info_document,
         "manifest": _manifest_doc,
     }[kind]()
 

@@ -1,0 +1,118 @@
+"""Helpers shared by the test modules: polling, MQTT clients, a running collector.
+
+They live here, not in each test file, so that every test waits, connects and cleans
+up the same way: a fix to how a test waits for the broker is then made once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from fieldscope.collect.store import open_store
+from fieldscope.collect.subscriber import Collector, CollectorSettings
+
+
+def wait_for(
+    condition: Callable[[], bool],
+    timeout: float = 20.0,
+    what: str = "condition",
+    poll_s: float = 0.02,
+) -> None:
+    """Poll ``condition`` until it holds; fail the test naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@contextlib.contextmanager
+def mqtt_client(
+    host: str,
+    port: int,
+    client_id: str,
+    *,
+    username: str | None = None,
+    protocol: int = mqtt.MQTTv5,
+    **options: Any,
+) -> Iterator[mqtt.Client]:
+    """A connected paho client with its network loop running, disconnected on exit."""
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol, **options
+    )
+    if username:
+        client.username_pw_set(username)
+    client.connect(host, port)
+    client.loop_start()
+    try:
+        yield client
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def publish_acknowledged(
+    client: mqtt.Client, topic: str, payload: bytes, *, retain: bool = False
+) -> None:
+    """Publish with QoS 1 and wait for the PUBACK, as a station's link does."""
+    info = client.publish(topic, payload, qos=1, retain=retain)
+    info.wait_for_publish(20)
+    assert info.is_published()
+
+
+@contextlib.contextmanager
+def running_collector(db: Path, settings: CollectorSettings) -> Iterator[Collector]:
+    """A started collector writing to the SQLite store ``db``, subscribed before it is
+    handed over (so nothing published next is missed), stopped and closed on exit."""
+    store = open_store(str(db))
+    collector = Collector(settings, store)
+    collector.start()
+    try:
+        assert collector.wait_subscribed(10), "the broker did not grant the subscriptions"
+        yield collector
+    finally:
+        collector.stop()
+        store.close()
+
+
+def identification_document() -> dict[str, Any]:
+    """A valid identification message as parsed JSON: the base that poison and fuzz
+    tests change one value of, so that only that value can be what a reader rejects."""
+    sha = "0" * 64
+    return {
+        "version": 1,
+        "device": "dev-a",
+        "station": "atk",
+        "seq": 1,
+        "captured_at": "2026-12-07T01:43:34.280300Z",
+        "status": "ok",
+        "label": "a",
+        "score": 0.9,
+        "top_k": [{"label": "a", "score": 0.9}, {"label": "b", "score": 0.1}],
+        "model": {"name": "r1", "version": "1", "sha256": sha},
+        "image": {"sha256": sha, "width": 64, "height": 48},
+        "quality": {"sharpness": 3.5, "exposure": 0.5},
+        "timings_ms": {"capture": 1.0, "quality": 1.0, "preprocess": 1.0, "inference": 1.0},
+    }
+
+
+def model_info_document() -> dict[str, Any]:
+    """A valid retained ``model`` message as parsed JSON (issue 15's reproduction before
+    its threshold was poisoned)."""
+    return {
+        "labels": ["a", "b"],
+        "loaded_at": "2026-12-07T01:43:34.280300Z",
+        "model": {"name": "r1", "sha256": "0" * 64, "version": "1"},
+        "runtime": {"name": "x", "version": "1"},
+        "signed": True,
+        "threshold": 0.5,
+        "version": 1,
+    }
