@@ -7,6 +7,7 @@ up the same way: a fix to how a test waits for the broker is then made once.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +18,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from fieldscope.collect.store import open_store
 from fieldscope.collect.subscriber import Collector, CollectorSettings
+from fieldscope.edge.bundle import MODEL_FILE, FileEntry, Manifest, Provenance, Quantization
+from fieldscope.edge.preprocess import PreprocessRecipe
 
 
 def wait_for(
@@ -116,3 +119,23 @@ def model_info_document() -> dict[str, Any]:
         "threshold": 0.5,
         "version": 1,
     }
+
+
+def manifest_document(
+    *, quantization: Quantization | None = None, preprocessing: PreprocessRecipe | None = None
+) -> dict[str, Any]:
+    """A valid bundle manifest as parsed JSON, for a bundle whose model file holds the
+    five bytes ``b"model"``: the base that poison and fuzz tests change one value of."""
+    return Manifest(
+        model_name="m",
+        model_version="1",
+        labels=("a", "b"),
+        input_shape=(1, 32, 32, 3),
+        input_dtype="uint8",
+        output_dtype="uint8",
+        quantization=quantization,
+        preprocessing=preprocessing or PreprocessRecipe(size=(32, 32)),
+        threshold=0.5,
+        provenance=Provenance(created_at="2026-11-02T10:15:00Z"),
+        files={MODEL_FILE: FileEntry(hashlib.sha256(b"model").hexdigest(), 5)},
+    ).to_dict()

@@ -27,15 +27,12 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
-from helpers import identification_document, model_info_document
+from helpers import identification_document, manifest_document, model_info_document
 
 from fieldscope.cli.main import main
 from fieldscope.edge.bundle import (
     MANIFEST_FILE,
     MODEL_FILE,
-    FileEntry,
-    Manifest,
-    Provenance,
     generate_keypair,
     read_bundle,
     verify_bundle,
@@ -160,19 +157,7 @@ def test_an_oversized_payload_is_refused_before_parsing() -> None:
 
 
 def _manifest(**changes: Any) -> dict[str, Any]:
-    data = Manifest(
-        model_name="m",
-        model_version="1",
-        labels=("a", "b"),
-        input_shape=(1, 32, 32, 3),
-        input_dtype="uint8",
-        output_dtype="uint8",
-        quantization=None,
-        preprocessing=RECIPE,
-        threshold=0.5,
-        provenance=Provenance(created_at="2026-11-02T10:15:00Z"),
-        files={MODEL_FILE: FileEntry(SHA, 5)},
-    ).to_dict()
+    data = manifest_document(preprocessing=RECIPE)
     data.update(changes)
     return data
 

@@ -10,7 +10,6 @@ repeated, the file truncated, and the header's width and height overwritten.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
@@ -23,16 +22,13 @@ import cv2
 import numpy as np
 import pytest
 from chaos_harness import FUZZ_SETTINGS, TallyOf
-from helpers import identification_document, model_info_document
+from helpers import identification_document, manifest_document, model_info_document
 from hypothesis import example, given
 from hypothesis import strategies as st
 
 from fieldscope.edge.bundle import (
     MANIFEST_FILE,
     MODEL_FILE,
-    FileEntry,
-    Manifest,
-    Provenance,
     Quantization,
     QuantParams,
     read_bundle,
@@ -217,19 +213,10 @@ def test_the_undamaged_seeds_decode() -> None:
 
 
 def _manifest_doc() -> dict[str, Any]:
-    return Manifest(
-        model_name="m",
-        model_version="1",
-        labels=("a", "b"),
-        input_shape=(1, 32, 32, 3),
-        input_dtype="uint8",
-        output_dtype="uint8",
+    return manifest_document(
         quantization=Quantization(QuantParams(0.5, 0), None),
         preprocessing=PreprocessRecipe(size=(32, 32), denoise="median"),
-        threshold=0.5,
-        provenance=Provenance(created_at="2026-11-02T10:15:00Z"),
-        files={MODEL_FILE: FileEntry(hashlib.sha256(b"model").hexdigest(), 5)},
-    ).to_dict()
+    )
 
 
 # Where a number goes: (document, path of keys).
