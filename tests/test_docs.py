@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 import subprocess
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from functools import cache
 from pathlib import Path
 from urllib.parse import unquote
@@ -127,11 +127,9 @@ def markdown_files() -> list[str]:
     return [name for name in repository_files() if name.endswith(".md")]
 
 
-def prose_lines(markdown: str) -> Iterable[tuple[int, str]]:
-    """(line number, line) outside fenced code blocks, with inline code spans removed.
-
-    Text in code is an example, not a link: ``d["files"](x)`` in a code block is Python.
-    """
+def lines_outside_fences(markdown: str) -> Iterator[tuple[int, str]]:
+    """(line number, line) of the lines outside fenced code blocks (``` or ~~~, closed
+    by a fence of the same character at least as long), the fences themselves left out."""
     fence: str | None = None
     for number, line in enumerate(markdown.splitlines(), 1):
         match = FENCE.match(line)
@@ -142,6 +140,15 @@ def prose_lines(markdown: str) -> Iterable[tuple[int, str]]:
             if line.strip().startswith(fence) and not line.strip().strip(fence[0]):
                 fence = None
             continue
+        yield number, line
+
+
+def prose_lines(markdown: str) -> Iterable[tuple[int, str]]:
+    """(line number, line) outside fenced code blocks, with inline code spans removed.
+
+    Text in code is an example, not a link: ``d["files"](x)`` in a code block is Python.
+    """
+    for number, line in lines_outside_fences(markdown):
         yield number, INLINE_CODE.sub(lambda m: " " * len(m.group(0)), line)
 
 
@@ -159,16 +166,7 @@ def anchors_of(relative: str) -> set[str]:
     text = text_of(relative) or ""
     seen: dict[str, int] = {}
     anchors: set[str] = set()
-    fence: str | None = None
-    for line in text.splitlines():
-        match = FENCE.match(line)
-        if fence is None and match:
-            fence = match.group(1)[0] * len(match.group(1))
-            continue
-        if fence is not None:
-            if line.strip().startswith(fence) and not line.strip().strip(fence[0]):
-                fence = None
-            continue
+    for _number, line in lines_outside_fences(text):
         anchors.update(HTML_ANCHOR.findall(line))
         heading = HEADING.match(line)
         if heading:
