@@ -123,6 +123,16 @@ def text_of(relative: str) -> str | None:
         return None
 
 
+def repository_text_lines() -> Iterator[tuple[str, int, str]]:
+    """(file, line number, line) of every text file of the repository but this one,
+    whose patterns would otherwise find themselves."""
+    for name in repository_files():
+        text = text_of(name) if name != SELF else None
+        if text is not None:
+            for number, line in enumerate(text.splitlines(), 1):
+                yield name, number, line
+
+
 def markdown_files() -> list[str]:
     return [name for name in repository_files() if name.endswith(".md")]
 
@@ -204,19 +214,15 @@ def link_problem(source: str, target: str) -> str | None:
 
 def test_nothing_refers_to_documents_or_paths_outside_the_repository() -> None:
     problems = []
-    for name in repository_files():
-        text = text_of(name) if name != SELF else None
-        if text is None:
-            continue
-        for number, line in enumerate(text.splitlines(), 1):
-            for pattern, what, allowed in OUTSIDE_REFERENCES:
-                found = pattern.search(line)
-                if found and name not in allowed:
-                    problems.append(
-                        f"{name}:{number}: {found.group(0)!r} is {what}; point to "
-                        f"{ARCHITECTURE} (a section: {ARCHITECTURE}#<anchor>) or another "
-                        "file in the repository instead"
-                    )
+    for name, number, line in repository_text_lines():
+        for pattern, what, allowed in OUTSIDE_REFERENCES:
+            found = pattern.search(line)
+            if found and name not in allowed:
+                problems.append(
+                    f"{name}:{number}: {found.group(0)!r} is {what}; point to "
+                    f"{ARCHITECTURE} (a section: {ARCHITECTURE}#<anchor>) or another "
+                    "file in the repository instead"
+                )
     assert not problems, "\n".join(problems)
 
 
@@ -239,19 +245,15 @@ def test_every_relative_markdown_link_resolves() -> None:
 def test_every_named_section_of_our_docs_exists() -> None:
     """``docs/architecture.md#layout`` in a docstring must lead to that section."""
     problems = []
-    for name in repository_files():
-        text = text_of(name) if name != SELF else None
-        if text is None:
-            continue
-        for number, line in enumerate(text.splitlines(), 1):
-            for document, anchor in DOC_SECTION.findall(line):
-                if document not in repository_files():
-                    problems.append(f"{name}:{number}: {document} is not in the repository")
-                elif anchor not in anchors_of(document):
-                    problems.append(
-                        f"{name}:{number}: {document} has no section #{anchor} "
-                        f"(it has: {', '.join(sorted(anchors_of(document)))})"
-                    )
+    for name, number, line in repository_text_lines():
+        for document, anchor in DOC_SECTION.findall(line):
+            if document not in repository_files():
+                problems.append(f"{name}:{number}: {document} is not in the repository")
+            elif anchor not in anchors_of(document):
+                problems.append(
+                    f"{name}:{number}: {document} has no section #{anchor} "
+                    f"(it has: {', '.join(sorted(anchors_of(document)))})"
+                )
     assert not problems, "\n".join(problems)
 
 
