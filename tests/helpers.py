@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -60,6 +62,22 @@ def mqtt_client(
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+def run_fieldscope(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run the ``fieldscope`` command line as a user does, in a process of its own (what
+    native code prints goes past Python), and capture what it prints as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "fieldscope.cli", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env=env,
+    )
 
 
 def publish_acknowledged(

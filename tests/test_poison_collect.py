@@ -17,7 +17,13 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 from conftest import Broker
-from helpers import mqtt_client, publish_acknowledged, running_collector, wait_for
+from helpers import (
+    mqtt_client,
+    publish_acknowledged,
+    run_fieldscope,
+    running_collector,
+    wait_for,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -346,8 +352,6 @@ def test_a_broker_killed_with_an_offline_collectors_queue_shows_as_a_seq_gap(
     shown on the dashboard and listed by ``fieldscope collect gaps``."""
     import logging
     import signal
-    import subprocess
-    import sys
 
     from conftest import start_mosquitto, stop_mosquitto
 
@@ -402,13 +406,7 @@ def test_a_broker_killed_with_an_offline_collectors_queue_shows_as_a_seq_gap(
     assert status == 200
     assert 'data-missing="30"' in page
     assert f"seq {base + 10}..{base + 39}" in page
-    cli = subprocess.run(
-        [sys.executable, "-m", "fieldscope.cli", "collect", "gaps", "--db", str(db)],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    cli = run_fieldscope("collect", "gaps", "--db", str(db), timeout=60)
     assert cli.returncode == 1, cli.stderr
     assert f"atk/dev-a: seq {base + 10}..{base + 39} missing (30)" in cli.stdout
 
