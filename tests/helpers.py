@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
+import os
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import paho.mqtt.client as mqtt
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from fieldscope.cli.main import main
 from fieldscope.collect.store import open_store
 from fieldscope.collect.subscriber import Collector, CollectorSettings
 from fieldscope.edge.bundle import MODEL_FILE, FileEntry, Manifest, Provenance, Quantization
@@ -78,6 +83,32 @@ def run_fieldscope(
         cwd=cwd,
         env=env,
     )
+
+
+@dataclass(frozen=True)
+class CliOutcome:
+    """What a command-line run in this process returned and printed."""
+
+    code: int
+    out: str
+    err: str
+
+
+def run_main(argv: list[str]) -> CliOutcome:
+    """Run the ``fieldscope`` command line in this process, capturing what it prints:
+    cheaper than a subprocess for commands that load TensorFlow anyway."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return CliOutcome(code, out.getvalue(), err.getvalue())
+
+
+def missing_in_ci(reason: str) -> NoReturn:
+    """Skip a test whose outside input (real images, weights) is missing here, but fail
+    it under CI (``CI=true``), where a skip would hide that nothing was checked."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (CI must provide it)")
+    pytest.skip(reason)
 
 
 def publish_acknowledged(
