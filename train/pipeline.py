@@ -120,6 +120,10 @@ def resume_run(
     record = run.read_record()
     if record.status == "complete" and run.summary_file.exists():
         return run.read_summary(), False
+    if record.data_dir is None:
+        raise TrainError(
+            f"{run.run_file} does not say where the images are (no data_dir); start a new run"
+        )
     config = TrainConfig.from_dict(run.read_config_tree(), source=str(run.config_file))
     check_weights_available(config)
     summary = _continue(

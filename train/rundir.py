@@ -102,7 +102,8 @@ class RunDirError(FieldscopeError):
 class RunRecord(msgspec.Struct, frozen=True, kw_only=True):
     """``run.json``: where the data came from, how far the run got, and with what."""
 
-    data_dir: str
+    # None only in hand-made or very old records; convert reads split.json's data_dir.
+    data_dir: str | None = None
     status: Literal["training", "complete"]
     folds: Annotated[int, msgspec.Meta(ge=0)] = 0
     fold: int | None = None
