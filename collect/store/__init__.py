@@ -29,6 +29,14 @@ from urllib.parse import unquote
 
 from fieldscope.collect.store.base import Store
 from fieldscope.collect.store.dialects import PostgresStore, SqliteStore
+from fieldscope.collect.store.reviews import (
+    NOT_A_TAXON,
+    REVIEW_STATUSES,
+    AnnotationError,
+    AnnotationRow,
+    NoSuchIdentification,
+    QueueItem,
+)
 from fieldscope.collect.store.rows import (
     BUSY_TIMEOUT_S,
     DEFAULT_DB,
@@ -47,6 +55,12 @@ from fieldscope.collect.store.rows import (
 
 __all__ = [
     "BUSY_TIMEOUT_S",
+    "NOT_A_TAXON",
+    "REVIEW_STATUSES",
+    "AnnotationError",
+    "AnnotationRow",
+    "NoSuchIdentification",
+    "QueueItem",
     "DEFAULT_DB",
     "MAX_GAP",
     "RECORD_COLUMNS",

@@ -19,12 +19,13 @@ from fieldscope.collect.store.rows import (
     StoreError,
     _Where,
 )
+from fieldscope.collect.store.reviews import ReviewStore
 from fieldscope.collect.store.writer import StoreWriter
 
 # --- the store ---------------------------------------------------------------------------------
 
 
-class Store(StoreWriter):
+class Store(StoreWriter, ReviewStore):
     """One connection to the collector's database; not thread-safe (one per thread).
 
     Create with :func:`open_store`. Use as a context manager or call :meth:`close`.
@@ -54,11 +55,19 @@ class Store(StoreWriter):
             finally:
                 cur.close()
 
+    def _write_one(self, sql: str, params: Sequence[Any]) -> Any:
+        """Run one ``INSERT ... RETURNING`` in its own transaction; the value returned."""
+        with self._guard("write"), self._transaction() as cur:
+            cur.execute(self._sql(sql), list(params))
+            return cur.fetchone()[0]
+
     def _check_version(self, cur: Any) -> None:
         cur.execute("SELECT version FROM fieldscope_schema")
         rows = cur.fetchall()
         if not rows:
-            cur.execute(self._sql("INSERT INTO fieldscope_schema (version) VALUES (?)"), [1])
+            cur.execute(
+                self._sql("INSERT INTO fieldscope_schema (version) VALUES (?)"), [SCHEMA_VERSION]
+            )
             return
         version = int(rows[0][0])
         if version > SCHEMA_VERSION:
@@ -66,6 +75,9 @@ class Store(StoreWriter):
                 f"{self.url}: the database has schema version {version}, this fieldscope "
                 f"knows up to {SCHEMA_VERSION}; upgrade fieldscope"
             )
+        if version < SCHEMA_VERSION:
+            # The schema script (IF NOT EXISTS) has just added the newer tables.
+            cur.execute(self._sql("UPDATE fieldscope_schema SET version = ?"), [SCHEMA_VERSION])
 
     # Reading --------------------------------------------------------------------------------
 
