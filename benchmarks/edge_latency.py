@@ -367,7 +367,7 @@ def main() -> int:
             raise SystemExit(f"edge_latency: {exc}") from exc
         what = data.pop("what")
         print(f"model: {what}", flush=True)
-        keras_file = work / "model.keras"
+        keras_file = work / "measured.keras"
         model.save(keras_file)
         image = work / "image.npy"
         np.save(image, data["eval_images"][0])

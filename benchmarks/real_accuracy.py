@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import logging
 import math
 import os
@@ -47,6 +46,8 @@ from typing import Any
 
 import numpy as np
 from _machine import Figure, Goal, Report, add_common_args, positive_int
+
+from fieldscope.train.rundir import RunDir
 
 HERE = Path(__file__).resolve().parent
 # The NDSB sample lies beside the repository (never copied into it); FIELDSCOPE_NDSB24
@@ -70,13 +71,13 @@ def _cli(argv: list[str]) -> None:
 
 
 def _split_files(run: Path) -> dict[str, tuple[list[Path], np.ndarray]]:
-    split = json.loads((run / "split.json").read_text())
-    root = Path(split["data_dir"])
-    index = {name: i for i, name in enumerate(split["labels"])}
+    split = RunDir(run).read_split()
+    root = Path(split.data_dir)
+    index = {name: i for i, name in enumerate(split.labels)}
     return {
         part: (
-            [root / item["path"] for item in split[part]],
-            np.asarray([index[item["label"]] for item in split[part]]),
+            [root / item.path for item in getattr(split, part)],
+            np.asarray([index[item.label] for item in getattr(split, part)]),
         )
         for part in ("train", "val", "test")
     }
@@ -234,9 +235,7 @@ def fieldscope_default(
             "precision_accepted": float(np.mean(pred[accepted] == y[accepted]))
             if accepted.any()
             else math.nan,
-            "target_precision": float(
-                json.loads((run / "config.json").read_text())["target_precision"]
-            ),
+            "target_precision": float(RunDir(run).read_config().target_precision or 0.0),
             "seconds": seconds,
         },
         run,
@@ -425,7 +424,7 @@ def main() -> int:
         data = _quick_data(args.data, work) if args.quick else args.data
         for seed in seeds:
             run = work / f"run-{seed}"
-            if "ours" in args.parts or not (run / "split.json").exists():
+            if "ours" in args.parts or not RunDir(run).split_file.exists():
                 print(f"seed {seed}: fieldscope train + convert ...", flush=True)
                 shutil.rmtree(run, ignore_errors=True)
                 shutil.rmtree(work / f"bundle-{seed}", ignore_errors=True)

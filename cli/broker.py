@@ -212,19 +212,7 @@ def start_broker(kind: BrokerKind, workdir: Path, *, host: str = "127.0.0.1") ->
         MissingDependencyError: the embedded broker is needed and amqtt is not installed.
         BrokerError: the broker exited or did not listen in time.
     """
-    if kind not in BROKER_KINDS:
-        raise ConfigError(f"--broker must be one of {', '.join(BROKER_KINDS)}, got {kind!r}")
-    binary = find_mosquitto() if kind in ("auto", "mosquitto") else None
-    if kind == "mosquitto" and binary is None:
-        raise ConfigError(
-            "--broker mosquitto: no mosquitto binary on PATH nor in /usr/sbin; install it "
-            "(sudo apt-get install mosquitto) or use --broker embedded"
-        )
-    if binary is None and importlib.util.find_spec("amqtt") is None:
-        raise MissingDependencyError(
-            "no mosquitto is installed and the embedded broker needs amqtt: "
-            "pip install 'fieldscope[demo]' (or sudo apt-get install mosquitto)"
-        )
+    binary = _broker_binary(kind)
     workdir.mkdir(parents=True, exist_ok=True)
     name: Literal["mosquitto", "embedded"] = "mosquitto" if binary else "embedded"
     log = workdir / f"{name}.log"
@@ -241,17 +229,7 @@ def start_broker(kind: BrokerKind, workdir: Path, *, host: str = "127.0.0.1") ->
         else:
             command = _embedded_command(host, port, ready_file)
             ready = ready_file.exists
-        with log.open("ab") as fh:
-            try:
-                process = subprocess.Popen(
-                    command,
-                    stdin=subprocess.DEVNULL,
-                    stdout=fh,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            except OSError as exc:
-                raise BrokerError(f"cannot start {command[0]}: {exc.strerror or exc}") from exc
+        process = _spawn(command, log)
         if _wait_ready(process, ready, f"{host}:{port}", log, _START_TIMEOUT_S):
             return RunningBroker(
                 kind=name,
@@ -266,6 +244,39 @@ def start_broker(kind: BrokerKind, workdir: Path, *, host: str = "127.0.0.1") ->
         f"the MQTT broker ({name}) exited at start {_PORT_TRIES} times "
         f"(log {log}: {_log_tail(log) or 'empty'})"
     )
+
+
+def _broker_binary(kind: BrokerKind) -> str | None:
+    """The mosquitto binary to run, or None for the embedded broker (checked to exist)."""
+    if kind not in BROKER_KINDS:
+        raise ConfigError(f"--broker must be one of {', '.join(BROKER_KINDS)}, got {kind!r}")
+    binary = find_mosquitto() if kind in ("auto", "mosquitto") else None
+    if kind == "mosquitto" and binary is None:
+        raise ConfigError(
+            "--broker mosquitto: no mosquitto binary on PATH nor in /usr/sbin; install it "
+            "(sudo apt-get install mosquitto) or use --broker embedded"
+        )
+    if binary is None and importlib.util.find_spec("amqtt") is None:
+        raise MissingDependencyError(
+            "no mosquitto is installed and the embedded broker needs amqtt: "
+            "pip install 'fieldscope[demo]' (or sudo apt-get install mosquitto)"
+        )
+    return binary
+
+
+def _spawn(command: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """Start the broker in its own session, its output appended to ``log``."""
+    with log.open("ab") as fh:
+        try:
+            return subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise BrokerError(f"cannot start {command[0]}: {exc.strerror or exc}") from exc
 
 
 # --- the embedded broker's own process -------------------------------------------------------

@@ -115,6 +115,23 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
+def _latencies(timings: Mapping[str, list[float]], delivery: list[float]) -> list[StageLatency]:
+    """Median and 95th percentile of each station stage, then of the delivery."""
+    names = {"total": "total (station)"}
+    latency = [
+        StageLatency(names.get(stage, stage), percentile(v, 0.5), percentile(v, 0.95))
+        for stage, v in timings.items()
+        if v
+    ]
+    if delivery:
+        latency.append(
+            StageLatency(
+                "capture → collector", percentile(delivery, 0.5), percentile(delivery, 0.95)
+            )
+        )
+    return latency
+
+
 def summarise(rows: Sequence[IdentificationRow], truth: Mapping[str, str]) -> DemoSummary:
     """Join stored identifications to ``truth`` (image sha256 → species) and count.
 
@@ -145,18 +162,7 @@ def summarise(rows: Sequence[IdentificationRow], truth: Mapping[str, str]) -> De
             correct += int(species is not None and row.label == species)
         else:
             uncertain += 1
-    names = {"total": "total (station)"}
-    latency = [
-        StageLatency(names.get(stage, stage), percentile(v, 0.5), percentile(v, 0.95))
-        for stage, v in timings.items()
-        if v
-    ]
-    if delivery:
-        latency.append(
-            StageLatency(
-                "capture → collector", percentile(delivery, 0.5), percentile(delivery, 0.95)
-            )
-        )
+    latency = _latencies(timings, delivery)
     return DemoSummary(
         images=len(truth),
         stored=len(rows),

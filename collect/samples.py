@@ -40,6 +40,34 @@ def demo_model(name: str = "protists-mnv2", version: str = "1.2.0") -> ModelRef:
     return ModelRef(name, version, digest)
 
 
+def _rejected(
+    device: str,
+    station: str,
+    seq: int,
+    *,
+    when: datetime,
+    model: ModelRef,
+    image: ImageRef,
+    reason: str | None,
+) -> Identification:
+    """A message the quality gate rejected: no label, score or top-k; its reason."""
+    return Identification(
+        device=device,
+        station=station,
+        seq=seq,
+        captured_at=when,
+        label=None,
+        score=None,
+        top_k=(),
+        status=Status.REJECTED,
+        model=model,
+        image=image,
+        timings_ms=Timings(12.5, 1.2, 0.0, 0.0, 14.0),
+        quality=Quality(sharpness=12.0, exposure=0.45),
+        reason=reason or "too blurry: sharpness 12.0 < 50.0",
+    )
+
+
 def sample_identification(
     seq: int,
     *,
@@ -66,21 +94,8 @@ def sample_identification(
     )
     timings = Timings(12.5, 1.2, 3.4, 2.1, 21.0)
     if status is Status.REJECTED:
-        return Identification(
-            device=device,
-            station=station,
-            seq=seq,
-            captured_at=when,
-            label=None,
-            score=None,
-            top_k=(),
-            status=status,
-            model=model or demo_model(),
-            image=image,
-            timings_ms=Timings(12.5, 1.2, 0.0, 0.0, 14.0),
-            quality=Quality(sharpness=12.0, exposure=0.45),
-            reason=reason or "too blurry: sharpness 12.0 < 50.0",
-        )
+        model = model or demo_model()
+        return _rejected(device, station, seq, when=when, model=model, image=image, reason=reason)
     top = label or labels[0]
     others = [c for c in labels if c != top][:2]
     rest = round((1.0 - score) / max(len(others), 1), 6)
@@ -103,6 +118,19 @@ def sample_identification(
     )
 
 
+def _draw(
+    rng: random.Random, labels: Sequence[str], weights: Sequence[int]
+) -> tuple[str | None, float, str | None]:
+    """(label, score, status) of one message of a day: 8 % uncertain, 3 % rejected."""
+    roll = rng.random()
+    if roll < 0.08:
+        return None, round(rng.uniform(0.35, 0.59), 3), None
+    if roll < 0.11:
+        return None, 0.91, "rejected"  # a rejection carries neither label nor score
+    label = rng.choices(list(labels), weights)[0]
+    return label, round(rng.uniform(0.62, 0.99), 3), None
+
+
 def sample_day(
     device: str,
     station: str,
@@ -119,46 +147,21 @@ def sample_day(
     weights = [8, 5, 3, 2, 2, 1, 1, 1][: len(labels)] + [1] * max(0, len(labels) - 8)
     out = []
     for i in range(count):
+        seq = first_seq + i
         when = start + timedelta(seconds=rng.uniform(0, 86_400))
-        roll = rng.random()
-        if roll < 0.08:
-            out.append(
-                sample_identification(
-                    first_seq + i,
-                    device=device,
-                    station=station,
-                    labels=labels,
-                    label=None,
-                    score=round(rng.uniform(0.35, 0.59), 3),
-                    captured_at=when,
-                )
-            )
-            continue
-        if roll < 0.11:
-            out.append(
-                sample_identification(
-                    first_seq + i,
-                    device=device,
-                    station=station,
-                    labels=labels,
-                    status="rejected",
-                    captured_at=when,
-                )
-            )
-            continue
-        label = rng.choices(list(labels), weights)[0]
-        day = when.strftime("%Y-%m-%d")
-        path = (
-            f"/var/lib/fieldscope/archive/{day}/{device}-{first_seq + i}.png" if archived else None
-        )
+        label, score, status = _draw(rng, labels, weights)
+        path = None
+        if archived and status is None and label is not None:
+            path = f"/var/lib/fieldscope/archive/{when:%Y-%m-%d}/{device}-{seq}.png"
         out.append(
             sample_identification(
-                first_seq + i,
+                seq,
                 device=device,
                 station=station,
                 labels=labels,
                 label=label,
-                score=round(rng.uniform(0.62, 0.99), 3),
+                score=score,
+                status=status,
                 captured_at=when,
                 archived_path=path,
             )

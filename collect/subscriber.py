@@ -118,7 +118,7 @@ class CollectorSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
                 shared(self.share_group, "x")
             except TopicError as exc:
                 out.append(("share_group", str(exc)))
-        out.extend((f"broker.{key}", message) for key, message in self.broker.problems())
+        out.extend((f"broker.{key}", message) for key, message in self.broker.all_problems())
         return out
 
     def check(self) -> None:

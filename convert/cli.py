@@ -32,6 +32,13 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     p.add_argument("--out", type=Path, required=True, metavar="BUNDLE_DIR", help="bundle folder")
+    _add_convert_arguments(p)
+    p.set_defaults(handler=_convert)
+    _register_keys(subparsers)
+
+
+def _add_convert_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``fieldscope convert`` besides RUN_DIR and --out."""
     p.add_argument(
         "--quantize",
         choices=_MODES,
@@ -79,8 +86,9 @@ def register(subparsers: Any) -> None:
         "blames are then kept in float)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
-    p.set_defaults(handler=_convert)
 
+
+def _register_keys(subparsers: Any) -> None:
     k = subparsers.add_parser("keys", help="make ed25519 key pairs for signing bundles")
     keys_sub = k.add_subparsers(dest="keys_command", metavar="ACTION")
     keys_sub.required = True

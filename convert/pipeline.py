@@ -311,8 +311,92 @@ def convert_model(
             ``allow_newer_runtime``).
         FidelityError: the accuracy drop exceeds ``max_accuracy_drop``.
     """
+    y, eval_images, calibration = _checked_inputs(
+        keras_model,
+        labels=labels,
+        recipe=recipe,
+        quantize=quantize,
+        max_accuracy_drop=max_accuracy_drop,
+        calibration_images=calibration_images,
+        eval_images=eval_images,
+        eval_labels=eval_labels,
+    )
+    with tempfile.TemporaryDirectory(prefix="fieldscope-convert-") as tmp:
+        work = _Work(Path(tmp), keras_model, labels, recipe, quantize, eval_images, y, progress)
+        work.allow_newer_runtime = allow_newer_runtime
+        best, second = _convert_with_fallback(work, calibration, float_fallback, max_accuracy_drop)
+    check_accuracy_drop(best.fidelity, max_accuracy_drop)
+    return _result(work, best, second, calibration, max_accuracy_drop)
+
+
+def _convert_with_fallback(
+    work: _Work, calibration: np.ndarray | None, float_fallback: bool, max_accuracy_drop: float
+) -> tuple[_Checked, dict[str, Any] | None]:
+    """The best candidate (int8, or int8 with float layers) and the second runtime's check."""
+    saved, best = _convert_and_check(work, calibration)
+    if float_fallback and calibration is not None:
+        best = _float_fallback(
+            best,
+            saved,
+            calibration,
+            work.fidelity_of,
+            max_accuracy_drop=max_accuracy_drop,
+            allow_newer_runtime=work.allow_newer_runtime,
+            progress=work.progress,
+        )
+    second = second_runtime_agreement(
+        best.staged.model_path, work.eval_images, best.edge_probs, work.output
+    )
+    if second is not None:
+        _note(work.progress, f"tflite-runtime 2.14 against {best.runtime.name}: {second}")
+    return best, second
+
+
+def _result(
+    work: _Work,
+    best: _Checked,
+    second: dict[str, Any] | None,
+    calibration: np.ndarray | None,
+    max_accuracy_drop: float,
+) -> ConversionResult:
+    """The conversion's outcome, with the runtimes that can run the chosen model."""
     import tensorflow as tf
 
+    runtime = best.runtime
+    litert = runtime.version if runtime.name == "ai_edge_litert" else None
+    runtimes = min_runtime(best.operators, litert_version=litert, tensorflow_version=tf.__version__)
+    if work.quantize == "int8" and runtimes.pop("tflite_runtime", None) is not None:
+        second = {**(second or {"runtime": "tflite_runtime 2.14"}), "refused": INT8_NEEDS_LITERT}
+        _note(work.progress, "min_runtime leaves tflite_runtime out: " + INT8_NEEDS_LITERT)
+    return ConversionResult(
+        model=best.model,
+        quantize=work.quantize,
+        labels=tuple(work.labels),
+        recipe=work.recipe,
+        fidelity=best.fidelity,
+        operators=best.operators,
+        min_runtime=runtimes,
+        calibration_images=0 if calibration is None else len(calibration),
+        max_accuracy_drop=float(max_accuracy_drop),
+        converter=f"tensorflow {tf.__version__}",
+        output=work.output,
+        float_layers=best.float_layers,
+        second_runtime=second,
+    )
+
+
+def _checked_inputs(
+    keras_model: Any,
+    *,
+    labels: Sequence[str],
+    recipe: PreprocessRecipe,
+    quantize: str,
+    max_accuracy_drop: float,
+    calibration_images: np.ndarray | None,
+    eval_images: np.ndarray,
+    eval_labels: Sequence[int] | np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Labels, test images and calibration images, checked before any slow work."""
     if quantize not in QUANTIZE_MODES:
         raise ConversionError(
             f"unknown quantisation mode {quantize!r} (choose one of {', '.join(QUANTIZE_MODES)})"
@@ -326,85 +410,65 @@ def convert_model(
         if calibration_images is None or len(calibration_images) == 0:
             raise ConversionError("int8 quantisation needs calibration images; none were given")
         calibration = _check_images("calibration images", calibration_images, recipe)
+    return y, eval_images, calibration
 
-    with tempfile.TemporaryDirectory(prefix="fieldscope-convert-") as tmp:
-        work = Path(tmp)
-        _note(progress, "exporting the Keras model as a SavedModel")
-        exported, output = logits_model(keras_model)
-        saved = export_saved_model(exported, work / "saved_model")
-        what = (
-            f" (calibrating on {len(calibration)} training images)"
-            if calibration is not None
-            else ""
+
+@dataclass
+class _Work:
+    """One conversion's scratch folder and what every candidate model is checked against."""
+
+    folder: Path
+    keras_model: Any
+    labels: Sequence[str]
+    recipe: PreprocessRecipe
+    quantize: str
+    eval_images: np.ndarray
+    y: np.ndarray
+    progress: Progress | None
+    output: str | None = None
+    keras_probs: np.ndarray | None = None
+    allow_newer_runtime: bool = False
+
+    def fidelity_of(self, candidate: bytes, name: str) -> _Checked:
+        """Stage ``candidate`` as a bundle and compare the edge's answers with Keras's."""
+        assert self.keras_probs is not None
+        staged = write_bundle(
+            self.folder / name,
+            candidate,
+            model_name="fidelity-check",
+            model_version="0",
+            labels=self.labels,
+            preprocessing=self.recipe,
+            output=self.output,
         )
-        _note(progress, f"converting to TFLite {quantize}{what}")
-        model = convert_saved_model(saved, quantize, calibration)
-        operators = read_operators(model)
-        check_edge_compatible(operators, require_tflite_runtime=not allow_newer_runtime)
-
-        _note(progress, f"checking fidelity on {len(eval_images)} test images")
-        keras_probs = keras_probabilities(keras_model, eval_images)
-
-        def fidelity_of(candidate: bytes, name: str) -> _Checked:
-            staged = write_bundle(
-                work / name,
-                candidate,
-                model_name="fidelity-check",
-                model_version="0",
-                labels=labels,
-                preprocessing=recipe,
-                output=output,
-            )
-            edge_probs, used = edge_probabilities(staged, eval_images)
-            result = compare(
-                keras_probs, edge_probs, y, quantize=quantize, runtime=f"{used.name} {used.version}"
-            )
-            return _Checked(candidate, read_operators(candidate), result, used, staged, edge_probs)
-
-        best = fidelity_of(model, "fidelity-check")
-        _note(progress, best.fidelity.summary())
-        if float_fallback and calibration is not None:
-            best = _float_fallback(
-                best,
-                saved,
-                calibration,
-                fidelity_of,
-                max_accuracy_drop=max_accuracy_drop,
-                allow_newer_runtime=allow_newer_runtime,
-                progress=progress,
-            )
-        model, operators, fidelity, runtime = (
-            best.model,
-            best.operators,
-            best.fidelity,
-            best.runtime,
+        edge_probs, used = edge_probabilities(staged, self.eval_images)
+        result = compare(
+            self.keras_probs,
+            edge_probs,
+            self.y,
+            quantize=self.quantize,
+            runtime=f"{used.name} {used.version}",
         )
-        staged, edge_probs, float_layers = best.staged, best.edge_probs, best.float_layers
-        second = second_runtime_agreement(staged.model_path, eval_images, edge_probs, output)
-        if second is not None:
-            _note(progress, f"tflite-runtime 2.14 against {runtime.name}: {second}")
-    check_accuracy_drop(fidelity, max_accuracy_drop)
+        return _Checked(candidate, read_operators(candidate), result, used, staged, edge_probs)
 
-    litert = runtime.version if runtime.name == "ai_edge_litert" else None
-    runtimes = min_runtime(operators, litert_version=litert, tensorflow_version=tf.__version__)
-    if quantize == "int8" and runtimes.pop("tflite_runtime", None) is not None:
-        second = {**(second or {"runtime": "tflite_runtime 2.14"}), "refused": INT8_NEEDS_LITERT}
-        _note(progress, "min_runtime leaves tflite_runtime out: " + INT8_NEEDS_LITERT)
-    return ConversionResult(
-        model=model,
-        quantize=quantize,
-        labels=tuple(labels),
-        recipe=recipe,
-        fidelity=fidelity,
-        operators=operators,
-        min_runtime=runtimes,
-        calibration_images=0 if calibration is None else len(calibration),
-        max_accuracy_drop=float(max_accuracy_drop),
-        converter=f"tensorflow {tf.__version__}",
-        output=output,
-        float_layers=float_layers,
-        second_runtime=second,
+
+def _convert_and_check(work: _Work, calibration: np.ndarray | None) -> tuple[Path, _Checked]:
+    """Export, convert, check the operators and the fidelity; the SavedModel and result."""
+    _note(work.progress, "exporting the Keras model as a SavedModel")
+    exported, work.output = logits_model(work.keras_model)
+    saved = export_saved_model(exported, work.folder / "saved_model")
+    what = (
+        f" (calibrating on {len(calibration)} training images)" if calibration is not None else ""
     )
+    _note(work.progress, f"converting to TFLite {work.quantize}{what}")
+    model = convert_saved_model(saved, work.quantize, calibration)
+    operators = read_operators(model)
+    check_edge_compatible(operators, require_tflite_runtime=not work.allow_newer_runtime)
+    _note(work.progress, f"checking fidelity on {len(work.eval_images)} test images")
+    work.keras_probs = keras_probabilities(work.keras_model, work.eval_images)
+    best = work.fidelity_of(model, "fidelity-check")
+    _note(work.progress, best.fidelity.summary())
+    return saved, best
 
 
 def check_output_dir(out_dir: Path, *, overwrite: bool = False) -> None:
@@ -449,21 +513,14 @@ def write_converted_bundle(
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.convert-", dir=out.parent))
     try:
         staged = staging / "bundle"
-        write_bundle(
+        _stage(
             staged,
-            result.model,
+            result,
             model_name=model_name,
             model_version=model_version,
-            labels=result.labels,
-            preprocessing=result.recipe,
             threshold=threshold,
-            provenance=Provenance(
-                source_run=source_run,
-                training_metrics=dict(training_metrics or {}),
-                fidelity=result.provenance_fidelity(),
-            ),
-            min_runtime=result.min_runtime,
-            output=result.output,
+            source_run=source_run,
+            training_metrics=training_metrics,
         )
         if sign_key is not None:
             sign_bundle(staged, sign_key)
@@ -475,6 +532,35 @@ def write_converted_bundle(
         shutil.rmtree(staging, ignore_errors=True)
     log.info("wrote bundle %s", out)
     return read_bundle(out)
+
+
+def _stage(
+    staged: Path,
+    result: ConversionResult,
+    *,
+    model_name: str,
+    model_version: str,
+    threshold: float,
+    source_run: str | None,
+    training_metrics: Mapping[str, Any] | None,
+) -> None:
+    """Write the bundle into the staging folder, with the run and fidelity it came from."""
+    write_bundle(
+        staged,
+        result.model,
+        model_name=model_name,
+        model_version=model_version,
+        labels=result.labels,
+        preprocessing=result.recipe,
+        threshold=threshold,
+        provenance=Provenance(
+            source_run=source_run,
+            training_metrics=dict(training_metrics or {}),
+            fidelity=result.provenance_fidelity(),
+        ),
+        min_runtime=result.min_runtime,
+        output=result.output,
+    )
 
 
 def _move_into_place(new: Path, target: Path) -> None:

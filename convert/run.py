@@ -3,8 +3,9 @@
 It reads what ``fieldscope train`` recorded, and nothing is re-derived: labels from
 ``labels.json``, the preprocessing recipe from ``config.json``, which files are train and
 test from ``split.json``, the decision threshold and test metrics from ``metrics.json``,
-the model from ``model.keras``. convert/ imports only edge/ (docs/architecture.md#layout),
-so this is its own small reader of those JSON files, not ``fieldscope.train``'s.
+the model from ``model.keras``. convert/ imports edge/ and, of train/, only the run
+folder's TensorFlow-free reader :mod:`fieldscope.train.rundir` (docs/architecture.md#layout),
+so both sides agree on the files and their format.
 
 Images are decoded and preprocessed afresh by the edge's own
 :func:`~fieldscope.edge.preprocess.load_and_preprocess`, not read from the training
@@ -13,9 +14,8 @@ cache, so calibration and the fidelity check see exactly the pixels a Pi would.
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,7 +37,14 @@ from fieldscope.convert.quantize import QUANTIZE_MODES, stratified_sample
 from fieldscope.edge.bundle import Bundle
 from fieldscope.edge.errors import ImageDecodeError, MissingDependencyError, RecipeError
 from fieldscope.edge.preprocess import PreprocessRecipe, load_and_preprocess
-from fieldscope.edge.recipe import recipe_from_saved
+from fieldscope.train.rundir import (
+    LABELS_FILE,
+    METRICS_FILE,
+    MetricsRecord,
+    RunDir,
+    SplitEntry,
+    StoredConfig,
+)
 
 __all__ = [
     "DEFAULT_CALIBRATION_IMAGES",
@@ -69,41 +76,27 @@ class TrainingRun:
     seed: int = 0
 
 
-def _read_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConversionError(
-            f"{path} is missing ({what}); is {path.parent} a finished fieldscope training run?"
-        ) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConversionError(f"cannot read {path} ({what}): {exc}") from exc
-
-
 def _split_part(
-    split: Mapping[str, Any], name: str, root: Path, labels: tuple[str, ...], where: Path
+    items: Sequence[SplitEntry], name: str, root: Path, labels: tuple[str, ...], where: Path
 ) -> tuple[tuple[Path, int], ...]:
     index = {label: i for i, label in enumerate(labels)}
-    items = split.get(name)
-    if not isinstance(items, list):
-        raise ConversionError(f"{where} has no {name!r} list of files")
     out: list[tuple[Path, int]] = []
     for item in items:
-        try:
-            path, label = Path(item["path"]), item["label"]
-        except (KeyError, TypeError) as exc:
-            raise ConversionError(f"{where}: a {name} entry lacks 'path' or 'label'") from exc
-        if label not in index:
+        path = Path(item.path)
+        if item.label not in index:
             raise ConversionError(
-                f"{where}: {name} file {path} has label {label!r}, which is not in labels.json"
+                f"{where}: {name} file {path} has label {item.label!r}, which is not in "
+                f"{LABELS_FILE}"
             )
-        out.append((path if path.is_absolute() else root / path, index[label]))
+        out.append((path if path.is_absolute() else root / path, index[item.label]))
     return tuple(out)
 
 
-def _test_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+def _test_metrics(metrics: MetricsRecord | None) -> dict[str, Any]:
     """The headline figures of the run (for the manifest), without per-image detail."""
-    test = metrics.get("splits", {}).get("test", {})
+    if metrics is None:
+        return {}
+    test = metrics.splits.get("test", {})
     summary = {
         f"test_{key}": test[key]
         for key in ("accuracy", "macro_f1", "top_k_accuracy", "ece", "n_samples")
@@ -111,13 +104,54 @@ def _test_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
     }
     if "top_k" in test:
         summary["top_k"] = test["top_k"]
-    threshold = metrics.get("threshold")
-    if isinstance(threshold, Mapping):
-        # Precision and coverage of the accepted validation predictions at the threshold.
-        for key in ("threshold", "precision", "coverage", "reached", "target_precision"):
-            if key in threshold:
-                summary["threshold" if key == "threshold" else f"threshold_{key}"] = threshold[key]
+    threshold = metrics.threshold or {}
+    # Precision and coverage of the accepted validation predictions at the threshold.
+    for key in ("threshold", "precision", "coverage", "reached", "target_precision"):
+        if key in threshold:
+            summary["threshold" if key == "threshold" else f"threshold_{key}"] = threshold[key]
     return summary
+
+
+def _check_finished(run: RunDir) -> None:
+    """A finished single run: not a cross-validation parent, not still training."""
+    if not run.path.is_dir():
+        raise ConversionError(f"training run {run.path} does not exist or is not a folder")
+    if run.run_file.exists():
+        record = run.read_record()
+        if record.folds and not run.model_file.exists():
+            folds = run.trained_folds()
+            example = f", e.g. {folds[0].path}" if folds else ""
+            raise ConversionError(
+                f"{run.path} is a cross-validation run; convert one of its folds{example}"
+            )
+        if record.status != "complete":
+            raise ConversionError(
+                f"training run {run.path} is not finished (status {record.status!r}); "
+                f"finish it with fieldscope train --resume {run.path}"
+            )
+    if not run.model_file.is_file():
+        raise ConversionError(
+            f"{run.model_file} is missing; is {run.path} a finished training run?"
+        )
+
+
+def _recipe(run: RunDir, config: StoredConfig) -> PreprocessRecipe:
+    try:
+        return PreprocessRecipe.from_dict(config.preprocess)
+    except (KeyError, TypeError) as exc:
+        raise ConversionError(f"{run.config_file} has no preprocessing recipe") from exc
+    except RecipeError as exc:
+        raise ConversionError(f"{run.config_file}: {exc}") from exc
+
+
+def _threshold(run: RunDir, metrics: MetricsRecord | None) -> float | None:
+    record = metrics.threshold if metrics is not None else None
+    if not record or "threshold" not in record:
+        return None
+    try:
+        return float(record["threshold"])
+    except (TypeError, ValueError) as exc:
+        raise ConversionError(f"{run.metrics_file}: the threshold is not a number") from exc
 
 
 def read_run(run_dir: Path, *, data_dir: Path | None = None) -> TrainingRun:
@@ -127,67 +161,26 @@ def read_run(run_dir: Path, *, data_dir: Path | None = None) -> TrainingRun:
         ConversionError: the folder is not a finished single-split run, or a file is
             missing or damaged (the message names it).
     """
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise ConversionError(f"training run {run} does not exist or is not a folder")
-    record_path = run / "run.json"
-    if record_path.exists():
-        record = _read_json(record_path, "the run record")
-        if (
-            isinstance(record, Mapping)
-            and record.get("folds")
-            and not (run / "model.keras").exists()
-        ):
-            folds = sorted(p.name for p in run.glob("fold-*") if (p / "model.keras").exists())
-            example = f", e.g. {run / folds[0]}" if folds else ""
-            raise ConversionError(
-                f"{run} is a cross-validation run; convert one of its folds{example}"
-            )
-        if isinstance(record, Mapping) and record.get("status") not in (None, "complete"):
-            raise ConversionError(
-                f"training run {run} is not finished (status {record.get('status')!r}); "
-                f"finish it with fieldscope train --resume {run}"
-            )
-    model_path = run / "model.keras"
-    if not model_path.is_file():
-        raise ConversionError(f"{model_path} is missing; is {run} a finished training run?")
-    labels_data = _read_json(run / "labels.json", "class names")
-    if not isinstance(labels_data, list) or not all(isinstance(x, str) for x in labels_data):
-        raise ConversionError(f"{run / 'labels.json'} must be a list of class names")
-    labels = tuple(labels_data)
-    config = _read_json(run / "config.json", "the training config")
-    try:
-        recipe = recipe_from_saved(config)
-    except RecipeError as exc:
-        raise ConversionError(f"{run / 'config.json'}: {exc}") from exc
-    split_path = run / "split.json"
-    split = _read_json(split_path, "which files are train and test")
-    if not isinstance(split, Mapping):
-        raise ConversionError(f"{split_path} must be a JSON object")
-    if list(split.get("labels", labels)) != list(labels):
-        raise ConversionError(f"{split_path} and labels.json disagree on the classes")
-    root = Path(data_dir) if data_dir is not None else Path(str(split.get("data_dir", run)))
-    metrics_path = run / "metrics.json"
-    metrics = (
-        _read_json(metrics_path, "test metrics and threshold") if metrics_path.exists() else {}
-    )
-    threshold_record = metrics.get("threshold") if isinstance(metrics, Mapping) else None
-    threshold = None
-    if isinstance(threshold_record, Mapping) and "threshold" in threshold_record:
-        try:
-            threshold = float(threshold_record["threshold"])
-        except (TypeError, ValueError) as exc:
-            raise ConversionError(f"{metrics_path}: the threshold is not a number") from exc
+    run = RunDir(Path(run_dir), ConversionError)
+    _check_finished(run)
+    labels = tuple(run.read_labels())
+    config = run.read_config()
+    recipe = _recipe(run, config)
+    split = run.read_split()
+    if split.labels != list(labels):
+        raise ConversionError(f"{run.split_file} and {LABELS_FILE} disagree on the classes")
+    root = Path(data_dir) if data_dir is not None else Path(split.data_dir)
+    metrics = run.read_metrics() if run.metrics_file.exists() else None
     return TrainingRun(
-        path=run,
-        model_path=model_path,
+        path=run.path,
+        model_path=run.model_file,
         labels=labels,
         recipe=recipe,
-        train=_split_part(split, "train", root, labels, split_path),
-        test=_split_part(split, "test", root, labels, split_path),
-        threshold=threshold,
-        metrics=_test_metrics(metrics) if isinstance(metrics, Mapping) else {},
-        seed=int(config.get("seed", 0)) if isinstance(config, Mapping) else 0,
+        train=_split_part(split.train, "train", root, labels, run.split_file),
+        test=_split_part(split.test, "test", root, labels, run.split_file),
+        threshold=_threshold(run, metrics),
+        metrics=_test_metrics(metrics),
+        seed=config.seed,
     )
 
 
@@ -293,6 +286,31 @@ def convert_run(
         ConversionError: (and its subclasses) the run, the options or the conversion.
         BundleError: the output folder or the signing key.
     """
+    _check_options(quantize, calibration_size, max_accuracy_drop)
+    run = read_run(run_dir, data_dir=data_dir)
+    chosen = _check_outputs(run, out_dir, threshold, sign_key=sign_key, overwrite=overwrite)
+    result = _convert(
+        run,
+        quantize=quantize,
+        calibration_size=calibration_size,
+        max_accuracy_drop=max_accuracy_drop,
+        allow_newer_runtime=allow_newer_runtime,
+        float_fallback=float_fallback,
+        progress=progress,
+    )
+    return _write(
+        result,
+        run,
+        out_dir,
+        threshold=chosen,
+        model_name=model_name,
+        model_version=model_version,
+        sign_key=sign_key,
+        overwrite=overwrite,
+    )
+
+
+def _check_options(quantize: str, calibration_size: int, max_accuracy_drop: float) -> None:
     if quantize not in QUANTIZE_MODES:
         raise ConversionError(
             f"unknown quantisation mode {quantize!r} (choose one of {', '.join(QUANTIZE_MODES)})"
@@ -303,18 +321,35 @@ def convert_run(
         raise ConversionError(
             f"the maximum accuracy drop must be >= 0 points, got {max_accuracy_drop}"
         )
-    run = read_run(run_dir, data_dir=data_dir)
+
+
+def _check_outputs(
+    run: TrainingRun,
+    out_dir: Path,
+    threshold: float | None,
+    *,
+    sign_key: Path | None,
+    overwrite: bool,
+) -> float:
+    """Check the output folder and the signing key; return the threshold to ship: the
+    given one, else the one the run chose on validation."""
     check_output_dir(out_dir, overwrite=overwrite)
     if sign_key is not None:
         check_private_key(sign_key)
     chosen = threshold if threshold is not None else run.threshold
     if chosen is None:
         raise ConversionError(
-            f"{run.path} records no decision threshold (metrics.json); give one with --threshold"
+            f"{run.path} records no decision threshold ({METRICS_FILE}); give one with --threshold"
         )
     if not 0.0 <= chosen <= 1.0:
         raise ConversionError(f"the threshold must be in 0..1, got {chosen}")
+    return chosen
 
+
+def _run_images(
+    run: TrainingRun, quantize: str, calibration_size: int, progress: Progress | None
+) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+    """Calibration images (int8 only, stratified from train) and the test images."""
     calibration = None
     if quantize == "int8":
         picked = stratified_sample([y for _, y in run.train], calibration_size, seed=run.seed)
@@ -325,9 +360,24 @@ def convert_run(
     if progress:
         progress(f"preprocessing {len(run.test)} test images")
     test_images, test_labels = load_images(run.test, run.recipe, "test")
+    return calibration, test_images, test_labels
+
+
+def _convert(
+    run: TrainingRun,
+    *,
+    quantize: str,
+    calibration_size: int,
+    max_accuracy_drop: float,
+    allow_newer_runtime: bool,
+    float_fallback: bool,
+    progress: Progress | None,
+) -> ConversionResult:
+    """Preprocess the run's images with the edge's code, then convert its model."""
+    calibration, test_images, test_labels = _run_images(run, quantize, calibration_size, progress)
     if progress:
         progress(f"loading {run.model_path}")
-    result = convert_model(
+    return convert_model(
         load_keras_model(run.model_path),
         labels=run.labels,
         recipe=run.recipe,
@@ -340,12 +390,26 @@ def convert_run(
         float_fallback=float_fallback,
         progress=progress,
     )
+
+
+def _write(
+    result: ConversionResult,
+    run: TrainingRun,
+    out_dir: Path,
+    *,
+    threshold: float,
+    model_name: str | None,
+    model_version: str | None,
+    sign_key: Path | None,
+    overwrite: bool,
+) -> ConvertedRun:
+    """Write the bundle, named after the run folder and the time unless told otherwise."""
     bundle = write_converted_bundle(
         result,
         out_dir,
         model_name=model_name or run.path.resolve().name,
         model_version=model_version or _default_version(),
-        threshold=chosen,
+        threshold=threshold,
         source_run=str(run.path.resolve()),
         training_metrics=run.metrics,
         sign_key=sign_key,

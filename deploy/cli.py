@@ -38,30 +38,11 @@ def register(subparsers: Any) -> None:
     actions = p.add_subparsers(dest="deploy_command", metavar="ACTION")
     actions.required = True
 
-    def common(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument(
-            "-i",
-            "--inventory",
-            required=True,
-            type=Path,
-            help="Ansible inventory (stations as groups)",
-        )
-        sub.add_argument("--limit", help="only these hosts or stations (Ansible host pattern)")
-        sub.add_argument(
-            "-e",
-            "--extra-var",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="an extra variable for the playbook (repeatable)",
-        )
-        sub.add_argument("ansible_args", nargs="*", metavar="-- ANSIBLE_ARGS")
-
     s = actions.add_parser(
         "provision",
         help="install fieldscope[edge], its configuration and systemd unit on every device",
     )
-    common(s)
+    _common(s)
     s.add_argument(
         "--wheel",
         type=Path,
@@ -75,11 +56,45 @@ def register(subparsers: Any) -> None:
     )
     s.set_defaults(handler=_provision)
 
+    _add_rollout(actions)
+
+    s = actions.add_parser("rollback", help="put devices back on their previous bundle")
+    _common(s)
+    s.set_defaults(handler=_rollback)
+
+    s = actions.add_parser("status", help="print which model every device runs")
+    _common(s)
+    s.set_defaults(handler=_status)
+
+
+def _common(sub: argparse.ArgumentParser) -> None:
+    """The options every deploy action takes: inventory, limit, extra vars, Ansible args."""
+    sub.add_argument(
+        "-i",
+        "--inventory",
+        required=True,
+        type=Path,
+        help="Ansible inventory (stations as groups)",
+    )
+    sub.add_argument("--limit", help="only these hosts or stations (Ansible host pattern)")
+    sub.add_argument(
+        "-e",
+        "--extra-var",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an extra variable for the playbook (repeatable)",
+    )
+    sub.add_argument("ansible_args", nargs="*", metavar="-- ANSIBLE_ARGS")
+
+
+def _add_rollout(actions: Any) -> None:
+    """``fieldscope deploy rollout``: canary first, then batches."""
     s = actions.add_parser(
         "rollout",
         help="ship a bundle: canary first, then batches; unhealthy devices roll back",
     )
-    common(s)
+    _common(s)
     s.add_argument("--bundle", required=True, type=Path, help="the bundle directory to ship")
     s.add_argument(
         "--public-key",
@@ -96,14 +111,6 @@ def register(subparsers: Any) -> None:
         help="batch sizes, comma separated (default 1,25%%: one canary, then quarters)",
     )
     s.set_defaults(handler=_rollout)
-
-    s = actions.add_parser("rollback", help="put devices back on their previous bundle")
-    common(s)
-    s.set_defaults(handler=_rollback)
-
-    s = actions.add_parser("status", help="print which model every device runs")
-    common(s)
-    s.set_defaults(handler=_status)
 
 
 def playbook_dir() -> Path:

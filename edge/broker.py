@@ -18,9 +18,14 @@ Decisions:
   ``password_env`` or from ``password_file`` (first line, trailing newline stripped),
   so it needs to be neither in a config file nor on a command line.
 * **Constraints are declarative** (``msgspec.Meta`` on the fields, checked by
-  ``msgspec.convert`` when a loader decodes a table, and by :meth:`BrokerSettings.problems`
-  for settings built in code); cross-field rules are in ``problems()``, which returns
-  every problem at once as ``(key, message)`` pairs.
+  ``msgspec.convert`` or the station's config loader when a table is decoded, and by
+  :meth:`BrokerSettings.all_problems` for settings built in code); cross-field rules are
+  in ``problems()``, the protocol of ``fieldscope.edge.config``'s sections, whose loader
+  checks the fields and the nested ``tls`` section itself. ``all_problems()`` is all of
+  it at once, as ``(key, message)`` pairs, for the collector and :func:`make_client`.
+* **This is the station's ``[mqtt]`` section** (``EdgeConfig.mqtt``): the ``Meta.extra``
+  keys (``env``, ``unit``, ``expected``) are words for that loader
+  (:mod:`fieldscope.edge.typed`); msgspec ignores them.
 """
 
 from __future__ import annotations
@@ -35,17 +40,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import msgspec
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 
 from fieldscope.edge.errors import ConfigError
 from fieldscope.edge.topics import DEFAULT_PREFIX, TopicError, Topics, segment_problem, show
 
-if TYPE_CHECKING:
-    from fieldscope.edge.config import MqttConfig
+if TYPE_CHECKING:  # paho is imported where a client is made: the config loads without it
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.properties import Properties
+    from paho.mqtt.reasoncodes import ReasonCode
 
 __all__ = [
     "PAHO_MAX_INFLIGHT",
@@ -54,7 +56,6 @@ __all__ = [
     "PahoLog",
     "Problems",
     "TlsSettings",
-    "broker_settings",
     "describe",
     "make_client",
     "read_password",
@@ -70,7 +71,10 @@ MQTT_PORT = 1883
 
 Problems = list[tuple[str, str]]
 
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_BACKOFF = {"expected": "an array of two numbers [min, max]"}
+# A secret that may be written "${VAR}" in a config file (read from the environment).
+_Secret = Annotated[str, msgspec.Meta(extra={"env": True})]
 
 
 class MqttProtocol(StrEnum):
@@ -135,7 +139,7 @@ class TlsSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 
     def problems(self) -> Problems:
         """Missing files and a certificate without its key (or the reverse)."""
-        out = field_problems(self)
+        out: Problems = []
         for name in ("ca", "cert", "key"):
             path = getattr(self, name)
             if isinstance(path, Path) and not path.is_file():
@@ -144,6 +148,10 @@ class TlsSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
             given, missing = ("cert", "key") if self.key is None else ("key", "cert")
             out.append((given, f"needs {missing} as well (cert and key go together)"))
         return out
+
+    def all_problems(self) -> Problems:
+        """The fields' types and constraints, then :meth:`problems`."""
+        return field_problems(self) + self.problems()
 
     def context(self, where: str = "mqtt") -> ssl.SSLContext:
         """The client's TLS context: the CA to trust, and the client certificate.
@@ -168,7 +176,7 @@ class TlsSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 
 class BrokerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """How to reach the broker: the ``[mqtt]`` section of the station, the collector's
-    broker options. The field names are those of ``fieldscope.edge.config.MqttConfig``.
+    broker options (``fieldscope/edge/examples/edge.toml`` documents every key).
 
     ``password`` holds the resolved secret (left out of ``repr``); when it is unset it
     is read by :func:`make_client` from ``password_env`` or ``password_file``.
@@ -178,19 +186,19 @@ class BrokerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     :data:`PAHO_MAX_INFLIGHT` at once). ``prefix`` is the first topic level.
     """
 
-    host: Annotated[str, msgspec.Meta(min_length=1)]
+    host: Annotated[str, msgspec.Meta(description="the broker's host name or IP address")]
     client_id: str
     port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = MQTT_PORT
     tls: TlsSettings | None = None
-    username: Annotated[str, msgspec.Meta(min_length=1)] | None = None
-    password: str | None = None
+    username: Annotated[str, msgspec.Meta(min_length=1, extra={"env": True})] | None = None
+    password: _Secret | None = None
     password_env: str | None = None
     password_file: Path | None = None
     prefix: str = DEFAULT_PREFIX
-    keepalive: Annotated[int, msgspec.Meta(ge=5, le=65535)] = 60
+    keepalive: Annotated[int, msgspec.Meta(ge=5, le=65535, extra={"unit": "seconds"})] = 60
     protocol: MqttProtocol = MqttProtocol.V5
     session_expiry_s: Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)] = 3600
-    reconnect_backoff_s: tuple[float, float] = (1.0, 60.0)
+    reconnect_backoff_s: Annotated[tuple[float, float], msgspec.Meta(extra=_BACKOFF)] = (1.0, 60.0)
     max_in_flight: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 100
 
     def __repr__(self) -> str:
@@ -219,10 +227,13 @@ class BrokerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
         return MqttProtocol(self.protocol)
 
     def problems(self) -> Problems:
-        """Every problem at once, as ``(key, message)`` with the key relative to the
-        section (``port``, ``tls.cert``), for ``file:line: mqtt.port: message``."""
-        out = field_problems(self)
-        if self.host and (self.host != self.host.strip() or "://" in self.host or "/" in self.host):
+        """The rules across fields and the values no type says (host, client id, prefix,
+        backoff, password sources), as ``(key, message)`` with the key relative to the
+        section. Not the fields' types and bounds nor ``tls``: see :meth:`all_problems`."""
+        out: Problems = []
+        if not self.host or self.host != self.host.strip():
+            out.append(("host", f"must be a host name or IP address, got {show(self.host)}"))
+        elif "://" in self.host or "/" in self.host:
             out.append(("host", f"give the host name or IP address only, got {show(self.host)}"))
         problem = segment_problem(self.client_id)
         if problem is not None:
@@ -230,7 +241,13 @@ class BrokerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
         out.extend(self._backoff_problems())
         out.extend(self._password_problems())
         out.extend(_prefix_problems(self.prefix))
-        tls = [] if self.tls is None else self.tls.problems()
+        return out
+
+    def all_problems(self) -> Problems:
+        """Every problem at once, fields' types and bounds included, ``tls.*`` keys for
+        the TLS section's (for ``file:line: mqtt.port: message`` or ``broker.port``)."""
+        tls = [] if self.tls is None else self.tls.all_problems()
+        out = field_problems(self) + self.problems()
         return out + [(f"tls.{key}", message) for key, message in tls]
 
     def _backoff_problems(self) -> Problems:
@@ -247,7 +264,7 @@ class BrokerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
         given = [n for n in ("password", "password_env", "password_file") if getattr(self, n)]
         if given and self.username is None:
             out.append((given[0], "needs username as well (MQTT sends no lone password)"))
-        if self.password_env is not None and not _ENV_NAME.fullmatch(self.password_env):
+        if self.password_env is not None and not ENV_NAME.fullmatch(self.password_env):
             out.append(
                 (
                     "password_env",
@@ -264,7 +281,7 @@ class BrokerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
 
     def check(self, where: str = "mqtt") -> None:
         """Raise one :class:`ConfigError` listing every problem, keys prefixed ``where.``."""
-        problems = self.problems()
+        problems = self.all_problems()
         if problems:
             raise ConfigError("; ".join(f"{where}.{key}: {message}" for key, message in problems))
 
@@ -351,6 +368,9 @@ def make_client(
         ConfigError: a setting is invalid, or a TLS or password file is unusable;
             the message names the key (``where.key``) and the file.
     """
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
     settings.check(where)
     s = settings
     v5 = s.mqtt_protocol is MqttProtocol.V5
@@ -376,6 +396,10 @@ def _address(
     client: mqtt.Client, s: BrokerSettings, *, fresh_session: bool, receive_maximum: int | None
 ) -> None:
     """``connect_async``: where to, and the session (MQTT 5 properties, or persistent)."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
     if s.mqtt_protocol is not MqttProtocol.V5:
         client.connect_async(s.host, s.port, s.keepalive)
         return
@@ -432,30 +456,3 @@ def route_connection(
         f"cannot reach the broker at {where}", False
     )
     client.on_disconnect = lambda _client, _userdata, _flags, reason, _props: disconnected(reason)
-
-
-def broker_settings(mqtt_config: MqttConfig, *, max_in_flight: int = 100) -> BrokerSettings:
-    """The station's :class:`BrokerSettings` from its loaded ``[mqtt]`` section.
-
-    A bridge until ``EdgeConfig.mqtt`` is a BrokerSettings itself (then it goes):
-    the field names are the same, so this only copies them.
-    """
-    m = mqtt_config
-    tls = m.tls
-    return BrokerSettings(
-        host=m.host,
-        client_id=m.client_id,
-        port=m.port,
-        tls=None
-        if tls is None
-        else TlsSettings(ca=tls.ca, cert=tls.cert, key=tls.key, insecure=tls.insecure),
-        username=m.username,
-        password=m.password,
-        password_env=m.password_env,
-        prefix=m.prefix,
-        keepalive=m.keepalive,
-        protocol=MqttProtocol(m.protocol),
-        session_expiry_s=m.session_expiry_s,
-        reconnect_backoff_s=(float(m.reconnect_backoff_s[0]), float(m.reconnect_backoff_s[1])),
-        max_in_flight=max_in_flight,
-    )

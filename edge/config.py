@@ -17,15 +17,19 @@ never an hour later in a code path that happens to read a mistyped key. Hence:
 * secrets need not be in the file: ``password_env = "FIELDSCOPE_MQTT_PASSWORD"`` or
   ``password = "${FIELDSCOPE_MQTT_PASSWORD}"`` read the environment (systemd's
   ``EnvironmentFile=``), and a missing variable is an error naming it;
+  ``password_file`` names a file read when the daemon connects;
 * the result holds no runtime state: the daemon builds its parts from it.
 
 Each section is a frozen ``msgspec.Struct`` declared once: names, types, defaults and
 constraints (``Annotated[..., Meta(...)]``) in one place, read by the generic loader
 in :mod:`fieldscope.edge.typed` (msgspec keeps the Raspberry Pi install small; see
-issue 17 for the measurements). The Structs can be built directly (tests do);
-``validate()`` checks them with the same declarations the loader uses, while
-:func:`load_config` and :func:`config_from_dict` add what only a file has: types,
-unknown keys, defaults derived from other keys, relative paths, environment variables.
+issue 17 for the measurements). ``[mqtt]`` is the broker connection's own model
+(:class:`fieldscope.edge.broker.BrokerSettings`, handed to the link as it is) and each
+``[camera.<backend>]`` the options model of that backend in :mod:`fieldscope.edge.capture`.
+The Structs can be built directly (tests do); ``validate()`` checks them with the same
+declarations the loader uses, while :func:`load_config` and :func:`config_from_dict`
+add what only a file has: types, unknown keys, defaults derived from other keys,
+relative paths, environment variables.
 ``fieldscope/edge/examples/edge.toml`` shows every key with its default.
 """
 
@@ -41,15 +45,21 @@ from urllib.parse import urlsplit, urlunsplit
 import msgspec
 from msgspec import Meta
 
+from fieldscope.edge.broker import ENV_NAME, BrokerSettings
+from fieldscope.edge.capture import (
+    CAMERA_BACKENDS,
+    DEFAULT_IMAGE_PATTERNS,
+    FOLDER_HANDLING,
+    FolderOptions,
+    OpenCVOptions,
+    Picamera2Options,
+    ReplayOptions,
+)
 from fieldscope.edge.config_sections import (
-    _ENV_NAME,
     _MQTT_PORT,
     _MQTTS_PORT,
     ARCHIVE_FORMATS,
     ARCHIVE_MODES,
-    CAMERA_BACKENDS,
-    DEFAULT_IMAGE_PATTERNS,
-    FOLDER_HANDLING,
     LOG_LEVELS,
     MAX_CONFIG_BYTES,
     MQTT_PROTOCOLS,
@@ -58,24 +68,20 @@ from fieldscope.edge.config_sections import (
     ArchiveConfig,
     CameraConfig,
     DeviceConfig,
-    FolderOptions,
     HeartbeatConfig,
     LogConfig,
     ModelConfig,
     MqttConfig,
-    OpenCVOptions,
     OutboxConfig,
-    Picamera2Options,
     PreprocessingOverrides,
     QualityConfig,
-    ReplayOptions,
     TlsConfig,
     _required,
     default_client_id,
     parse_size,
 )
 from fieldscope.edge.errors import ConfigError
-from fieldscope.edge.topics import TOPIC_SPECS, Topics, show
+from fieldscope.edge.topics import TOPIC_SPECS, Topics
 from fieldscope.edge.typed import (
     ConfigFileError,
     ConfigProblem,
@@ -135,7 +141,7 @@ class EdgeConfig(msgspec.Struct, frozen=True):
     device: Annotated[DeviceConfig, _required("station and id are needed")]
     camera: Annotated[CameraConfig, _required("backend is needed")]
     model: Annotated[ModelConfig, _required("bundle is needed")]
-    mqtt: Annotated[MqttConfig, _required("host is needed")]
+    mqtt: Annotated[BrokerSettings, _required("host is needed")]
     outbox: OutboxConfig
     archive: ArchiveConfig
     preprocessing: PreprocessingOverrides = msgspec.field(default_factory=PreprocessingOverrides)
@@ -151,14 +157,18 @@ class EdgeConfig(msgspec.Struct, frozen=True):
 
     def problems(self) -> Problems:
         """The checks across sections (each section checks its own keys)."""
+        out: Problems = []
         watched = self.camera.folder.path if self.camera.backend == "folder" else None
         if watched is not None and watched in (self.device.data_dir, self.archive.dir):
             message = (
                 "must not be the daemon's data_dir or archive dir (its files would be "
                 "taken for new images)"
             )
-            return [("camera.folder.path", message)]
-        return []
+            out.append(("camera.folder.path", message))
+        if self.mqtt.max_in_flight != self.outbox.batch:
+            message = f"must be outbox.batch ({self.outbox.batch}), the link's in-flight window"
+            out.append(("mqtt.max_in_flight", f"{message}, got {self.mqtt.max_in_flight}"))
+        return out
 
     def validate(self) -> list[str]:
         """Every problem as ``"dotted.key: message"``; empty when the config is valid."""
@@ -202,6 +212,8 @@ _FORBIDDEN: Mapping[str, str] = MappingProxyType(
         "mqtt.qos": "cannot be set: QoS is fixed per topic by the topic scheme ("
         + ", ".join(f"{kind.value} {spec.qos}" for kind, spec in TOPIC_SPECS.items())
         + ")",
+        "mqtt.max_in_flight": "cannot be set here: it is outbox.batch (how many outbox "
+        "messages are published and not yet acknowledged at once)",
         "preprocessing.size": "cannot be overridden: the input size is fixed by the model "
         "in the bundle",
         "preprocessing.resample": "cannot be overridden: it is how the bundle's model saw "
@@ -210,23 +222,24 @@ _FORBIDDEN: Mapping[str, str] = MappingProxyType(
 )
 
 
-def _password_from_env(reader: Reader, data: Mapping[str, Any], mqtt: MqttConfig) -> MqttConfig:
-    """``password_env = "VAR"`` reads the password from the environment; either way,
-    ``password_env`` ends up naming the variable the password came from (or None)."""
+def _loaded_mqtt(
+    reader: Reader, data: Mapping[str, Any], mqtt: BrokerSettings, batch: int
+) -> BrokerSettings:
+    """``[mqtt]`` with what the file states elsewhere: the in-flight window is
+    ``outbox.batch``, and ``password_env = "VAR"`` is read from the environment now, so
+    that a missing variable is found at load time. Either way ``password_env`` ends up
+    naming the variable the password came from (or None); a name that is not one is
+    left to :meth:`BrokerSettings.problems`."""
+    mqtt = msgspec.structs.replace(mqtt, max_in_flight=batch)
     raw = data.get("mqtt")
     name = mqtt.password_env
     if name is None or not isinstance(raw, dict):
         return msgspec.structs.replace(mqtt, password_env=reader.env_names.get("mqtt.password"))
     if "password" in raw:
         reader.problem("mqtt.password_env", "give either password or password_env, not both")
-    elif not _ENV_NAME.match(name):
-        reader.problem(
-            "mqtt.password_env",
-            f"must name an environment variable (letters, digits, _), got {show(name)}",
-        )
-    else:
+    elif ENV_NAME.fullmatch(name):
         return msgspec.structs.replace(mqtt, password=reader.env("mqtt.password_env", name))
-    return msgspec.structs.replace(mqtt, password_env=None)
+    return mqtt
 
 
 def config_from_dict(
@@ -253,7 +266,7 @@ def config_from_dict(
     config: EdgeConfig = reader.read(EdgeConfig, data)
     config = msgspec.structs.replace(
         config,
-        mqtt=_password_from_env(reader, data, config.mqtt),
+        mqtt=_loaded_mqtt(reader, data, config.mqtt, config.outbox.batch),
         source=None if source is None else Path(source),
     )
     problems = reader.located(config, text, source, _edge_problems)
@@ -309,11 +322,13 @@ def _format(value: object) -> str:
     return "(not set)" if value is None else repr(value)
 
 
-# What an unset optional key means, where "(not set)" would not say it.
+# What an unset optional key means, where "(not set)" would not say it ("section.*":
+# any key of the section).
 _UNSET_MEANING: Mapping[str, str] = MappingProxyType(
     {
-        "preprocessing": "(the bundle's)",
+        "preprocessing.*": "(the bundle's)",
         "mqtt.tls": "(off)",
+        "mqtt.tls.ca": "(the system's CA store)",
         "model.threads": "(runtime default)",
         "outbox.max_bytes": "(no cap)",
     }
@@ -325,14 +340,14 @@ def _section_lines(name: str, section: msgspec.Struct) -> Iterator[str]:
     nested: list[tuple[str, msgspec.Struct]] = []
     for key in section.__struct_fields__:
         value = getattr(section, key)
-        unset = _UNSET_MEANING.get(f"{name}.{key}", _UNSET_MEANING.get(name))
+        unset = _UNSET_MEANING.get(f"{name}.{key}", _UNSET_MEANING.get(f"{name}.*"))
         if f"{name}.{key}" in _FORBIDDEN or key == "password_env":
             continue
         if value is None and unset is not None:
             yield f"{key} = {unset}"
         elif isinstance(value, msgspec.Struct):
             nested.append((f"{name}.{key}", value))
-        elif key == "password":
+        elif key == "password" and isinstance(section, BrokerSettings):
             yield f"password = {_password_text(section)}"
         else:
             yield f"{key} = {_format(value)}"
@@ -341,9 +356,9 @@ def _section_lines(name: str, section: msgspec.Struct) -> Iterator[str]:
         yield from _section_lines(sub_name, sub)
 
 
-def _password_text(mqtt: Any) -> str:
+def _password_text(mqtt: BrokerSettings) -> str:
     if mqtt.password is None:
-        return "(not set)"
+        return "(read from password_file)" if mqtt.password_file else "(not set)"
     return f"*** (from ${mqtt.password_env})" if mqtt.password_env else "***"
 
 

@@ -12,59 +12,50 @@ from __future__ import annotations
 
 import re
 import typing
-from collections.abc import Mapping
 from pathlib import Path
-from types import MappingProxyType
 from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
 
+from fieldscope.edge.broker import BrokerSettings, MqttProtocol, TlsSettings
+from fieldscope.edge.capture import (
+    CAMERA_BACKENDS,
+    CAMERAS,
+    FolderOptions,
+    OpenCVOptions,
+    Picamera2Options,
+    ReplayOptions,
+)
+from fieldscope.edge.capture.base import FileSourceOptions
 from fieldscope.edge.recipe import RecipeTable
 from fieldscope.edge.runtime import RUNTIMES
-from fieldscope.edge.topics import DEFAULT_PREFIX, TopicError, Topics, segment_problem, show
-from fieldscope.edge.typed import Problems, Reader, kind, one_of
+from fieldscope.edge.topics import segment_problem, show
+from fieldscope.edge.typed import Problems, Reader, one_of, seconds
 from fieldscope.edge.untrusted import RejectedValueError, read_regular_file
 
-# The one list of camera backends: each names a [camera.<backend>] options table.
-CameraBackend = Literal["picamera2", "opencv", "folder", "replay"]
 Trigger = Literal["continuous", "interval", "command"]
-FolderHandling = Literal["keep", "move", "delete"]
 OutboxWhenFull = Literal["drop-oldest", "reject-new"]
 ArchiveMode = Literal["none", "all", "uncertain"]
 ArchiveFormat = Literal["png", "jpg"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
-MqttProtocol = Literal["5", "3.1.1"]
 
-CAMERA_BACKENDS: tuple[str, ...] = typing.get_args(CameraBackend)
 TRIGGERS: tuple[str, ...] = typing.get_args(Trigger)
-FOLDER_HANDLING: tuple[str, ...] = typing.get_args(FolderHandling)
 OUTBOX_WHEN_FULL: tuple[str, ...] = typing.get_args(OutboxWhenFull)
 ARCHIVE_MODES: tuple[str, ...] = typing.get_args(ArchiveMode)
 ARCHIVE_FORMATS: tuple[str, ...] = typing.get_args(ArchiveFormat)
 LOG_LEVELS: tuple[str, ...] = typing.get_args(LogLevel)
-MQTT_PROTOCOLS: tuple[str, ...] = typing.get_args(MqttProtocol)
-# What a microscope acquisition program writes; matched case-insensitively.
-DEFAULT_IMAGE_PATTERNS: tuple[str, ...] = (
-    "*.png",
-    "*.jpg",
-    "*.jpeg",
-    "*.tif",
-    "*.tiff",
-    "*.bmp",
-)
+MQTT_PROTOCOLS: tuple[str, ...] = tuple(p.value for p in MqttProtocol)
+# The station's [mqtt] and [mqtt.tls] sections are the broker connection's own models.
+MqttConfig = BrokerSettings
+TlsConfig = TlsSettings
 
 _MQTT_PORT = 1883
 _MQTTS_PORT = 8883
 # A station's config is a few kilobytes; anything over this is not one (and is refused
 # before it is read whole).
 MAX_CONFIG_BYTES = 1024 * 1024
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _BACKOFF = {"expected": "an array of two numbers [min, max]"}
-
-
-def _seconds(low: float, high: float, note: str = "seconds") -> Meta:
-    return Meta(ge=low, le=high, extra={"unit": note})
 
 
 def _required(what: str) -> Meta:
@@ -74,20 +65,6 @@ def _required(what: str) -> Meta:
 
 def _size(raw: object, reader: Reader) -> int:
     return parse_size(raw)
-
-
-def _source(raw: object, reader: Reader) -> int | str:
-    """A camera index, device path or URL as given; a file path from the config's folder."""
-    if isinstance(raw, int) and not isinstance(raw, bool):
-        return raw
-    if isinstance(raw, str) and raw:
-        if "://" in raw or raw.startswith("/dev/"):
-            return raw
-        return str(reader.resolve(raw))
-    raise ValueError(
-        "must be a device index (0, 1, ...) or a device path, file or URL string, "
-        f"got {kind(raw)} {show(raw)}"
-    )
 
 
 # ── the configuration tree ────────────────────────────────────────────────────────────
@@ -117,103 +94,6 @@ class DeviceConfig(msgspec.Struct, frozen=True):
         return out
 
 
-_Pixels = Annotated[int | None, Meta(ge=16, le=16384, extra={"unit": "pixels"})]
-_Patterns = tuple[str, ...]
-
-
-def _frame_size_problems(width: int | None, height: int | None) -> Problems:
-    if (width is None) != (height is None):
-        given, missing = ("width", "height") if height is None else ("height", "width")
-        return [(given, f"needs {missing} as well (width and height go together)")]
-    return []
-
-
-def _patterns_problems(patterns: tuple[str, ...]) -> Problems:
-    if not patterns or any(not p for p in patterns):
-        return [("patterns", "must be a non-empty list of non-empty glob patterns")]
-    return []
-
-
-class Picamera2Options(msgspec.Struct, frozen=True):
-    """``[camera.picamera2]``: the Raspberry Pi camera (libcamera).
-
-    ``width``/``height`` unset means the sensor's full resolution. ``controls`` are
-    passed to ``Picamera2.set_controls`` as given (e.g. ``ExposureTime``,
-    ``AnalogueGain``, ``AwbEnable``): fixed exposure keeps a microscope's images
-    comparable, auto exposure drifts with the specimen.
-    """
-
-    camera_num: Annotated[int, Meta(ge=0)] = 0
-    width: _Pixels = None
-    height: _Pixels = None
-    controls: Annotated[
-        Mapping[str, float | int | bool | tuple[float, ...]],
-        Meta(extra={"item": "a number, a boolean or an array of numbers"}),
-    ] = msgspec.field(default_factory=lambda: MappingProxyType({}))
-
-    def problems(self) -> Problems:
-        return _frame_size_problems(self.width, self.height)
-
-
-class OpenCVOptions(msgspec.Struct, frozen=True):
-    """``[camera.opencv]``: a USB/UVC microscope by index or device path, a video file,
-    or an RTSP/HTTP stream URL. Unset ``width``/``height``/``fps`` keep the device's."""
-
-    source: Annotated[int | str, Meta(extra={"parse": _source})] = 0
-    width: _Pixels = None
-    height: _Pixels = None
-    fps: Annotated[float | None, Meta(gt=0, le=1000)] = None
-
-    def problems(self) -> Problems:
-        out: Problems = []
-        if isinstance(self.source, int) and self.source < 0:
-            out.append(("source", f"a device index must be >= 0, got {self.source}"))
-        if isinstance(self.source, str) and not self.source:
-            out.append(("source", "must not be empty"))
-        return out + _frame_size_problems(self.width, self.height)
-
-
-class FolderOptions(msgspec.Struct, frozen=True):
-    """``[camera.folder]``: images another acquisition program drops into ``path``.
-
-    A file is taken once its size and modification time have not changed for
-    ``settle_s`` (so a half-written file is never read), and each file is handled
-    exactly once, also across restarts. ``handled`` says what happens afterwards:
-    ``keep`` leaves it (a state database remembers it), ``move`` moves it to
-    ``path/done/``, ``delete`` removes it. Unreadable files go to ``path/failed/``
-    (``keep``: they are only recorded as failed). ``recursive`` also takes the files
-    of subfolders (not of ``done/`` and ``failed/`` when ``handled = "move"``).
-    """
-
-    path: Path | None = None
-    patterns: _Patterns = DEFAULT_IMAGE_PATTERNS
-    settle_s: Annotated[float, _seconds(0, 3600)] = 1.0
-    scan_interval_s: Annotated[float, _seconds(0.01, 3600)] = 0.5
-    handled: FolderHandling = "keep"
-    recursive: bool = False
-
-    def problems(self) -> Problems:
-        return _patterns_problems(self.patterns)
-
-
-class ReplayOptions(msgspec.Struct, frozen=True):
-    """``[camera.replay]``: the images of a folder in name order at ``rate_hz``
-    (0 = as fast as they are asked for), for tests, demos and benchmarks.
-    ``limit`` stops after that many frames (0 = no limit). ``recursive`` (the
-    default) includes subfolders, so a ``fieldscope specimens`` folder (one subfolder
-    per species) replays as it is."""
-
-    path: Path | None = None
-    patterns: _Patterns = DEFAULT_IMAGE_PATTERNS
-    rate_hz: Annotated[float, _seconds(0, 10_000, "(0 = unlimited)")] = 1.0
-    loop: bool = False
-    limit: Annotated[int, Meta(ge=0, extra={"unit": "(0 = no limit)"})] = 0
-    recursive: bool = True
-
-    def problems(self) -> Problems:
-        return _patterns_problems(self.patterns)
-
-
 class CameraConfig(msgspec.Struct, frozen=True):
     """``[camera]``: which backend captures, and when.
 
@@ -221,14 +101,17 @@ class CameraConfig(msgspec.Struct, frozen=True):
     ``max_rate_hz`` (0 = no limit); ``interval`` captures every ``interval_s``;
     ``command`` captures only on the MQTT ``capture`` command (which also works in
     the other modes). A failed camera is reopened after ``reopen_backoff_s[0]``
-    seconds, doubling up to ``reopen_backoff_s[1]``. Each backend's options are in the
-    field of its name (``CAMERA_BACKENDS``).
+    seconds, doubling up to ``reopen_backoff_s[1]``.
+
+    The camera registry (``fieldscope.edge.capture.CAMERAS``) decides which backends
+    exist and what options each has: ``[camera.<backend>]`` is the field of that name,
+    of that backend's own options model (a test holds the two to each other).
     """
 
-    backend: Annotated[CameraBackend, _required(f"one of {', '.join(CAMERA_BACKENDS)}")]
+    backend: Annotated[str, _required(f"one of {', '.join(CAMERA_BACKENDS)}")]
     trigger: Trigger = "continuous"
-    max_rate_hz: Annotated[float, _seconds(0, 1000, "(0 = no limit)")] = 2.0
-    interval_s: Annotated[float, _seconds(0.01, 7 * 86400)] = 60.0
+    max_rate_hz: Annotated[float, seconds(0, 1000, "(0 = no limit)")] = 2.0
+    interval_s: Annotated[float, seconds(0.01, 7 * 86400)] = 60.0
     reopen_backoff_s: Annotated[tuple[float, float], Meta(extra=_BACKOFF)] = (1.0, 60.0)
     picamera2: Picamera2Options = msgspec.field(default_factory=Picamera2Options)
     opencv: OpenCVOptions = msgspec.field(default_factory=OpenCVOptions)
@@ -245,11 +128,14 @@ class CameraConfig(msgspec.Struct, frozen=True):
                     f"must be [min, max] seconds with 0 < min <= max <= 86400, got [{low}, {high}]",
                 )
             )
-        for name in ("folder", "replay"):
-            if self.backend == name and getattr(self, name).path is None:
-                out.append(
-                    (f"{name}.path", f"required when camera.backend = {name!r} (the image folder)")
-                )
+        if self.backend not in CAMERAS:
+            return out + one_of("backend", self.backend, CAMERA_BACKENDS)
+        chosen = getattr(self, self.backend)
+        if isinstance(chosen, FileSourceOptions) and chosen.path is None:
+            name = self.backend
+            out.append(
+                (f"{name}.path", f"required when camera.backend = {name!r} (the image folder)")
+            )
         return out
 
 
@@ -312,89 +198,6 @@ class ModelConfig(msgspec.Struct, frozen=True):
         return out
 
 
-class TlsConfig(msgspec.Struct, frozen=True):
-    """``[mqtt.tls]``: present means TLS is on. ``ca`` unset uses the system's CA
-    store; ``cert`` and ``key`` (both or neither) authenticate the station by
-    certificate. ``insecure = true`` skips the host name check: for tests only."""
-
-    ca: Path | None = None
-    cert: Path | None = None
-    key: Path | None = None
-    insecure: bool = False
-
-    def problems(self) -> Problems:
-        out: Problems = []
-        for name in ("ca", "cert", "key"):
-            path = getattr(self, name)
-            if path is not None and not path.is_file():
-                out.append((name, f"no such file: {path}"))
-        if (self.cert is None) != (self.key is None):
-            given, missing = ("cert", "key") if self.key is None else ("key", "cert")
-            out.append((given, f"needs {missing} as well (cert and key go together)"))
-        return out
-
-
-_Secret = Annotated[str | None, Meta(extra={"env": True})]
-
-
-class MqttConfig(msgspec.Struct, frozen=True):
-    """``[mqtt]``: the broker. QoS is not here: it is fixed per topic kind by the topic
-    scheme (``fieldscope.edge.topics.TOPIC_SPECS``). ``password`` holds the resolved
-    secret and is left out of ``repr`` so it cannot end up in a log line;
-    ``password_env`` is the variable it came from, for the summary.
-
-    ``protocol`` is the MQTT version; with 5, the broker keeps the session (and
-    commands sent meanwhile) for ``session_expiry_s`` after a disconnect. A lost
-    connection is retried after ``reconnect_backoff_s[0]`` seconds, doubling up to
-    ``reconnect_backoff_s[1]``. The client id is an MQTT topic-level-like name.
-    """
-
-    host: Annotated[str, _required("the broker's host name or IP address")]
-    client_id: str
-    port: Annotated[int, Meta(ge=1, le=65535)] = _MQTT_PORT
-    tls: TlsConfig | None = None
-    username: _Secret = None
-    password: _Secret = None
-    password_env: str | None = None
-    prefix: str = DEFAULT_PREFIX
-    keepalive: Annotated[int, _seconds(5, 65535)] = 60
-    protocol: MqttProtocol = "5"
-    session_expiry_s: Annotated[int, Meta(ge=0, le=2**32 - 1)] = 3600
-    reconnect_backoff_s: Annotated[tuple[float, float], Meta(extra=_BACKOFF)] = (1.0, 60.0)
-
-    def __repr__(self) -> str:
-        shown = (f"{f}={getattr(self, f)!r}" for f in self.__struct_fields__ if f != "password")
-        return f"MqttConfig({', '.join(shown)})"
-
-    def problems(self) -> Problems:
-        out: Problems = []
-        if not self.host or self.host != self.host.strip():
-            out.append(("host", f"must be a host name or IP address, got {show(self.host)}"))
-        elif "://" in self.host or "/" in self.host:
-            out.append(
-                ("host", f"give the host name only (no scheme or path), got {show(self.host)}")
-            )
-        problem = segment_problem(self.client_id)
-        if problem is not None:
-            out.append(("client_id", f"{problem}, got {show(self.client_id)}"))
-        low, high = self.reconnect_backoff_s
-        if not (1 <= low <= high <= 3600 and low == int(low) and high == int(high)):
-            out.append(
-                (
-                    "reconnect_backoff_s",
-                    "must be [min, max] whole seconds with 1 <= min <= max <= 3600, "
-                    f"got [{low:g}, {high:g}]",
-                )
-            )
-        if self.password is not None and self.username is None:
-            out.append(("password", "needs mqtt.username as well (MQTT sends no lone password)"))
-        try:
-            Topics(self.prefix, "station", "device")
-        except TopicError as exc:
-            out.append(("prefix", str(exc).removeprefix("prefix ")))
-        return out
-
-
 class OutboxConfig(msgspec.Struct, frozen=True):
     """``[outbox]``: the durable queue between classification and the broker.
 
@@ -447,7 +250,7 @@ class ArchiveConfig(msgspec.Struct, frozen=True):
 class HeartbeatConfig(msgspec.Struct, frozen=True):
     """``[heartbeat]``: how often health is published."""
 
-    interval_s: Annotated[float, _seconds(1, 86400)] = 60.0
+    interval_s: Annotated[float, seconds(1, 86400)] = 60.0
 
 
 class LogConfig(msgspec.Struct, frozen=True):

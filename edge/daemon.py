@@ -32,10 +32,8 @@ not delivered stays in the outbox for the next start.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
-import os
 import select
 import signal
 import socket
@@ -44,20 +42,35 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from types import FrameType
-from typing import Any, TextIO
 
 from fieldscope.edge.archive import ImageArchive
-from fieldscope.edge.broker import broker_settings
 from fieldscope.edge.capture import Camera, CameraSupervisor, Trigger, make_camera, make_trigger
 from fieldscope.edge.commands import Command, CommandError, CommandName, parse_command
 from fieldscope.edge.config import EdgeConfig
+from fieldscope.edge.daemon_logging import (
+    STATE_FILE_NAME,
+    JournalFormatter,
+    configure_logging,
+    read_state_file,
+    write_state_file,
+)
+from fieldscope.edge.daemon_station import (
+    StationParts,
+    camera_report,
+    capture,
+    clip,
+    make_data_dir,
+    open_outbox,
+    pause_or_resume,
+    reload_reply,
+    resend,
+    state_record,
+    station_warnings,
+)
 from fieldscope.edge.errors import FieldscopeError
 from fieldscope.edge.health import (
-    CameraState,
     CommandReply,
     Heartbeat,
     cpu_temperature_c,
@@ -71,7 +84,7 @@ from fieldscope.edge.model_slot import (
     bundle_source,
     load_model,
 )
-from fieldscope.edge.outbox import DEFAULT_KEEP_SENT, Outbox, OutboxError, clock_first_seq
+from fieldscope.edge.outbox import Outbox, OutboxError
 from fieldscope.edge.pipeline import FrameCounters, Pipeline
 from fieldscope.edge.systemd import Notifier
 
@@ -89,8 +102,6 @@ logger = logging.getLogger(__name__)
 
 # How often the bundle path is checked for a new target (a stat of one file).
 BUNDLE_CHECK_INTERVAL_S = 2.0
-# What `fieldscope edge status` reads while the daemon holds the outbox.
-STATE_FILE_NAME = "daemon-state.json"
 # A clean stop: this long for the frames in the pipeline, then the link's flush.
 _DRAIN_S = 3.0
 _FLUSH_S = 3.0
@@ -101,31 +112,12 @@ _MIN_STALL_S = 10.0
 _MAX_EVENTS = 16
 # A command that arrives while the daemon starts waits this long for it.
 _START_WAIT_S = 10.0
-_MAX_TEXT = 900  # a warning line in the heartbeat (the payload allows 1000)
 _WAKE, _STOP, _RELOAD = b"w", b"s", b"r"
 _SIGNAL_BYTES: Mapping[int, bytes] = {
     signal.SIGTERM: _STOP,
     signal.SIGINT: _STOP,
     signal.SIGHUP: _RELOAD,
 }
-
-
-@dataclass(frozen=True)
-class StationParts:
-    """The parts of a started daemon (:attr:`Daemon.station`)."""
-
-    outbox: Outbox
-    slot: ModelSlot
-    archive: ImageArchive
-    supervisor: CameraSupervisor
-    trigger: Trigger
-    link: MqttLink
-    pipeline: Pipeline
-
-
-def _clip(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= _MAX_TEXT else text[: _MAX_TEXT - 1] + "…"
 
 
 class Daemon:
@@ -210,8 +202,8 @@ class Daemon:
         started, in reverse: pipeline, link, camera, outbox."""
         logger.info("starting station %s (config %s)", self.topics.base, self.cfg.source)
         stack = self._teardown
-        self._make_data_dir()
-        outbox = self._open_outbox()
+        make_data_dir(self.cfg.device.data_dir)
+        outbox = open_outbox(self.cfg)
         stack.callback(outbox.close)
         stack.callback(self._write_state, "stopped")
         slot = ModelSlot(self._load_model())
@@ -227,31 +219,6 @@ class Daemon:
         self.notifier.ready(f"serving {slot.current().describe()}")
         self.started.set()
         logger.info("station %s is running", self.topics.base)
-
-    def _make_data_dir(self) -> None:
-        data_dir = self.cfg.device.data_dir
-        try:
-            data_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise FieldscopeError(
-                f"device.data_dir: cannot create {data_dir}: {exc.strerror or exc} (it must be "
-                "writable by the daemon's user; systemd's StateDirectory= creates it)"
-            ) from exc
-
-    def _open_outbox(self) -> Outbox:
-        o = self.cfg.outbox
-        outbox = Outbox(
-            o.path,
-            max_messages=o.max_messages,
-            when_full=o.when_full,
-            max_bytes=o.max_bytes,
-            first_seq=clock_first_seq(),
-            keep_sent=DEFAULT_KEEP_SENT,  # for the resend command
-        )
-        logger.info(
-            "outbox %s: %d message(s) waiting, next seq %d", o.path, outbox.depth(), outbox.next_seq
-        )
-        return outbox
 
     def _load_model(self) -> LoadedModel:
         model = load_model(self.cfg.model, self.cfg.preprocessing)
@@ -285,9 +252,8 @@ class Daemon:
         return supervisor, make_trigger(c)
 
     def _start_link(self, outbox: Outbox) -> MqttLink:
-        settings = broker_settings(self.cfg.mqtt, max_in_flight=self.cfg.outbox.batch)
         link = MqttLink(
-            settings,
+            self.cfg.mqtt,  # its max_in_flight is outbox.batch (the loader sets it)
             self.topics,
             outbox,
             on_command=self.on_command,
@@ -494,79 +460,26 @@ class Daemon:
                     reply = self._carry_out(command)
                 except Exception as exc:  # a bug: the sender still gets an answer
                     logger.exception("command %s failed", command.name.value)
-                    reply = command.failed(_clip(f"internal error: {exc!r}; see the station's log"))
+                    reply = command.failed(clip(f"internal error: {exc!r}; see the station's log"))
         if self._link is not None:
             self._link.publish_command_result(name, reply)
 
     def _carry_out(self, command: Command) -> CommandReply:
         actions: Mapping[CommandName, Callable[[Command], CommandReply]] = {
-            CommandName.CAPTURE: self._capture,
-            CommandName.PAUSE: self._pause_or_resume,
-            CommandName.RESUME: self._pause_or_resume,
-            CommandName.RELOAD: self._reload_command,
+            CommandName.CAPTURE: lambda c: capture(c, self.station),
+            CommandName.PAUSE: lambda c: pause_or_resume(c, self.station),
+            CommandName.RESUME: lambda c: pause_or_resume(c, self.station),
+            CommandName.RELOAD: lambda c: reload_reply(c, self.reload("reload command")),
             CommandName.STATUS: lambda c: c.reply(self.health(drain_events=False).to_dict()),
-            CommandName.RESEND: self._resend,
+            CommandName.RESEND: lambda c: resend(c, self.station, self._link),
         }
         return actions[command.name](command)
-
-    def _resend(self, command: Command) -> CommandReply:
-        """Put kept sent identifications back in the outbox (a collector found a gap)."""
-        assert command.first is not None
-        assert command.last is not None
-        outbox = self.station.outbox
-        try:
-            moved, queued = outbox.requeue(command.first, command.last)
-            kept = outbox.kept_range()
-        except OutboxError as exc:
-            return command.failed(_clip(f"outbox: {exc}"))
-        if moved and self._link is not None:
-            self._link.rewind()
-        wanted = command.last - command.first + 1
-        data = {
-            "requeued": moved,
-            "already_queued": queued,
-            "not_kept": wanted - moved - queued,
-            "kept": None if kept is None else {"first": kept[0], "last": kept[1]},
-        }
-        logger.info(
-            "resend %d..%d: %d requeued, %d still queued, %d no longer kept",
-            command.first,
-            command.last,
-            moved,
-            queued,
-            wanted - moved - queued,
-        )
-        return command.reply(data)
-
-    def _capture(self, command: Command) -> CommandReply:
-        if self.station.pipeline.paused:
-            return command.failed("the station is paused; send resume first")
-        queued = sum(self.station.trigger.fire() for _ in range(command.count))
-        if queued == 0:
-            return command.failed("too many captures are already waiting; try again later")
-        return command.reply({"requested": command.count, "queued": queued})
-
-    def _pause_or_resume(self, command: Command) -> CommandReply:
-        pause = command.name is CommandName.PAUSE
-        if pause:
-            self.station.pipeline.pause()
-        else:
-            self.station.pipeline.resume()
-        logger.info("%s", "paused: no frames are taken until resume" if pause else "resumed")
-        return command.reply({"paused": pause})
-
-    def _reload_command(self, command: Command) -> CommandReply:
-        result = self.reload("reload command")
-        data = {"model": result.model.ref.to_dict(), "swapped": result.swapped}
-        if result.error is not None:
-            return command.failed(f"kept the old model: {result.error}", data)
-        return command.reply(data)
 
     # --- health ---------------------------------------------------------------------------
 
     def _event(self, text: str) -> None:
         with self._events_lock:
-            self._events.append(_clip(text))
+            self._events.append(clip(text))
 
     def _on_file_problem(self, source: str, reason: str) -> None:
         # The event before the count: a heartbeat that counts it also reports it.
@@ -588,40 +501,13 @@ class Daemon:
             depth, dropped, age = stats.depth, stats.dropped, stats.oldest_age_s
         except OutboxError as exc:
             depth, dropped, age = st.outbox.depth(), st.outbox.dropped(), None
-            warnings.append(_clip(f"outbox: {exc}"))
-        if st.slot.refused is not None:
-            warnings.append(_clip(f"model: the configured bundle is refused: {st.slot.refused}"))
-        blocked = st.pipeline.storage_problem
-        if blocked is not None:
-            warnings.append(
-                _clip(
-                    f"outbox: cannot store identifications for {blocked.seconds:.0f} s "
-                    f"({blocked.attempts} tries), capture is held until it can: {blocked.error}"
-                )
-            )
-        stalled = st.pipeline.stalled(self._stall_limit_s)
-        if stalled:
-            warnings.append(_clip(f"pipeline stuck: {', '.join(stalled)}"))
-        if st.archive.errors:
-            warnings.append(f"archive: {st.archive.errors} write error(s) so far")
+            warnings.append(clip(f"outbox: {exc}"))
+        warnings += station_warnings(st, self._stall_limit_s)
         with self._events_lock:
             warnings.extend(self._events)
             if drain_events:
                 self._events.clear()
-        # The supervisor knows first whether the camera is down or back.
-        outage = st.supervisor.outage
-        state = st.pipeline.camera_state
-        if state is not CameraState.STOPPED:
-            if outage is not None:
-                state = CameraState.OUTAGE
-            elif state is CameraState.OUTAGE:
-                state = CameraState.OK
-        outage_text = None
-        if outage is not None:
-            outage_text = _clip(
-                f"{outage.error} (down since {outage.since:%Y-%m-%dT%H:%M:%SZ}, "
-                f"{outage.attempts} tries)"
-            )
+        state, outage_text = camera_report(st)
         return Heartbeat(
             time=datetime.now(UTC),
             uptime_s=round(time.monotonic() - self._started_at, 3),
@@ -661,33 +547,8 @@ class Daemon:
 
     def _write_state(self, state: str, beat: Heartbeat | None = None) -> None:
         """Mirror the essentials into the state file, atomically (best effort)."""
-        data: dict[str, Any] = {
-            "state": state,
-            "pid": os.getpid(),
-            "updated_at": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
-            "station": self.cfg.device.station,
-            "device": self.cfg.device.id,
-        }
-        if self._station is not None:
-            data["model"] = self._station.slot.current().ref.to_dict()
-            with contextlib.suppress(OutboxError):
-                stats = self._station.outbox.stats()
-                data["outbox"] = {
-                    "depth": stats.depth,
-                    "dropped": stats.dropped,
-                    "next_seq": stats.next_seq,
-                }
-        if beat is not None:
-            data["frames"] = beat.frames.to_dict()
-            data["camera"] = beat.camera_state.value
-            data["paused"] = beat.paused
-        path = self.cfg.device.data_dir / STATE_FILE_NAME
-        temporary = path.with_name(f".{path.name}.tmp")
-        try:
-            temporary.write_text(json.dumps(data, sort_keys=True) + "\n", encoding="utf-8")
-            temporary.replace(path)
-        except OSError as exc:
-            logger.debug("cannot write %s: %s", path, exc)
+        data = state_record(self.cfg, self._station, state, beat)
+        write_state_file(self.cfg.device.data_dir, data)
 
     # --- stopping -----------------------------------------------------------------------
 
@@ -725,83 +586,6 @@ class Daemon:
             c.rejected,
             c.failed,
         )
-
-
-# --- state file -------------------------------------------------------------------------
-
-
-def read_state_file(data_dir: Path) -> dict[str, Any] | None:
-    """The daemon's last state file in ``data_dir``, or None when there is none."""
-    path = Path(data_dir) / STATE_FILE_NAME
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        raise FieldscopeError(f"cannot read the daemon's state file {path}: {exc}") from exc
-    return data if isinstance(data, dict) else None
-
-
-# --- logging ----------------------------------------------------------------------------
-
-
-class JournalFormatter(logging.Formatter):
-    """One line per event, as journald keeps it.
-
-    Under systemd (stderr connected to the journal) each line starts with the
-    syslog priority (``<4>`` for a warning), which journald turns into the entry's
-    priority, and carries no time stamp (journald adds its own). Elsewhere, lines
-    carry a UTC time stamp and the level name. A traceback is folded onto the same
-    line (`` | `` between its lines), so one event never becomes many entries.
-    """
-
-    _PRIORITIES: Mapping[int, int] = {
-        logging.DEBUG: 7,
-        logging.INFO: 6,
-        logging.WARNING: 4,
-        logging.ERROR: 3,
-        logging.CRITICAL: 2,
-    }
-
-    def __init__(self, journal: bool) -> None:
-        super().__init__()
-        self.journal = journal
-
-    def format(self, record: logging.LogRecord) -> str:
-        message = record.getMessage()
-        if record.exc_info:
-            message += " | " + self.formatException(record.exc_info)
-        message = " | ".join(line for line in message.splitlines() if line.strip())
-        if self.journal:
-            priority = self._PRIORITIES.get(record.levelno, 6)
-            return f"<{priority}>{record.name}: {message}"
-        when = datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3]
-        return f"{when}Z {record.levelname} {record.name}: {message}"
-
-
-def _stderr_is_journal(stream: TextIO) -> bool:
-    """True when ``stream`` is the journal stream systemd named in ``JOURNAL_STREAM``."""
-    expected = os.environ.get("JOURNAL_STREAM")
-    if not expected:
-        return False
-    try:
-        st = os.fstat(stream.fileno())
-    except (OSError, ValueError, AttributeError):
-        return False
-    return expected == f"{st.st_dev}:{st.st_ino}"
-
-
-def configure_logging(level: str, stream: TextIO | None = None) -> None:
-    """Send every log record at ``level`` and above to ``stream`` (stderr), one line
-    each, replacing handlers installed earlier (the CLI's default)."""
-    out = sys.stderr if stream is None else stream
-    handler = logging.StreamHandler(out)
-    handler.setFormatter(JournalFormatter(_stderr_is_journal(out)))
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(level.upper())
 
 
 if __name__ == "__main__":

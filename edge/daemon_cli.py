@@ -101,10 +101,8 @@ def station_status(config: Path) -> dict[str, Any]:
         FieldscopeError: the configuration is invalid, or the outbox or state file
             cannot be read.
     """
-    from fieldscope.edge.bundle import read_bundle
     from fieldscope.edge.config import load_config
     from fieldscope.edge.daemon import read_state_file
-    from fieldscope.edge.errors import BundleError
     from fieldscope.edge.outbox import OutboxBusyError, peek_stats
 
     cfg = load_config(config)
@@ -136,19 +134,21 @@ def station_status(config: Path) -> dict[str, Any]:
         if stats is None
         else {"depth": stats.depth, "dropped": stats.dropped, "next_seq": stats.next_seq}
     )
-    try:
-        bundle = read_bundle(Path(os.path.realpath(cfg.model.bundle)))
-    except BundleError as exc:
-        report["model"] = None
-        report["model_problem"] = str(exc)
-    else:
-        m = bundle.manifest
-        report["model"] = {
-            "name": m.model_name,
-            "version": m.model_version,
-            "sha256": bundle.sha256,
-        }
+    report.update(_configured_model(cfg.model.bundle))
     return report
+
+
+def _configured_model(bundle_path: Path) -> dict[str, Any]:
+    """The model the configured bundle holds (the daemon is stopped), or its problem."""
+    from fieldscope.edge.bundle import read_bundle
+    from fieldscope.edge.errors import BundleError
+
+    try:
+        bundle = read_bundle(Path(os.path.realpath(bundle_path)))
+    except BundleError as exc:
+        return {"model": None, "model_problem": str(exc)}
+    m = bundle.manifest
+    return {"model": {"name": m.model_name, "version": m.model_version, "sha256": bundle.sha256}}
 
 
 def _status(args: argparse.Namespace) -> int:

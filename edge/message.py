@@ -27,18 +27,23 @@ Decisions a subscriber relies on (also in docs/mqtt.md):
 from __future__ import annotations
 
 import json
-import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from collections.abc import Sequence
+from datetime import datetime
 from enum import StrEnum
 from importlib import resources
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Annotated, Any, ClassVar, Protocol
+
+from msgspec import Meta
 
 from fieldscope.edge.errors import FieldscopeError, MessageError
-from fieldscope.edge.topics import segment_problem, show
-from fieldscope.edge.untrusted import MAX_PAYLOAD_BYTES, RejectedValueError, load_json, read_number
+from fieldscope.edge.topics import MAX_SEGMENT_BYTES, segment_problem, show
+from fieldscope.edge.wire import (
+    TIMESTAMP_PATTERN,
+    Sha256,
+    WireStruct,
+    version_problem,
+)
 
 __all__ = [
     "MAX_SEQ",
@@ -69,13 +74,9 @@ MAX_NAME_CHARS = 200
 MAX_TEXT_CHARS = 1000
 MAX_PATH_CHARS = 4096
 MAX_IMAGE_SIDE = 65535
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-_TIMESTAMP = re.compile(
-    r"\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])T([01]\d|2[0-3]):[0-5]\d:[0-5]\d(\.\d{1,6})?Z"
-)
 # Scores equal to the top candidate's within float noise count as equal.
 _SCORE_TOLERANCE = 1e-9
-_PREFIX = "identification message: "
+_BLANK = {"must": "not be empty or blank"}
 
 
 class Status(StrEnum):
@@ -86,494 +87,265 @@ class Status(StrEnum):
     REJECTED = "rejected"
 
 
-# --- value checks: each names the field's path and says what was wrong ---------------------
+# --- the field types: each constraint is stated once, for decoding, checks and the schema ---
 
 
-def _fail(problem: str) -> MessageError:
-    return MessageError(_PREFIX + problem)
+Label = Annotated[str, Meta(min_length=1, max_length=MAX_LABEL_CHARS, pattern=r"\S", extra=_BLANK)]
+Name = Annotated[str, Meta(min_length=1, max_length=MAX_NAME_CHARS, pattern=r"\S", extra=_BLANK)]
+Text = Annotated[str, Meta(min_length=1, max_length=MAX_TEXT_CHARS, pattern=r"\S", extra=_BLANK)]
+PathText = Annotated[
+    str, Meta(min_length=1, max_length=MAX_PATH_CHARS, pattern=r"\S", extra=_BLANK)
+]
+Probability = Annotated[float, Meta(ge=0, le=1)]
+Duration = Annotated[float, Meta(ge=0)]
+Side = Annotated[int, Meta(ge=1, le=MAX_IMAGE_SIDE)]
+# A topic level: segment_problem() checks it (in UTF-8 bytes); the schema says it in characters.
+Segment = Annotated[
+    str,
+    Meta(
+        extra_json_schema={
+            "minLength": 1,
+            "maxLength": MAX_SEGMENT_BYTES,
+            "allOf": [
+                {"not": {"pattern": "[/+#\\u0000-\\u001f\\u007f-\\u009f]"}},
+                {"not": {"pattern": "^\\$"}},
+            ],
+        },
+    ),
+]
+UtcTime = Annotated[
+    datetime, Meta(extra_json_schema={"format": "date-time", "pattern": TIMESTAMP_PATTERN})
+]
+Version = Annotated[int, Meta(extra_json_schema={"const": MESSAGE_VERSION})]
 
 
-def _typename(value: object) -> str:
-    return "null" if value is None else type(value).__name__
+def _doc(text: str) -> Meta:
+    """A field's description in the generated JSON Schema."""
+    return Meta(description=text)
 
 
-def _got(value: object) -> str:
-    return "null" if value is None else f"{type(value).__name__} {show(value)}"
+class _Part(WireStruct, frozen=True):
+    _error: ClassVar[type[FieldscopeError]] = MessageError
+    _prefix: ClassVar[str] = "identification message: "
 
 
-def _string(value: object, path: str, max_chars: int) -> str:
-    if not isinstance(value, str):
-        raise _fail(f"{path} must be a string, got {_got(value)}")
-    if not value.strip():
-        raise _fail(f"{path} must not be empty or blank, got {show(value)}")
-    if len(value) > max_chars:
-        raise _fail(f"{path} must be at most {max_chars} characters, got {len(value)}")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise _fail(f"{path} must be valid Unicode (it contains a lone surrogate)") from None
-    return value
-
-
-def _segment(value: object, path: str) -> str:
-    problem = segment_problem(value)
-    if problem is not None:
-        raise _fail(f"{path} {problem} (it is a level of the MQTT topic), got {show(value)}")
-    assert isinstance(value, str)  # segment_problem returns None only for strings
-    return value
-
-
-def _number(value: object, path: str, low: float, high: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _fail(f"{path} must be a number, got {_got(value)}")
-    try:
-        number = read_number(value)  # never OverflowError: a 400-digit integer is refused
-    except RejectedValueError:
-        raise _fail(f"{path} must be a finite number, got {show(value)}") from None
-    if high is None:
-        if number < low:
-            raise _fail(f"{path} must be >= {low:g}, got {show(value)}")
-    elif not low <= number <= high:
-        raise _fail(f"{path} must be between {low:g} and {high:g}, got {show(value)}")
-    return number
-
-
-def _integer(value: object, path: str, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _fail(f"{path} must be an integer, got {_got(value)}")
-    if not low <= value <= high:
-        raise _fail(f"{path} must be between {low} and {high}, got {show(value)}")
-    return value
-
-
-def _sha256(value: object, path: str) -> str:
-    if not isinstance(value, str) or not _SHA256.fullmatch(value):
-        raise _fail(f"{path} must be 64 lowercase hex digits (a SHA-256), got {show(value)}")
-    return value
-
-
-def _object(value: object, path: str) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        raise _fail(f"{path} must be an object, got {_got(value)}")
-    return value
-
-
-def _required(data: Mapping[str, Any], key: str, path: str) -> Any:
-    if key not in data:
-        raise _fail(f"{path}{key} is required")
-    return data[key]
-
-
-def _utc(value: object, path: str) -> datetime:
-    if not isinstance(value, datetime):
-        raise _fail(f"{path} must be a datetime, got {_got(value)}")
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise _fail(
-            f"{path} must be timezone-aware (naive times are ambiguous on a Pi), got "
-            f"{value.isoformat()}; use datetime.now(timezone.utc)"
-        )
-    try:
-        return value.astimezone(UTC)
-    except OverflowError:
-        raise _fail(f"{path} is out of range in UTC, got {value.isoformat()}") from None
-
-
-def _timestamp(value: object, path: str) -> datetime:
-    if not isinstance(value, str) or not _TIMESTAMP.fullmatch(value):
-        raise _fail(
-            f"{path} must be a UTC time like 2026-11-23T18:39:00.123456Z "
-            f"(at most 6 fraction digits, ending in Z), got {show(value)}"
-        )
-    try:
-        return datetime.fromisoformat(value).astimezone(UTC)
-    except ValueError as exc:
-        raise _fail(f"{path} is not a valid date and time ({exc}), got {show(value)}") from None
-
-
-def _format_time(value: datetime) -> str:
-    # isoformat, unlike strftime("%Y"), pads years before 1000 to four digits.
-    return value.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
-
-
-# --- the parts of a message ------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Candidate:
+class Candidate(_Part, frozen=True):
     """One entry of ``top_k``: a label and the model's score for it."""
 
-    label: str
-    score: float
+    _where: ClassVar[str] = "candidate"
 
-    def __post_init__(self) -> None:
-        self._check("candidate")
-
-    def _check(self, path: str) -> None:
-        _string(self.label, f"{path}.label", MAX_LABEL_CHARS)
-        object.__setattr__(self, "score", _number(self.score, f"{path}.score", 0.0, 1.0))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "score": self.score}
-
-    @classmethod
-    def from_dict(cls, data: object, path: str = "candidate") -> Candidate:
-        obj = _object(data, path)
-        label = _string(_required(obj, "label", f"{path}."), f"{path}.label", MAX_LABEL_CHARS)
-        score = _number(_required(obj, "score", f"{path}."), f"{path}.score", 0.0, 1.0)
-        return cls(label, score)
+    label: Label
+    score: Probability
 
 
-@dataclass(frozen=True)
-class ModelRef:
+class ModelRef(_Part, frozen=True):
     """Which model produced the identification: the bundle's name and version, and
     the SHA-256 of its ``model.tflite`` (as listed in the bundle manifest), which
     tells two builds with the same version apart."""
 
-    name: str
-    version: str
-    sha256: str
+    _where: ClassVar[str] = "model"
 
-    def __post_init__(self) -> None:
-        self._check("model")
-
-    def _check(self, path: str) -> None:
-        _string(self.name, f"{path}.name", MAX_NAME_CHARS)
-        _string(self.version, f"{path}.version", MAX_NAME_CHARS)
-        _sha256(self.sha256, f"{path}.sha256")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "version": self.version, "sha256": self.sha256}
-
-    @classmethod
-    def from_dict(cls, data: object, path: str = "model") -> ModelRef:
-        obj = _object(data, path)
-        return cls(
-            _string(_required(obj, "name", f"{path}."), f"{path}.name", MAX_NAME_CHARS),
-            _string(_required(obj, "version", f"{path}."), f"{path}.version", MAX_NAME_CHARS),
-            _sha256(_required(obj, "sha256", f"{path}."), f"{path}.sha256"),
-        )
+    name: Name
+    version: Name
+    sha256: Annotated[
+        Sha256, _doc("SHA-256 of the bundle's model.tflite, as listed in its manifest.")
+    ]
 
 
-@dataclass(frozen=True)
-class ImageRef:
+class ImageRef(_Part, frozen=True):
     """The captured frame: SHA-256 of its encoded bytes, its size, and where the
     station archived it (a path on the station) when it keeps images."""
 
-    sha256: str
-    width: int
-    height: int
-    archived_path: str | None = None
+    _where: ClassVar[str] = "image"
+    _omit_none: ClassVar[frozenset[str]] = frozenset({"archived_path"})
 
-    def __post_init__(self) -> None:
-        self._check("image")
-
-    def _check(self, path: str) -> None:
-        _sha256(self.sha256, f"{path}.sha256")
-        _integer(self.width, f"{path}.width", 1, MAX_IMAGE_SIDE)
-        _integer(self.height, f"{path}.height", 1, MAX_IMAGE_SIDE)
-        if self.archived_path is not None:
-            _string(self.archived_path, f"{path}.archived_path", MAX_PATH_CHARS)
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"sha256": self.sha256, "width": self.width, "height": self.height}
-        if self.archived_path is not None:
-            out["archived_path"] = self.archived_path
-        return out
-
-    @classmethod
-    def from_dict(cls, data: object, path: str = "image") -> ImageRef:
-        obj = _object(data, path)
-        archived = None
-        if "archived_path" in obj:
-            archived = _string(obj["archived_path"], f"{path}.archived_path", MAX_PATH_CHARS)
-        return cls(
-            _sha256(_required(obj, "sha256", f"{path}."), f"{path}.sha256"),
-            _integer(_required(obj, "width", f"{path}."), f"{path}.width", 1, MAX_IMAGE_SIDE),
-            _integer(_required(obj, "height", f"{path}."), f"{path}.height", 1, MAX_IMAGE_SIDE),
-            archived,
-        )
+    sha256: Annotated[Sha256, _doc("SHA-256 of the encoded image bytes.")]
+    width: Side
+    height: Side
+    archived_path: Annotated[
+        PathText | None,
+        _doc(
+            "Where the station archived the image (a path on the station); omitted when it keeps "
+            "none."
+        ),
+    ] = None
 
 
-@dataclass(frozen=True)
-class Quality:
+class Quality(_Part, frozen=True):
     """Measurements of the quality gate, each optional.
 
     ``sharpness`` is the variance of the Laplacian of the grey frame (>= 0; higher is
     sharper); ``exposure`` is the mean brightness as a fraction of full scale (0..1).
     """
 
-    sharpness: float | None = None
-    exposure: float | None = None
+    _where: ClassVar[str] = "quality"
+    _omit_none: ClassVar[frozenset[str]] = frozenset({"sharpness", "exposure"})
 
-    def __post_init__(self) -> None:
-        self._check("quality")
-
-    def _check(self, path: str) -> None:
-        if self.sharpness is not None:
-            value = _number(self.sharpness, f"{path}.sharpness", 0.0)
-            object.__setattr__(self, "sharpness", value)
-        if self.exposure is not None:
-            value = _number(self.exposure, f"{path}.exposure", 0.0, 1.0)
-            object.__setattr__(self, "exposure", value)
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        if self.sharpness is not None:
-            out["sharpness"] = self.sharpness
-        if self.exposure is not None:
-            out["exposure"] = self.exposure
-        return out
-
-    @classmethod
-    def from_dict(cls, data: object, path: str = "quality") -> Quality:
-        obj = _object(data, path)
-        sharpness = exposure = None
-        if "sharpness" in obj:
-            sharpness = _number(obj["sharpness"], f"{path}.sharpness", 0.0)
-        if "exposure" in obj:
-            exposure = _number(obj["exposure"], f"{path}.exposure", 0.0, 1.0)
-        return cls(sharpness, exposure)
+    sharpness: Annotated[
+        Duration | None, _doc("Variance of the Laplacian of the grey frame; higher is sharper.")
+    ] = None
+    exposure: Annotated[
+        Probability | None, _doc("Mean brightness as a fraction of full scale.")
+    ] = None
 
 
 _STAGES = ("capture", "quality", "preprocess", "inference", "total")
 
 
-@dataclass(frozen=True)
-class Timings:
+class Timings(_Part, frozen=True):
     """Milliseconds spent per stage; a stage that did not run (inference of a
     rejected capture) reports 0. ``total`` is from capture to message, wall clock."""
 
-    capture: float
-    quality: float
-    preprocess: float
-    inference: float
-    total: float
+    _where: ClassVar[str] = "timings_ms"
 
-    def __post_init__(self) -> None:
-        self._check("timings_ms")
-
-    def _check(self, path: str) -> None:
-        for stage in _STAGES:
-            value = _number(getattr(self, stage), f"{path}.{stage}", 0.0)
-            object.__setattr__(self, stage, value)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {stage: getattr(self, stage) for stage in _STAGES}
-
-    @classmethod
-    def from_dict(cls, data: object, path: str = "timings_ms") -> Timings:
-        obj = _object(data, path)
-        values = [_number(_required(obj, s, f"{path}."), f"{path}.{s}", 0.0) for s in _STAGES]
-        return cls(*values)
+    capture: Duration
+    quality: Duration
+    preprocess: Duration
+    inference: Duration
+    total: Duration
 
 
 # --- the message -----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, kw_only=True)
-class Identification:
+class Identification(_Part, frozen=True, kw_only=True):
     """One identification as published on ``.../identification`` (see the module docstring).
 
     Construction validates every field and the consistency between ``status``,
     ``label``, ``score`` and ``top_k``, raising MessageError that names the field.
     """
 
-    device: str
-    station: str
-    seq: int
-    captured_at: datetime
-    label: str | None
-    score: float | None
-    top_k: tuple[Candidate, ...]
-    status: Status
-    model: ModelRef
-    image: ImageRef
-    timings_ms: Timings
-    quality: Quality | None = None
-    reason: str | None = None
-    version: int = MESSAGE_VERSION
+    _omit_none: ClassVar[frozenset[str]] = frozenset({"quality", "reason"})
+    _required: ClassVar[tuple[str, ...]] = ("version",)
 
-    def __post_init__(self) -> None:
-        _version(self.version)
-        _segment(self.device, "device")
-        _segment(self.station, "station")
-        _integer(self.seq, "seq", 0, MAX_SEQ)
-        object.__setattr__(self, "captured_at", _utc(self.captured_at, "captured_at"))
-        object.__setattr__(self, "status", _status(self.status))
-        if self.label is not None:
-            _string(self.label, "label", MAX_LABEL_CHARS)
-        if self.score is not None:
-            object.__setattr__(self, "score", _number(self.score, "score", 0.0, 1.0))
-        if not isinstance(self.top_k, tuple | list):
-            raise _fail(f"top_k must be a list, got {_typename(self.top_k)}")
-        object.__setattr__(self, "top_k", tuple(self.top_k))
-        for i, candidate in enumerate(self.top_k):
-            _part(candidate, Candidate, f"top_k[{i}]")
-        _part(self.model, ModelRef, "model")
-        _part(self.image, ImageRef, "image")
-        _part(self.timings_ms, Timings, "timings_ms")
-        if self.quality is not None:
-            _part(self.quality, Quality, "quality")
-        if self.reason is not None:
-            _string(self.reason, "reason", MAX_TEXT_CHARS)
-        self._check_ranking()
-        self._check_status()
+    version: Annotated[Version, _doc("Major version of this message format.")] = MESSAGE_VERSION
+    device: Annotated[
+        Segment,
+        _doc("The device's name, the last-but-one level of the topic; unique in the fleet."),
+    ]
+    station: Annotated[Segment, _doc("The station (site) the device belongs to, a topic level.")]
+    seq: Annotated[
+        int,
+        Meta(ge=0, le=MAX_SEQ),
+        _doc(
+            "Sequence number of this device's messages: grows by one per message and survives "
+            "restarts. At most 2^53-1 so JavaScript reads it exactly."
+        ),
+    ]
+    captured_at: Annotated[
+        UtcTime,
+        _doc(
+            "When the frame was captured, in UTC, e.g. 2026-11-23T18:39:00.123456Z (writers always"
+            " send 6 fraction digits; readers accept 0 to 6)."
+        ),
+    ]
+    status: Annotated[
+        Status,
+        _doc(
+            "ok: label is the model's answer; uncertain: the top score was below the model's "
+            "threshold; rejected: the capture failed the quality gate and no inference ran."
+        ),
+    ]
+    label: Annotated[Label | None, _doc("The identified species; null unless status is ok.")]
+    score: Annotated[
+        Probability | None, _doc("The model's score for top_k[0]; null when status is rejected.")
+    ]
+    top_k: Annotated[
+        tuple[Candidate, ...],
+        _doc("The best-scoring labels, by descending score; empty when status is rejected."),
+    ]
+    model: Annotated[ModelRef, _doc("The bundle that produced this identification.")]
+    image: Annotated[ImageRef, _doc("The captured frame.")]
+    timings_ms: Annotated[
+        Timings,
+        _doc(
+            "Milliseconds per stage; a stage that did not run reports 0. total is capture to "
+            "message, wall clock."
+        ),
+    ]
+    quality: Annotated[
+        Quality | None, _doc("Measurements of the quality gate; each member is optional.")
+    ] = None
+    reason: Annotated[
+        Text | None, _doc("Why the status is uncertain or rejected, in words for a person.")
+    ] = None
 
-    def _check_ranking(self) -> None:
+    def problems(self) -> list[tuple[str, str]]:
+        """Topic levels, the ranking of ``top_k`` and what ``status`` allows."""
+        problems = [
+            (name, f"{problem} (it is a level of the MQTT topic), got {show(value)}")
+            for name, value in (("device", self.device), ("station", self.station))
+            if (problem := segment_problem(value)) is not None
+        ]
+        return problems + self._ranking_problems() + self._status_problems()
+
+    def _ranking_problems(self) -> list[tuple[str, str]]:
         top = self.top_k
         seen: dict[str, int] = {}
         for i, candidate in enumerate(top):
             if candidate.label in seen:
                 first = seen[candidate.label]
-                raise _fail(f"top_k[{i}].label {show(candidate.label)} repeats top_k[{first}]")
+                return [(f"top_k[{i}].label", f"{show(candidate.label)} repeats top_k[{first}]")]
             seen[candidate.label] = i
             if i and candidate.score > top[i - 1].score:
-                raise _fail(
-                    f"top_k must be sorted by descending score, but top_k[{i}].score "
-                    f"{show(candidate.score)} > top_k[{i - 1}].score {top[i - 1].score!r}"
-                )
+                order = f"top_k[{i}].score {show(candidate.score)} > top_k[{i - 1}].score"
+                return [
+                    (
+                        "top_k",
+                        f"must be sorted by descending score, but {order} {top[i - 1].score!r}",
+                    )
+                ]
+        return []
 
-    def _check_status(self) -> None:
-        top = self.top_k
-        status = self.status.value
+    def _status_problems(self) -> list[tuple[str, str]]:
+        top, label, score, status = self.top_k, self.label, self.score, self.status.value
         if self.status is Status.REJECTED:
-            if self.label is not None:
-                raise _fail(f"label must be null when status is rejected, got {show(self.label)}")
-            if self.score is not None:
-                raise _fail(f"score must be null when status is rejected, got {show(self.score)}")
-            if top:
-                raise _fail(f"top_k must be empty when status is rejected, got {len(top)} entries")
-            return
-        if not top:
-            raise _fail(f"top_k must have at least one entry when status is {status}")
-        if self.score is None:
-            raise _fail(f"score must be a number when status is {status}, got null")
-        if abs(self.score - top[0].score) > _SCORE_TOLERANCE:
-            raise _fail(f"score {show(self.score)} must equal top_k[0].score {show(top[0].score)}")
-        if self.status is Status.OK:
-            if self.label is None:
-                raise _fail("label must not be null when status is ok")
-            if self.label != top[0].label:
-                raise _fail(
-                    f"label {show(self.label)} must equal top_k[0].label {show(top[0].label)} "
-                    "when status is ok"
+            problems = []
+            if label is not None:
+                problems.append(
+                    ("label", f"must be null when status is rejected, got {show(label)}")
                 )
-        elif self.label is not None:
-            raise _fail(f"label must be null when status is uncertain, got {show(self.label)}")
+            if score is not None:
+                problems.append(
+                    ("score", f"must be null when status is rejected, got {show(score)}")
+                )
+            if top:
+                problems.append(
+                    ("top_k", f"must be empty when status is rejected, got {len(top)} entries")
+                )
+            return problems
+        if not top:
+            return [("top_k", f"must have at least one entry when status is {status}")]
+        if score is None:
+            return [("score", f"must be a number when status is {status}, got null")]
+        problems = []
+        if abs(score - top[0].score) > _SCORE_TOLERANCE:
+            problems.append(
+                ("score", f"{show(score)} must equal top_k[0].score {show(top[0].score)}")
+            )
+        if self.status is Status.UNCERTAIN and label is not None:
+            problems.append(("label", f"must be null when status is uncertain, got {show(label)}"))
+        elif self.status is Status.OK and label is None:
+            problems.append(("label", "must not be null when status is ok"))
+        elif self.status is Status.OK and label != top[0].label:
+            problems.append(
+                (
+                    "label",
+                    f"{show(label)} must equal top_k[0].label {show(top[0].label)} "
+                    "when status is ok",
+                )
+            )
+        return problems
+
+    @classmethod
+    def _precheck(cls, data: dict[str, Any]) -> None:
+        if "version" in data and (problem := version_problem(data["version"], SUPPORTED_VERSIONS)):
+            raise cls._fail(problem)
 
     @property
     def key(self) -> tuple[str, int]:
         """The message's identity, ``(device, seq)``: equal keys are the same message."""
         return (self.device, self.seq)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON-ready form; optional fields that are unknown are left out."""
-        out: dict[str, Any] = {
-            "version": self.version,
-            "device": self.device,
-            "station": self.station,
-            "seq": self.seq,
-            "captured_at": _format_time(self.captured_at),
-            "status": self.status.value,
-            "label": self.label,
-            "score": self.score,
-            "top_k": [c.to_dict() for c in self.top_k],
-            "model": self.model.to_dict(),
-            "image": self.image.to_dict(),
-            "timings_ms": self.timings_ms.to_dict(),
-        }
-        if self.quality is not None:
-            out["quality"] = self.quality.to_dict()
-        if self.reason is not None:
-            out["reason"] = self.reason
-        return out
-
-    def to_json(self) -> bytes:
-        """Compact UTF-8 JSON with sorted keys: equal messages give equal bytes."""
-        return json.dumps(
-            self.to_dict(),
-            sort_keys=True,
-            separators=(",", ":"),
-            ensure_ascii=False,
-            allow_nan=False,
-        ).encode("utf-8")
-
-    @classmethod
-    def from_dict(cls, data: object) -> Identification:
-        """Parse a decoded payload; fields this version does not know are ignored."""
-        obj = _object(data, "the payload")
-        _version(_required(obj, "version", ""))
-        status = _status(_required(obj, "status", ""))
-        label = _required(obj, "label", "")
-        score = _required(obj, "score", "")
-        if label is not None:
-            label = _string(label, "label", MAX_LABEL_CHARS)
-        if score is not None:
-            score = _number(score, "score", 0.0, 1.0)
-        raw_top = _required(obj, "top_k", "")
-        if not isinstance(raw_top, list):
-            raise _fail(f"top_k must be a list, got {_got(raw_top)}")
-        top_k = tuple(Candidate.from_dict(c, f"top_k[{i}]") for i, c in enumerate(raw_top))
-        quality = None
-        if "quality" in obj:
-            quality = Quality.from_dict(obj["quality"])
-        reason = None
-        if "reason" in obj:
-            reason = _string(obj["reason"], "reason", MAX_TEXT_CHARS)
-        return cls(
-            version=obj["version"],
-            device=_segment(_required(obj, "device", ""), "device"),
-            station=_segment(_required(obj, "station", ""), "station"),
-            seq=_integer(_required(obj, "seq", ""), "seq", 0, MAX_SEQ),
-            captured_at=_timestamp(_required(obj, "captured_at", ""), "captured_at"),
-            status=status,
-            label=label,
-            score=score,
-            top_k=top_k,
-            model=ModelRef.from_dict(_required(obj, "model", "")),
-            image=ImageRef.from_dict(_required(obj, "image", "")),
-            timings_ms=Timings.from_dict(_required(obj, "timings_ms", "")),
-            quality=quality,
-            reason=reason,
-        )
-
-    @classmethod
-    def from_json(cls, data: bytes | str) -> Identification:
-        """Parse a received payload; any defect raises MessageError, never a library error."""
-        if not isinstance(data, bytes | bytearray | str):
-            raise _fail(f"payload must be bytes or str, got {_typename(data)}")
-        try:
-            decoded = load_json(data, max_bytes=MAX_PAYLOAD_BYTES)
-        except RejectedValueError as exc:
-            raise _fail(f"payload {exc}") from None
-        return cls.from_dict(decoded)
-
-
-def _status(value: object) -> Status:
-    if isinstance(value, str) and value in Status.__members__.values():
-        return Status(value)
-    names = ", ".join(s.value for s in Status)
-    raise _fail(f"status must be one of {names}, got {show(value)}")
-
-
-def _version(value: object) -> int:
-    supported = ", ".join(str(v) for v in SUPPORTED_VERSIONS)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _fail(f"version must be an integer (supported: {supported}), got {show(value)}")
-    if value not in SUPPORTED_VERSIONS:
-        raise _fail(
-            f"version {value} is not supported by this reader (supported: {supported}); "
-            "upgrade fieldscope to read it"
-        )
-    return value
-
-
-def _part(
-    value: object, cls: type[Candidate | ModelRef | ImageRef | Quality | Timings], path: str
-) -> None:
-    # Parts validated themselves when they were made; only their type is left to check.
-    if not isinstance(value, cls):
-        raise _fail(f"{path} must be a {cls.__name__}, got {_got(value)}")
 
 
 # --- building a message from a prediction ----------------------------------------------------
@@ -616,7 +388,13 @@ def build_identification(
     top_k = tuple(
         Candidate(str(label), round(float(score), 6)) for label, score in prediction.top_k
     )
-    status = _status(prediction.status)
+    try:
+        status = Status(prediction.status)
+    except ValueError:
+        names = ", ".join(s.value for s in Status)
+        raise MessageError(
+            f"identification message: status must be one of {names}, got {show(prediction.status)}"
+        ) from None
     score = round(float(prediction.score), 6)
     if reason is None and status is Status.UNCERTAIN:
         reason = f"top score {score:.3f} is below the model's threshold"

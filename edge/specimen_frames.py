@@ -26,7 +26,8 @@ import numpy as np
 import numpy.typing as npt
 
 from fieldscope.edge.errors import ConfigError
-from fieldscope.edge.specimens import _illumination, _species, _surface, species_names
+from fieldscope.edge.species import species_by_name
+from fieldscope.edge.specimens import render_illumination, render_surface, species_names
 
 __all__ = ["FrameRecipe", "SyntheticFrame", "render_frame", "write_frames"]
 
@@ -60,7 +61,7 @@ class FrameRecipe:
         if min(counts) < 0:
             raise ConfigError(f"specimen and debris counts must be 0 or more, got {counts}")
         for name in self.classes:
-            _species(name)  # an unknown name is a ConfigError that lists the known ones
+            species_by_name(name)  # an unknown name is a ConfigError that lists the known ones
         return self
 
 
@@ -126,8 +127,8 @@ class _Canvas:
 
 def _stamp(name: str, tile: int, rng: np.random.Generator) -> _Stamp:
     """One specimen's optical depth (bright-field absorbance), cut to its box."""
-    _, spec = _species(name)
-    s = _surface(spec.build(spec, rng), spec, tile, rng)
+    _, spec = species_by_name(name)
+    s = render_surface(spec.build(spec, rng), spec, tile, rng)
     depth = np.asarray((1.0 - s.dome) ** 2 * 0.8 + 0.9, dtype=np.float32)
     depth *= s.alpha * s.wall * np.maximum(s.mottle + np.float32(1.0), np.float32(0.4))
     depth *= np.float32(rng.uniform(1.2, 2.0))
@@ -241,7 +242,7 @@ def _optics(depth: FloatImage, light_on_dark: bool, rng: np.random.Generator) ->
     """Bright field (transmission ``exp(-depth)``) or dark field (scatter grows with
     depth), uneven lamp, slight defocus, shot and read noise."""
     size = depth.shape[0]
-    light = _illumination(size, rng)
+    light = render_illumination(size, rng)
     tint = (1.0, 0.97, 0.92)
     if light_on_dark:
         signal = (1.0 - np.exp(-depth)) * np.float32(rng.uniform(170, 230)) + np.float32(15)

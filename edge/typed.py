@@ -29,6 +29,7 @@ TensorFlow-free and import-light: the edge daemon and ``fieldscope.train`` both 
 from __future__ import annotations
 
 import difflib
+import enum
 import math
 import re
 import types
@@ -65,6 +66,7 @@ __all__ = [
     "one_of",
     "problems_of",
     "read_toml",
+    "seconds",
 ]
 
 Problems = list[tuple[str, str]]  # (dotted key relative to the section, message)
@@ -106,6 +108,11 @@ def one_of(key: str, value: str, choices: Sequence[str]) -> Problems:
     return [(key, f"must be one of {', '.join(choices)}, got {show(value)}{hint}")]
 
 
+def seconds(low: float, high: float, unit: str = "seconds") -> msgspec.Meta:
+    """The bounds of a duration or a rate, with the words its range message uses."""
+    return msgspec.Meta(ge=low, le=high, extra={"unit": unit})
+
+
 class FieldSpec(msgspec.Struct, frozen=True):
     """A field's declared type taken apart: the bare type, its Meta, whether None is allowed."""
 
@@ -118,17 +125,33 @@ class FieldSpec(msgspec.Struct, frozen=True):
         return (self.meta.extra or {}) if self.meta is not None else {}
 
 
+def _unwrap(annotation: Any) -> tuple[Any, msgspec.Meta | None]:
+    if typing.get_origin(annotation) is not Annotated:
+        return annotation, None
+    annotation, *extras = typing.get_args(annotation)
+    return annotation, next((m for m in extras if isinstance(m, msgspec.Meta)), None)
+
+
 def field_spec(annotation: Any) -> FieldSpec:
-    meta = None
-    if typing.get_origin(annotation) is Annotated:
-        annotation, *extras = typing.get_args(annotation)
-        meta = next((m for m in extras if isinstance(m, msgspec.Meta)), None)
+    """``Annotated[X | None, Meta]`` and ``Annotated[X, Meta] | None`` alike."""
+    annotation, meta = _unwrap(annotation)
     args = typing.get_args(annotation)
     if typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in args:
         rest = tuple(a for a in args if a is not type(None))
-        bare = rest[0] if len(rest) == 1 else typing.Union[rest]  # noqa: UP007
-        return FieldSpec(bare, meta, True)
+        if len(rest) == 1:
+            bare, inner = _unwrap(rest[0])
+            return FieldSpec(bare, meta or inner, True)
+        return FieldSpec(typing.Union[rest], meta, True)  # noqa: UP007
     return FieldSpec(annotation, meta, False)
+
+
+def _choices(bare: Any) -> tuple[str, ...] | None:
+    """The allowed strings of a ``Literal`` or a string ``Enum``; None for other types."""
+    if typing.get_origin(bare) is Literal:
+        return typing.get_args(bare)
+    if isinstance(bare, type) and issubclass(bare, enum.Enum):
+        return tuple(str(m.value) for m in bare)
+    return None
 
 
 def _struct_type(bare: Any) -> type[msgspec.Struct] | None:
@@ -151,7 +174,7 @@ _WORDS: Mapping[Any, str] = {
 def _expected(bare: Any) -> str:
     """A declared type in words: ``int`` -> "an integer", ``tuple[str, ...]`` -> ..."""
     origin, args = typing.get_origin(bare), typing.get_args(bare)
-    if bare in _WORDS or origin is Literal:
+    if bare in _WORDS or _choices(bare) is not None:
         return _WORDS.get(bare, "a string")
     if origin in (typing.Union, types.UnionType):
         numbers = set(args) <= {int, float}
@@ -164,8 +187,8 @@ def _expected(bare: Any) -> str:
 
 
 def _convertible(bare: Any) -> Any:
-    """The type msgspec converts to: a Literal is checked as a constraint, not a type."""
-    if typing.get_origin(bare) is Literal:
+    """The type msgspec converts to: a Literal or an Enum is checked as a constraint."""
+    if _choices(bare) is not None:
         return str
     return bare
 
@@ -185,8 +208,9 @@ def _range_text(meta: msgspec.Meta, is_int: bool) -> str:
 
 def _constraint_problem(value: Any, spec: FieldSpec) -> str | None:
     """Why ``value`` breaks the declared Literal or Meta bounds, or None."""
-    if typing.get_origin(spec.bare) is Literal:
-        found = one_of("", value, typing.get_args(spec.bare))
+    choices = _choices(spec.bare)
+    if choices is not None:
+        found = one_of("", value.value if isinstance(value, enum.Enum) else value, choices)
         return found[0][1] if found else None
     meta = spec.meta
     if meta is None or isinstance(value, bool) or not isinstance(value, int | float):
@@ -398,7 +422,8 @@ class Reader:
         if problem is not None:
             self.problem(key, problem)
             return _MISSING
-        return value
+        is_enum = isinstance(spec.bare, type) and issubclass(spec.bare, enum.Enum)
+        return spec.bare(value) if is_enum else value
 
     def _typed(self, key: str, spec: FieldSpec, raw: Any, expected: str | None) -> Any:
         bare = _convertible(spec.bare)

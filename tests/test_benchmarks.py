@@ -14,6 +14,7 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,12 +69,17 @@ def check_output(stdout: str, script: str) -> None:
     assert header.split()[:5] == ["figure", "ours", "baseline", "unit", "gain"]
 
 
-def run_quick(script: str, tmp_path: Path, timeout: float = 300) -> dict[str, Any]:
+def run_quick(
+    script: str, tmp_path: Path, figures: set[str], timeout: float = 300
+) -> dict[str, Any]:
+    """Run ``script --quick``, check what it prints and that its JSON has ``figures``;
+    the JSON, for the checks particular to the script."""
     out = tmp_path / f"{script}.json"
     done = run(BENCHMARKS / f"{script}.py", "--quick", "--json", out, timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     check_output(done.stdout, script)
     result: dict[str, Any] = json.loads(out.read_text())
+    check_result(result, script, figures)
     return result
 
 
@@ -166,39 +172,56 @@ def test_report_without_results_says_what_to_do(tmp_path: Path) -> None:
     ]
 
 
-@pytest.mark.slow
-def test_edge_latency_quick(tmp_path: Path) -> None:
-    result = run_quick("edge_latency", tmp_path)
-    check_result(
-        result,
-        "edge_latency",
-        {"latency, bundle int8", "peak RSS, bundle int8 process", "file size, bundle int8"},
-    )
+def _edge_latency_details(result: dict[str, Any]) -> None:
     ways = {w["way"] for w in result["details"]["ways"]}
     assert {"keras model.predict", "bundle int8"} <= ways
 
 
-@NEEDS_MOSQUITTO
-@pytest.mark.mqtt
-@pytest.mark.slow
-def test_edge_pipeline_quick(tmp_path: Path) -> None:
-    result = run_quick("edge_pipeline", tmp_path)
-    check_result(
-        result,
-        "edge_pipeline",
-        {"throughput, steady state", "peak RSS (VmHWM)", "start to first published identification"},
-    )
+def _edge_pipeline_details(result: dict[str, Any]) -> None:
     by_name = {f["name"]: f for f in result["figures"]}
     assert by_name["throughput, steady state"]["baseline"] is not None  # the research loop ran
     assert result["details"]["daemon"]["exit_code"] == 0
 
 
-@pytest.mark.slow
-def test_train_input_quick(tmp_path: Path) -> None:
-    result = run_quick("train_input", tmp_path)
-    check_result(
-        result,
-        "train_input",
-        {"training epoch, after the first", "input pipeline alone, epoch after the first"},
-    )
+def _train_input_details(result: dict[str, Any]) -> None:
     assert result["details"]["images"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("script", "figures", "check_details"),
+    [
+        pytest.param(
+            "edge_latency",
+            {"latency, bundle int8", "peak RSS, bundle int8 process", "file size, bundle int8"},
+            _edge_latency_details,
+            id="edge_latency",
+        ),
+        pytest.param(
+            "edge_pipeline",
+            {
+                "throughput, steady state",
+                "peak RSS (VmHWM)",
+                "start to first published identification",
+            },
+            _edge_pipeline_details,
+            marks=[NEEDS_MOSQUITTO, pytest.mark.mqtt],
+            id="edge_pipeline",
+        ),
+        pytest.param(
+            "train_input",
+            {"training epoch, after the first", "input pipeline alone, epoch after the first"},
+            _train_input_details,
+            id="train_input",
+        ),
+    ],
+)
+def test_quick_run(
+    script: str,
+    figures: set[str],
+    check_details: Callable[[dict[str, Any]], None],
+    tmp_path: Path,
+) -> None:
+    """Each script's ``--quick`` run prints its table and writes its figures, with the
+    details particular to it."""
+    check_details(run_quick(script, tmp_path, figures))

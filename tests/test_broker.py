@@ -1,5 +1,5 @@
 """BrokerSettings: every problem named at once, the password kept out of sight and read
-from the environment or a file, the station's ``[mqtt]`` section carried over as is."""
+from the environment or a file; the station's ``[mqtt]`` section is a BrokerSettings."""
 
 from __future__ import annotations
 
@@ -12,11 +12,10 @@ from fieldscope.edge.broker import (
     BrokerSettings,
     MqttProtocol,
     TlsSettings,
-    broker_settings,
     make_client,
     read_password,
 )
-from fieldscope.edge.config import MqttConfig, TlsConfig
+from fieldscope.edge.config import config_summary, load_config
 from fieldscope.edge.errors import ConfigError
 
 
@@ -34,7 +33,7 @@ def test_problems_lists_every_problem_with_its_key(tmp_path: Path) -> None:
         prefix="a+b",
         tls=TlsSettings(ca=tmp_path / "ca.pem", key=tmp_path / "k.pem"),
     )
-    found = settings.problems()
+    found = settings.all_problems()
     problems = dict(found)
     assert sorted(problems) == [
         "client_id",
@@ -57,7 +56,12 @@ def test_problems_lists_every_problem_with_its_key(tmp_path: Path) -> None:
     assert problems["tls.key"] == "needs cert as well (cert and key go together)"
     with pytest.raises(ConfigError, match=r"broker\.port: .*; broker\.keepalive: "):
         settings.check("broker")
-    assert BrokerSettings(host="localhost", client_id="scope-a").problems() == []
+    assert BrokerSettings(host="localhost", client_id="scope-a").all_problems() == []
+    # problems() is the config loader's protocol: only what no field declaration says
+    # (the loader checks types, bounds and the nested tls section itself, once).
+    own = dict(settings.problems())
+    assert not {"port", "protocol", "tls.key"} & set(own)
+    assert own["host"] == "give the host name or IP address only, got 'mqtt://broker'"
 
 
 def test_the_password_is_never_in_repr() -> None:
@@ -114,36 +118,37 @@ def test_a_table_decodes_with_the_field_names_of_the_mqtt_section(tmp_path: Path
         msgspec.convert({**table, "qos": 1}, BrokerSettings, dec_hook=lambda k, v: k(v))
 
 
-def test_the_station_config_carries_over(tmp_path: Path) -> None:
-    ca = tmp_path / "ca.pem"
-    config = MqttConfig(
-        host="broker.lan",
-        client_id="scope-a",
-        port=8883,
-        tls=TlsConfig(ca=ca, insecure=True),
-        username="scope",
-        password="s3cret",
-        password_env="SCOPE_PW",
-        prefix="lab",
-        keepalive=30,
-        protocol="3.1.1",
-        session_expiry_s=600,
-        reconnect_backoff_s=(2.0, 20.0),
+def test_the_station_mqtt_section_is_a_broker_settings(tmp_path: Path) -> None:
+    """edge.toml's [mqtt] loads as the BrokerSettings the link gets as it is: the same
+    keys, password_file from the file's folder, the in-flight window from outbox.batch."""
+    (tmp_path / "ca.pem").write_text("not read at load time")
+    (tmp_path / "broker.pw").write_text("s3cret\n")
+    path = tmp_path / "edge.toml"
+    path.write_text(
+        '[device]\nstation = "pond"\nid = "scope-a"\n[camera]\nbackend = "picamera2"\n'
+        '[model]\nbundle = "b"\n[outbox]\nbatch = 7\n'
+        '[mqtt]\nhost = "broker.lan"\nusername = "scope"\npassword_file = "broker.pw"\n'
+        'protocol = "3.1.1"\nreconnect_backoff_s = [2, 20]\n'
+        '[mqtt.tls]\nca = "ca.pem"\ninsecure = true\n',
+        encoding="utf-8",
     )
-    settings = broker_settings(config, max_in_flight=7)
-    assert settings == BrokerSettings(
+    cfg = load_config(path, environ={})
+    assert cfg.mqtt == BrokerSettings(
         host="broker.lan",
-        client_id="scope-a",
+        client_id="fieldscope-pond-scope-a",
         port=8883,
-        tls=TlsSettings(ca=ca, insecure=True),
+        tls=TlsSettings(ca=tmp_path / "ca.pem", insecure=True),
         username="scope",
-        password="s3cret",
-        password_env="SCOPE_PW",
-        prefix="lab",
-        keepalive=30,
+        password_file=tmp_path / "broker.pw",
         protocol=MqttProtocol.V311,
-        session_expiry_s=600,
         reconnect_backoff_s=(2.0, 20.0),
         max_in_flight=7,
     )
-    assert read_password(settings) == "s3cret"
+    assert cfg.mqtt.mqtt_protocol is MqttProtocol.V311
+    assert read_password(cfg.mqtt) == "s3cret"
+    summary = config_summary(cfg)
+    assert "password = (read from password_file)" in summary
+    assert "max_in_flight" not in summary  # it is outbox.batch
+    path.write_text(path.read_text().replace("[mqtt]\n", "[mqtt]\nmax_in_flight = 3\n"))
+    with pytest.raises(ConfigError, match=r"mqtt\.max_in_flight: cannot be set here: .*batch"):
+        load_config(path, environ={})

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import msgspec
 import pytest
 
 from fieldscope.cli.main import main
@@ -161,7 +162,7 @@ def test_exact_resampling_makes_a_version_3_manifest_older_stations_refuse(
     }
     assert Manifest.from_dict(legacy).preprocessing.resample == "area"
     with pytest.raises(BundleError, match="resample 'exact' needs schema_version 3"):
-        Manifest(**{**Manifest.from_dict(with_output).__dict__, "schema_version": 2})
+        Manifest(**{**msgspec.structs.asdict(Manifest.from_dict(with_output)), "schema_version": 2})
 
 
 def test_float_bundle_has_no_quantization(tmp_path: Path, tiny_models: Any) -> None:
@@ -220,9 +221,9 @@ def test_failed_write_leaves_no_half_written_bundle(
         ({"labels": ("red", "green")}, "2 labels but the model outputs 3"),
         ({"labels": ("red", "red", "blue")}, "labels must be unique, repeated: red"),
         ({"preprocessing": PreprocessRecipe(size=(64, 64))}, "preprocessing.size 64x64"),
-        ({"threshold": 1.5}, "threshold must be a number in 0..1"),
+        ({"threshold": 1.5}, "threshold must be between 0 and 1"),
         ({"model_version": ""}, "model_version must be a non-empty string"),
-        ({"provenance": {"created_at": "yesterday"}}, "missing: provenance.source_run"),
+        ({"provenance": {"created_at": "yesterday"}}, "provenance.source_run is required"),
     ],
 )
 def test_write_refuses_a_bundle_that_would_not_verify(
@@ -286,15 +287,15 @@ def test_refuses_unknown_schema_version(bundle_dir: Path) -> None:
 @pytest.mark.parametrize(
     ("edit", "fragment"),
     [
-        (lambda d: d.pop("threshold"), "missing: threshold"),
-        (lambda d: d.update(colour="red"), "unknown manifest field(s): colour"),
+        (lambda d: d.pop("threshold"), "threshold is required"),
+        (lambda d: d.update(colour="red"), "manifest field colour is not a known field"),
         (lambda d: d.update(labels="red,green,blue"), "labels must be a list of strings"),
         (lambda d: d.update(threshold="high"), "threshold must be a number"),
         (lambda d: d.update(input_shape=[1, 32, 32]), "input_shape must be [batch, height"),
         (lambda d: d.update(input_dtype="float16"), "input_dtype must be one of"),
         (lambda d: d["files"]["model.tflite"].update(sha256="abc"), "files.model.tflite.sha256"),
         (lambda d: d["files"].update({"../x": d["files"]["model.tflite"]}), "plain file names"),
-        (lambda d: d["provenance"].pop("fidelity"), "missing: provenance.fidelity"),
+        (lambda d: d["provenance"].pop("fidelity"), "provenance.fidelity is required"),
         (lambda d: d["quantization"].update(input={"scale": 0}), "quantization.input"),
         (lambda d: d["preprocessing"].update(denoise="blur"), "preprocessing: invalid"),
     ],

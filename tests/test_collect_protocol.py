@@ -15,7 +15,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 from conftest import start_mosquitto, stop_mosquitto
-from paho.mqtt.enums import CallbackAPIVersion
+from helpers import mqtt_client, running_collector, wait_for
 
 from fieldscope.cli.broker import DEMO_USERNAME, start_broker
 from fieldscope.collect.samples import sample_identification
@@ -52,34 +52,17 @@ def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Endpoint]
             embedded.stop()
 
 
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 def publish_as_station(broker: Endpoint, seqs: range) -> None:
     """QoS 1 over MQTT 3.1.1, waiting for every PUBACK, as a station's link does."""
-    client = mqtt.Client(
-        CallbackAPIVersion.VERSION2, client_id="station", protocol=mqtt.MQTTv311,
-        clean_session=False,
-    )  # fmt: skip
-    if broker.username:
-        client.username_pw_set(broker.username)
-    client.connect(broker.host, broker.port)
-    client.loop_start()
-    try:
+    with mqtt_client(
+        broker.host, broker.port, "station", username=broker.username,
+        protocol=mqtt.MQTTv311, clean_session=False,
+    ) as client:  # fmt: skip
         topic = Topics("fieldscope", "pond-3", "scope-a").identification
         infos = [client.publish(topic, sample_identification(s).to_json(), qos=1) for s in seqs]
         for info in infos:
             info.wait_for_publish(10)
             assert info.is_published()
-    finally:
-        client.disconnect()
-        client.loop_stop()
 
 
 def stored_seqs(db: Path) -> list[int]:
@@ -104,15 +87,8 @@ def test_a_3_1_1_collector_gets_what_was_published_while_it_was_stopped(
     )
 
     def run_collector(until: Callable[[Collector], bool]) -> None:
-        store = open_store(str(db))
-        collector = Collector(settings, store)
-        collector.start()
-        try:
-            assert collector.wait_subscribed(10), "the broker did not grant the subscriptions"
+        with running_collector(db, settings) as collector:
             wait_for(lambda: until(collector), 20, "the collector")
-        finally:
-            collector.stop()
-            store.close()
 
     # First run: subscribe; the broker now keeps a session for this client id.
     run_collector(lambda c: True)

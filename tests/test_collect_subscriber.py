@@ -13,14 +13,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
 from conftest import Broker, stop_mosquitto
+from helpers import mqtt_client, running_collector, wait_for
 from mqtt_security import make_certificates, mosquitto_dir, password_lines, start_configured
-from paho.mqtt.enums import CallbackAPIVersion
 
 from fieldscope.cli.main import main
 from fieldscope.collect.samples import sample_identification
@@ -35,25 +35,10 @@ from fieldscope.edge.topics import Topics
 pytestmark = pytest.mark.mqtt
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 @pytest.fixture
 def publisher(mosquitto: Broker) -> Iterator[mqtt.Client]:
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="station", protocol=mqtt.MQTTv5)
-    client.connect(mosquitto.host, mosquitto.port)
-    client.loop_start()
-    try:
+    with mqtt_client(mosquitto.host, mosquitto.port, "station") as client:
         yield client
-    finally:
-        client.disconnect()
-        client.loop_stop()
 
 
 def publish(client: mqtt.Client, messages: Sequence[Identification | tuple[str, bytes]]) -> None:
@@ -81,16 +66,10 @@ def test_duplicates_are_stored_once_and_invalid_payloads_kept_apart(
     mosquitto: Broker, publisher: mqtt.Client, tmp_path: Path
 ) -> None:
     db = tmp_path / "collect.sqlite"
-    store = open_store(str(db))
-    collector = Collector(
-        CollectorSettings(
-            broker=BrokerSettings(host=mosquitto.host, port=mosquitto.port, client_id="collector-1")
-        ),
-        store,
+    settings = CollectorSettings(
+        broker=BrokerSettings(host=mosquitto.host, port=mosquitto.port, client_id="collector-1")
     )
-    collector.start()
-    try:
-        assert collector.wait_subscribed(10)
+    with running_collector(db, settings) as collector:
         messages = [sample_identification(seq) for seq in range(50)]
         t = Topics("fieldscope", "pond-3", "scope-a")
         bad = [
@@ -102,9 +81,6 @@ def test_duplicates_are_stored_once_and_invalid_payloads_kept_apart(
         publish(publisher, [*messages, *bad, *messages[:25], *messages[25:]])
         wait_for(lambda: collector.stats.received >= 103, what="all messages received")
         wait_for(lambda: collector.stats.stored + collector.stats.duplicates == 100, what="stored")
-    finally:
-        collector.stop()
-        store.close()
     assert collector.stats.stored == 50
     assert collector.stats.duplicates == 50
     assert collector.stats.invalid == 3
@@ -186,20 +162,21 @@ def test_two_collectors_on_a_shared_subscription_store_each_message_once(
     mosquitto: Broker, publisher: mqtt.Client, tmp_path: Path
 ) -> None:
     db = tmp_path / "shared.sqlite"
-    collectors = []
-    stores = []
-    for name in ("collector-a", "collector-b"):
-        store = open_store(str(db))
-        settings = CollectorSettings(
-            broker=BrokerSettings(host=mosquitto.host, port=mosquitto.port, client_id=name),
-            share_group="fleet",
-        )
-        collector = Collector(settings, store)
-        collector.start()
-        assert collector.wait_subscribed(10)
-        collectors.append(collector)
-        stores.append(store)
-    try:
+    with contextlib.ExitStack() as running:
+        collectors = [
+            running.enter_context(
+                running_collector(
+                    db,
+                    CollectorSettings(
+                        broker=BrokerSettings(
+                            host=mosquitto.host, port=mosquitto.port, client_id=name
+                        ),
+                        share_group="fleet",
+                    ),
+                )
+            )
+            for name in ("collector-a", "collector-b")
+        ]
         messages = [sample_identification(seq, device=f"scope-{seq % 4}") for seq in range(1000)]
         publish(publisher, messages)
         publisher.publish(Topics("fieldscope", "pond-3", "scope-0").status, b"online", 1, True)
@@ -208,11 +185,6 @@ def test_two_collectors_on_a_shared_subscription_store_each_message_once(
             what="both collectors to store",
         )
         wait_for(lambda: all(c.stats.device_updates >= 1 for c in collectors), what="status")
-    finally:
-        for collector in collectors:
-            collector.stop()
-        for store in stores:
-            store.close()
     a, b = (c.stats for c in collectors)
     # The broker split the identifications: each went to one collector only.
     assert a.stored > 0

@@ -26,10 +26,9 @@ from typing import Any
 
 import cv2
 import numpy as np
-import paho.mqtt.client as mqtt
 import pytest
 from conftest import Broker, TinyBundles, TinyModels
-from paho.mqtt.enums import CallbackAPIVersion
+from helpers import mqtt_client, running_collector, wait_for
 
 from fieldscope.collect.records import decode
 from fieldscope.collect.samples import (
@@ -39,7 +38,7 @@ from fieldscope.collect.samples import (
     sample_model_info,
 )
 from fieldscope.collect.store import open_store
-from fieldscope.collect.subscriber import BrokerSettings, Collector, CollectorSettings
+from fieldscope.collect.subscriber import BrokerSettings, CollectorSettings
 from fieldscope.collect.web import Dashboard, DashboardSettings, parse_multipart, resolve_archived
 from fieldscope.edge.specimens import SPECIES, render_specimen
 from fieldscope.edge.topics import Topics
@@ -365,44 +364,32 @@ def test_fleet_view_shows_a_device_going_offline(
     mosquitto: Broker, browser: Browser, tmp_path: Path
 ) -> None:
     db = tmp_path / "collect.sqlite"
-    store = open_store(str(db))
-    collector = Collector(
-        CollectorSettings(
-            broker=BrokerSettings(host=mosquitto.host, port=mosquitto.port, client_id="dash")
-        ),
-        store,
+    settings = CollectorSettings(
+        broker=BrokerSettings(host=mosquitto.host, port=mosquitto.port, client_id="dash")
     )
-    collector.start()
-    station = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="scope-x", protocol=mqtt.MQTTv5)
     t = Topics("fieldscope", "lab", "scope-x")
-    dashboard = Dashboard(DashboardSettings(db_url=str(db), port=0))
-    try:
-        assert collector.wait_subscribed(10)
-        station.connect(mosquitto.host, mosquitto.port)
-        station.loop_start()
+    with (
+        running_collector(db, settings) as collector,
+        mqtt_client(mosquitto.host, mosquitto.port, "scope-x") as station,
+    ):
+        dashboard = Dashboard(DashboardSettings(db_url=str(db), port=0))
         station.publish(t.status, b"online", qos=1, retain=True).wait_for_publish(10)
-        deadline = time.monotonic() + 10
-        while collector.stats.device_updates < 1 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: collector.stats.device_updates >= 1, 10, "the online status stored")
         host, port = dashboard.start()
-        browser.goto(f"http://{host}:{port}/")
-        assert browser.js("document.querySelector('#device-scope-x').dataset.status") == "online"
-        assert browser.js("document.querySelector('#online-count').innerText") == "1"
+        try:
+            browser.goto(f"http://{host}:{port}/")
+            status = "document.querySelector('#device-scope-x').dataset.status"
+            assert browser.js(status) == "online"
+            assert browser.js("document.querySelector('#online-count').innerText") == "1"
 
-        # What the broker does when a station dies: publish its retained last will.
-        station.publish(t.status, b"offline", qos=1, retain=True).wait_for_publish(10)
-        deadline = time.monotonic() + 10
-        while collector.stats.device_updates < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        browser.goto(f"http://{host}:{port}/")
-        assert browser.js("document.querySelector('#device-scope-x').dataset.status") == "offline"
-        assert browser.js("document.querySelector('#online-count').innerText") == "0"
-    finally:
-        dashboard.stop()
-        station.disconnect()
-        station.loop_stop()
-        collector.stop()
-        store.close()
+            # What the broker does when a station dies: publish its retained last will.
+            station.publish(t.status, b"offline", qos=1, retain=True).wait_for_publish(10)
+            wait_for(lambda: collector.stats.device_updates >= 2, 10, "the offline status")
+            browser.goto(f"http://{host}:{port}/")
+            assert browser.js(status) == "offline"
+            assert browser.js("document.querySelector('#online-count').innerText") == "0"
+        finally:
+            dashboard.stop()
 
 
 @pytest.mark.slow

@@ -144,6 +144,14 @@ def command(recorder: MqttRecorder, name: str, payload: bytes = b"") -> CommandR
     return CommandReply.from_json(recorder.on(topic)[before])
 
 
+def refusal(recorder: MqttRecorder, name: str, payload: bytes, says: str) -> CommandReply:
+    """Send a command the station must refuse; its error reply must say ``says``."""
+    reply = command(recorder, name, payload)
+    assert not reply.ok, reply
+    assert says in (reply.error or ""), reply.error
+    return reply
+
+
 @dataclass(frozen=True)
 class Site:
     """A test station's surroundings: its folder, the broker, a recording subscriber,
@@ -157,6 +165,19 @@ class Site:
 
     def config(self, bundle: Path | None = None, **tables: dict[str, Any]) -> EdgeConfig:
         return write_config(self.tmp, self.broker, bundle or self.bundles.v1, **tables)
+
+    def folder_config(self) -> EdgeConfig:
+        """A station watching ``incoming/`` with the folder camera, as a microscope's
+        capture software fills it: handled files move to ``done/`` or ``failed/``."""
+        return self.config(
+            camera={"backend": "folder"},
+            camera__folder={
+                "path": "incoming",
+                "settle_s": 0.1,
+                "scan_interval_s": 0.05,
+                "handled": "move",
+            },
+        )
 
 
 @pytest.fixture
@@ -290,21 +311,15 @@ def test_each_command_gets_its_reply_and_a_bad_one_changes_nothing(site: Site) -
 
         reply = command(site.recorder, "pause")
         assert (reply.ok, reply.data) == (True, {"paused": True})
-        refused = command(site.recorder, "capture", b'{"request_id": "r-2"}')
-        assert (refused.ok, refused.request_id) == (False, "r-2")
-        assert "paused" in (refused.error or "")
+        refused = refusal(site.recorder, "capture", b'{"request_id": "r-2"}', "paused")
+        assert refused.request_id == "r-2"
 
         # Malformed and unknown commands get an error reply and change nothing.
-        bad = command(site.recorder, "resume", b"{not json")
-        assert not bad.ok
-        assert "not valid JSON" in (bad.error or "")
+        refusal(site.recorder, "resume", b"{not json", "not valid JSON")
         assert daemon.station.pipeline.paused  # still paused
-        unknown = command(site.recorder, "format-disk", b'{"request_id": "r-3"}')
-        assert (unknown.ok, unknown.request_id) == (False, "r-3")
-        assert "unknown command" in (unknown.error or "")
-        wrong_arg = command(site.recorder, "capture", b'{"count": 1000}')
-        assert not wrong_arg.ok
-        assert "count" in (wrong_arg.error or "")
+        unknown = refusal(site.recorder, "format-disk", b'{"request_id": "r-3"}', "unknown command")
+        assert unknown.request_id == "r-3"
+        refusal(site.recorder, "capture", b'{"count": 1000}', "count")
 
         status = command(site.recorder, "status", b'{"request_id": "s"}')
         assert status.ok
@@ -344,9 +359,8 @@ def test_a_new_bundle_is_swapped_between_frames_and_a_bad_one_is_refused(site: S
 
         # A damaged bundle is refused with the reason; version 2 keeps serving.
         point(current, site.bundles.damaged)
-        reply = command(site.recorder, "reload", b'{"request_id": "deploy-3"}')
-        assert (reply.ok, reply.request_id) == (False, "deploy-3")
-        assert "checksum mismatch" in (reply.error or "")
+        reply = refusal(site.recorder, "reload", b'{"request_id": "deploy-3"}', "checksum mismatch")
+        assert reply.request_id == "deploy-3"
         assert reply.data is not None
         assert reply.data["model"]["version"] == "2"
         assert reply.data["swapped"] is False
@@ -449,15 +463,7 @@ def test_corrupt_and_unreadable_files_in_a_watched_folder_are_reported_and_skipp
     else:
         unreadable.write_bytes(good[1].read_bytes())
         unreadable.chmod(0)
-    cfg = site.config(
-        camera={"backend": "folder"},
-        camera__folder={
-            "path": "incoming",
-            "settle_s": 0.1,
-            "scan_interval_s": 0.05,
-            "handled": "move",
-        },
-    )
+    cfg = site.folder_config()
     with running(cfg):
         assert site.recorder.wait_for(lambda r: r.count(TOPICS.identification) == 3)
         assert site.recorder.wait_for(lambda r: any(h.frames.failed == 2 for h in heartbeats(r)))
@@ -482,15 +488,7 @@ def test_a_file_stored_just_before_a_crash_is_not_identified_twice(site: Site) -
     incoming = site.tmp / "incoming"
     files = site.images.copy(incoming, 3)
     shas = [sha256(p) for p in files]
-    cfg = site.config(
-        camera={"backend": "folder"},
-        camera__folder={
-            "path": "incoming",
-            "settle_s": 0.1,
-            "scan_interval_s": 0.05,
-            "handled": "move",
-        },
-    )
+    cfg = site.folder_config()
     # The state a kill -9 between the outbox commit and frame.done() leaves: the first
     # file's identification is in the outbox, but the folder camera never recorded it.
     st = files[0].stat()

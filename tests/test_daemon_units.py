@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TinyBundles, toml_document
+from helpers import run_fieldscope
 
 from fieldscope.edge import outbox as outbox_module
 from fieldscope.edge.bundle import generate_keypair, sign_bundle, write_bundle
@@ -329,12 +330,7 @@ def test_the_fieldscope_command_has_the_daemon_actions_once_wired() -> None:
     except SystemExit:
         pytest.skip("edge/cli.py does not call add_daemon_commands yet")
     assert args.handler.__module__ == "fieldscope.edge.daemon_cli"
-    done = subprocess.run(
-        [sys.executable, "-m", "fieldscope.cli", "edge", "status", "--config", "/nonexistent.toml"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    done = run_fieldscope("edge", "status", "--config", "/nonexistent.toml")
     assert done.returncode == 2
     assert "no such file" in done.stderr
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+from helpers import run_fieldscope
 from paho.mqtt.enums import CallbackAPIVersion
 
 from fieldscope.cli import broker as broker_module
@@ -284,20 +285,9 @@ def test_embedded_broker_stops_when_the_process_that_started_it_is_killed(
 # --- the command line ----------------------------------------------------------------------------
 
 
-def _fieldscope(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "fieldscope.cli", *args],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=cwd,
-    )
-
-
 def test_refuses_a_work_folder_that_is_not_a_demos(tmp_path: Path) -> None:
     (tmp_path / "thesis.tex").write_text("years of work")
-    result = _fieldscope("demo", "--workdir", str(tmp_path), "--no-serve")
+    result = run_fieldscope("demo", "--workdir", str(tmp_path), "--no-serve")
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1, result.stderr
     assert "not a fieldscope demo folder" in result.stderr
@@ -314,7 +304,7 @@ def test_refuses_a_work_folder_that_is_not_a_demos(tmp_path: Path) -> None:
     ],
 )
 def test_bad_options_give_one_line(tmp_path: Path, flags: list[str], message: str) -> None:
-    result = _fieldscope("demo", "--workdir", str(tmp_path / "w"), "--no-serve", *flags)
+    result = run_fieldscope("demo", "--workdir", str(tmp_path / "w"), "--no-serve", *flags)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1, result.stderr
     assert message in result.stderr

@@ -101,3 +101,80 @@ print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflo
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1]) == []
+
+
+# --- convert/ and the training run folder ----------------------------------------------------
+
+CONVERT = ROOT / "convert"
+RUNDIR = ROOT / "train" / "rundir.py"
+# The run folder's files: only fieldscope.train.rundir may spell these names.
+RUN_FOLDER_NAMES = (
+    "run.json",
+    "config.json",
+    "labels.json",
+    "split.json",
+    "metrics.json",
+    "history.json",
+    "model.keras",
+    "progress.json",
+    "classification_report.txt",
+)
+
+
+def test_convert_imports_of_train_only_the_run_folder_reader() -> None:
+    problems = []
+    for path in sorted(CONVERT.rglob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for module, line, _top in _imports(tree):
+            if module.startswith("fieldscope.train") and module != "fieldscope.train.rundir":
+                problems.append(f"{path.relative_to(ROOT)}:{line}: convert/ imports {module}")
+    assert not problems, "\n".join(problems)
+
+
+def test_rundir_imports_no_tensorflow_nor_other_training_modules() -> None:
+    tree = ast.parse(RUNDIR.read_text(), filename=str(RUNDIR))
+    for module, line, _top in _imports(tree):
+        assert module.split(".")[0] not in FORBIDDEN_HEAVY, f"rundir.py:{line} imports {module}"
+        assert not module.startswith("fieldscope.train"), f"rundir.py:{line} imports {module}"
+    code = """
+import json, sys
+import fieldscope.train.rundir
+import fieldscope.convert.run
+print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras"))))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, cwd="/"
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == []
+
+
+def _string_constants(tree: ast.AST) -> list[tuple[str, int]]:
+    """Every string literal that is not a docstring, with its line."""
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    return [
+        (node.value, node.lineno)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str)
+        if id(node) not in docstrings
+    ]
+
+
+def test_no_module_but_rundir_spells_a_run_folder_file_name() -> None:
+    problems = []
+    for folder in ("train", "convert", "cli", "deploy", "benchmarks"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            if path == RUNDIR:
+                continue
+            tree = ast.parse(path.read_text(), filename=str(path))
+            for text, line in _string_constants(tree):
+                if text in RUN_FOLDER_NAMES:
+                    problems.append(f"{path.relative_to(ROOT)}:{line}: {text!r}")
+    assert not problems, "use fieldscope.train.rundir:\n" + "\n".join(problems)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 import subprocess
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from functools import cache
 from pathlib import Path
 from urllib.parse import unquote
@@ -123,15 +123,23 @@ def text_of(relative: str) -> str | None:
         return None
 
 
+def repository_text_lines() -> Iterator[tuple[str, int, str]]:
+    """(file, line number, line) of every text file of the repository but this one,
+    whose patterns would otherwise find themselves."""
+    for name in repository_files():
+        text = text_of(name) if name != SELF else None
+        if text is not None:
+            for number, line in enumerate(text.splitlines(), 1):
+                yield name, number, line
+
+
 def markdown_files() -> list[str]:
     return [name for name in repository_files() if name.endswith(".md")]
 
 
-def prose_lines(markdown: str) -> Iterable[tuple[int, str]]:
-    """(line number, line) outside fenced code blocks, with inline code spans removed.
-
-    Text in code is an example, not a link: ``d["files"](x)`` in a code block is Python.
-    """
+def lines_outside_fences(markdown: str) -> Iterator[tuple[int, str]]:
+    """(line number, line) of the lines outside fenced code blocks (``` or ~~~, closed
+    by a fence of the same character at least as long), the fences themselves left out."""
     fence: str | None = None
     for number, line in enumerate(markdown.splitlines(), 1):
         match = FENCE.match(line)
@@ -142,6 +150,15 @@ def prose_lines(markdown: str) -> Iterable[tuple[int, str]]:
             if line.strip().startswith(fence) and not line.strip().strip(fence[0]):
                 fence = None
             continue
+        yield number, line
+
+
+def prose_lines(markdown: str) -> Iterable[tuple[int, str]]:
+    """(line number, line) outside fenced code blocks, with inline code spans removed.
+
+    Text in code is an example, not a link: ``d["files"](x)`` in a code block is Python.
+    """
+    for number, line in lines_outside_fences(markdown):
         yield number, INLINE_CODE.sub(lambda m: " " * len(m.group(0)), line)
 
 
@@ -159,16 +176,7 @@ def anchors_of(relative: str) -> set[str]:
     text = text_of(relative) or ""
     seen: dict[str, int] = {}
     anchors: set[str] = set()
-    fence: str | None = None
-    for line in text.splitlines():
-        match = FENCE.match(line)
-        if fence is None and match:
-            fence = match.group(1)[0] * len(match.group(1))
-            continue
-        if fence is not None:
-            if line.strip().startswith(fence) and not line.strip().strip(fence[0]):
-                fence = None
-            continue
+    for _number, line in lines_outside_fences(text):
         anchors.update(HTML_ANCHOR.findall(line))
         heading = HEADING.match(line)
         if heading:
@@ -206,19 +214,15 @@ def link_problem(source: str, target: str) -> str | None:
 
 def test_nothing_refers_to_documents_or_paths_outside_the_repository() -> None:
     problems = []
-    for name in repository_files():
-        text = text_of(name) if name != SELF else None
-        if text is None:
-            continue
-        for number, line in enumerate(text.splitlines(), 1):
-            for pattern, what, allowed in OUTSIDE_REFERENCES:
-                found = pattern.search(line)
-                if found and name not in allowed:
-                    problems.append(
-                        f"{name}:{number}: {found.group(0)!r} is {what}; point to "
-                        f"{ARCHITECTURE} (a section: {ARCHITECTURE}#<anchor>) or another "
-                        "file in the repository instead"
-                    )
+    for name, number, line in repository_text_lines():
+        for pattern, what, allowed in OUTSIDE_REFERENCES:
+            found = pattern.search(line)
+            if found and name not in allowed:
+                problems.append(
+                    f"{name}:{number}: {found.group(0)!r} is {what}; point to "
+                    f"{ARCHITECTURE} (a section: {ARCHITECTURE}#<anchor>) or another "
+                    "file in the repository instead"
+                )
     assert not problems, "\n".join(problems)
 
 
@@ -241,19 +245,15 @@ def test_every_relative_markdown_link_resolves() -> None:
 def test_every_named_section_of_our_docs_exists() -> None:
     """``docs/architecture.md#layout`` in a docstring must lead to that section."""
     problems = []
-    for name in repository_files():
-        text = text_of(name) if name != SELF else None
-        if text is None:
-            continue
-        for number, line in enumerate(text.splitlines(), 1):
-            for document, anchor in DOC_SECTION.findall(line):
-                if document not in repository_files():
-                    problems.append(f"{name}:{number}: {document} is not in the repository")
-                elif anchor not in anchors_of(document):
-                    problems.append(
-                        f"{name}:{number}: {document} has no section #{anchor} "
-                        f"(it has: {', '.join(sorted(anchors_of(document)))})"
-                    )
+    for name, number, line in repository_text_lines():
+        for document, anchor in DOC_SECTION.findall(line):
+            if document not in repository_files():
+                problems.append(f"{name}:{number}: {document} is not in the repository")
+            elif anchor not in anchors_of(document):
+                problems.append(
+                    f"{name}:{number}: {document} has no section #{anchor} "
+                    f"(it has: {', '.join(sorted(anchors_of(document)))})"
+                )
     assert not problems, "\n".join(problems)
 
 

@@ -129,6 +129,8 @@ def test_tls_table_switches_the_default_port(tmp_path: Path) -> None:
     empty = load_config(write(tmp_path, MINIMAL + "\n[mqtt.tls]\n"), environ={})
     assert empty.mqtt.tls is not None
     assert empty.mqtt.port == 8883
+    tls_lines = config_summary(empty).split("[mqtt.tls]\n")[1].splitlines()
+    assert tls_lines[:3] == ["ca = (the system's CA store)", "cert = (not set)", "key = (not set)"]
 
 
 def test_shipped_example_loads_and_states_the_real_defaults(tmp_path: Path) -> None:
@@ -161,7 +163,7 @@ def test_shipped_example_loads_and_states_the_real_defaults(tmp_path: Path) -> N
         ("mqtt", 'protocol = "4"', "mqtt.protocol", "must be one of 5, 3.1.1"),
         ("mqtt", "reconnect_backoff_s = [0.5, 2]", "mqtt.reconnect_backoff_s", "whole seconds"),
         ("outbox", "max_bytes = 100", "outbox.max_bytes", "at least 16 KiB"),
-        ("mqtt", 'password = "secret"', "mqtt.password", "needs mqtt.username"),
+        ("mqtt", 'password = "secret"', "mqtt.password", "needs username as well"),
         ("device", 'station = "pond/3"', "device.station", "must not contain '/'"),
         ("camera", 'backend = "opencv2"', "camera.backend", "did you mean 'opencv'?"),
         ("camera", 'trigger = "sometimes"', "camera.trigger", "must be one of continuous"),

@@ -10,16 +10,23 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import msgspec
 import paho.mqtt.client as mqtt
 import pytest
 from conftest import Broker
+from helpers import (
+    mqtt_client,
+    publish_acknowledged,
+    run_fieldscope,
+    running_collector,
+    wait_for,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from paho.mqtt.enums import CallbackAPIVersion
 
 from fieldscope.collect.records import decode
 from fieldscope.collect.samples import sample_heartbeat, sample_identification, sample_model_info
@@ -32,15 +39,6 @@ pytestmark = pytest.mark.mqtt
 PREFIX = "fs"
 TOPICS = Topics(PREFIX, "atk", "dev-a")
 HUGE = "9" * 400  # an integer JSON number beyond any float: float(int) raises OverflowError
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def _retained_poison_model() -> bytes:
@@ -113,20 +111,15 @@ def test_decode_never_raises_on_the_corpus(name: str, topic: str, payload: bytes
 
 @pytest.fixture
 def publisher(mosquitto: Broker) -> Iterator[mqtt.Client]:
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="attacker", protocol=mqtt.MQTTv5)
-    client.connect(mosquitto.host, mosquitto.port)
-    client.loop_start()
-    try:
+    with mqtt_client(mosquitto.host, mosquitto.port, "attacker") as client:
         yield client
-    finally:
-        client.disconnect()
-        client.loop_stop()
 
 
-def _publish(client: mqtt.Client, topic: str, payload: bytes, *, retain: bool = False) -> None:
-    info = client.publish(topic, payload, qos=1, retain=retain)
-    info.wait_for_publish(20)
-    assert info.is_published()
+def _settings(host: str, port: int, client_id: str) -> CollectorSettings:
+    """The settings of a collector that subscribes under this suite's topic prefix."""
+    return CollectorSettings(
+        broker=BrokerSettings(host=host, port=port, prefix=PREFIX, client_id=client_id)
+    )
 
 
 def test_a_poison_retained_model_message_does_not_stop_a_new_collector(
@@ -134,29 +127,15 @@ def test_a_poison_retained_model_message_does_not_stop_a_new_collector(
 ) -> None:
     """Issue 15 item 1: a retained model message with a 400-digit threshold killed even
     a brand-new collector; now it is kept apart and valid messages are stored."""
-    _publish(publisher, TOPICS.model, _retained_poison_model(), retain=True)
+    publish_acknowledged(publisher, TOPICS.model, _retained_poison_model(), retain=True)
     db = tmp_path / "new.sqlite"
-    store = open_store(str(db))
-    collector = Collector(
-        CollectorSettings(
-            broker=BrokerSettings(
-                host=mosquitto.host, port=mosquitto.port, prefix=PREFIX, client_id="brand-new"
-            )
-        ),
-        store,
-    )
-    collector.start()
-    try:
-        assert collector.wait_subscribed(10)
+    with running_collector(db, _settings(mosquitto.host, mosquitto.port, "brand-new")) as collector:
         wait_for(lambda: collector.stats.invalid >= 1, what="the retained poison kept apart")
         for seq in range(5):
-            _publish(publisher, TOPICS.identification, _ident_payload(seq))
+            publish_acknowledged(publisher, TOPICS.identification, _ident_payload(seq))
         wait_for(lambda: collector.stats.stored == 5, what="the valid identifications stored")
         assert collector._writer is not None
         assert collector._writer.is_alive()
-    finally:
-        collector.stop()
-        store.close()
     with open_store(str(db), create=False) as reader:
         assert sorted(r.seq for r in reader.iter_identifications()) == list(range(5))
         (kept,) = reader.invalid_messages()
@@ -175,36 +154,22 @@ def test_the_whole_corpus_over_a_real_broker_leaves_the_collector_storing(
     stored, every poison one is kept apart with a reason, and the writer lives."""
     corpus = poison_corpus()
     db = tmp_path / "collect.sqlite"
-    store = open_store(str(db))
-    collector = Collector(
-        CollectorSettings(
-            broker=BrokerSettings(
-                host=mosquitto.host, port=mosquitto.port, prefix=PREFIX, client_id="c-corpus"
-            )
-        ),
-        store,
-    )
-    collector.start()
-    try:
-        assert collector.wait_subscribed(10)
+    with running_collector(db, _settings(mosquitto.host, mosquitto.port, "c-corpus")) as collector:
         for seq, (_name, topic, payload) in enumerate(corpus):
-            _publish(publisher, topic, payload, retain=topic == TOPICS.model)
-            _publish(publisher, TOPICS.identification, _ident_payload(seq))
+            publish_acknowledged(publisher, topic, payload, retain=topic == TOPICS.model)
+            publish_acknowledged(publisher, TOPICS.identification, _ident_payload(seq))
         n = len(corpus)
         wait_for(lambda: collector.stats.stored == n, what=f"{n} valid identifications stored")
         wait_for(lambda: collector.stats.invalid >= n, what="every poison message kept apart")
         assert collector._writer is not None
         assert collector._writer.is_alive()
-    finally:
-        collector.stop()
-        store.close()
     with open_store(str(db), create=False) as reader:
         assert reader.count() == len(corpus)
         kept = reader.invalid_messages(limit=1000)
         assert len(kept) == len(corpus)
         assert all(r.reason for r in kept)
     # Clear the retained poison so it does not leak into another test on this broker.
-    _publish(publisher, TOPICS.model, b"", retain=True)
+    publish_acknowledged(publisher, TOPICS.model, b"", retain=True)
 
 
 def test_a_value_the_database_cannot_hold_is_kept_apart_and_the_rest_stored(
@@ -216,12 +181,7 @@ def test_a_value_the_database_cannot_hold_is_kept_apart_and_the_rest_stored(
     from fieldscope.collect.subscriber import _Received
 
     store = open_store(str(tmp_path / "c.sqlite"))
-    collector = Collector(
-        CollectorSettings(
-            broker=BrokerSettings(host="127.0.0.1", port=1, prefix=PREFIX, client_id="unit")
-        ),
-        store,
-    )
+    collector = Collector(_settings("127.0.0.1", 1, "unit"), store)
     now = datetime.now(UTC)
     batch = [
         _Received(TOPICS.identification, _ident_payload(seq), 0, 0, 0, now) for seq in range(3)
@@ -229,7 +189,7 @@ def test_a_value_the_database_cannot_hold_is_kept_apart_and_the_rest_stored(
     poison = _Received(TOPICS.identification, _ident_payload(99), 0, 0, 0, now)
     records = [collector._decode(m) for m in [*batch, poison]]
     # A reader that forgot a bound: the parsed message carries a 70-bit seq.
-    object.__setattr__(records[-1].message, "seq", 2**70)  # type: ignore[union-attr]
+    msgspec.structs.force_setattr(records[-1].message, "seq", 2**70)  # type: ignore[union-attr]
     result = collector._write([*batch, poison], records)
     assert result.stored == 3
     assert result.invalid == 1
@@ -393,8 +353,6 @@ def test_a_broker_killed_with_an_offline_collectors_queue_shows_as_a_seq_gap(
     shown on the dashboard and listed by ``fieldscope collect gaps``."""
     import logging
     import signal
-    import subprocess
-    import sys
 
     from conftest import start_mosquitto, stop_mosquitto
 
@@ -405,54 +363,32 @@ def test_a_broker_killed_with_an_offline_collectors_queue_shows_as_a_seq_gap(
     db = tmp_path / "collect.sqlite"
     base = 1_800_000_000_000  # a station's first seq is its clock in milliseconds
 
-    def station() -> mqtt.Client:
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="dev-a", protocol=mqtt.MQTTv5)
-        client.connect(broker.host, broker.port)
-        client.loop_start()
-        return client
-
-    def collector() -> tuple[Collector, object]:
-        store = open_store(str(db))
-        settings = CollectorSettings(
-            broker=BrokerSettings(
-                host=broker.host, port=broker.port, prefix=PREFIX, client_id="c-gaps"
-            )
-        )
-        c = Collector(settings, store)
-        c.start()
-        assert c.wait_subscribed(10)
-        return c, store
-
-    pub = station()
+    collector_settings = _settings(broker.host, broker.port, "c-gaps")
     try:
-        _publish(pub, TOPICS.status, b"online", retain=True)
-        first, store = collector()
-        for seq in range(base, base + 10):
-            _publish(pub, TOPICS.identification, _ident_payload(seq))
-        wait_for(lambda: first.stats.stored == 10, what="the first ten stored")
-        first.stop()  # offline; the broker keeps its session and queues for it
-        store.close()  # type: ignore[attr-defined]
-        for seq in range(base + 10, base + 40):
-            _publish(pub, TOPICS.identification, _ident_payload(seq))
-        pub.disconnect()
-        pub.loop_stop()
+        with mqtt_client(broker.host, broker.port, "dev-a") as pub:
+            publish_acknowledged(pub, TOPICS.status, b"online", retain=True)
+            with running_collector(db, collector_settings) as first:
+                for seq in range(base, base + 10):
+                    publish_acknowledged(pub, TOPICS.identification, _ident_payload(seq))
+                wait_for(lambda: first.stats.stored == 10, what="the first ten stored")
+            # The collector is offline; the broker keeps its session and queues for it.
+            for seq in range(base + 10, base + 40):
+                publish_acknowledged(pub, TOPICS.identification, _ident_payload(seq))
         broker.process.send_signal(signal.SIGKILL)  # the queue of 30 dies with it
         broker.process.wait(10)
         broker = start_mosquitto(workdir, broker.port)
-        pub = station()
-        _publish(pub, TOPICS.status, b"online", retain=True)
-        with caplog.at_level(logging.WARNING, logger="fieldscope.collect.subscriber"):
+        with (
+            mqtt_client(broker.host, broker.port, "dev-a") as pub,
+            caplog.at_level(logging.WARNING, logger="fieldscope.collect.subscriber"),
+        ):
+            publish_acknowledged(pub, TOPICS.status, b"online", retain=True)
             # The session died with the broker: the collector subscribes afresh, and
             # the station goes on with its next seq.
-            second, store = collector()
-            for seq in range(base + 40, base + 50):
-                _publish(pub, TOPICS.identification, _ident_payload(seq))
-            wait_for(lambda: second.stats.stored == 10, what="the last ten stored")
-            second.stop()
-            store.close()  # type: ignore[attr-defined]
+            with running_collector(db, collector_settings) as second:
+                for seq in range(base + 40, base + 50):
+                    publish_acknowledged(pub, TOPICS.identification, _ident_payload(seq))
+                wait_for(lambda: second.stats.stored == 10, what="the last ten stored")
     finally:
-        pub.disconnect()
-        pub.loop_stop()
         stop_mosquitto(broker)
     assert second.stats.gaps == 1
     assert second.stats.missing == 30
@@ -471,13 +407,7 @@ def test_a_broker_killed_with_an_offline_collectors_queue_shows_as_a_seq_gap(
     assert status == 200
     assert 'data-missing="30"' in page
     assert f"seq {base + 10}..{base + 39}" in page
-    cli = subprocess.run(
-        [sys.executable, "-m", "fieldscope.cli", "collect", "gaps", "--db", str(db)],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    cli = run_fieldscope("collect", "gaps", "--db", str(db), timeout=60)
     assert cli.returncode == 1, cli.stderr
     assert f"atk/dev-a: seq {base + 10}..{base + 39} missing (30)" in cli.stdout
 

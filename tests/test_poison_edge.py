@@ -27,14 +27,12 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
+from helpers import identification_document, manifest_document, model_info_document
 
 from fieldscope.cli.main import main
 from fieldscope.edge.bundle import (
     MANIFEST_FILE,
     MODEL_FILE,
-    FileEntry,
-    Manifest,
-    Provenance,
     generate_keypair,
     read_bundle,
     verify_bundle,
@@ -83,37 +81,6 @@ def _with_raw(data: dict[str, Any], path: str | tuple[str, ...], literal: str) -
 # --- item 1: numbers of any size in every payload a collector reads ----------------------
 
 
-def _identification() -> dict[str, Any]:
-    return {
-        "version": 1,
-        "device": "dev-a",
-        "station": "atk",
-        "seq": 1,
-        "captured_at": "2026-12-07T01:43:34.280300Z",
-        "status": "ok",
-        "label": "a",
-        "score": 0.9,
-        "top_k": [{"label": "a", "score": 0.9}, {"label": "b", "score": 0.1}],
-        "model": {"name": "r1", "version": "1", "sha256": SHA},
-        "image": {"sha256": SHA, "width": 64, "height": 48},
-        "quality": {"sharpness": 3.5, "exposure": 0.5},
-        "timings_ms": {"capture": 1.0, "quality": 1.0, "preprocess": 1.0, "inference": 1.0},
-    }
-
-
-def _model_info() -> dict[str, Any]:
-    """The retained ``model`` payload of the issue's reproduction, before poisoning."""
-    return {
-        "labels": ["a", "b"],
-        "loaded_at": "2026-12-07T01:43:34.280300Z",
-        "model": {"name": "r1", "sha256": "0" * 64, "version": "1"},
-        "runtime": {"name": "x", "version": "1"},
-        "signed": True,
-        "threshold": 0.5,
-        "version": 1,
-    }
-
-
 def _heartbeat() -> dict[str, Any]:
     from datetime import UTC, datetime
 
@@ -145,7 +112,7 @@ POISON_NUMBERS = [HUGE, "-" + HUGE, HUGER, "1e400", "-1e400", "NaN", "Infinity",
     ["quality.sharpness", "quality.exposure", "timings_ms.capture", "score", "seq", "image.width"],
 )
 def test_identification_numbers_of_any_size_are_message_errors(field: str, literal: str) -> None:
-    payload = _with_raw(_identification(), field, literal)
+    payload = _with_raw(identification_document(), field, literal)
     started = time.monotonic()
     with pytest.raises(MessageError) as info:
         Identification.from_json(payload)
@@ -162,11 +129,11 @@ def test_heartbeat_and_retained_model_numbers_are_payload_errors(literal: str) -
         Heartbeat.from_json(_with_raw(_heartbeat(), "uptime_s", literal))
     # The retained message that stopped even a brand-new collector (issue 15, item 1).
     with pytest.raises(PayloadError, match="model info: "):
-        ModelInfo.from_json(_with_raw(_model_info(), "threshold", literal))
+        ModelInfo.from_json(_with_raw(model_info_document(), "threshold", literal))
 
 
 def test_the_issue_retained_model_payload_is_a_clear_error() -> None:
-    payload = _with_raw(_model_info(), "threshold", HUGE)
+    payload = _with_raw(model_info_document(), "threshold", HUGE)
     with pytest.raises(PayloadError) as info:
         ModelInfo.from_json(payload)
     assert str(info.value) == (
@@ -174,8 +141,8 @@ def test_the_issue_retained_model_payload_is_a_clear_error() -> None:
         "400 digits (no field takes more than 40)"
     )
     # A number that parses but no float holds is still the field's error.
-    with pytest.raises(PayloadError, match="threshold must be a finite number between 0 and 1"):
-        ModelInfo.from_json(_with_raw(_model_info(), "threshold", "1" + "0" * 39))
+    with pytest.raises(PayloadError, match="threshold must be between 0 and 1"):
+        ModelInfo.from_json(_with_raw(model_info_document(), "threshold", "1" + "0" * 39))
 
 
 def test_an_oversized_payload_is_refused_before_parsing() -> None:
@@ -190,19 +157,7 @@ def test_an_oversized_payload_is_refused_before_parsing() -> None:
 
 
 def _manifest(**changes: Any) -> dict[str, Any]:
-    data = Manifest(
-        model_name="m",
-        model_version="1",
-        labels=("a", "b"),
-        input_shape=(1, 32, 32, 3),
-        input_dtype="uint8",
-        output_dtype="uint8",
-        quantization=None,
-        preprocessing=RECIPE,
-        threshold=0.5,
-        provenance=Provenance(created_at="2026-11-02T10:15:00Z"),
-        files={MODEL_FILE: FileEntry(SHA, 5)},
-    ).to_dict()
+    data = manifest_document(preprocessing=RECIPE)
     data.update(changes)
     return data
 

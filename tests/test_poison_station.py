@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 import os
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 from conftest import Broker, MqttRecorder, SpecimenImages, TinyBundles
+from helpers import wait_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -37,15 +36,6 @@ from fieldscope.edge.pipeline import FrameCounters, Pipeline
 from fieldscope.edge.topics import Topics
 
 BAD_NAME = os.fsdecode(b"b21_\xff\xfe.png")  # what os.listdir hands over for those bytes
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def write_png(path: Path, value: int, size: int = 32) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import SpecimenImages, TinyBundles
+from helpers import run_fieldscope
 
 from fieldscope.edge.native_logs import is_noise
 
@@ -24,14 +25,7 @@ def _fieldscope(*args: str) -> subprocess.CompletedProcess[str]:
     # What a user's shell has: none of the switches that this test is about.
     unset = ("TF_CPP_MIN_LOG_LEVEL", "OPENCV_LOG_LEVEL", "PYTHONFAULTHANDLER")
     env = {k: v for k, v in os.environ.items() if k not in unset}
-    return subprocess.run(
-        [sys.executable, "-m", "fieldscope.cli", *args],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=120,
-        env=env,
-    )
+    return run_fieldscope(*args, env=env)
 
 
 def test_verify_and_classify_do_not_announce_the_xnnpack_delegate(

@@ -13,16 +13,14 @@ Unset or missing data skips locally and fails under CI (``CI=true``).
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import missing_in_ci, run_main
 
-from fieldscope.cli.main import main
 from fieldscope.edge.bundle import read_bundle
 from fieldscope.edge.classify import Classifier
 from fieldscope.edge.preprocess import load_and_preprocess
@@ -38,34 +36,21 @@ PER_CLASS = 50
 SIZE = 96
 
 
-def _missing(reason: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason} (CI must provide it)")
-    pytest.skip(reason)
-
-
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
     source = Path(os.environ.get(ENV) or DEFAULT)
     if not source.is_dir():
-        _missing(f"no ndsb24 images at {source} (set {ENV} to the folder)")
+        missing_in_ci(f"no ndsb24 images at {source} (set {ENV} to the folder)")
     try:
         ported.weights_file("efficientnet_lite0")
     except MissingWeightsError as exc:
-        _missing(str(exc))
+        missing_in_ci(str(exc))
     root = tmp_path_factory.mktemp("ndsb") / "data"
     for folder in sorted(p for p in source.iterdir() if p.is_dir())[:CLASSES]:
         (root / folder.name).mkdir(parents=True)
         for image in sorted(folder.glob("*.jpg"))[:PER_CLASS]:
             (root / folder.name / image.name).symlink_to(image.resolve())
     return root
-
-
-def _cli(argv: list[str]) -> tuple[int, str]:
-    err = io.StringIO()
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-        code = main(argv)
-    return code, err.getvalue()
 
 
 def _probe_accuracy(run: Path, recipe: object) -> float:
@@ -106,8 +91,8 @@ def test_default_recipe_beats_a_linear_probe_on_real_plankton(
     sample: Path, tmp_path: Path, record_property: pytest.RecordProperty
 ) -> None:
     run, bundle_dir = tmp_path / "run", tmp_path / "bundle"
-    code, err = _cli(["train", str(sample), "--out", str(run), "--image-size", str(SIZE)])
-    assert code == 0, err
+    trained = run_main(["train", str(sample), "--out", str(run), "--image-size", str(SIZE)])
+    assert trained.code == 0, trained.err
     config = json.loads((run / "config.json").read_text())
     assert config["backbone"] == "efficientnet_lite0", "the default works offline"
     assert config["strategy"] == "auto"
@@ -115,8 +100,10 @@ def test_default_recipe_beats_a_linear_probe_on_real_plankton(
     assert [r["name"] for r in history["stage_results"]] == ["head", "fine-tune"]
 
     # 48 test images: one image is 2 points, so the drop gate is set to two images.
-    code, err = _cli(["convert", str(run), "--out", str(bundle_dir), "--max-accuracy-drop", "5"])
-    assert code == 0, err
+    converted = run_main(
+        ["convert", str(run), "--out", str(bundle_dir), "--max-accuracy-drop", "5"]
+    )
+    assert converted.code == 0, converted.err
     bundle = read_bundle(bundle_dir)
     assert bundle.manifest.output == "logits"
     fidelity = bundle.manifest.provenance.fidelity

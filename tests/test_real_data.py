@@ -14,16 +14,14 @@ convert`` to int8, then the edge classifier on the held-out images.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import missing_in_ci, run_main
 
-from fieldscope.cli.main import main
 from fieldscope.edge.bundle import read_bundle
 from fieldscope.edge.classify import Classifier
 from fieldscope.edge.preprocess import load_and_preprocess
@@ -38,17 +36,11 @@ IMAGES = 105
 CHANCE = 1 / CLASSES
 
 
-def _missing(reason: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason} (CI must provide it)")
-    pytest.skip(reason)
-
-
 @pytest.fixture(scope="module")
 def plankton() -> Path:
     value = os.environ.get(ENV)
     if not value:
-        _missing(f'{ENV} is not set: run `eval "$(scripts/fetch-real-data CACHE_DIR)"`')
+        missing_in_ci(f'{ENV} is not set: run `eval "$(scripts/fetch-real-data CACHE_DIR)"`')
     root = Path(str(value))
     if not root.is_dir():
         pytest.fail(f"{ENV}={value} is not a folder; run scripts/fetch-real-data CACHE_DIR")
@@ -56,13 +48,6 @@ def plankton() -> Path:
     images = sum(len(list(c.glob("*.jpg"))) for c in classes)
     assert (len(classes), images) == (CLASSES, IMAGES), f"{root} is not the planktonclas set"
     return root
-
-
-def _cli(argv: list[str]) -> tuple[int, str]:
-    err = io.StringIO()
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-        code = main(argv)
-    return code, err.getvalue()
 
 
 def test_efficientnet_lite0_learns_real_plankton_and_keeps_it_in_int8(
@@ -73,23 +58,23 @@ def test_efficientnet_lite0_learns_real_plankton_and_keeps_it_in_int8(
     try:
         ported.weights_file("efficientnet_lite0")
     except MissingWeightsError as exc:
-        _missing(str(exc))
+        missing_in_ci(str(exc))
     run_dir, bundle_dir = tmp_path / "run", tmp_path / "bundle"
     # 160 px and 10 head epochs at a raised learning rate: about 1.5 min of training on
     # 2 cores. The letterbox fill is the image's own border (grey here); black bars
     # would be a feature the classes do not share.
-    code, err = _cli(
+    trained = run_main(
         ["train", str(plankton), "--out", str(run_dir), "--backbone", "efficientnet_lite0",
          "--weights", "imagenet", "--image-size", "160", "--fill", "border",
          "--epochs", "10", "--learning-rate", "3e-3", "--patience", "0",
          "--fine-tune-epochs", "0", "--batch-size", "16", "--split", "50:20:30", "--seed", "0"]
     )  # fmt: skip
-    assert code == 0, err
-    code, err = _cli(
+    assert trained.code == 0, trained.err
+    converted = run_main(
         ["convert", str(run_dir), "--out", str(bundle_dir), "--quantize", "int8",
          "--version", "1.0.0", "--max-accuracy-drop", "10"]
     )  # fmt: skip
-    assert code == 0, err
+    assert converted.code == 0, converted.err
 
     # Held-out images, read and classified the way a field station does it.
     bundle = read_bundle(bundle_dir)

@@ -5,7 +5,6 @@ lives in that test's own copy, never in the built-in table."""
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -51,6 +50,7 @@ from fieldscope.edge.errors import ConfigError, RecipeError
 from fieldscope.edge.preprocess import PreprocessRecipe, save_png
 from fieldscope.edge.registry import Registry
 from fieldscope.edge.topics import Topics
+from fieldscope.edge.typed import problems_of
 
 # ── camera backends ──────────────────────────────────────────────────────────────────
 
@@ -114,7 +114,7 @@ def test_a_builtin_backend_is_built_from_its_own_options_model(tmp_path: Path) -
     images.mkdir()
     save_png(images / "a.png", np.full((8, 8, 3), 200, dtype=np.uint8))
     options = ReplayOptions(path=images, rate_hz=0)
-    camera = make_camera(CameraConfig(backend="replay", replay=options), tmp_path)  # type: ignore[arg-type]
+    camera = make_camera(CameraConfig(backend="replay", replay=options), tmp_path)
     camera.open()
     frame = camera.read(0.5)
     assert frame is not None
@@ -124,25 +124,40 @@ def test_a_builtin_backend_is_built_from_its_own_options_model(tmp_path: Path) -
         make_camera(CameraConfig(backend="replay"), tmp_path)
 
 
-@pytest.mark.parametrize("name", ["picamera2", "opencv", "folder", "replay"])
-def test_the_options_models_match_the_configuration_classes(name: str) -> None:
-    """Same class names, fields, defaults and problem texts as edge/config.py's, so
-    that the configuration can take its options models from the backends."""
-    model = CAMERAS[name].options
-    legacy = getattr(config, model.__name__)
-    assert model.__struct_fields__ == tuple(f.name for f in dataclasses.fields(legacy))
-    for field in model.__struct_fields__:
-        assert getattr(model(), field) == getattr(legacy(), field), field
-    bad = {
-        "picamera2": {"camera_num": -1, "width": 8},
-        "opencv": {"source": -2, "height": 99999, "width": 640, "fps": 0.0},
-        "folder": {"patterns": ("",), "settle_s": -1.0, "handled": "mvoe"},
-        "replay": {"patterns": (), "rate_hz": -3.0, "limit": -1},
-    }[name]
-    assert model(**bad).problems() == legacy(**bad).problems()
-    assert model(**bad).problems()  # there is something to compare
-    with pytest.raises(AttributeError):
-        model().x = 1  # frozen
+def test_edge_toml_camera_options_are_the_registrys_models(tmp_path: Path) -> None:
+    """One copy: each [camera.<backend>] of edge.toml is read as that backend's own
+    options model from the registry; an unknown option gets a did-you-mean and a bad
+    value its file:line, each problem once (also for options built in code)."""
+    fields = {f.name: f.type for f in msgspec.structs.fields(CameraConfig)}
+    for name in CAMERA_BACKENDS:
+        assert fields[name] is CAMERAS[name].options
+    (tmp_path / "in").mkdir()
+    path = tmp_path / "edge.toml"
+    path.write_text(
+        '[device]\nstation = "pond"\nid = "a"\n[model]\nbundle = "b"\n'
+        '[mqtt]\nhost = "127.0.0.1"\n'
+        '[camera]\nbackend = "folder"\n'
+        '[camera.folder]\npath = "in"\nsettle = 2\nhandled = "mvoe"\n'
+        "[camera.opencv]\nfps = 0\nwidth = 640\n"
+        '[camera.picamera2]\ncontrols = { ExposureTime = "long" }\n',
+        encoding="utf-8",
+    )
+    with pytest.raises(config.ConfigFileError) as caught:
+        config.load_config(path, environ={})
+    assert str(caught.value).splitlines() == [
+        f"{path}:12: camera.folder.settle: unknown key (did you mean 'settle_s'?)",
+        f"{path}:13: camera.folder.handled: must be one of keep, move, delete, got 'mvoe' "
+        "(did you mean 'move'?)",
+        f"{path}:15: camera.opencv.fps: must be in (0, 1000], got 0.0",
+        f"{path}:16: camera.opencv.width: needs height as well (width and height go together)",
+        f"{path}:18: camera.picamera2.controls.ExposureTime: must be a number, a boolean or "
+        "an array of numbers, got a string 'long'",
+    ]
+    folder = CAMERAS["folder"].options(path=tmp_path / "in", settle_s=-1.0, patterns=())
+    assert problems_of(CameraConfig(backend="folder", folder=folder)) == [
+        ("folder.settle_s", "must be in [0, 3600] seconds, got -1.0"),
+        ("folder.patterns", "must be a non-empty list of non-empty glob patterns"),
+    ]
 
 
 def _path_hook(kind: type, value: object) -> object:

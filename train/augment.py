@@ -53,6 +53,22 @@ def build_augmenter(config: AugmentConfig, *, seed: int) -> keras.Sequential | N
     return keras.Sequential(layers, name="augment")
 
 
+def _apply_symmetry(ops: Any, images: Any, transpose: Any, flip_rows: Any, flip_cols: Any) -> Any:
+    """Transpose, then flip rows, then flip columns, each image where its bit is set."""
+    n = ops.shape(images)[0]
+    index = ops.arange(n)
+
+    def apply(batch: Any, changed: Any, selected: Any) -> Any:
+        # Pick per image from [unchanged; changed] by index: a gather is a third of
+        # the cost of ``where`` with a broadcast mask on CPU.
+        choice = index + n * ops.cast(selected, "int32")
+        return ops.take(ops.concatenate([batch, changed], axis=0), choice, axis=0)
+
+    out = apply(images, ops.transpose(images, (0, 2, 1, 3)), transpose)
+    out = apply(out, ops.flip(out, axis=1), flip_rows)
+    return apply(out, ops.flip(out, axis=2), flip_cols)
+
+
 def _random_symmetry_layer(keras: Any) -> Any:
     """Lossless flips and quarter turns, per image, in one cheap layer.
 
@@ -85,18 +101,7 @@ def _random_symmetry_layer(keras: Any) -> Any:
                 transpose = ops.zeros_like(transpose)
             elif not self.flip:  # quarter turns only: the bits must compose a rotation
                 flip_cols = ops.not_equal(flip_rows, transpose)
-            n = ops.shape(images)[0]
-            index = ops.arange(n)
-
-            def apply(batch: Any, changed: Any, selected: Any) -> Any:
-                # Pick per image from [unchanged; changed] by index: a gather is a third of
-                # the cost of ``where`` with a broadcast mask on CPU.
-                choice = index + n * ops.cast(selected, "int32")
-                return ops.take(ops.concatenate([batch, changed], axis=0), choice, axis=0)
-
-            out = apply(images, ops.transpose(images, (0, 2, 1, 3)), transpose)
-            out = apply(out, ops.flip(out, axis=1), flip_rows)
-            return apply(out, ops.flip(out, axis=2), flip_cols)
+            return _apply_symmetry(ops, images, transpose, flip_rows, flip_cols)
 
         def compute_output_shape(self, input_shape: Any) -> Any:
             return input_shape

@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,10 +47,23 @@ import keras
 import numpy as np
 
 from fieldscope.train.backbones import backbone_of
+from fieldscope.train.cached_head import (
+    HEAD_C_GRID,
+    HeadFit,
+    calibrated_log_loss,
+    fit_head,
+    fold_temperature,
+)
+from fieldscope.train.cached_tune import (
+    Best,
+    CachedData,
+    FineTuneSettings,
+    _class_weight_vector,
+    fine_tune,
+)
 from fieldscope.train.errors import TrainError
 from fieldscope.train.fit import (
     BEST_WEIGHTS,
-    MIN_DELTA,
     STAGE_NAMES,
     FitProgress,
     FitReporter,
@@ -75,10 +88,6 @@ log = logging.getLogger(__name__)
 # Cached activations are post-ReLU/linear block outputs of order 1: float16 keeps three
 # significant digits, halves the memory, and the top layers compute in float32.
 ACTIVATION_DTYPE = np.float16
-# Inverse L2 strengths tried for the stage-1 logistic regression (scikit-learn's C,
-# applied to the summed log-loss). Wide on purpose: the best value moves with the
-# number of images and classes (measured 0.1-1 on ndsb24, 1-10 on small sets).
-HEAD_C_GRID: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 EXTRACT_BATCH = 32
 
 
@@ -119,6 +128,20 @@ def _single_tensor_cuts(backbone: keras.Model) -> list[int]:
     return cuts
 
 
+def _around_backbone(
+    model: keras.Model, backbone: keras.Model
+) -> tuple[list[Any], list[Any], keras.layers.Dense]:
+    """The layers of the classifier before the backbone (input normalisation) and after
+    it (dropout, the Dense head), in order, and that Dense layer."""
+    index = model.layers.index(backbone)
+    before = list(model.layers[1:index])
+    after = list(model.layers[index + 1 :])
+    dense = after[-1]
+    if not isinstance(dense, keras.layers.Dense):
+        raise TrainError(f"{model.name} does not end in a Dense classifier layer")
+    return before, after, dense
+
+
 def split_backbone(model: keras.Model, top_layers: int) -> BackboneSplit:
     """Cut ``model``'s backbone so that at least ``top_layers`` layers lie above the cut.
 
@@ -143,14 +166,7 @@ def split_backbone(model: keras.Model, top_layers: int) -> BackboneSplit:
     bottom_backbone = keras.Model(backbone.input, cut_tensor, name="cached_bottom")
     top_backbone = keras.Model(cut_tensor, backbone.output, name="cached_top")
 
-    # The layers of the classifier before the backbone (input normalisation) and after it
-    # (dropout, the Dense head), in order.
-    index = model.layers.index(backbone)
-    before = list(model.layers[1:index])
-    after = model.layers[index + 1 :]
-    dense = after[-1]
-    if not isinstance(dense, keras.layers.Dense):
-        raise TrainError(f"{model.name} does not end in a Dense classifier layer")
+    before, after, dense = _around_backbone(model, backbone)
 
     image = keras.Input(shape=model.input_shape[1:], dtype="float32", name="image")
     x = image
@@ -213,216 +229,6 @@ def _pooled(features: keras.Model, activations: np.ndarray) -> np.ndarray:
     return np.concatenate(parts).astype(np.float64)
 
 
-def _log_loss(probs: np.ndarray, y: np.ndarray) -> float:
-    picked = np.clip(probs[np.arange(len(y)), y], 1e-12, 1.0)
-    return float(-np.mean(np.log(picked)))
-
-
-def calibrated_log_loss(probs: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """The validation log-loss after temperature scaling, and that temperature.
-
-    Choosing between a strongly regularised stage-1 head (cautious, well calibrated)
-    and fine-tuned top layers (sharper, more often right) on the raw log-loss favours
-    the cautious one even when it is less accurate. With each candidate's best
-    temperature (Guo et al., 2017) the comparison is on what a temperature cannot fix:
-    how well the scores rank the classes. The temperature is folded into the final
-    layer afterwards (``fold_temperature``), so the saved model is calibrated too.
-    """
-    from scipy.optimize import minimize_scalar
-
-    log_p = np.log(np.clip(probs.astype(np.float64), 1e-12, 1.0))
-    rows = np.arange(len(y))
-
-    def loss(temperature: float) -> float:
-        z = log_p / temperature
-        z -= z.max(axis=1, keepdims=True)
-        z -= np.log(np.exp(z).sum(axis=1, keepdims=True))
-        return float(-z[rows, y].mean())
-
-    best = minimize_scalar(loss, bounds=(0.05, 20.0), method="bounded")
-    return float(best.fun), float(best.x)
-
-
-def _better(
-    accuracy: float, loss: float, best_accuracy: float | None, best_loss: float | None
-) -> bool:
-    """Whether a stage-2 epoch replaces the best so far: higher validation accuracy, or
-    the same accuracy with a lower calibrated log-loss.
-
-    Accuracy first, because top-1 is what a station is judged on: on real plankton
-    (ndsb24) the fine-tuned epochs were 2 points more accurate on validation and 1 point
-    on the test images than the stage-1 head, whose strong L2 penalty nevertheless gave
-    it the lowest validation log-loss, calibrated or not.
-    """
-    if best_accuracy is None or best_loss is None:
-        return True
-    if accuracy > best_accuracy + 1e-9:
-        return True
-    return abs(accuracy - best_accuracy) <= 1e-9 and loss < best_loss - MIN_DELTA
-
-
-def fold_temperature(dense: keras.layers.Dense, temperature: float) -> None:
-    """Divide the final layer's logits by ``temperature`` (kernel and bias alike)."""
-    kernel, bias = dense.get_weights()
-    dense.set_weights([kernel / temperature, bias / temperature])
-
-
-@dataclass(frozen=True)
-class HeadFit:
-    """The stage-1 head: Dense kernel (features x classes) and bias, and how it was chosen."""
-
-    kernel: np.ndarray
-    bias: np.ndarray
-    c: float
-    val_loss: float
-    val_accuracy: float
-    scores: dict[float, float]
-    train_loss: float = math.nan
-    train_accuracy: float = math.nan
-
-
-def fit_head(
-    x_train: np.ndarray,
-    y_train: np.ndarray,
-    x_val: np.ndarray,
-    y_val: np.ndarray,
-    *,
-    n_classes: int,
-    sample_weight: np.ndarray | None = None,
-    c_grid: Sequence[float] = HEAD_C_GRID,
-) -> HeadFit:
-    """A converged softmax head on pooled features, its L2 strength chosen on validation.
-
-    Features are standardised for the solver (low-variance ones no more than the median
-    one) and the scaling is folded back into the weights, so the result is a plain Dense
-    layer on the raw features whose weights quantise well. Classes missing
-    from ``y_train`` get a bias of -inf's stand-in (a very low logit).
-    """
-    from sklearn.linear_model import LogisticRegression
-
-    mean = x_train.mean(axis=0)
-    # Standardise, but never scale a feature up by more than the typical one: a nearly
-    # constant feature (a dead channel) would otherwise get a weight hundreds of times
-    # larger than the rest once the scaling is folded back, and with one int8 scale for
-    # the whole layer every other weight of the converted model would round to zero.
-    std = x_train.std(axis=0)
-    scale = np.maximum(std, float(np.median(std))) + 1e-6
-    xt = (x_train - mean) / scale
-    xv = (x_val - mean) / scale
-    present = np.unique(y_train)
-    best: tuple[float, float, np.ndarray, np.ndarray, np.ndarray] | None = None
-    train_fit = (math.nan, math.nan)
-    scores: dict[float, float] = {}
-    # Ascending C with warm starts: each fit starts from the previous, more regularised
-    # solution, which L-BFGS refines in a fraction of the iterations of a cold start.
-    # The validation loss is unimodal in C in practice: stop two steps past its minimum.
-    clf = LogisticRegression(C=min(c_grid), max_iter=1000, tol=1e-4, warm_start=True)
-    worse = 0
-    for c in sorted(c_grid):
-        if worse >= 2:
-            break
-        clf.set_params(C=c)
-        clf.fit(xt, y_train, sample_weight=sample_weight)
-        probs = np.zeros((len(xv), n_classes))
-        probs[:, clf.classes_] = clf.predict_proba(xv)
-        loss = _log_loss(probs, y_val)
-        scores[float(c)] = loss
-        log.debug("head C=%g: val log-loss %.4f", c, loss)
-        if best is None or loss < best[1] - 1e-9:
-            train_probs = np.zeros((len(xt), n_classes))
-            train_probs[:, clf.classes_] = clf.predict_proba(xt)
-            train_fit = (
-                _log_loss(train_probs, y_train),
-                float(np.mean(train_probs.argmax(axis=1) == y_train)),
-            )
-            best = (float(c), loss, clf.coef_.copy(), clf.intercept_.copy(), probs)
-            worse = 0
-        else:
-            worse += 1
-    assert best is not None
-    c, loss, coef, intercept, val_probs = best
-    coef = np.asarray(coef, dtype=np.float64)
-    intercept = np.asarray(intercept, dtype=np.float64)
-    if len(present) == 2 and coef.shape[0] == 1:  # scikit-learn's binary form
-        coef = np.vstack([-coef[0] / 2, coef[0] / 2])
-        intercept = np.array([-intercept[0] / 2, intercept[0] / 2])
-    kernel = np.zeros((x_train.shape[1], n_classes))
-    bias = np.full(n_classes, -30.0)
-    kernel[:, clf.classes_] = (coef / scale).T
-    bias[clf.classes_] = intercept - (coef / scale) @ mean
-    accuracy = float(np.mean(val_probs.argmax(axis=1) == y_val))
-    return HeadFit(
-        kernel.astype("float32"),
-        bias.astype("float32"),
-        c,
-        loss,
-        accuracy,
-        scores,
-        train_loss=train_fit[0],
-        train_accuracy=train_fit[1],
-    )
-
-
-class _Batches(keras.utils.PyDataset):  # type: ignore[misc]
-    """One epoch: every training image once, each in one of its cached copies at random."""
-
-    def __init__(
-        self,
-        copies: Sequence[np.ndarray],
-        y: np.ndarray,
-        weights: np.ndarray | None,
-        *,
-        batch_size: int,
-        seed: int,
-        epoch: int,
-    ) -> None:
-        super().__init__()
-        self.copies = copies
-        self.y = y
-        self.weights = weights
-        self.batch_size = batch_size
-        self.seed = seed
-        rng = np.random.default_rng([seed, epoch])
-        self.order = rng.permutation(len(y))
-        self.which = rng.integers(0, len(copies), size=len(y))
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.y) / self.batch_size)
-
-    def __getitem__(self, i: int) -> Any:
-        rows = self.order[i * self.batch_size : (i + 1) * self.batch_size]
-        which = self.which[rows]
-        x = np.stack([self.copies[k][r] for k, r in zip(which, rows, strict=True)]).astype(
-            "float32"
-        )
-        y = self.y[rows]
-        if self.weights is None:
-            return x, y
-        return x, y, self.weights[rows]
-
-
-class _Loss(keras.losses.Loss):  # type: ignore[misc]
-    """Sparse categorical cross-entropy with label smoothing (Keras has it only dense)."""
-
-    def __init__(self, n_classes: int, smoothing: float) -> None:
-        super().__init__(name="smoothed_crossentropy")
-        self.n_classes = n_classes
-        self.smoothing = smoothing
-
-    def call(self, y_true: Any, y_pred: Any) -> Any:
-        ops = keras.ops
-        onehot = ops.one_hot(ops.cast(ops.reshape(y_true, (-1,)), "int32"), self.n_classes)
-        return keras.losses.categorical_crossentropy(onehot, y_pred, label_smoothing=self.smoothing)
-
-
-def _class_weight_vector(
-    y: np.ndarray, class_weight: Mapping[int, float] | None
-) -> np.ndarray | None:
-    if not class_weight:
-        return None
-    return np.asarray([class_weight.get(int(c), 1.0) for c in y], dtype="float32")
-
-
 def fit_cached(
     model: keras.Model,
     x_train: np.ndarray,
@@ -455,11 +261,39 @@ def fit_cached(
     keras.utils.set_random_seed(seed)
     progress = FitProgress()
     split = split_backbone(model, fine_tune_layers)
+    started = time.monotonic()
+    train, val = (x_train, y_train), (x_val, y_val)
+    data = _extract_all(split, train, val, reporter, augment_copies, augmenter=augmenter)
+    settings = FineTuneSettings(
+        n_classes, fine_tune_epochs, learning_rate, label_smoothing, batch_size, patience, seed,
+        class_weight,
+    )  # fmt: skip
+    best = _stage_one(split, data, settings, progress, reporter, started=started)
+    _save_weights(model, state_dir)
+    if fine_tune_epochs > 0:
+        fine_tune(split, data, settings=settings, progress=progress, reporter=reporter, best=best)
+    split.head_model.set_weights(best.weights)
+    fold_temperature(split.dense, best.temperature)
+    log.info("temperature %.3f folded into the classifier layer", best.temperature)
+    progress.stage = 3
+    progress.finished = True
+    return progress
+
+
+def _extract_all(
+    split: BackboneSplit,
+    train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+    reporter: FitReporter,
+    augment_copies: int,
+    *,
+    augmenter: Callable[[int], Callable[..., Any] | None],
+) -> CachedData:
+    """The only pass through the whole backbone: every cached copy, and validation."""
     log.info(
         "cached recipe: backbone cut after %s, %d layers on top", split.cut_name, split.top_layers
     )
-
-    # --- extraction (the only pass through the whole backbone) -------------------------
+    (x_train, y_train), (x_val, y_val) = train, val
     started = time.monotonic()
     copies_n = max(1, augment_copies)
     total = len(x_train) * copies_n + len(x_val)
@@ -478,26 +312,34 @@ def fit_cached(
             extract_activations(split.bottom, x_train, augmenter=augmenter(k), on_batch=tick)
         )
     a_val = extract_activations(split.bottom, x_val, on_batch=tick)
-    extract_seconds = time.monotonic() - started
-    log.info("extracted %d activations in %.1f s", total, extract_seconds)
+    log.info("extracted %d activations in %.1f s", total, time.monotonic() - started)
+    return CachedData(copies, y_train, a_val, y_val)
 
-    # --- stage 1: a converged linear head ----------------------------------------------
-    f_train = np.concatenate([_pooled(split.features, a) for a in copies])
-    y_rep = np.tile(y_train, copies_n)
-    weights = _class_weight_vector(y_rep, class_weight)
+
+def _stage_one(
+    split: BackboneSplit,
+    data: CachedData,
+    settings: FineTuneSettings,
+    progress: FitProgress,
+    reporter: FitReporter,
+    *,
+    started: float,
+) -> Best:
+    """A converged linear head: its weights (with the top layers') and temperature."""
+    y_rep = np.tile(data.y_train, len(data.copies))
     head = fit_head(
-        f_train,
+        np.concatenate([_pooled(split.features, a) for a in data.copies]),
         y_rep,
-        _pooled(split.features, a_val),
-        y_val,
-        n_classes=n_classes,
-        sample_weight=weights,
+        _pooled(split.features, data.a_val),
+        data.y_val,
+        n_classes=settings.n_classes,
+        sample_weight=_class_weight_vector(y_rep, settings.class_weight),
     )
     split.dense.set_weights([head.kernel, head.bias])
     head_probs = keras.ops.convert_to_numpy(
-        split.head_model.predict(a_val.astype("float32"), batch_size=256, verbose=0)
+        split.head_model.predict(data.a_val.astype("float32"), batch_size=256, verbose=0)
     )
-    head_calibrated, temperature = calibrated_log_loss(head_probs, y_val)
+    head_calibrated, temperature = calibrated_log_loss(head_probs, data.y_val)
     log.info(
         "stage 1: C=%g, val log-loss %.4f (%.4f at temperature %.2f), val accuracy %.3f",
         head.c,
@@ -506,187 +348,47 @@ def fit_cached(
         temperature,
         head.val_accuracy,
     )
-    stage1_seconds = time.monotonic() - started
+    _record_stage_one(progress, head, head_calibrated, reporter, time.monotonic() - started)
+    return Best([w.copy() for w in split.head_model.get_weights()], temperature)
+
+
+def _record_stage_one(
+    progress: FitProgress,
+    head: HeadFit,
+    calibrated: float,
+    reporter: FitReporter,
+    seconds: float,
+) -> None:
+    """Stage 1 in the fit record and on the reporter, as one epoch of the head stage."""
     progress.history[STAGE_NAMES[0]] = {
         "loss": [head.train_loss],
         "accuracy": [head.train_accuracy],
         "val_loss": [head.val_loss],
-        "val_loss_calibrated": [head_calibrated],
+        "val_loss_calibrated": [calibrated],
         "val_accuracy": [head.val_accuracy],
     }
-    progress.best_val_loss = head_calibrated
+    progress.best_val_loss = calibrated
     progress.best_val_accuracy = head.val_accuracy
     progress.best_at = [1, 1]
-    _save_weights(model, state_dir)
-    best_weights = [w.copy() for w in split.head_model.get_weights()]
-    best_temperature = [temperature]
     result = StageResult(
         stage=1,
         name=STAGE_NAMES[0],
         epochs_run=1,
-        best_val_loss=head_calibrated,
+        best_val_loss=calibrated,
         best_val_accuracy=head.val_accuracy,
         improved=True,
         stopped_early=False,
-        seconds=stage1_seconds,
+        seconds=seconds,
     )
-    reporter.epoch_end(
-        1,
-        1,
-        1,
-        {
-            "loss": head.train_loss,
-            "accuracy": head.train_accuracy,
-            "val_loss": head.val_loss,  # raw, like the stage-2 lines
-            "val_accuracy": head.val_accuracy,
-        },
-        True,
-    )
+    logs = {
+        "loss": head.train_loss,
+        "accuracy": head.train_accuracy,
+        "val_loss": head.val_loss,  # raw, like the stage-2 lines
+        "val_accuracy": head.val_accuracy,
+    }
+    reporter.epoch_end(1, 1, 1, logs, True)
     reporter.stage_end(result)
     progress.results.append(_as_dict(result))
-
-    # --- stage 2: fine-tune the top on the cached activations --------------------------
-    if fine_tune_epochs > 0:
-        best_weights = _fine_tune(
-            split,
-            copies,
-            y_train,
-            a_val,
-            y_val,
-            progress=progress,
-            best_weights=best_weights,
-            n_classes=n_classes,
-            epochs=fine_tune_epochs,
-            learning_rate=learning_rate,
-            label_smoothing=label_smoothing,
-            batch_size=batch_size,
-            patience=patience,
-            seed=seed,
-            class_weight=class_weight,
-            reporter=reporter,
-            best_temperature=best_temperature,
-        )
-    split.head_model.set_weights(best_weights)
-    fold_temperature(split.dense, best_temperature[0])
-    log.info("temperature %.3f folded into the classifier layer", best_temperature[0])
-    progress.stage = 3
-    progress.finished = True
-    return progress
-
-
-def _fine_tune(
-    split: BackboneSplit,
-    copies: Sequence[np.ndarray],
-    y_train: np.ndarray,
-    a_val: np.ndarray,
-    y_val: np.ndarray,
-    *,
-    progress: FitProgress,
-    best_weights: list[np.ndarray],
-    n_classes: int,
-    epochs: int,
-    learning_rate: float,
-    label_smoothing: float,
-    batch_size: int,
-    patience: int,
-    seed: int,
-    class_weight: Mapping[int, float] | None,
-    reporter: FitReporter,
-    best_temperature: list[float],
-) -> list[np.ndarray]:
-    """Stage 2; returns the best-on-validation weights of ``split.head_model``.
-
-    "Best" is :func:`_better`'s: validation accuracy, then the temperature-calibrated
-    validation log-loss (:func:`calibrated_log_loss`); ``best_temperature[0]`` is updated
-    with the best epoch's temperature.
-    """
-    started = time.monotonic()
-    head_model = split.head_model
-    for layer in split.features.layers[-1].layers:
-        layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
-    weights = _class_weight_vector(y_train, class_weight)
-    steps = math.ceil(len(y_train) / batch_size)
-    schedule = keras.optimizers.schedules.CosineDecay(
-        learning_rate, decay_steps=max(1, epochs * steps)
-    )
-    head_model.compile(
-        optimizer=keras.optimizers.Adam(schedule),
-        loss=_Loss(n_classes, label_smoothing),
-        metrics=["accuracy"],
-    )
-    name = STAGE_NAMES[1]
-    reporter.stage_begin(2, name, epochs, 0)
-    series: dict[str, list[float]] = {}
-    wait = 0
-    improved_any = False
-    stopped = False
-    epochs_run = 0
-    lrs: list[float] = []
-    val = (a_val.astype("float32"), y_val)
-    for epoch in range(1, epochs + 1):
-        first_step = (epoch - 1) * steps
-        lrs.extend(float(schedule(first_step + s)) for s in range(steps))
-        data = _Batches(copies, y_train, weights, batch_size=batch_size, seed=seed, epoch=epoch)
-        history = head_model.fit(data, epochs=1, verbose=0, shuffle=False)
-        logs = {k: float(v[-1]) for k, v in history.history.items()}
-        temperature = _validate(head_model, val, logs)
-        calibrated = logs["val_loss_calibrated"]
-        if not math.isfinite(logs.get("loss", math.nan)):
-            raise TrainError(
-                f"training diverged in stage 2 epoch {epoch} (loss {logs.get('loss')}); "
-                "lower the fine-tune learning rate"
-            )
-        for key, value in logs.items():
-            series.setdefault(key, []).append(value)
-        series.setdefault("learning_rate", []).append(lrs[first_step])
-        improved = _better(
-            logs["val_accuracy"], calibrated, progress.best_val_accuracy, progress.best_val_loss
-        )
-        if improved:
-            progress.best_val_loss = calibrated
-            progress.best_val_accuracy = logs["val_accuracy"]
-            progress.best_at = [2, epoch]
-            best_weights = [w.copy() for w in head_model.get_weights()]
-            best_temperature[0] = temperature
-            wait = 0
-            improved_any = True
-        else:
-            wait += 1
-        epochs_run = epoch
-        reporter.epoch_end(2, epoch, epochs, logs, improved)
-        # The first epochs move away from the stage-1 head before they improve on it
-        # (measured on ndsb24: below it for 3 epochs, above it from the 4th to the 7th):
-        # early stopping counts only in the second half of the schedule.
-        if patience and wait >= patience and epochs // 2 <= epoch < epochs:
-            stopped = True
-            break
-    progress.history[name] = series
-    progress.lr_schedule[name] = lrs
-    result = StageResult(
-        stage=2,
-        name=name,
-        epochs_run=epochs_run,
-        best_val_loss=progress.best_val_loss,
-        best_val_accuracy=progress.best_val_accuracy,
-        improved=improved_any,
-        stopped_early=stopped,
-        seconds=time.monotonic() - started,
-    )
-    reporter.stage_end(result)
-    progress.results.append(_as_dict(result))
-    return best_weights
-
-
-def _validate(
-    model: keras.Model, val: tuple[np.ndarray, np.ndarray], logs: dict[str, float]
-) -> float:
-    """Add the validation figures of one epoch to ``logs``; return its temperature."""
-    x, y = val
-    probs = keras.ops.convert_to_numpy(model.predict(x, batch_size=256, verbose=0))
-    logs["val_loss"] = _log_loss(probs, y)
-    logs["val_loss_calibrated"], temperature = calibrated_log_loss(probs, y)
-    logs["val_accuracy"] = float(np.mean(probs.argmax(axis=1) == y))
-    return temperature
 
 
 def _save_weights(model: keras.Model, state_dir: Path) -> None:

@@ -22,6 +22,7 @@ from fieldscope.train.config import (
     overrides_from_args,
     resolve_config,
 )
+from fieldscope.train.rundir import RUN_FILE, RunDir, write_json
 
 __all__ = ["register"]
 
@@ -104,96 +105,102 @@ _RESUME_BEFORE_FIRST_EPOCH = ("weights",)
 
 def _train(args: argparse.Namespace) -> int:
     overrides = overrides_from_args(args)
-    if args.resume is not None:
-        flags = {key.dotted: key.flag for key in config_keys()}
-        named = (
-            ("DATA_DIR", args.data_dir),
-            ("--out", args.out),
-            ("--config", args.config),
-            ("--overwrite", args.overwrite or None),
-        )
-        given = [name for name, value in named if value is not None]
-        changeable = (*_RESUME_ANYTIME, *_RESUME_BEFORE_FIRST_EPOCH)
-        given += [flags[dotted] for dotted in overrides if dotted not in changeable]
-        if given:
-            allowed = ", ".join(flags[d] for d in changeable)
-            raise ConfigError(
-                f"--resume continues with the run's saved config and data; drop "
-                f"{', '.join(given)} (a resume may change only {allowed}), or start the run "
-                f"over: fieldscope train DATA_DIR --out {args.resume} --overwrite ..."
-            )
-        if overrides:
-            _change_resumed_config(args.resume, overrides, flags)
-        _require_training_stack()
-        from fieldscope.train.pipeline import resume_run
-
-        with _resume_hint(args.resume):
-            summary, worked = resume_run(
-                args.resume, reporter=_TerminalReporter(), on_progress=_preprocess_progress
-            )
-        if not worked:
-            print(f"{args.resume} is already complete; nothing to resume")
-    else:
-        if args.data_dir is None or args.out is None:
-            raise ConfigError("give DATA_DIR and --out RUN_DIR (or --resume RUN_DIR)")
-        config = resolve_config(args.config, overrides)
-        if args.overwrite:
-            _clear_run_dir(args.out, args.data_dir)
-        _require_training_stack()
-        from fieldscope.train.pipeline import train_run
-
-        with _resume_hint(args.out):
-            summary = train_run(
-                args.data_dir,
-                args.out,
-                config,
-                reporter=_TerminalReporter(),
-                on_progress=_preprocess_progress,
-            )
+    summary = _resume(args, overrides) if args.resume is not None else _new_run(args, overrides)
     for line in summary.lines():
         print(line)
     return 0
 
 
+def _resume(args: argparse.Namespace, overrides: Mapping[str, Any]) -> Any:
+    """``--resume RUN_DIR``: continue with the run's saved config, changing only safe options."""
+    flags = {key.dotted: key.flag for key in config_keys()}
+    named = (
+        ("DATA_DIR", args.data_dir),
+        ("--out", args.out),
+        ("--config", args.config),
+        ("--overwrite", args.overwrite or None),
+    )
+    given = [name for name, value in named if value is not None]
+    changeable = (*_RESUME_ANYTIME, *_RESUME_BEFORE_FIRST_EPOCH)
+    given += [flags[dotted] for dotted in overrides if dotted not in changeable]
+    if given:
+        allowed = ", ".join(flags[d] for d in changeable)
+        raise ConfigError(
+            f"--resume continues with the run's saved config and data; drop "
+            f"{', '.join(given)} (a resume may change only {allowed}), or start the run "
+            f"over: fieldscope train DATA_DIR --out {args.resume} --overwrite ..."
+        )
+    if overrides:
+        _change_resumed_config(args.resume, overrides, flags)
+    _require_training_stack()
+    from fieldscope.train.pipeline import resume_run
+
+    with _resume_hint(args.resume):
+        summary, worked = resume_run(
+            args.resume, reporter=_TerminalReporter(), on_progress=_preprocess_progress
+        )
+    if not worked:
+        print(f"{args.resume} is already complete; nothing to resume")
+    return summary
+
+
+def _new_run(args: argparse.Namespace, overrides: Mapping[str, Any]) -> Any:
+    """``DATA_DIR --out RUN_DIR``: a new run (``--overwrite`` replaces an earlier one)."""
+    if args.data_dir is None or args.out is None:
+        raise ConfigError("give DATA_DIR and --out RUN_DIR (or --resume RUN_DIR)")
+    config = resolve_config(args.config, overrides)
+    if args.overwrite:
+        _clear_run_dir(args.out, args.data_dir)
+    _require_training_stack()
+    from fieldscope.train.pipeline import train_run
+
+    with _resume_hint(args.out):
+        return train_run(
+            args.data_dir,
+            args.out,
+            config,
+            reporter=_TerminalReporter(),
+            on_progress=_preprocess_progress,
+        )
+
+
 def _run_config_path(run_dir: Path) -> Path:
     """RUN_DIR's config.json, or a one-line error when RUN_DIR is no training run."""
-    if not (run_dir / "run.json").is_file() or not (run_dir / "config.json").is_file():
+    run = RunDir(run_dir, ConfigError)
+    if not run.is_run() or not run.config_file.is_file():
         raise ConfigError(
-            f"{run_dir} is not a fieldscope training run (no run.json and config.json); "
-            "give the --out folder of an earlier fieldscope train"
+            f"{run_dir} is not a fieldscope training run (no {run.run_file.name} and "
+            f"{run.config_file.name}); give the --out folder of an earlier fieldscope train"
         )
-    return run_dir / "config.json"
+    return run.config_file
 
 
 def _has_trained(run_dir: Path) -> bool:
     """Whether the run finished an epoch (its checkpoint, not the backbone's starting
     weights, is then what it continues from)."""
-    import json
-
-    if (run_dir / "model.keras").exists():
+    run = RunDir(run_dir, ConfigError)
+    if run.model_file.exists():
         return True
-    path = run_dir / "state" / "progress.json"
     try:
-        progress = json.loads(path.read_text())
-    except FileNotFoundError:
+        progress = run.read_progress()
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}; start over with --overwrite") from exc
+    if progress is None:
         return False
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read {path} ({exc}); start over with --overwrite") from exc
     return bool(progress.get("stage", 1) > 1 or progress.get("epoch", 0) > 0)
 
 
 def _change_resumed_config(run_dir: Path, overrides: Mapping[str, Any], flags: Any) -> None:
     """Write the changed safe options into the run's saved config before it continues."""
-    import json
-
     from fieldscope.train.config import TrainConfig
 
     path = _run_config_path(run_dir)
+    run = RunDir(run_dir, ConfigError)
     try:
-        tree = json.loads(path.read_text())
-        status = json.loads((run_dir / "run.json").read_text()).get("status")
-    except (OSError, ValueError, AttributeError) as exc:
-        raise ConfigError(f"cannot read {path} ({exc}); start over with --overwrite") from exc
+        tree = run.read_config_tree()
+        status = run.read_record().status
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}; start over with --overwrite") from exc
     if status == "complete":
         # Its saved config must keep saying what the finished model was trained with.
         raise ConfigError(
@@ -210,9 +217,7 @@ def _change_resumed_config(run_dir: Path, overrides: Mapping[str, Any], flags: A
         )
     tree.update(overrides)
     config = TrainConfig.from_dict(tree, source=f"{path} with the given options")
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    tmp.replace(path)
+    write_json(path, config.to_dict())
     changed = ", ".join(f"{flags[d]} {v}" for d, v in overrides.items())
     print(f"resuming {run_dir} with {changed}", file=sys.stderr)
 
@@ -228,10 +233,10 @@ def _clear_run_dir(run_dir: Path, data_dir: Path | None) -> None:
         return
     if run_dir.is_dir() and not any(run_dir.iterdir()):
         return
-    if not run_dir.is_dir() or not (run_dir / "run.json").is_file():
+    if not run_dir.is_dir() or not RunDir(run_dir).is_run():
         raise ConfigError(
             f"--overwrite replaces only a fieldscope training run, and {run_dir} is not one "
-            "(no run.json); choose another --out, or remove it yourself if it is yours to lose"
+            f"(no {RUN_FILE}); choose another --out, or remove it yourself if it is yours to lose"
         )
     shutil.rmtree(run_dir)
     print(f"removed the earlier run in {run_dir} (--overwrite)", file=sys.stderr)
@@ -245,11 +250,11 @@ def _resume_hint(run_dir: Path) -> Iterator[None]:
     try:
         yield
     except KeyboardInterrupt:
-        if (run_dir / "run.json").exists():
+        if RunDir(run_dir).is_run():
             print(f"\ncontinue with: fieldscope train --resume {run_dir}", file=sys.stderr)
         raise
     except Exception:
-        if (run_dir / "run.json").exists():
+        if RunDir(run_dir).is_run():
             print(
                 f"\nthe run in {run_dir} did not finish. Once the cause is fixed: "
                 f"fieldscope train --resume {run_dir} (it may change --weights before the "

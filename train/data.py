@@ -16,33 +16,36 @@
   never re-run the filters. Unreadable files are skipped with a warning and counted.
 * **Batches.** ``tf.data`` from the in-memory arrays: shuffle, batch, augment (training
   only), prefetch.
+
+The sample types live in :mod:`fieldscope.train.samples`, the cache, loading and
+``tf.data`` in :mod:`fieldscope.train.images`; this module re-exports them.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.metadata
-import json
 import logging
 import math
 import os
-import uuid
 import zlib
-from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import msgspec
 import numpy as np
 
-from fieldscope.edge.errors import ImageDecodeError
-from fieldscope.edge.preprocess import PreprocessRecipe, load_and_preprocess
 from fieldscope.train.errors import TrainError
-
-if TYPE_CHECKING:
-    import tensorflow as tf
+from fieldscope.train.images import LoadedImages, PreprocessCache, load_images, make_dataset
+from fieldscope.train.rundir import SPLIT_FILE, RunDir, SplitRecord, write_json
+from fieldscope.train.samples import (
+    IMAGE_SUFFIXES,
+    SPLITS,
+    DatasetIndex,
+    Sample,
+    SkippedFile,
+    class_counts,
+)
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -64,60 +67,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# What ``fieldscope.edge.preprocess.decode_image`` reads (PNG, JPEG, TIFF, BMP).
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
-SPLITS: tuple[str, ...] = ("train", "val", "test")
-SPLIT_FILE = "split.json"
-# Bump when the cache layout or contents change, so old entries are never reused.
-_CACHE_FORMAT = 1
-
 ProgressCallback = Callable[[int, int], None]
-
-
-@dataclass(frozen=True, order=True)
-class Sample:
-    """One image file and its class index (into the dataset's ``labels``)."""
-
-    path: Path
-    label: int
-
-
-@dataclass(frozen=True)
-class SkippedFile:
-    """A file that looked like an image but could not be decoded; kept for the run summary."""
-
-    path: Path
-    reason: str
-
-
-@dataclass(frozen=True)
-class DatasetIndex:
-    """What ``discover`` found: the classes, and the samples of each given part.
-
-    ``parts`` is ``{"all": ...}`` for plain class folders, or any of ``train``/``val``/
-    ``test`` for a pre-split folder (``train`` always present).
-    """
-
-    root: Path
-    labels: tuple[str, ...]
-    parts: Mapping[str, tuple[Sample, ...]]
-
-    @property
-    def presplit(self) -> bool:
-        return "all" not in self.parts
-
-    def samples(self) -> tuple[Sample, ...]:
-        return tuple(s for part in self.parts.values() for s in part)
-
-    def without(self, paths: Iterable[Path]) -> DatasetIndex:
-        """The same index minus some files (those that could not be decoded)."""
-        drop = set(paths)
-        parts = {k: tuple(s for s in v if s.path not in drop) for k, v in self.parts.items()}
-        return DatasetIndex(self.root, self.labels, parts)
-
-    def counts(self) -> dict[str, dict[str, int]]:
-        """Images per class per part, every class listed (0 when absent)."""
-        return {name: _class_counts(part, self.labels) for name, part in self.parts.items()}
 
 
 @dataclass(frozen=True)
@@ -148,7 +98,7 @@ class DataSplit:
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Images per class per split, every class listed (for the distribution plot)."""
-        return {name: _class_counts(self.part(name), self.labels) for name in SPLITS}
+        return {name: class_counts(self.part(name), self.labels) for name in SPLITS}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form: paths relative to ``data_dir`` when inside it, labels by name."""
@@ -178,52 +128,50 @@ class DataSplit:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = SPLIT_FILE) -> DataSplit:
+        """The split from its JSON form; a damaged one is a ``TrainError`` naming ``source``."""
         try:
-            root = Path(data["data_dir"])
-            labels = tuple(str(x) for x in data["labels"])
-            index = {name: i for i, name in enumerate(labels)}
+            record = msgspec.convert(data, SplitRecord)
+        except msgspec.ValidationError as exc:
+            raise TrainError(f"{source} is damaged: missing or bad entry ({exc})") from None
+        return cls.from_record(record, source=source)
+
+    @classmethod
+    def from_record(cls, record: SplitRecord, *, source: str = SPLIT_FILE) -> DataSplit:
+        """The split as read from ``split.json``, paths made absolute, labels as indices."""
+        root = Path(record.data_dir)
+        labels = tuple(record.labels)
+        index = {name: i for i, name in enumerate(labels)}
+        try:
             parts = {
                 name: tuple(
-                    Sample(root / item["path"], index[item["label"]]) for item in data[name]
+                    Sample(root / item.path, index[item.label]) for item in getattr(record, name)
                 )
                 for name in SPLITS
             }
-            skipped = tuple(
-                SkippedFile(root / item["path"], str(item["reason"]))
-                for item in data.get("skipped", [])
-            )
-            return cls(
-                labels=labels,
-                root=root,
-                seed=int(data.get("seed", 0)),
-                ratios=tuple(float(r) for r in data.get("ratios", ())),
-                fold=data.get("fold"),
-                folds=data.get("folds"),
-                skipped=skipped,
-                test_source=str(data.get("test_source", "split")),
-                **parts,
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise TrainError(f"{source} is damaged: missing or bad entry {exc}") from exc
+        except KeyError as exc:
+            raise TrainError(f"{source} is damaged: label {exc} is not one of its labels") from None
+        return cls(
+            labels=labels,
+            root=root,
+            seed=record.seed,
+            ratios=tuple(record.ratios),
+            fold=record.fold,
+            folds=record.folds,
+            skipped=tuple(SkippedFile(root / s.path, s.reason) for s in record.skipped),
+            test_source=record.test_source,
+            **parts,
+        )
 
     def write(self, run_dir: Path) -> Path:
         path = run_dir / SPLIT_FILE
-        _write_json(path, self.to_dict())
+        write_json(path, self.to_dict())
         return path
 
 
 def read_split(run_dir: Path) -> DataSplit:
     """The data split a run trained on (``RUN_DIR/split.json``), with absolute paths."""
-    path = Path(run_dir) / SPLIT_FILE
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise TrainError(
-            f"{path} does not exist; is {run_dir} a fieldscope training run?"
-        ) from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise TrainError(f"cannot read {path}: {exc}") from exc
-    return DataSplit.from_dict(data, source=str(path))
+    run = RunDir(Path(run_dir), TrainError)
+    return DataSplit.from_record(run.read_split(), source=str(run.split_file))
 
 
 # --- discovery ----------------------------------------------------------------------
@@ -268,38 +216,46 @@ def discover(data_dir: Path, *, min_classes: int = 2) -> DatasetIndex:
     top = _class_folders(root)
     given = [name for name in SPLITS if name in top]
     if given:
-        others = sorted(set(top) - set(SPLITS))
-        if others:
-            raise TrainError(
-                f"{root} mixes split folders ({', '.join(given)}) with other folders "
-                f"({', '.join(others)}); use either train/val/test or class folders"
-            )
-        if "train" not in given:
-            raise TrainError(f"{root} has {', '.join(given)}/ but no train/ folder")
-        per_part = {name: _class_folders(root / name) for name in given}
-        labels = tuple(sorted(name for name, files in per_part["train"].items() if files))
-        for name in given[1:]:
-            extra = sorted(c for c, files in per_part[name].items() if files and c not in labels)
-            if extra:
-                raise TrainError(
-                    f"{root / name} has classes with no training images in {root / 'train'}: "
-                    f"{', '.join(extra)}"
-                )
-        _check_classes(labels, root / "train", per_part["train"], min_classes)
-        index = {c: i for i, c in enumerate(labels)}
-        parts = {
-            name: tuple(
-                Sample(p, index[c])
-                for c, files in per_part[name].items()
-                if c in index
-                for p in files
-            )
-            for name in given
-        }
-        # An empty val/ or test/ folder counts as absent: that part is carved from train.
-        parts = {name: part for name, part in parts.items() if part or name == "train"}
-        return DatasetIndex(root, labels, parts)
+        return _discover_presplit(root, top, given, min_classes)
+    return _discover_flat(root, top, min_classes)
 
+
+def _discover_presplit(
+    root: Path, top: Mapping[str, list[Path]], given: list[str], min_classes: int
+) -> DatasetIndex:
+    """DATA_DIR holds train/ (and maybe val/, test/), each with class folders."""
+    others = sorted(set(top) - set(SPLITS))
+    if others:
+        raise TrainError(
+            f"{root} mixes split folders ({', '.join(given)}) with other folders "
+            f"({', '.join(others)}); use either train/val/test or class folders"
+        )
+    if "train" not in given:
+        raise TrainError(f"{root} has {', '.join(given)}/ but no train/ folder")
+    per_part = {name: _class_folders(root / name) for name in given}
+    labels = tuple(sorted(name for name, files in per_part["train"].items() if files))
+    for name in given[1:]:
+        extra = sorted(c for c, files in per_part[name].items() if files and c not in labels)
+        if extra:
+            raise TrainError(
+                f"{root / name} has classes with no training images in {root / 'train'}: "
+                f"{', '.join(extra)}"
+            )
+    _check_classes(labels, root / "train", per_part["train"], min_classes)
+    index = {c: i for i, c in enumerate(labels)}
+    parts = {
+        name: tuple(
+            Sample(p, index[c]) for c, files in per_part[name].items() if c in index for p in files
+        )
+        for name in given
+    }
+    # An empty val/ or test/ folder counts as absent: that part is carved from train.
+    parts = {name: part for name, part in parts.items() if part or name == "train"}
+    return DatasetIndex(root, labels, parts)
+
+
+def _discover_flat(root: Path, top: Mapping[str, list[Path]], min_classes: int) -> DatasetIndex:
+    """DATA_DIR holds one folder per class."""
     loose = [p for p in root.iterdir() if p.is_file() and _visible(p)]
     loose_images = [p for p in loose if p.suffix.lower() in IMAGE_SUFFIXES]
     labels = tuple(sorted(name for name, files in top.items() if files))
@@ -336,11 +292,6 @@ def _check_classes(
         )
     for name in empty:
         log.warning("ignoring class folder %s: it holds no images", where / name)
-
-
-def _class_counts(samples: Iterable[Sample], labels: Sequence[str]) -> dict[str, int]:
-    counts = Counter(s.label for s in samples)
-    return {name: counts.get(i, 0) for i, name in enumerate(labels)}
 
 
 # --- splitting ----------------------------------------------------------------------
@@ -543,190 +494,3 @@ def kfold_splits(
             )
         )
     return splits
-
-
-# --- preprocessing cache ------------------------------------------------------------
-
-
-def _recipe_key(recipe: PreprocessRecipe) -> str:
-    try:
-        version = importlib.metadata.version("fieldscope")
-    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - source checkout
-        version = "unknown"
-    text = json.dumps(
-        {"recipe": recipe.to_dict(), "format": _CACHE_FORMAT, "fieldscope": version},
-        sort_keys=True,
-    )
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-class PreprocessCache:
-    """Preprocessed uint8 arrays on disk, one ``.npy`` per (file, recipe).
-
-    The key is the file's resolved path, size and modification time plus the recipe and
-    the fieldscope version, so an edited image, a changed recipe or an upgraded
-    preprocessing function is recomputed, never served stale. Entries are written
-    atomically, so an interrupted run leaves no half-written array behind.
-    """
-
-    def __init__(self, cache_dir: Path, recipe: PreprocessRecipe) -> None:
-        self.recipe = recipe
-        self.directory = Path(cache_dir) / _recipe_key(recipe)
-
-    def path_for(self, image: Path) -> Path:
-        """Where the preprocessed array of ``image`` is (or will be) stored."""
-        resolved = Path(image).resolve()
-        st = resolved.stat()
-        key = f"{resolved}\0{st.st_size}\0{st.st_mtime_ns}"
-        digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:32]
-        return self.directory / digest[:2] / f"{digest}.npy"
-
-    def load(self, image: Path) -> np.ndarray:
-        """The preprocessed pixels of ``image``, computed once and then read from disk.
-
-        Raises:
-            ImageDecodeError: the file cannot be read or decoded.
-        """
-        try:
-            target = self.path_for(image)
-        except OSError as exc:
-            raise ImageDecodeError(f"{image}: cannot read the file ({exc.strerror})") from exc
-        if target.exists():
-            try:
-                cached = np.load(target, allow_pickle=False)
-                if cached.dtype == np.uint8 and cached.shape == (*self.recipe.size, 3):
-                    return cached
-            except (OSError, ValueError):
-                pass
-            log.warning("recomputing damaged cache entry %s", target)
-        pixels = load_and_preprocess(image, self.recipe)
-        self._store(target, pixels)
-        return pixels
-
-    def _store(self, target: Path, pixels: np.ndarray) -> None:
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if not (self.directory / "recipe.json").exists():
-                _write_json(self.directory / "recipe.json", self.recipe.to_dict())
-            temporary = target.with_name(f".{target.stem}.{uuid.uuid4().hex}.npy")
-            np.save(temporary, pixels, allow_pickle=False)
-            temporary.replace(target)
-        except OSError as exc:
-            raise TrainError(
-                f"cannot write the preprocessing cache {target}: {exc.strerror}"
-            ) from exc
-
-
-@dataclass(frozen=True)
-class LoadedImages:
-    """Preprocessed pixels of the readable files, in input order, and what was skipped."""
-
-    images: np.ndarray  # (N, H, W, 3) uint8
-    samples: tuple[Sample, ...]
-    skipped: tuple[SkippedFile, ...]
-
-    @property
-    def labels(self) -> np.ndarray:
-        return np.asarray([s.label for s in self.samples], dtype="int32")
-
-
-def load_images(
-    samples: Sequence[Sample],
-    cache: PreprocessCache,
-    *,
-    on_progress: ProgressCallback | None = None,
-    workers: int | None = None,
-) -> LoadedImages:
-    """Preprocess (or read from the cache) every sample; unreadable files are skipped.
-
-    Decoding and OpenCV filters release the GIL, so a thread per core keeps them busy.
-    """
-    workers = workers or min(8, os.cpu_count() or 1)
-    h, w = cache.recipe.size
-    arrays: list[np.ndarray] = []
-    kept: list[Sample] = []
-    skipped: list[SkippedFile] = []
-
-    def work(sample: Sample) -> np.ndarray | SkippedFile:
-        try:
-            return cache.load(sample.path)
-        except ImageDecodeError as exc:
-            return SkippedFile(sample.path, str(exc))
-
-    total = len(samples)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for done, (sample, result) in enumerate(
-            zip(samples, pool.map(work, samples), strict=True), 1
-        ):
-            if isinstance(result, SkippedFile):
-                log.warning("skipping unreadable image: %s", result.reason)
-                skipped.append(result)
-            else:
-                arrays.append(result)
-                kept.append(sample)
-            if on_progress is not None:
-                on_progress(done, total)
-    images = np.stack(arrays) if arrays else np.zeros((0, h, w, 3), dtype=np.uint8)
-    return LoadedImages(images, tuple(kept), tuple(skipped))
-
-
-# --- tf.data ------------------------------------------------------------------------
-
-
-def make_dataset(
-    images: np.ndarray,
-    labels: np.ndarray | None = None,
-    *,
-    batch_size: int,
-    shuffle_seed: int | None = None,
-    augmenter: Callable[..., Any] | None = None,
-) -> tf.data.Dataset:
-    """Batches of float32 RGB 0-255 (and int labels) from in-memory uint8 arrays.
-
-    ``shuffle_seed`` turns on a full reshuffle every epoch (training); ``augmenter`` is
-    applied per batch, only when given (training). The augmentation map is sequential on
-    purpose: parallel calls would consume the layers' random streams in a varying order
-    and make a seeded run irreproducible, while each batch op already uses every core and
-    ``prefetch`` overlaps it with the model (measured: no slower per epoch).
-    """
-    import tensorflow as tf
-
-    elements: Any = images if labels is None else (images, labels)
-    ds = tf.data.Dataset.from_tensor_slices(elements)
-    if shuffle_seed is not None:
-        ds = ds.shuffle(len(images), seed=shuffle_seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size)
-    if labels is None:
-        ds = ds.map(_to_float, num_parallel_calls=tf.data.AUTOTUNE)
-    else:
-        ds = ds.map(_to_float_labelled, num_parallel_calls=tf.data.AUTOTUNE)
-    if augmenter is not None:
-        augment = _augment_with(augmenter)
-        ds = ds.map(augment)
-    return ds.prefetch(tf.data.AUTOTUNE)
-
-
-def _to_float(x: Any) -> Any:
-    import tensorflow as tf
-
-    return tf.cast(x, tf.float32)
-
-
-def _to_float_labelled(x: Any, y: Any) -> Any:
-    import tensorflow as tf
-
-    return tf.cast(x, tf.float32), y
-
-
-def _augment_with(augmenter: Callable[..., Any]) -> Callable[..., Any]:
-    def augment(x: Any, y: Any) -> Any:
-        return augmenter(x, training=True), y
-
-    return augment
-
-
-def _write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temporary file + rename): a killed run never leaves half a file."""
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    temporary.write_text(json.dumps(data, indent=2) + "\n")
-    temporary.replace(path)

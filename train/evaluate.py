@@ -7,7 +7,6 @@ edge would see it. The report files are rewritten through ``fieldscope.train.rep
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from fieldscope.train.data import (
     read_split,
 )
 from fieldscope.train.errors import EvaluationError, TrainError
+from fieldscope.train.rundir import RunDir
 
 __all__ = ["EvaluationResult", "evaluate_run", "load_run_model", "predict"]
 
@@ -76,38 +76,41 @@ class EvaluationResult:
 
 def load_run_model(run_dir: Path) -> tuple[keras.Model, list[str], TrainConfig]:
     """The run's model, labels and resolved config; errors name the missing file."""
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise TrainError(f"run folder {run} does not exist")
-    record = run / "run.json"
-    if record.exists() and not (run / "model.keras").exists():
-        folds = sorted(p.name for p in run.glob("fold-*") if (p / "model.keras").exists())
-        if folds:
-            raise TrainError(
-                f"{run} is a cross-validation run; evaluate one of its folds, e.g. {run / folds[0]}"
-            )
-    for name in ("model.keras", "labels.json", "config.json"):
-        if not (run / name).exists():
-            raise TrainError(
-                f"{run / name} is missing; is {run} a finished fieldscope training run?"
-            )
+    run = RunDir(Path(run_dir), TrainError)
+    _check_single_run(run)
     try:
-        labels = json.loads((run / "labels.json").read_text())
-        config = TrainConfig.from_dict(
-            json.loads((run / "config.json").read_text()), source=str(run / "config.json")
-        )
-    except (OSError, json.JSONDecodeError) as exc:
-        raise TrainError(f"cannot read the run's labels/config in {run}: {exc}") from exc
+        labels = run.read_labels()
+        config = TrainConfig.from_dict(run.read_config_tree(), source=str(run.config_file))
+    except TrainError as exc:
+        raise TrainError(f"cannot read the run's labels/config in {run.path}: {exc}") from exc
     try:
-        model = keras.models.load_model(run / "model.keras")
+        model = keras.models.load_model(run.model_file)
     except Exception as exc:  # keras raises many types for a damaged file
-        raise TrainError(f"cannot load {run / 'model.keras'}: {exc}") from exc
+        raise TrainError(f"cannot load {run.model_file}: {exc}") from exc
     if int(model.output_shape[-1]) != len(labels):
         raise TrainError(
-            f"{run}: the model has {model.output_shape[-1]} outputs but labels.json "
-            f"lists {len(labels)} classes"
+            f"{run.path}: the model has {model.output_shape[-1]} outputs but "
+            f"{run.labels_file.name} lists {len(labels)} classes"
         )
     return model, [str(x) for x in labels], config
+
+
+def _check_single_run(run: RunDir) -> None:
+    """A finished single run: its model, labels and config are there (errors name them)."""
+    if not run.path.is_dir():
+        raise TrainError(f"run folder {run.path} does not exist")
+    if run.is_run() and not run.model_file.exists():
+        folds = run.trained_folds()
+        if folds:
+            raise TrainError(
+                f"{run.path} is a cross-validation run; evaluate one of its folds, "
+                f"e.g. {folds[0].path}"
+            )
+    for path in (run.model_file, run.labels_file, run.config_file):
+        if not path.exists():
+            raise TrainError(
+                f"{path} is missing; is {run.path} a finished fieldscope training run?"
+            )
 
 
 def evaluate_run(
@@ -127,43 +130,27 @@ def evaluate_run(
     Raises:
         TrainError: the run is incomplete, or DATA_DIR has classes the model lacks.
     """
-    run = Path(run_dir)
-    model, labels, config = load_run_model(run)
-    cache_dir = Path(config.cache_dir) if config.cache_dir else run / "cache"
+    run = RunDir(Path(run_dir), TrainError)
+    model, labels, config = load_run_model(run.path)
+    cache_dir = Path(config.cache_dir) if config.cache_dir else run.cache_dir
     cache = PreprocessCache(cache_dir, config.recipe())
     if data_dir is None:
-        data_split = read_split(run)
-        if list(data_split.labels) != labels:
-            raise TrainError(f"{run}: split.json and labels.json disagree on the classes")
-        samples = list(data_split.test)
-        root = data_split.root
+        samples, root = _own_test_split(run, labels)
         name = split or "test"
     else:
-        index = discover(Path(data_dir), min_classes=1)
-        part = "all" if not index.presplit else "test"
-        if part not in index.parts:
-            raise TrainError(f"{index.root} is split into folders but has no test/ to evaluate")
-        unknown = [c for c in index.labels if c not in labels]
-        if unknown:
-            raise TrainError(
-                f"{index.root} has classes the model was not trained on: {', '.join(unknown)} "
-                f"(the model knows: {', '.join(labels)})"
-            )
-        to_run = {i: labels.index(c) for i, c in enumerate(index.labels)}
-        samples = [Sample(s.path, to_run[s.label]) for s in index.parts[part]]
-        root = index.root
+        samples, root = _folder_samples(Path(data_dir), labels)
         name = split or "eval"
     loaded = load_images(samples, cache, on_progress=on_progress)
     if not loaded.samples:
         raise TrainError(f"no readable images to evaluate in {root}")
     probs = predict(model, loaded.images, batch_size=config.batch_size)
     try:
-        threshold = report.load_threshold(run)
+        threshold = report.load_threshold(run.path)
     except EvaluationError:
-        log.warning("no decision threshold recorded in %s; evaluating without one", run)
+        log.warning("no decision threshold recorded in %s; evaluating without one", run.path)
         threshold = None
     metrics = report.write_evaluation(
-        run,
+        run.path,
         loaded.labels,
         probs,
         labels,
@@ -171,7 +158,33 @@ def evaluate_run(
         threshold=threshold,
         file_paths=[_rel(s.path, root) for s in loaded.samples],
     )
-    return EvaluationResult(run, name, root, len(loaded.samples), loaded.skipped, metrics)
+    return EvaluationResult(run.path, name, root, len(loaded.samples), loaded.skipped, metrics)
+
+
+def _own_test_split(run: RunDir, labels: list[str]) -> tuple[list[Sample], Path]:
+    """The test images the run set aside, and the data folder they are in."""
+    data_split = read_split(run.path)
+    if list(data_split.labels) != labels:
+        raise TrainError(
+            f"{run.path}: {run.split_file.name} and {run.labels_file.name} disagree on the classes"
+        )
+    return list(data_split.test), data_split.root
+
+
+def _folder_samples(data_dir: Path, labels: list[str]) -> tuple[list[Sample], Path]:
+    """A folder of class folders (or its test/), labelled in the run's class order."""
+    index = discover(data_dir, min_classes=1)
+    part = "all" if not index.presplit else "test"
+    if part not in index.parts:
+        raise TrainError(f"{index.root} is split into folders but has no test/ to evaluate")
+    unknown = [c for c in index.labels if c not in labels]
+    if unknown:
+        raise TrainError(
+            f"{index.root} has classes the model was not trained on: {', '.join(unknown)} "
+            f"(the model knows: {', '.join(labels)})"
+        )
+    to_run = {i: labels.index(c) for i, c in enumerate(index.labels)}
+    return [Sample(s.path, to_run[s.label]) for s in index.parts[part]], index.root
 
 
 def _rel(path: Path, root: Path) -> str:

@@ -32,6 +32,7 @@ import keras
 from fieldscope.train.backbones import backbone_of, set_fine_tune_layers
 from fieldscope.train.config import TrainConfig
 from fieldscope.train.errors import TrainError
+from fieldscope.train.rundir import BEST_WEIGHTS, LAST_MODEL, PROGRESS_FILE
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -48,9 +49,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 STAGE_NAMES: tuple[str, str] = ("head", "fine-tune")
-PROGRESS_FILE = "progress.json"
-LAST_MODEL = "last.keras"
-BEST_WEIGHTS = "best.weights.h5"
 # Smallest drop in validation loss that counts as an improvement.
 MIN_DELTA = 1e-4
 
@@ -189,36 +187,28 @@ def fit_two_stage(
             _finish_stage(progress, state_dir, reporter, stage, skipped=True)
             continue
         if progress.epoch < epochs and not progress.stopped:
-            model = _stage_model(
+            _run_stage(
                 build_model,
                 stage,
-                progress=progress,
+                epochs,
+                train_ds=train_ds,
+                val_ds=val_ds,
                 config=config,
                 steps=steps_per_epoch,
-                state_dir=state_dir,
-            )
-            reporter.stage_begin(stage, STAGE_NAMES[stage - 1], epochs, progress.epoch)
-            callback = _StageCallback(
-                stage=stage,
-                epochs=epochs,
-                steps=steps_per_epoch,
                 progress=progress,
                 state_dir=state_dir,
-                patience=config.patience,
+                class_weight=class_weight,
                 reporter=reporter,
-            )
-            model.fit(
-                train_ds,
-                validation_data=val_ds,
-                epochs=epochs,
-                initial_epoch=progress.epoch,
-                class_weight=dict(class_weight) if class_weight else None,
-                callbacks=[callback],
-                shuffle=False,  # the tf.data pipeline shuffles
-                verbose=0,
             )
         _finish_stage(progress, state_dir, reporter, stage, skipped=False)
 
+    return _best_model(build_model, progress, state_dir), progress
+
+
+def _best_model(
+    build_model: Callable[[], keras.Model], progress: FitProgress, state_dir: Path
+) -> keras.Model:
+    """The best-on-validation checkpoint in a fresh model; the fit is then finished."""
     model = build_model()
     best = state_dir / BEST_WEIGHTS
     if not best.exists():
@@ -226,7 +216,52 @@ def fit_two_stage(
     model.load_weights(best)
     progress.finished = True
     progress.save(state_dir)
-    return model, progress
+    return model
+
+
+def _run_stage(
+    build_model: Callable[[], keras.Model],
+    stage: int,
+    epochs: int,
+    *,
+    train_ds: tf.data.Dataset,
+    val_ds: tf.data.Dataset,
+    config: TrainConfig,
+    steps: int,
+    progress: FitProgress,
+    state_dir: Path,
+    class_weight: Mapping[int, float] | None,
+    reporter: FitReporter,
+) -> None:
+    """Train ``stage`` from the epoch ``progress`` records up to ``epochs`` (or early stop)."""
+    model = _stage_model(
+        build_model,
+        stage,
+        progress=progress,
+        config=config,
+        steps=steps,
+        state_dir=state_dir,
+    )
+    reporter.stage_begin(stage, STAGE_NAMES[stage - 1], epochs, progress.epoch)
+    callback = _StageCallback(
+        stage=stage,
+        epochs=epochs,
+        steps=steps,
+        progress=progress,
+        state_dir=state_dir,
+        patience=config.patience,
+        reporter=reporter,
+    )
+    model.fit(
+        train_ds,
+        validation_data=val_ds,
+        epochs=epochs,
+        initial_epoch=progress.epoch,
+        class_weight=dict(class_weight) if class_weight else None,
+        callbacks=[callback],
+        shuffle=False,  # the tf.data pipeline shuffles
+        verbose=0,
+    )
 
 
 def _fine_tune_epochs(config: TrainConfig) -> int:

@@ -36,6 +36,7 @@ from sklearn.metrics import classification_report, confusion_matrix
 from sklearn.metrics import precision_recall_fscore_support as _prfs
 
 from fieldscope.train.errors import EvaluationError
+from fieldscope.train.folds import FOLD_METRICS, format_fold_summary, summarize_folds
 
 __all__ = [
     "ECE_BINS",
@@ -61,16 +62,6 @@ TOP_K = 3
 # Rows of ``probs`` must sum to 1 within this: loose enough for a dequantised int8 softmax,
 # tight enough to catch logits or unnormalised scores passed by mistake.
 PROB_SUM_TOLERANCE = 0.05
-# Scalar metrics of ``compute_metrics`` that a k-fold summary reports as mean ± sd.
-FOLD_METRICS: tuple[str, ...] = (
-    "accuracy",
-    "macro_f1",
-    "weighted_f1",
-    "macro_precision",
-    "macro_recall",
-    "top_k_accuracy",
-    "ece",
-)
 # Floating-point slack when comparing a precision or coverage with its target, so that
 # 4/5 meets a target of 0.8 whatever the rounding.
 _EPS = 1e-9
@@ -480,105 +471,80 @@ def choose_threshold(
         if confidence >= 1.0:
             raise EvaluationError(f"confidence must be in (0, 1), got {confidence!r}")
     y, p, _ = validate_predictions(y_true, probs)
-    n = y.size
-    top = p.max(axis=1)
-    correct = p.argmax(axis=1) == y
-    order = np.argsort(-top, kind="stable")
-    conf_sorted = top[order]
-    cum_correct = np.cumsum(correct[order])
-    # The accepted set for t = a confidence value ends at the last sample with that value.
-    ends = np.flatnonzero(np.r_[conf_sorted[1:] != conf_sorted[:-1], True])
-    thresholds = conf_sorted[ends]
-    accepted = ends + 1
-    precision = cum_correct[ends] / accepted
-    coverage = accepted / n
-    bound = (
-        precision
-        if confidence is None
-        else precision_lower_bound(cum_correct[ends], accepted, confidence)
-    )
+    curve = _Curve.of(y, p, confidence)
+    return curve.choose(target, floor)
 
-    feasible = coverage >= floor - _EPS
-    meets = feasible & (bound >= target - _EPS)
-    reached = bool(meets.any())
-    if reached:
-        i = int(np.flatnonzero(meets)[-1])
-    else:
-        candidates = np.flatnonzero(feasible)  # never empty: the last point covers everything
-        best = bound[candidates].max()
-        i = int(candidates[bound[candidates] >= best - _EPS][-1])
+
+@dataclass(frozen=True)
+class _Curve:
+    """Precision and coverage of the accepted predictions at each observed confidence."""
+
+    thresholds: np.ndarray
+    accepted: np.ndarray
+    precision: np.ndarray
+    coverage: np.ndarray
+    bound: np.ndarray  # what must meet the target: the precision, or its lower bound
+    n: int
+    confidence: float | None
+
+    @classmethod
+    def of(cls, y: np.ndarray, p: np.ndarray, confidence: float | None) -> _Curve:
+        n = y.size
+        top = p.max(axis=1)
+        correct = p.argmax(axis=1) == y
+        order = np.argsort(-top, kind="stable")
+        conf_sorted = top[order]
+        cum_correct = np.cumsum(correct[order])
+        # The accepted set for t = a confidence value ends at the last sample with that value.
+        ends = np.flatnonzero(np.r_[conf_sorted[1:] != conf_sorted[:-1], True])
+        accepted = ends + 1
+        precision = cum_correct[ends] / accepted
+        bound = (
+            precision
+            if confidence is None
+            else precision_lower_bound(cum_correct[ends], accepted, confidence)
+        )
+        return cls(conf_sorted[ends], accepted, precision, accepted / n, bound, n, confidence)
+
+    def choose(self, target: float, floor: float) -> ThresholdChoice:
+        """The lowest threshold meeting the target, else the best one (see choose_threshold)."""
+        feasible = self.coverage >= floor - _EPS
+        meets = feasible & (self.bound >= target - _EPS)
+        reached = bool(meets.any())
+        if reached:
+            i = int(np.flatnonzero(meets)[-1])
+        else:
+            candidates = np.flatnonzero(feasible)  # never empty: the last point covers all
+            best = self.bound[candidates].max()
+            i = int(candidates[self.bound[candidates] >= best - _EPS][-1])
+            self._warn_not_reached(i, target, floor)
+        return ThresholdChoice(
+            threshold=float(self.thresholds[i]),
+            precision=float(self.precision[i]),
+            coverage=float(self.coverage[i]),
+            n_accepted=int(self.accepted[i]),
+            n_samples=int(self.n),
+            reached=reached,
+            target_precision=target,
+            min_coverage=floor,
+            curve_threshold=tuple(float(v) for v in self.thresholds),
+            curve_precision=tuple(float(v) for v in self.precision),
+            curve_coverage=tuple(float(v) for v in self.coverage),
+            confidence=self.confidence,
+            precision_bound=None if self.confidence is None else float(self.bound[i]),
+        )
+
+    def _warn_not_reached(self, i: int, target: float, floor: float) -> None:
+        confidence = self.confidence
         what = "precision" if confidence is None else f"{confidence:.0%} lower bound of precision"
         _log.warning(
             "target precision %.3f not reached on %d validation samples (coverage >= %.3f); "
             "using threshold %.4f with the best %s %.3f at coverage %.3f",
             target,
-            n,
+            self.n,
             floor,
-            thresholds[i],
+            self.thresholds[i],
             what,
-            bound[i],
-            coverage[i],
+            self.bound[i],
+            self.coverage[i],
         )
-    return ThresholdChoice(
-        threshold=float(thresholds[i]),
-        precision=float(precision[i]),
-        coverage=float(coverage[i]),
-        n_accepted=int(accepted[i]),
-        n_samples=int(n),
-        reached=reached,
-        target_precision=target,
-        min_coverage=floor,
-        curve_threshold=tuple(float(v) for v in thresholds),
-        curve_precision=tuple(float(v) for v in precision),
-        curve_coverage=tuple(float(v) for v in coverage),
-        confidence=confidence,
-        precision_bound=None if confidence is None else float(bound[i]),
-    )
-
-
-def summarize_folds(fold_metrics: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Mean ± sample standard deviation (ddof=1) of the scalar metrics over k folds.
-
-    The sample sd is the customary spread for k-fold results; it needs at least two folds,
-    and the folds must share their labels, or the numbers would not be comparable.
-    """
-    folds = list(fold_metrics)
-    if len(folds) < 2:
-        raise EvaluationError(
-            f"a fold summary needs at least 2 folds' metrics, got {len(folds)}; use --folds >= 2"
-        )
-    label_sets = {tuple(f.get("labels", ())) for f in folds}
-    if len(label_sets) > 1:
-        raise EvaluationError("folds were evaluated with different labels; cannot summarise")
-    summary: dict[str, Any] = {}
-    for name in FOLD_METRICS:
-        values = []
-        for i, fold in enumerate(folds):
-            value = fold.get(name)
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise EvaluationError(
-                    f"fold {i} has no numeric {name!r}; pass compute_metrics output"
-                )
-            values.append(float(value))
-        arr = np.asarray(values)
-        summary[name] = {
-            "mean": float(arr.mean()),
-            "sd": float(arr.std(ddof=1)),
-            "min": float(arr.min()),
-            "max": float(arr.max()),
-            "values": values,
-        }
-    return {
-        "n_folds": len(folds),
-        "labels": list(next(iter(label_sets))),
-        "n_samples": [int(f.get("n_samples", 0)) for f in folds],
-        "metrics": summary,
-    }
-
-
-def format_fold_summary(summary: Mapping[str, Any], *, digits: int = 3) -> str:
-    """One line per metric, ``accuracy: 0.912 ± 0.021``, for the CLI and the text report."""
-    lines = [f"{summary['n_folds']}-fold cross-validation (mean ± sd):"]
-    for name, stats in summary["metrics"].items():
-        lines.append(f"  {name}: {stats['mean']:.{digits}f} ± {stats['sd']:.{digits}f}")
-    return "\n".join(lines) + "\n"

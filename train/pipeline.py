@@ -1,36 +1,18 @@
 """A whole training run, from DATA_DIR to a complete RUN_DIR, and its resumption.
 
-RUN_DIR after ``fieldscope train``::
-
-    run.json            data folder, versions, status (training/complete), folds
-    config.json         the resolved TrainConfig; "preprocess" is the edge recipe
-    labels.json         class names in model-output order
-    split.json          which file went to train/val/test (convert/ calibrates on
-                        train and checks fidelity on test), skipped files and why
-    model.keras         the best-on-validation model (takes raw RGB 0-255)
-    history.json        per-stage Keras history, per-step learning rate, stage results
-    metrics.json, classification_report.txt, predictions_{val,test}.csv, plots/
-                        from fieldscope.train.report (the decision threshold chosen
-                        on validation is metrics.json["threshold"])
-    summary.json        test accuracy, macro-F1, threshold, counts
-    cache/              preprocessed images (unless cache_dir is set)
-    state/              resumable fitting state; removed when the run completes
-
-With ``folds = K`` each fold is a complete run in ``RUN_DIR/fold-<k>`` and the top level
-holds the cross-validation summary (mean ± sd) in metrics.json.
+The run folder's layout, file names and readers live in :mod:`fieldscope.train.rundir`;
+this module writes a run through it.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import logging
 import math
-import os
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -59,72 +41,31 @@ from fieldscope.train.data import (
 from fieldscope.train.errors import TrainError
 from fieldscope.train.evaluate import predict
 from fieldscope.train.fit import FitReporter, fit_two_stage
-from fieldscope.train.metrics import choose_threshold
+from fieldscope.train.metrics import ThresholdChoice, choose_threshold
+
+# The run folder's names lived here before train/rundir.py; re-exported for old imports.
+from fieldscope.train.rundir import (  # noqa: F401
+    CONFIG_FILE,
+    HISTORY_FILE,
+    LABELS_FILE,
+    MODEL_FILE,
+    RUN_FILE,
+    RUN_FORMAT_VERSION,
+    STATE_DIR,
+    SUMMARY_FILE,
+    RunDir,
+    RunRecord,
+    RunSummary,
+    write_json,
+)
 
 __all__ = ["RunSummary", "check_weights_available", "resume_run", "train_run"]
 
 log = logging.getLogger(__name__)
 
-RUN_FILE = "run.json"
-CONFIG_FILE = "config.json"
-LABELS_FILE = "labels.json"
-HISTORY_FILE = "history.json"
-SUMMARY_FILE = "summary.json"
-MODEL_FILE = "model.keras"
-STATE_DIR = "state"
 AUGMENTED_SAMPLES = 16
 
 ProgressCallback = Callable[[int, int], None]
-
-
-@dataclass(frozen=True)
-class RunSummary:
-    """The numbers a user wants at the end of ``fieldscope train``."""
-
-    run_dir: str
-    labels: list[str]
-    accuracy: float
-    macro_f1: float
-    threshold: float | None
-    threshold_reached: bool | None
-    counts: dict[str, int]
-    skipped: int
-    seconds: float
-    folds: int = 0
-    accuracy_sd: float | None = None
-    macro_f1_sd: float | None = None
-    test_coverage: float | None = None
-    test_precision_at_threshold: float | None = None
-
-    def lines(self) -> list[str]:
-        """The closing summary, one fact per line."""
-        if self.folds:
-            out = [
-                f"{self.folds}-fold cross-validation: test accuracy {self.accuracy:.3f} ± "
-                f"{self.accuracy_sd:.3f}, macro-F1 {self.macro_f1:.3f} ± {self.macro_f1_sd:.3f}"
-            ]
-        else:
-            chosen = "chosen on validation"
-            if self.threshold_reached not in (None, True):
-                chosen += "; its target precision was not reached"
-            threshold = "none" if self.threshold is None else f"{self.threshold:.4f}"
-            out = [
-                f"test accuracy {self.accuracy:.3f}, macro-F1 {self.macro_f1:.3f}",
-                f"decision threshold {threshold} ({chosen})",
-            ]
-            if self.test_coverage is not None:
-                precision = self.test_precision_at_threshold
-                shown = "n/a" if precision is None else f"{precision:.3f}"
-                out[-1] += (
-                    f"; on test it accepts {self.test_coverage:.0%} of images "
-                    f"with precision {shown}"
-                )
-        counts = ", ".join(f"{k} {v}" for k, v in self.counts.items())
-        out.append(
-            f"{len(self.labels)} classes; images: {counts}; skipped unreadable: {self.skipped}"
-        )
-        out.append(f"run dir: {self.run_dir} ({self.seconds:.0f} s)")
-        return out
 
 
 def train_run(
@@ -135,14 +76,14 @@ def train_run(
     reporter: FitReporter | None = None,
     on_progress: ProgressCallback | None = None,
 ) -> RunSummary:
-    """Train from image folders into a new RUN_DIR; see the module docstring for its contents.
+    """Train from image folders into a new RUN_DIR (its layout: :mod:`fieldscope.train.rundir`).
 
     Raises:
         TrainError: bad data (empty, one class, too few images), RUN_DIR already a run.
         ConfigError: an invalid configuration value.
     """
     started = time.monotonic()
-    run = Path(run_dir)
+    run = RunDir(Path(run_dir), TrainError)
     _check_new_run_dir(run)
     index = discover(Path(data_dir))
     check_split_feasible(index, config.split, folds=config.folds)
@@ -150,9 +91,9 @@ def train_run(
     if config.cache_dir:
         # Saved absolute, so a resume from another working directory finds the cache.
         config = msgspec.structs.replace(config, cache_dir=str(Path(config.cache_dir).resolve()))
-    run.mkdir(parents=True, exist_ok=True)
-    _write_json(run / CONFIG_FILE, config.to_dict())
-    _write_json(run / LABELS_FILE, list(index.labels))
+    run.path.mkdir(parents=True, exist_ok=True)
+    write_json(run.config_file, config.to_dict())
+    write_json(run.labels_file, list(index.labels))
     _write_run_record(run, index.root, config, status="training")
     return _continue(
         run, config, index.root, started=started, reporter=reporter, on_progress=on_progress
@@ -171,18 +112,23 @@ def resume_run(
         TrainError: RUN_DIR is not a fieldscope run, or its data folder is gone.
     """
     started = time.monotonic()
-    run = Path(run_dir)
-    record = _read_json(run / RUN_FILE, what=f"{run} is not a fieldscope training run")
-    if record.get("status") == "complete" and (run / SUMMARY_FILE).exists():
-        summary = RunSummary(**_read_json(run / SUMMARY_FILE, what="run summary"))
-        return summary, False
-    config = TrainConfig.from_dict(
-        _read_json(run / CONFIG_FILE, what="run config"), source=str(run / CONFIG_FILE)
-    )
-    data_dir = Path(record["data_dir"])
+    run = RunDir(Path(run_dir), TrainError)
+    if not run.run_file.exists():
+        raise TrainError(
+            f"{run.path} is not a fieldscope training run: {run.run_file} does not exist"
+        )
+    record = run.read_record()
+    if record.status == "complete" and run.summary_file.exists():
+        return run.read_summary(), False
+    config = TrainConfig.from_dict(run.read_config_tree(), source=str(run.config_file))
     check_weights_available(config)
     summary = _continue(
-        run, config, data_dir, started=started, reporter=reporter, on_progress=on_progress
+        run,
+        config,
+        Path(record.data_dir),
+        started=started,
+        reporter=reporter,
+        on_progress=on_progress,
     )
     return summary, True
 
@@ -216,7 +162,7 @@ def check_weights_available(config: TrainConfig) -> None:
 
 
 def _continue(
-    run: Path,
+    run: RunDir,
     config: TrainConfig,
     data_dir: Path,
     *,
@@ -225,7 +171,7 @@ def _continue(
     on_progress: ProgressCallback | None,
 ) -> RunSummary:
     cache = PreprocessCache(
-        Path(config.cache_dir) if config.cache_dir else run / "cache", config.recipe()
+        Path(config.cache_dir) if config.cache_dir else run.cache_dir, config.recipe()
     )
     if config.folds:
         summary = _cross_validate(
@@ -238,13 +184,12 @@ def _continue(
             on_progress=on_progress,
         )
     else:
-        split_file = run / "split.json"
-        if split_file.exists():
-            split = read_split(run)
+        if run.split_file.exists():
+            split = read_split(run.path)
             loaded = _load_split(split, cache, on_progress)
         else:
             loaded, split = _prepare_split(data_dir, config, cache, on_progress)
-            split.write(run)
+            split.write(run.path)
         summary = _train_split(run, config, split, loaded, started=started, reporter=reporter)
     _write_run_record(run, data_dir, config, status="complete")
     return summary
@@ -298,7 +243,7 @@ def class_weights(y: np.ndarray, n_classes: int) -> dict[int, float]:
 
 
 def _train_split(
-    run: Path,
+    run: RunDir,
     config: TrainConfig,
     split: DataSplit,
     loaded: LoadedImages,
@@ -309,10 +254,52 @@ def _train_split(
     # Seed before the pipeline exists: tf.data's shuffle draws on the global seed too.
     keras.utils.set_random_seed(config.seed)
     labels = list(split.labels)
-    x_train, y_train = _arrays(loaded, split.train)
-    x_val, y_val = _arrays(loaded, split.val)
-    x_test, y_test = _arrays(loaded, split.test)
-    weights = class_weights(y_train, len(labels)) if config.class_weight == "balanced" else None
+    train = _arrays(loaded, split.train)
+    val = _arrays(loaded, split.val)
+    test = _arrays(loaded, split.test)
+    model, progress = _fit(run, config, labels, train, val, reporter=reporter)
+    model.save(run.model_file)
+    _write_history(run, progress)
+    choice, test_metrics = _evaluate(run, model, config, split, val=val, test=test)
+    report.write_training_plots(
+        run.path,
+        progress.history,
+        progress.lr_schedule,
+        split.counts(),
+        _augmented_samples(*train, labels, config),
+    )
+    summary = RunSummary(
+        run_dir=str(run.path),
+        labels=labels,
+        accuracy=float(test_metrics["accuracy"]),
+        macro_f1=float(test_metrics["macro_f1"]),
+        threshold=choice.threshold,
+        threshold_reached=choice.reached,
+        counts={"train": len(split.train), "val": len(split.val), "test": len(split.test)},
+        skipped=len(split.skipped),
+        seconds=time.monotonic() - started,
+        test_coverage=test_metrics["at_threshold"]["coverage"],
+        test_precision_at_threshold=test_metrics["at_threshold"]["precision"],
+    )
+    write_json(run.summary_file, asdict(summary))
+    shutil.rmtree(run.state_dir, ignore_errors=True)
+    return summary
+
+
+Arrays = tuple[np.ndarray, np.ndarray]
+
+
+def _fit(
+    run: RunDir,
+    config: TrainConfig,
+    labels: Sequence[str],
+    train: Arrays,
+    val: Arrays,
+    *,
+    reporter: FitReporter | None,
+) -> tuple[keras.Model, Any]:
+    """Fit with the config's strategy (cached features or end-to-end two-stage)."""
+    weights = class_weights(train[1], len(labels)) if config.class_weight == "balanced" else None
 
     def build() -> keras.Model:
         return build_classifier(
@@ -330,10 +317,8 @@ def _train_split(
         model = build()
         progress = fit_cached(
             model,
-            x_train,
-            y_train,
-            x_val,
-            y_val,
+            *train,
+            *val,
             n_classes=len(labels),
             fine_tune_layers=config.fine_tune_layers,
             fine_tune_epochs=config.fine_tune_epochs,
@@ -344,35 +329,46 @@ def _train_split(
             batch_size=config.batch_size,
             patience=config.patience,
             seed=config.seed,
-            state_dir=run / STATE_DIR,
+            state_dir=run.state_dir,
             class_weight=weights,
             reporter=reporter,
         )
-    else:
-        augmenter = build_augmenter(config.augment, seed=config.seed)
-        train_ds = make_dataset(
-            x_train,
-            y_train,
-            batch_size=config.batch_size,
-            shuffle_seed=config.seed,
-            augmenter=augmenter,
-        )
-        val_ds = make_dataset(x_val, y_val, batch_size=config.batch_size)
-        steps = math.ceil(len(x_train) / config.batch_size)
-        model, progress = fit_two_stage(
-            build,
-            train_ds,
-            val_ds,
-            config=config,
-            steps_per_epoch=steps,
-            state_dir=run / STATE_DIR,
-            class_weight=weights,
-            reporter=reporter,
-        )
-    model.save(run / MODEL_FILE)
+        return model, progress
+    return _fit_end_to_end(run, config, build, train, val, weights=weights, reporter=reporter)
+
+
+def _fit_end_to_end(
+    run: RunDir,
+    config: TrainConfig,
+    build: Callable[[], keras.Model],
+    train: Arrays,
+    val: Arrays,
+    *,
+    weights: dict[int, float] | None,
+    reporter: FitReporter | None,
+) -> tuple[keras.Model, Any]:
+    """The two-stage fit through augmenting tf.data pipelines."""
+    augmenter = build_augmenter(config.augment, seed=config.seed)
+    train_ds = make_dataset(
+        *train, batch_size=config.batch_size, shuffle_seed=config.seed, augmenter=augmenter
+    )
+    val_ds = make_dataset(*val, batch_size=config.batch_size)
+    return fit_two_stage(
+        build,
+        train_ds,
+        val_ds,
+        config=config,
+        steps_per_epoch=math.ceil(len(train[0]) / config.batch_size),
+        state_dir=run.state_dir,
+        class_weight=weights,
+        reporter=reporter,
+    )
+
+
+def _write_history(run: RunDir, progress: Any) -> None:
     best_stage, best_epoch = progress.best_at or (None, None)
-    _write_json(
-        run / HISTORY_FILE,
+    write_json(
+        run.history_file,
         {
             "stages": progress.history,
             "lr_schedule_per_step": progress.lr_schedule,
@@ -386,59 +382,49 @@ def _train_split(
         },
     )
 
-    probs_val = predict(model, x_val, batch_size=config.batch_size)
+
+def _evaluate(
+    run: RunDir,
+    model: keras.Model,
+    config: TrainConfig,
+    split: DataSplit,
+    *,
+    val: Arrays,
+    test: Arrays,
+) -> tuple[ThresholdChoice, dict[str, Any]]:
+    """Choose the decision threshold on validation, and report val and test with it."""
+    probs_val = predict(model, val[0], batch_size=config.batch_size)
     choice = choose_threshold(
-        y_val,
+        val[1],
         probs_val,
         target_precision=config.target_precision,
         confidence=config.threshold_confidence or None,
     )
+    labels = list(split.labels)
     report.write_evaluation(
-        run,
-        y_val,
+        run.path,
+        val[1],
         probs_val,
         labels,
         split="val",
         threshold=choice,
         file_paths=[_rel(s.path, split.root) for s in split.val],
     )
-    probs_test = predict(model, x_test, batch_size=config.batch_size)
+    probs_test = predict(model, test[0], batch_size=config.batch_size)
     test_metrics = report.write_evaluation(
-        run,
-        y_test,
+        run.path,
+        test[1],
         probs_test,
         labels,
         split="test",
         threshold=choice,
         file_paths=[_rel(s.path, split.root) for s in split.test],
     )
-    report.write_training_plots(
-        run,
-        progress.history,
-        progress.lr_schedule,
-        split.counts(),
-        _augmented_samples(x_train, y_train, labels, config),
-    )
-    summary = RunSummary(
-        run_dir=str(run),
-        labels=labels,
-        accuracy=float(test_metrics["accuracy"]),
-        macro_f1=float(test_metrics["macro_f1"]),
-        threshold=choice.threshold,
-        threshold_reached=choice.reached,
-        counts={"train": len(split.train), "val": len(split.val), "test": len(split.test)},
-        skipped=len(split.skipped),
-        seconds=time.monotonic() - started,
-        test_coverage=test_metrics["at_threshold"]["coverage"],
-        test_precision_at_threshold=test_metrics["at_threshold"]["precision"],
-    )
-    _write_json(run / SUMMARY_FILE, asdict(summary))
-    shutil.rmtree(run / STATE_DIR, ignore_errors=True)
-    return summary
+    return choice, test_metrics
 
 
 def _cross_validate(
-    run: Path,
+    run: RunDir,
     config: TrainConfig,
     data_dir: Path,
     cache: PreprocessCache,
@@ -455,28 +441,14 @@ def _cross_validate(
     )
     fold_metrics: list[dict[str, Any]] = []
     for split in splits:
-        fold_dir = run / f"fold-{split.fold}"
+        fold = run.fold(split.fold or 0)
         log.info("fold %d/%d", split.fold, config.folds)
-        done = fold_dir / SUMMARY_FILE
-        if not done.exists():
-            fold_dir.mkdir(parents=True, exist_ok=True)
-            fold_config = config.to_dict()
-            fold_config["folds"] = 0
-            _write_json(fold_dir / CONFIG_FILE, fold_config)
-            _write_json(fold_dir / LABELS_FILE, list(index.labels))
-            if not (fold_dir / "split.json").exists():
-                split.write(fold_dir)
-            _write_run_record(fold_dir, index.root, config, status="training", fold=split.fold)
-            fold_split = read_split(fold_dir)
-            _train_split(
-                fold_dir, config, fold_split, loaded, started=time.monotonic(), reporter=reporter
-            )
-            _write_run_record(fold_dir, index.root, config, status="complete", fold=split.fold)
-        fold_metrics.append(report.read_metrics(fold_dir)["splits"]["test"])
-    cv = report.write_fold_summary(run, fold_metrics)
-    stats = cv["metrics"]
+        if not fold.summary_file.exists():
+            _train_fold(fold, config, split, loaded, data_root=index.root, reporter=reporter)
+        fold_metrics.append(report.read_metrics(fold.path)["splits"]["test"])
+    stats = report.write_fold_summary(run.path, fold_metrics)["metrics"]
     summary = RunSummary(
-        run_dir=str(run),
+        run_dir=str(run.path),
         labels=list(index.labels),
         accuracy=stats["accuracy"]["mean"],
         macro_f1=stats["macro_f1"]["mean"],
@@ -489,8 +461,31 @@ def _cross_validate(
         accuracy_sd=stats["accuracy"]["sd"],
         macro_f1_sd=stats["macro_f1"]["sd"],
     )
-    _write_json(run / SUMMARY_FILE, asdict(summary))
+    write_json(run.summary_file, asdict(summary))
     return summary
+
+
+def _train_fold(
+    fold: RunDir,
+    config: TrainConfig,
+    split: DataSplit,
+    loaded: LoadedImages,
+    *,
+    data_root: Path,
+    reporter: FitReporter | None,
+) -> None:
+    """Train one fold of a cross-validation run as a complete run folder of its own."""
+    fold.path.mkdir(parents=True, exist_ok=True)
+    fold_config = config.to_dict()
+    fold_config["folds"] = 0
+    write_json(fold.config_file, fold_config)
+    write_json(fold.labels_file, list(split.labels))
+    if not fold.split_file.exists():
+        split.write(fold.path)
+    _write_run_record(fold, data_root, config, status="training", fold=split.fold)
+    fold_split = read_split(fold.path)
+    _train_split(fold, config, fold_split, loaded, started=time.monotonic(), reporter=reporter)
+    _write_run_record(fold, data_root, config, status="complete", fold=split.fold)
 
 
 def _augmented_samples(
@@ -507,23 +502,24 @@ def _augmented_samples(
     return [(images[i], labels[int(y[j])]) for i, j in enumerate(pick)]
 
 
-def _check_new_run_dir(run: Path) -> None:
+def _check_new_run_dir(run: RunDir) -> None:
     """Refuse to mix a new run into an old one, and say each way out."""
-    if (run / RUN_FILE).exists():
+    if run.run_file.exists():
         raise TrainError(
-            f"{run} already holds a training run; continue it with --resume {run} (which "
-            "may change --weights before the first epoch, and --epochs, --fine-tune-epochs, "
-            f"--patience), start it over with --overwrite, or choose a new --out"
+            f"{run.path} already holds a training run; continue it with --resume {run.path} "
+            "(which may change --weights before the first epoch, and --epochs, "
+            f"--fine-tune-epochs, --patience), start it over with --overwrite, or choose a "
+            "new --out"
         )
-    if run.exists() and (not run.is_dir() or any(run.iterdir())):
+    if run.path.exists() and (not run.path.is_dir() or any(run.path.iterdir())):
         raise TrainError(
-            f"--out {run} exists and is not an empty folder (nor a training run); choose a "
-            f"new --out, or remove {run} if nothing in it is needed"
+            f"--out {run.path} exists and is not an empty folder (nor a training run); choose "
+            f"a new --out, or remove {run.path} if nothing in it is needed"
         )
 
 
 def _write_run_record(
-    run: Path, data_dir: Path, config: TrainConfig, *, status: str, fold: int | None = None
+    run: RunDir, data_dir: Path, config: TrainConfig, *, status: str, fold: int | None = None
 ) -> None:
     import tensorflow as tf
 
@@ -531,21 +527,23 @@ def _write_run_record(
         version = importlib.metadata.version("fieldscope")
     except importlib.metadata.PackageNotFoundError:  # pragma: no cover - source tree
         version = "unknown"
-    previous = _read_json(run / RUN_FILE, what="run record") if (run / RUN_FILE).exists() else {}
-    record = {
-        "data_dir": str(Path(data_dir).resolve()),
-        "status": status,
-        "folds": config.folds,
-        "fold": fold,
-        "started": previous.get("started") or datetime.now(UTC).isoformat(timespec="seconds"),
-        "updated": datetime.now(UTC).isoformat(timespec="seconds"),
-        "versions": {
+    previous = run.read_record() if run.run_file.exists() else None
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    record = RunRecord(
+        format_version=RUN_FORMAT_VERSION,
+        data_dir=str(Path(data_dir).resolve()),
+        status="complete" if status == "complete" else "training",
+        folds=config.folds,
+        fold=fold,
+        started=(previous.started if previous else None) or now,
+        updated=now,
+        versions={
             "fieldscope": version,
             "tensorflow": tf.__version__,
             "keras": keras.__version__,
         },
-    }
-    _write_json(run / RUN_FILE, record)
+    )
+    write_json(run.run_file, record)
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -553,21 +551,3 @@ def _rel(path: Path, root: Path) -> str:
         return path.relative_to(root).as_posix()
     except ValueError:
         return str(path)
-
-
-def _read_json(path: Path, *, what: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise TrainError(f"{what}: {path} does not exist") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise TrainError(f"cannot read {path}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise TrainError(f"{path} is damaged (expected a JSON object)")
-    return data
-
-
-def _write_json(path: Path, data: Mapping[str, Any] | list[Any]) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(data, indent=2) + "\n")
-    temporary.replace(path)

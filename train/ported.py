@@ -180,15 +180,20 @@ def build_ported(
             include_top=include_top,
         )  # fmt: skip
     elif weights is not None:
-        try:
-            model.load_weights(weights)
-        except Exception as exc:  # keras raises many types for a foreign or damaged file
-            # Keras' own message runs to many lines; its first one says what went wrong.
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise TrainError(
-                f"could not load backbone weights from {weights} into {name}: {first}"
-            ) from exc
+        _load_weights_file(model, weights, name)
     return model
+
+
+def _load_weights_file(model: keras.Model, weights: str, name: str) -> None:
+    """A Keras ``.weights.h5`` of the same architecture; its first error line if not."""
+    try:
+        model.load_weights(weights)
+    except Exception as exc:  # keras raises many types for a foreign or damaged file
+        # Keras' own message runs to many lines; its first one says what went wrong.
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise TrainError(
+            f"could not load backbone weights from {weights} into {name}: {first}"
+        ) from exc
 
 
 def _package(name: str) -> WeightsPackage:

@@ -20,7 +20,6 @@ Files are replaced atomically, so an interrupted run never leaves half a JSON fi
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 import re
@@ -42,6 +41,14 @@ from fieldscope.train.metrics import (
     summarize_folds,
     validate_predictions,
 )
+from fieldscope.train.rundir import (
+    METRICS_FILE,
+    METRICS_FORMAT_VERSION,
+    PLOTS_DIR,
+    REPORT_FILE,
+    RunDir,
+    write_json,
+)
 
 __all__ = [
     "METRICS_FILE",
@@ -60,10 +67,7 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.json"
-REPORT_FILE = "classification_report.txt"
-PLOTS_DIR = "plots"
-FORMAT_VERSION = 1
+FORMAT_VERSION = METRICS_FORMAT_VERSION
 PROB_PREFIX = "prob_"
 BASE_COLUMNS: tuple[str, ...] = ("file", "true_label", "predicted_label", "score", "correct")
 # Split names become parts of file names, so keep them to a safe alphabet.
@@ -75,7 +79,7 @@ _FOLDS_SECTION = "cross-validation"
 
 def predictions_path(run_dir: Path | str, split: str) -> Path:
     """Where ``write_evaluation`` puts a split's predictions."""
-    return Path(run_dir) / f"predictions_{_check_split(split)}.csv"
+    return RunDir(Path(run_dir)).predictions_file(_check_split(split))
 
 
 def write_evaluation(
@@ -183,24 +187,10 @@ def _write_evaluation_plots(
 
 def read_metrics(run_dir: Path | str) -> dict[str, Any]:
     """The run's ``metrics.json``; a missing or damaged file is an ``EvaluationError``."""
-    path = Path(run_dir) / METRICS_FILE
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise EvaluationError(f"no {METRICS_FILE} in {run_dir}; evaluate the run first") from exc
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise EvaluationError(f"cannot read {path}: {exc}") from exc
-    if (
-        not isinstance(doc, dict)
-        or doc.get("format_version") != FORMAT_VERSION
-        or not isinstance(doc.get("splits"), dict)
-        or not isinstance(doc.get("labels"), list)
-    ):
-        raise EvaluationError(
-            f"{path} is not a fieldscope metrics file (format_version {FORMAT_VERSION}); "
-            "move it away and evaluate again"
-        )
-    return doc
+    run = RunDir(Path(run_dir), EvaluationError)
+    if not run.metrics_file.exists():
+        raise EvaluationError(f"no {METRICS_FILE} in {run_dir}; evaluate the run first")
+    return run.read_metrics().to_dict()
 
 
 def load_threshold(run_dir: Path | str) -> ThresholdChoice | None:
@@ -225,7 +215,7 @@ def _load_document(run: Path, labels: Sequence[str]) -> dict[str, Any]:
 def _write_document(run: Path, doc: Mapping[str, Any]) -> None:
     ordered = dict(doc)
     ordered["splits"] = _ordered(doc["splits"])
-    _atomic_write(run / METRICS_FILE, json.dumps(ordered, indent=2, allow_nan=False) + "\n")
+    write_json(run / METRICS_FILE, ordered, allow_nan=False)
 
 
 def _ordered(sections: Mapping[str, Any]) -> dict[str, Any]:

@@ -199,6 +199,26 @@ def _daemon_config(ctx: Context, bundle: str, replay: Path, topics: Any, port: i
     return config
 
 
+def _terminate(daemon: subprocess.Popen[bytes]) -> tuple[int | None, int | None]:
+    """SIGTERM a daemon still running; (its exit code if it had died, the final one)."""
+    died = daemon.poll()
+    exit_code: int | None = died
+    if died is None:
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            exit_code = daemon.wait(60)
+        except subprocess.TimeoutExpired:
+            exit_code = None
+    return died, exit_code
+
+
+def _reap(ctx: Context, daemon: subprocess.Popen[bytes]) -> None:
+    if daemon.poll() is None:
+        daemon.kill()
+        daemon.wait()
+    ctx.procs.done(daemon)
+
+
 def _serve(
     ctx: Context,
     runtime: Runtime,
@@ -231,24 +251,14 @@ def _serve(
         )
         if ctx.procs.stopping.is_set():
             raise CheckInterruptedError
-        died = daemon.poll()
-        exit_code: int | None = died
-        if died is None:
-            daemon.send_signal(signal.SIGTERM)
-            try:
-                exit_code = daemon.wait(60)
-            except subprocess.TimeoutExpired:
-                exit_code = None
+        died, exit_code = _terminate(daemon)
         stopped = collector.wait_for(
             lambda: b"stopped" in collector.on(topics.status), 5, unless=ctx.procs.stopping
         )
         payloads = collector.on(topics.identification)
     finally:
         if daemon is not None:
-            if daemon.poll() is None:
-                daemon.kill()
-                daemon.wait()
-            ctx.procs.done(daemon)
+            _reap(ctx, daemon)
         collector.close()
     output = log.read_text(errors="replace")
     return DaemonRun(died, exit_code, arrived, stopped, payloads, output, time.monotonic() - began)

@@ -73,9 +73,31 @@ def _load(root: Path, labels: list[str], recipe: Any) -> tuple[np.ndarray, np.nd
     return np.stack(images), np.asarray(targets)
 
 
+def _train(train_x: np.ndarray, train_y: np.ndarray, n_classes: int) -> Any:
+    """The small MobileNet, fitted on the 8 flips/rotations of the training images."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = _mini_mobilenet(SIZE, n_classes)
+    model.compile(
+        optimizer=keras.optimizers.Adam(3e-3),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    # The 8 flips/rotations of each image: specimens lie in any orientation.
+    views = [np.rot90(v, k, axes=(1, 2)) for v in (train_x, train_x[:, ::-1]) for k in range(4)]
+    model.fit(
+        np.concatenate(views).astype(np.float32),
+        np.tile(train_y, len(views)),
+        epochs=6,
+        batch_size=32,
+        verbose=0,
+    )
+    return model
+
+
 def make(out_dir: Path) -> None:
     """Write the bundles and sample images into ``out_dir`` (see the module docstring)."""
-    import keras
 
     from fieldscope.convert.pipeline import convert_model, write_converted_bundle
     from fieldscope.edge.preprocess import PreprocessRecipe
@@ -92,25 +114,8 @@ def make(out_dir: Path) -> None:
             recipe = PreprocessRecipe(size=(SIZE, SIZE), resize="letterbox", denoise=denoise)
             x, y = _load(train_dir, labels, recipe)
             test = np.arange(len(y)) % 10 < 3
-            keras.utils.set_random_seed(0)
-            model = _mini_mobilenet(SIZE, len(labels))
-            model.compile(
-                optimizer=keras.optimizers.Adam(3e-3),
-                loss="sparse_categorical_crossentropy",
-                metrics=["accuracy"],
-            )
-            # The 8 flips/rotations of each image: specimens lie in any orientation.
-            train_x, train_y = x[~test], y[~test]
-            views = [
-                np.rot90(v, k, axes=(1, 2)) for v in (train_x, train_x[:, ::-1]) for k in range(4)
-            ]
-            model.fit(
-                np.concatenate(views).astype(np.float32),
-                np.tile(train_y, len(views)),
-                epochs=6,
-                batch_size=32,
-                verbose=0,
-            )
+            train_x = x[~test]
+            model = _train(train_x, y[~test], len(labels))
             result = convert_model(
                 model,
                 labels=labels,

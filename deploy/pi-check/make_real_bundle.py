@@ -56,15 +56,17 @@ def make(out_dir: Path, data: Path) -> None:
     _fieldscope(
         "convert", str(run), "--out", str(bundle), "--name", "ndsb24", "--max-accuracy-drop", "100"
     )
-    split = json.loads((run / "split.json").read_text())
+    from fieldscope.train.rundir import RunDir
+
+    split = RunDir(run).read_split()
     chosen: dict[str, list[str]] = defaultdict(list)
-    for sample in split["test"]:
-        if len(chosen[sample["label"]]) < TEST_IMAGES_PER_CLASS:
-            chosen[sample["label"]].append(sample["path"])
+    for sample in split.test:
+        if len(chosen[sample.label]) < TEST_IMAGES_PER_CLASS:
+            chosen[sample.label].append(sample.path)
     for label, paths in chosen.items():
         (out_dir / "images" / label).mkdir(parents=True, exist_ok=True)
         for rel in paths:
-            source = Path(rel) if Path(rel).is_absolute() else Path(split["data_dir"]) / rel
+            source = Path(rel) if Path(rel).is_absolute() else Path(split.data_dir) / rel
             shutil.copyfile(source, out_dir / "images" / label / source.name)
     manifest = json.loads((bundle / "manifest.json").read_text())
     fidelity = manifest["provenance"].get("fidelity") or {}

@@ -24,11 +24,10 @@ from fieldscope.edge.capture.base import (
     CameraBackend,
     CameraError,
     FileSourceOptions,
+    FolderHandling,
     Frame,
     ProblemCallback,
-    Problems,
     RGBImage,
-    one_of,
     required_path,
     utc_now,
 )
@@ -40,7 +39,7 @@ from fieldscope.edge.capture.files import (
     walk_files,
 )
 from fieldscope.edge.errors import ConfigError, ImageDecodeError
-from fieldscope.edge.preprocess import decode_image
+from fieldscope.edge.typed import seconds
 
 __all__ = ["BACKEND", "FolderCamera", "FolderOptions"]
 
@@ -59,22 +58,10 @@ class FolderOptions(FileSourceOptions, frozen=True, kw_only=True, forbid_unknown
     of subfolders (not of ``done/`` and ``failed/`` when ``handled = "move"``).
     """
 
-    settle_s: Annotated[float, msgspec.Meta(ge=0, le=3600, description="seconds")] = 1.0
-    scan_interval_s: Annotated[float, msgspec.Meta(ge=0.01, le=3600, description="seconds")] = 0.5
-    handled: str = "keep"
+    settle_s: Annotated[float, seconds(0, 3600)] = 1.0
+    scan_interval_s: Annotated[float, seconds(0.01, 3600)] = 0.5
+    handled: FolderHandling = "keep"
     recursive: bool = False
-
-    def problems(self) -> Problems:
-        """Every problem with these options, as (key, message)."""
-        out = super().problems()
-        if not 0 <= self.settle_s <= 3600:
-            out.append(("settle_s", f"must be in [0, 3600] seconds, got {self.settle_s}"))
-        if not 0.01 <= self.scan_interval_s <= 3600:
-            out.append(
-                ("scan_interval_s", f"must be in [0.01, 3600] seconds, got {self.scan_interval_s}")
-            )
-        out.extend(one_of("handled", self.handled, FOLDER_HANDLING))
-        return out
 
 
 class _FileKey(NamedTuple):
@@ -390,6 +377,9 @@ class FolderCamera:
         )
 
     def _load(self, key: _FileKey, path: Path) -> tuple[bytes, RGBImage] | None:
+        # Here: it loads OpenCV, and the configuration imports this module (FolderOptions).
+        from fieldscope.edge.preprocess import decode_image
+
         try:
             data = path.read_bytes()
             return data, decode_image(data, source=shown_path(path))

@@ -7,7 +7,6 @@ import logging
 from pathlib import Path
 from typing import Annotated, Any
 
-import cv2
 import msgspec
 import numpy as np
 
@@ -21,32 +20,46 @@ from fieldscope.edge.capture.base import (
     frame_size_problems,
     live_frame,
 )
+from fieldscope.edge.topics import show
+from fieldscope.edge.typed import Reader, kind
 
 __all__ = ["BACKEND", "OpenCVCamera", "OpenCVOptions"]
 
 logger = logging.getLogger(__name__)
 
 
+def _source(raw: object, reader: Reader) -> int | str:
+    """The config loader's reading of ``source``: a device index, device path or URL as
+    given; a file path taken from the configuration file's folder."""
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and raw:
+        if "://" in raw or raw.startswith("/dev/"):
+            return raw
+        return str(reader.resolve(raw))
+    raise ValueError(
+        "must be a device index (0, 1, ...) or a device path, file or URL string, "
+        f"got {kind(raw)} {show(raw)}"
+    )
+
+
 class OpenCVOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """``[camera.opencv]``: a USB/UVC microscope by index or device path, a video file,
     or an RTSP/HTTP stream URL. Unset ``width``/``height``/``fps`` keep the device's."""
 
-    source: int | str = 0
+    source: Annotated[int | str, msgspec.Meta(extra={"parse": _source})] = 0
     width: FrameSide | None = None
     height: FrameSide | None = None
     fps: Annotated[float, msgspec.Meta(gt=0, le=1000)] | None = None
 
     def problems(self) -> Problems:
-        """Every problem with these options, as (key, message)."""
+        """What the declarations cannot say: a usable source; width and height together."""
         out: Problems = []
         if isinstance(self.source, int) and self.source < 0:
             out.append(("source", f"a device index must be >= 0, got {self.source}"))
         if isinstance(self.source, str) and not self.source:
             out.append(("source", "must not be empty"))
-        out.extend(frame_size_problems(self.width, self.height))
-        if self.fps is not None and not 0 < self.fps <= 1000:
-            out.append(("fps", f"must be in (0, 1000], got {self.fps}"))
-        return out
+        return out + frame_size_problems(self.width, self.height)
 
 
 def _masked(source: str) -> str:
@@ -76,6 +89,8 @@ class OpenCVCamera:
         self._is_file = False
 
     def open(self) -> None:
+        import cv2  # here: the configuration loads this module for OpenCVOptions
+
         if self._capture is not None:
             return
         source = self.options.source
@@ -114,6 +129,8 @@ class OpenCVCamera:
             raise CameraError(f"{self.name}: read before open")
         if self.finished:
             return None
+        import cv2
+
         try:
             ok, bgr = self._capture.read()
         except cv2.error as exc:

@@ -46,15 +46,14 @@ class Picamera2Options(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     camera_num: Annotated[int, msgspec.Meta(ge=0)] = 0
     width: FrameSide | None = None
     height: FrameSide | None = None
-    controls: Mapping[str, _Control] = msgspec.field(default_factory=_no_controls)
+    controls: Annotated[
+        Mapping[str, _Control],
+        msgspec.Meta(extra={"item": "a number, a boolean or an array of numbers"}),
+    ] = msgspec.field(default_factory=_no_controls)
 
     def problems(self) -> Problems:
-        """Every problem with these options, as (key, message)."""
-        out: Problems = []
-        if self.camera_num < 0:
-            out.append(("camera_num", f"must be >= 0, got {self.camera_num}"))
-        out.extend(frame_size_problems(self.width, self.height))
-        return out
+        """What the declarations cannot say: width and height go together."""
+        return frame_size_problems(self.width, self.height)
 
 
 class Picamera2Camera:

@@ -19,13 +19,12 @@ from fieldscope.edge.capture.base import (
     FileSourceOptions,
     Frame,
     ProblemCallback,
-    Problems,
     required_path,
     utc_now,
 )
 from fieldscope.edge.capture.files import matches, no_images_hint, shown_path, walk_files
 from fieldscope.edge.errors import ImageDecodeError
-from fieldscope.edge.preprocess import decode_image
+from fieldscope.edge.typed import seconds
 
 __all__ = ["BACKEND", "ReplayCamera", "ReplayOptions"]
 
@@ -39,19 +38,10 @@ class ReplayOptions(FileSourceOptions, frozen=True, kw_only=True, forbid_unknown
     default) includes subfolders, so a ``fieldscope specimens`` folder (one subfolder
     per species) replays as it is."""
 
-    rate_hz: Annotated[float, msgspec.Meta(ge=0, le=10_000)] = 1.0
+    rate_hz: Annotated[float, seconds(0, 10_000, "(0 = unlimited)")] = 1.0
     loop: bool = False
-    limit: Annotated[int, msgspec.Meta(ge=0)] = 0
+    limit: Annotated[int, msgspec.Meta(ge=0, extra={"unit": "(0 = no limit)"})] = 0
     recursive: bool = True
-
-    def problems(self) -> Problems:
-        """Every problem with these options, as (key, message)."""
-        out = super().problems()
-        if not 0 <= self.rate_hz <= 10_000:
-            out.append(("rate_hz", f"must be in [0, 10000] (0 = unlimited), got {self.rate_hz}"))
-        if self.limit < 0:
-            out.append(("limit", f"must be >= 0 (0 = no limit), got {self.limit}"))
-        return out
 
 
 class ReplayCamera:
@@ -177,6 +167,8 @@ class ReplayCamera:
         )
 
     def _load(self, path: Path) -> Frame | None:
+        from fieldscope.edge.preprocess import decode_image  # (OpenCV): see folder.py
+
         if path in self._bad:
             return None
         try:

@@ -10,7 +10,6 @@ repeated, the file truncated, and the header's width and height overwritten.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
@@ -23,15 +22,13 @@ import cv2
 import numpy as np
 import pytest
 from chaos_harness import FUZZ_SETTINGS, TallyOf
+from helpers import identification_document, manifest_document, model_info_document
 from hypothesis import example, given
 from hypothesis import strategies as st
 
 from fieldscope.edge.bundle import (
     MANIFEST_FILE,
     MODEL_FILE,
-    FileEntry,
-    Manifest,
-    Provenance,
     Quantization,
     QuantParams,
     read_bundle,
@@ -214,53 +211,12 @@ def test_the_undamaged_seeds_decode() -> None:
 # RecursionError past the bundle watcher. The property for every reader of outside data:
 # it returns a value or raises its own error type, whatever the number or the depth.
 
-_ID_SHA = "0" * 64
-
-
-def _identification_doc() -> dict[str, Any]:
-    return {
-        "version": 1,
-        "device": "dev-a",
-        "station": "atk",
-        "seq": 1,
-        "captured_at": "2026-12-07T01:43:34.280300Z",
-        "status": "ok",
-        "label": "a",
-        "score": 0.9,
-        "top_k": [{"label": "a", "score": 0.9}, {"label": "b", "score": 0.1}],
-        "model": {"name": "r1", "version": "1", "sha256": _ID_SHA},
-        "image": {"sha256": _ID_SHA, "width": 64, "height": 48},
-        "quality": {"sharpness": 3.5, "exposure": 0.5},
-        "timings_ms": {"capture": 1.0, "total": 2.0},
-    }
-
-
-def _model_doc() -> dict[str, Any]:
-    return {
-        "labels": ["a", "b"],
-        "loaded_at": "2026-12-07T01:43:34.280300Z",
-        "model": {"name": "r1", "sha256": _ID_SHA, "version": "1"},
-        "runtime": {"name": "x", "version": "1"},
-        "signed": True,
-        "threshold": 0.5,
-        "version": 1,
-    }
-
 
 def _manifest_doc() -> dict[str, Any]:
-    return Manifest(
-        model_name="m",
-        model_version="1",
-        labels=("a", "b"),
-        input_shape=(1, 32, 32, 3),
-        input_dtype="uint8",
-        output_dtype="uint8",
+    return manifest_document(
         quantization=Quantization(QuantParams(0.5, 0), None),
         preprocessing=PreprocessRecipe(size=(32, 32), denoise="median"),
-        threshold=0.5,
-        provenance=Provenance(created_at="2026-11-02T10:15:00Z"),
-        files={MODEL_FILE: FileEntry(hashlib.sha256(b"model").hexdigest(), 5)},
-    ).to_dict()
+    )
 
 
 # Where a number goes: (document, path of keys).
@@ -296,8 +252,8 @@ number_literals = st.one_of(
 
 def _document(kind: str) -> dict[str, Any]:
     return {
-        "identification": _identification_doc,
-        "model": _model_doc,
+        "identification": identification_document,
+        "model": model_info_document,
         "manifest": _manifest_doc,
     }[kind]()
 
