@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from fieldscope.collect.store.reviews import ReviewStore
 from fieldscope.collect.store.rows import (
     _ROW_COLUMNS,
     MAX_GAP,
@@ -19,7 +20,6 @@ from fieldscope.collect.store.rows import (
     StoreError,
     _Where,
 )
-from fieldscope.collect.store.reviews import ReviewStore
 from fieldscope.collect.store.writer import StoreWriter
 
 # --- the store ---------------------------------------------------------------------------------
@@ -65,9 +65,7 @@ class Store(StoreWriter, ReviewStore):
         cur.execute("SELECT version FROM fieldscope_schema")
         rows = cur.fetchall()
         if not rows:
-            cur.execute(
-                self._sql("INSERT INTO fieldscope_schema (version) VALUES (?)"), [SCHEMA_VERSION]
-            )
+            cur.execute(self._sql("INSERT INTO fieldscope_schema (version) VALUES (?)"), [1])
             return
         version = int(rows[0][0])
         if version > SCHEMA_VERSION:
@@ -75,9 +73,6 @@ class Store(StoreWriter, ReviewStore):
                 f"{self.url}: the database has schema version {version}, this fieldscope "
                 f"knows up to {SCHEMA_VERSION}; upgrade fieldscope"
             )
-        if version < SCHEMA_VERSION:
-            # The schema script (IF NOT EXISTS) has just added the newer tables.
-            cur.execute(self._sql("UPDATE fieldscope_schema SET version = ?"), [SCHEMA_VERSION])
 
     # Reading --------------------------------------------------------------------------------
 

@@ -14,6 +14,11 @@ lowest score first, then a seeded sample of confident ones for quality control.
 An identification is in that sample when the first four hex digits of its image's
 sha256, shifted by the seed, fall in the first ``qc_share`` of their range: the
 sample is uniform, the same on every page and every run with the same seed.
+
+The ``annotations`` table is its own (:data:`SQLITE_REVIEWS`, :data:`POSTGRES_REVIEWS`),
+created ``IF NOT EXISTS`` whenever a store is opened for writing: an existing
+database gains it when the collector or the dashboard next starts, and an older
+fieldscope reading the database simply ignores it (so the schema version stays).
 """
 
 from __future__ import annotations
@@ -29,12 +34,14 @@ from fieldscope.edge.errors import FieldscopeError
 
 __all__ = [
     "NOT_A_TAXON",
+    "POSTGRES_REVIEWS",
     "REVIEW_STATUSES",
+    "SQLITE_REVIEWS",
     "AnnotationError",
     "AnnotationRow",
-    "NoSuchIdentification",
     "QueueItem",
     "ReviewStore",
+    "UnknownIdentificationError",
 ]
 
 # The label a reviewer gives a capture that shows no organism (debris, a bubble).
@@ -48,12 +55,36 @@ DEFAULT_LOW_SCORE = 0.6
 _HASH_SPACE = 16**4
 _ANNOTATION_COLUMNS = "id, identification_id, label, reviewer, reviewed_at, note"
 
+SQLITE_REVIEWS = """
+CREATE TABLE IF NOT EXISTS annotations (
+    id INTEGER PRIMARY KEY,
+    identification_id INTEGER NOT NULL REFERENCES identifications (id),
+    label TEXT NOT NULL,
+    reviewer TEXT NOT NULL,
+    reviewed_at TEXT NOT NULL,
+    note TEXT
+);
+CREATE INDEX IF NOT EXISTS annotations_identification ON annotations (identification_id, id);
+"""
+
+POSTGRES_REVIEWS = """
+CREATE TABLE IF NOT EXISTS annotations (
+    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    identification_id BIGINT NOT NULL REFERENCES identifications (id),
+    label TEXT NOT NULL,
+    reviewer TEXT NOT NULL,
+    reviewed_at TIMESTAMPTZ NOT NULL,
+    note TEXT
+);
+CREATE INDEX IF NOT EXISTS annotations_identification ON annotations (identification_id, id);
+"""
+
 
 class AnnotationError(FieldscopeError):
     """A review cannot be stored as given (empty reviewer, unknown label, too long)."""
 
 
-class NoSuchIdentification(AnnotationError):
+class UnknownIdentificationError(AnnotationError):
     """The review names an identification the store does not hold."""
 
 
@@ -99,35 +130,35 @@ def qc_ranges(share: float, seed: int) -> list[tuple[str, str]]:
 
 
 class ReviewStore:
-    """The review half of :class:`~fieldscope.collect.store.Store` (a mixin)."""
+    """The review half of :class:`~fieldscope.collect.store.Store` (a mixin; each
+    dialect creates the table and sets :attr:`_review_table_sql`)."""
 
     url: str
+    # A query counting the annotations table (0 or 1), in the dialect's catalogue.
+    _review_table_sql: str = (
+        "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'annotations'"
+    )
 
     if TYPE_CHECKING:  # provided by Store and its dialects
 
-        def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-            ...
+        def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]: ...
 
-        def _ts(self, value: datetime) -> Any:
-            ...
+        def _ts(self, value: datetime) -> Any: ...
 
-        def _ts_out(self, value: Any) -> datetime:
-            ...
+        def _ts_out(self, value: Any) -> datetime: ...
 
-        def _json_out(self, value: Any) -> Any:
-            ...
+        def _json_out(self, value: Any) -> Any: ...
 
-        def _sql(self, sql: str) -> str:
-            ...
+        def _row(self, values: Sequence[Any]) -> IdentificationRow: ...
 
-        def _row(self, values: Sequence[Any]) -> IdentificationRow:
-            ...
+        def _where(self, filters: Filters) -> Any: ...
 
-        def _where(self, filters: Filters) -> Any:
-            ...
+        def _write_one(self, sql: str, params: Sequence[Any]) -> Any: ...
 
-        def _write_one(self, sql: str, params: Sequence[Any]) -> Any:
-            ...
+    def has_reviews(self) -> bool:
+        """Whether the database has the annotations table (a database no store of
+        this version has written to yet has none: nothing is reviewed there)."""
+        return bool(self._query(self._review_table_sql)[0][0])
 
     def _annotation(self, r: Sequence[Any]) -> AnnotationRow:
         return AnnotationRow(
@@ -139,16 +170,33 @@ class ReviewStore:
             note=r[5],
         )
 
-    def known_labels(self, ident_id: int) -> set[str]:
-        """Labels a reviewer may give ``ident_id``: its top-k, every stored label and the
-        labels of the models the devices announced (the API adds its loaded bundles')."""
-        labels = {str(r[0]) for r in self._query("SELECT DISTINCT label FROM identifications "
-                                                   "WHERE label IS NOT NULL")}  # fmt: skip
-        for (top_k,) in self._query("SELECT top_k FROM identifications WHERE id = ?", [ident_id]):
-            labels.update(str(c["label"]) for c in self._json_out(top_k))
+    def known_labels(self, ident_id: int | None = None) -> set[str]:
+        """Labels a reviewer may give: every stored label, the labels of the models the
+        devices announced and ``ident_id``'s top-k (the API adds its loaded bundles')."""
+        rows = self._query("SELECT DISTINCT label FROM identifications WHERE label IS NOT NULL")
+        labels = {str(r[0]) for r in rows}
+        if ident_id is not None:
+            for (top_k,) in self._query(
+                "SELECT top_k FROM identifications WHERE id = ?", [ident_id]
+            ):
+                labels.update(str(c["label"]) for c in self._json_out(top_k))
         for (info,) in self._query("SELECT model_info FROM devices WHERE model_info IS NOT NULL"):
             labels.update(str(x) for x in (self._json_out(info) or {}).get("labels", ()))
         return labels
+
+    def _check_review(self, ident_id: int, label: str, known: Collection[str] | None) -> str:
+        name = _text(label, "label", MAX_LABEL_CHARS)
+        if not 0 <= ident_id < 2**63 or not self._query(
+            "SELECT 1 FROM identifications WHERE id = ?", [ident_id]
+        ):
+            raise UnknownIdentificationError(f"no identification with id {ident_id}")
+        labels = set(self.known_labels(ident_id) if known is None else known)
+        if name != NOT_A_TAXON and name not in labels:
+            raise AnnotationError(
+                f"unknown label {name!r}; known labels: {', '.join(sorted(labels)) or 'none'} "
+                f"(or {NOT_A_TAXON} for a capture that shows no organism)"
+            )
+        return name
 
     def add_annotation(
         self,
@@ -163,28 +211,18 @@ class ReviewStore:
         """Store one review of ``ident_id``; earlier reviews and the prediction stay.
 
         ``known_labels``: the labels accepted besides :data:`NOT_A_TAXON` (default
-        :meth:`known_labels`).
+        :meth:`known_labels`). Needs a store opened for writing.
 
         Raises:
-            NoSuchIdentification: no identification ``ident_id``.
+            UnknownIdentificationError: no identification ``ident_id``.
             AnnotationError: empty reviewer or label, an unknown label (the message
                 lists the known ones), a note that is too long.
         """
         who = _text(reviewer, "reviewer", MAX_REVIEWER_CHARS)
-        name = _text(label, "label", MAX_LABEL_CHARS)
         text = None if note is None or not note.strip() else note.strip()
         if text is not None and len(text) > MAX_NOTE_CHARS:
             raise AnnotationError(f"the review's note is longer than {MAX_NOTE_CHARS} characters")
-        if not 0 <= ident_id < 2**63 or not self._query(
-            "SELECT 1 FROM identifications WHERE id = ?", [ident_id]
-        ):
-            raise NoSuchIdentification(f"no identification with id {ident_id}")
-        known = set(self.known_labels(ident_id) if known_labels is None else known_labels)
-        if name != NOT_A_TAXON and name not in known:
-            raise AnnotationError(
-                f"unknown label {name!r}; known labels: {', '.join(sorted(known))} "
-                f"(or {NOT_A_TAXON} for a capture that shows no organism)"
-            )
+        name = self._check_review(ident_id, label, known_labels)
         when = (at or datetime.now(UTC)).astimezone(UTC)
         new_id = self._write_one(
             "INSERT INTO annotations (identification_id, label, reviewer, reviewed_at, note) "
@@ -202,6 +240,8 @@ class ReviewStore:
 
     def annotations(self, ident_id: int) -> list[AnnotationRow]:
         """Every review of ``ident_id``, oldest first (the last one decides its status)."""
+        if not self.has_reviews():
+            return []
         rows = self._query(
             f"SELECT {_ANNOTATION_COLUMNS} FROM annotations WHERE identification_id = ? "
             "ORDER BY id",
@@ -212,8 +252,11 @@ class ReviewStore:
     def review_status(self, ident_ids: Sequence[int]) -> dict[int, str]:
         """Per id: ``predicted``, ``validated`` or ``not_a_taxon`` (see the module)."""
         out = dict.fromkeys(ident_ids, "predicted")
-        for start in range(0, len(out), 500):
-            chunk = list(out)[start : start + 500]
+        if not out or not self.has_reviews():
+            return out
+        ids = list(out)
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
             marks = ", ".join("?" for _ in chunk)
             rows = self._query(
                 "SELECT a.identification_id, a.label FROM annotations a WHERE a.id IN ("
@@ -238,20 +281,25 @@ class ReviewStore:
         """Unreviewed identifications to review (see the module) and how many there are.
 
         ``filters`` narrow it (device, label, time...); rejected captures (no
-        classification) are never in it.
+        classification) are never in it. ``qc_share`` (0..1) of the confident ones
+        (status ``ok``, score at least ``low_score``) are sampled, chosen by ``seed``.
         """
         where = self._where(filters)
-        qc = " OR ".join("(lower(substr(image_sha256, 1, 4)) >= ? AND "
-                         "lower(substr(image_sha256, 1, 4)) < ?)"
-                         for _ in qc_ranges(qc_share, seed)) or "1 = 0"  # fmt: skip
-        qc_params = [v for span in qc_ranges(qc_share, seed) for v in span]
+        spans = qc_ranges(qc_share, seed)
+        prefix = "lower(substr(image_sha256, 1, 4))"
+        qc = " OR ".join(f"({prefix} >= ? AND {prefix} < ?)" for _ in spans) or "1 = 0"
         urgent = "(status = 'uncertain' OR score < ?)"
+        reviewed = (
+            " AND NOT EXISTS (SELECT 1 FROM annotations a "
+            "WHERE a.identification_id = identifications.id)"
+            if self.has_reviews()
+            else ""
+        )
         body = (
             f"FROM identifications{where.sql}{' AND' if where.sql else ' WHERE'} "
-            "status <> 'rejected' AND NOT EXISTS (SELECT 1 FROM annotations a "
-            f"WHERE a.identification_id = identifications.id) AND ({urgent} OR {qc})"
+            f"status <> 'rejected'{reviewed} AND ({urgent} OR {qc})"
         )
-        params = [*where.params, low_score, *qc_params]
+        params = [*where.params, low_score, *(v for span in spans for v in span)]
         total = int(self._query(f"SELECT COUNT(*) {body}", params)[0][0])
         sql = (
             f"SELECT {', '.join(_ROW_COLUMNS)}, CASE WHEN status = 'uncertain' THEN 'uncertain' "
@@ -267,12 +315,14 @@ class ReviewStore:
     ) -> Iterator[tuple[IdentificationRow, AnnotationRow]]:
         """Each reviewed identification matching ``filters`` with its latest review,
         oldest capture first (the ``folders`` export)."""
+        if not self.has_reviews():
+            return
         where = self._where(filters)
         sql = (
             f"SELECT {', '.join('i.' + c for c in _ROW_COLUMNS)}, "
             f"{', '.join('a.' + c.strip() for c in _ANNOTATION_COLUMNS.split(','))} "
-            "FROM (SELECT * FROM identifications"
-            f"{where.sql}) AS i JOIN annotations a ON a.identification_id = i.id "
+            f"FROM (SELECT * FROM identifications{where.sql}) AS i "
+            "JOIN annotations a ON a.identification_id = i.id "
             "WHERE a.id = (SELECT MAX(id) FROM annotations WHERE identification_id = i.id) "
             "ORDER BY i.captured_at, i.id"
         )

@@ -10,8 +10,7 @@ import msgspec
 
 from fieldscope.edge.errors import FieldscopeError
 
-# 1: identifications, invalid_messages, devices; 2: annotations (reviews).
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 1
 DEFAULT_DB = "fieldscope-collect.sqlite"
 BUSY_TIMEOUT_S = 30.0
 # A jump in a device's seq larger than this is a new outbox on the station (a new file

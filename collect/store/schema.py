@@ -1,9 +1,4 @@
-"""The tables, in each database's dialect (one schema, see the package docstring).
-
-Every statement is ``IF NOT EXISTS``: opening an older database for writing adds what
-a later version brought (schema 2: ``annotations``, the experts' reviews) and the
-version row is raised (``Store._check_version``).
-"""
+"""The tables, in each database's dialect (one schema, see the package docstring)."""
 
 _SQLITE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS fieldscope_schema (version INTEGER NOT NULL);
@@ -65,15 +60,6 @@ CREATE TABLE IF NOT EXISTS devices (
     model_info TEXT,
     updated_at TEXT NOT NULL
 );
-CREATE TABLE IF NOT EXISTS annotations (
-    id INTEGER PRIMARY KEY,
-    identification_id INTEGER NOT NULL REFERENCES identifications (id),
-    label TEXT NOT NULL,
-    reviewer TEXT NOT NULL,
-    reviewed_at TEXT NOT NULL,
-    note TEXT
-);
-CREATE INDEX IF NOT EXISTS annotations_identification ON annotations (identification_id, id);
 """
 
 _POSTGRES_SCHEMA = """
@@ -136,13 +122,4 @@ CREATE TABLE IF NOT EXISTS devices (
     model_info JSONB,
     updated_at TIMESTAMPTZ NOT NULL
 );
-CREATE TABLE IF NOT EXISTS annotations (
-    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    identification_id BIGINT NOT NULL REFERENCES identifications (id),
-    label TEXT NOT NULL,
-    reviewer TEXT NOT NULL,
-    reviewed_at TIMESTAMPTZ NOT NULL,
-    note TEXT
-);
-CREATE INDEX IF NOT EXISTS annotations_identification ON annotations (identification_id, id);
 """
