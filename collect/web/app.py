@@ -23,7 +23,7 @@ from litestar.openapi.plugins import JsonRenderPlugin
 from litestar.params import PathParameter
 
 from fieldscope.collect.store import StoreError
-from fieldscope.collect.web import api
+from fieldscope.collect.web import api, review_api
 from fieldscope.collect.web.files import MAX_ROW_ID, ROW_ID, static_file, thumbnail_jpeg
 from fieldscope.collect.web.guards import authorize, read_upload
 from fieldscope.collect.web.pages import Pages, html
@@ -197,15 +197,16 @@ def create_app(pages: Pages) -> _ASGI:
             static,
             openapi_json,
             api.router,
+            review_api.router,
         ],
         state=State({"pages": pages}),
         exception_handlers={Exception: on_error},
         openapi_config=OpenAPIConfig(
             title="fieldscope collector API",
             version="1",
-            description="What the collector stored, and classifying an upload. "
-            "Write endpoints need `Authorization: Bearer TOKEN` when the dashboard "
-            "runs with --auth-file.",
+            description="What the collector stored, classifying an upload, and experts' "
+            "reviews. Write endpoints need `Authorization: Bearer TOKEN` when the dashboard "
+            "runs with --auth-file; posting a review always does.",
             # Litestar also serves it (and a 404 for anything else) under this path;
             # /api/v1/openapi.json is the handler openapi_json below.
             path="/api/v1/openapi",
