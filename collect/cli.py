@@ -81,9 +81,12 @@ def _add_run(actions: Any) -> None:
 def _add_export(actions: Any) -> None:
     e = actions.add_parser(
         "export",
-        help="write stored identifications as CSV, Parquet, Darwin Core or EcoTaxa TSV",
+        help="write stored identifications as CSV, Parquet, Darwin Core or EcoTaxa TSV, "
+        "or the reviewed images as class folders",
         description="Darwin Core: occurrence records of labelled identifications "
         "(an .zip output is a Darwin Core Archive). EcoTaxa: the TSV EcoTaxa imports. "
+        "folders: the reviewed images in one folder per validated label, with a "
+        "manifest.csv (training data for the next model; needs --archive). "
         "Times are UTC; a date or time without an offset is UTC.",
     )
     e.add_argument("--db", default=DEFAULT_DB, help=f"database URL or file (default {DEFAULT_DB})")
@@ -95,7 +98,9 @@ def _add_export(actions: Any) -> None:
         help="one of %(choices)s",
         dest="fmt",
     )
-    e.add_argument("--out", type=Path, required=True, help="the file to write")
+    e.add_argument(
+        "--out", type=Path, required=True, help="the file to write (folders: a new folder)"
+    )
     _filter_arguments(e)
     e.add_argument(
         "--id-prefix",
@@ -108,6 +113,16 @@ def _add_export(actions: Any) -> None:
         "({prefix}/{station}/{device}/{day}/{file})",
     )
     e.add_argument("--dataset-name", default="", help="Darwin Core datasetName")
+    e.add_argument(
+        "--archive",
+        type=Path,
+        help="folders: the copies of the stations' image archives (as for collect serve)",
+    )
+    e.add_argument(
+        "--not-a-taxon-folder",
+        action="store_true",
+        help="folders: put images reviewed as 'not a taxon' in _not_a_taxon/ (default: leave out)",
+    )
     e.set_defaults(handler=_export)
 
 
@@ -368,6 +383,8 @@ def _export(args: argparse.Namespace) -> int:
             media_url_prefix=args.media_url_prefix,
             dataset_name=args.dataset_name,
             progress=lambda n: print(f"  {n:,} rows...", file=sys.stderr),
+            archive=args.archive,
+            not_a_taxon=args.not_a_taxon_folder,
         )
     print(f"wrote {summary.rows:,} {summary.format} record(s) to {summary.path}")
     if summary.skipped:

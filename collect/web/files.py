@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import re
 from importlib import resources
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
+from fieldscope.collect.archive import resolve_archived
 from fieldscope.collect.store import IdentificationRow
 from fieldscope.collect.web.settings import THUMB_SIDE
 from fieldscope.collect.web.uploads import _shrink
@@ -27,33 +28,6 @@ CONTENT_TYPES = {
 # Row ids are 64-bit integers in both databases.
 ROW_ID = re.compile(r"[0-9]{1,19}")
 MAX_ROW_ID = 2**63 - 1
-
-
-def resolve_archived(archive: Path, station: str, device: str, archived_path: str) -> Path | None:
-    """The local copy of a station's archived image, or None.
-
-    A station archives ``<its archive dir>/<UTC day>/<file>``; the collector's host
-    keeps copies of the archives as ``ARCHIVE/<station>/<device>/<day>/<file>``
-    (e.g. rsync of each station's folder), or ``ARCHIVE/<device>/<day>/<file>``, or
-    all in one ``ARCHIVE/<day>/<file>``. Only the day folder and the file name of the
-    station's path are used, and the result must lie inside ``archive``.
-    """
-    parts = PurePosixPath(archived_path.replace("\\", "/")).parts[-2:]
-    if not parts or any(p in ("", ".", "..") for p in parts):
-        return None
-    root = archive.resolve()
-    candidates = []
-    for base in (root / station / device, root / device, root):
-        candidates.append(base.joinpath(*parts))
-        candidates.append(base / parts[-1])
-    for candidate in candidates:
-        try:
-            resolved = candidate.resolve()
-        except (OSError, RuntimeError):
-            continue
-        if resolved.is_relative_to(root) and resolved.is_file():
-            return resolved
-    return None
 
 
 def thumbnail_jpeg(archive: Path, row: IdentificationRow | None) -> bytes | str:
