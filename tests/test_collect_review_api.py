@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import json
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -144,3 +146,52 @@ def test_openapi_lists_the_review_endpoints(url: str) -> None:
     assert "get" in paths["/api/v1/review/queue"]
     assert {"get", "post"} <= set(paths["/api/v1/identifications/{ident}/annotations"])
     assert {"ReviewQueue", "AnnotationRow", "NewAnnotation"} <= set(doc["components"]["schemas"])
+
+
+# --- the HTML page: its login and its form, without a browser ------------------------------
+
+
+def _form(url: str, fields: str, headers: dict[str, str]) -> tuple[int, str, str | None]:
+    """POST the review form; status, text and Location (redirects are not followed)."""
+
+    class Keep(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: object, **kwargs: object) -> None:
+            return None
+
+    form = {**headers, "Content-Type": "application/x-www-form-urlencoded"}
+    request = urllib.request.Request(url + "/review", fields.encode(), form, method="POST")
+    try:
+        with urllib.request.build_opener(Keep).open(request, timeout=30) as response:
+            return response.status, response.read().decode(), response.headers.get("Location")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(), exc.headers.get("Location")
+
+
+def test_review_page_needs_a_login_and_refuses_other_sites(url: str, review_db: Path) -> None:
+    status, _, headers = call(url + "/review")
+    assert status == 401
+    assert headers["WWW-Authenticate"].startswith("Basic")
+    basic = {"Authorization": "Basic " + base64.b64encode(f"alice:{TOKEN}".encode()).decode()}
+    status, page, _ = call(url + "/review?device=scope-a", headers=basic)
+    assert status == 200
+    assert 'accesskey="1"' in page
+    assert "low score" in page
+    # An answer keeps the filters and the position; the page then shows the next one.
+    status, _, location = _form(url, "ident=1&answer=B&device=scope-a&n=0", basic)
+    assert (status, location) == (303, "/review?device=scope-a&n=0&saved=1")
+    with open_store(str(review_db), create=False) as store:
+        assert [(a.label, a.reviewer) for a in store.annotations(1)] == [("B", "alice")]
+    status, page, _ = _form(url, "ident=2&other=Dragon&n=0", basic)
+    assert status == 400
+    assert "unknown label &#39;Dragon&#39;; known labels: A, B, C" in page
+    status, page, _ = _form(url, "ident=2&answer=A", {**basic, "Sec-Fetch-Site": "cross-site"})
+    assert status == 403
+    assert "must come from this dashboard" in page
+    assert _form(url, "ident=2&answer=A", {})[0] == 401
+
+
+def test_review_page_without_an_auth_file_says_how_to_get_one(review_db: Path) -> None:
+    for base in serve(DashboardSettings(db_url=str(review_db), port=0)):
+        status, page, _ = call(base + "/review")
+        assert status == 403
+        assert "--auth-file" in page

@@ -27,6 +27,7 @@ from fieldscope.collect.web import api, review_api
 from fieldscope.collect.web.files import MAX_ROW_ID, ROW_ID, static_file, thumbnail_jpeg
 from fieldscope.collect.web.guards import authorize, read_upload
 from fieldscope.collect.web.pages import Pages, html
+from fieldscope.collect.web.review_page import review_form, review_submit
 
 __all__ = ["create_app"]
 
@@ -192,6 +193,8 @@ def create_app(pages: Pages) -> _ASGI:
             invalid,
             upload_form,
             upload,
+            review_form,
+            review_submit,
             healthz,
             thumb,
             static,
