@@ -3,6 +3,7 @@
     fieldscope collect --broker HOST[:PORT] [--db URL] [--topic-prefix P]   (same as `run`)
     fieldscope collect run --broker HOST[:PORT] ...
     fieldscope collect export --db URL --format csv|parquet|darwin-core|ecotaxa --out FILE
+    fieldscope collect export --db URL --format folders --out NEW_DIR --archive DIR
     fieldscope collect serve --db URL [--port 8080] [--bundle DIR ...] [--archive DIR]
                              [--host ADDR --auth-file FILE]
 
@@ -51,7 +52,7 @@ def register(subparsers: Any) -> None:
         description="Without an action (or with `run`): subscribe to every device's "
         "identifications, status, heartbeats and model info and store them, once each, "
         "in SQLite or PostgreSQL. `export` writes CSV, Parquet, Darwin Core or EcoTaxa "
-        "files; `serve` runs the web dashboard.",
+        "files, or the reviewed images as class folders; `serve` runs the web dashboard.",
     )
     _run_arguments(p, required=False)
     p.set_defaults(handler=_run)
