@@ -30,8 +30,11 @@ ROW_ID = re.compile(r"[0-9]{1,19}")
 MAX_ROW_ID = 2**63 - 1
 
 
-def thumbnail_jpeg(archive: Path, row: IdentificationRow | None) -> bytes | str:
-    """A small JPEG of the row's archived image, or why there is none (a 404's text)."""
+def thumbnail_jpeg(
+    archive: Path, row: IdentificationRow | None, side: int = THUMB_SIDE
+) -> bytes | str:
+    """A JPEG of the row's archived image at most ``side`` pixels wide and high (small
+    for the tables, larger for the review page), or why there is none (a 404's text)."""
     if row is None or row.archived_path is None:
         return "No archived image for this one."
     path = resolve_archived(archive, row.station, row.device, row.archived_path)
@@ -45,7 +48,7 @@ def thumbnail_jpeg(archive: Path, row: IdentificationRow | None) -> bytes | str:
         rgb = load_image(path)
     except FieldscopeError as exc:
         return str(exc)
-    ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(_shrink(rgb, THUMB_SIDE), cv2.COLOR_RGB2BGR))
+    ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(_shrink(rgb, side), cv2.COLOR_RGB2BGR))
     if not ok:
         return "Cannot encode the thumbnail."
     return bytes(encoded.tobytes())

@@ -60,7 +60,7 @@ def _item_context(pages: Pages, item: QueueItem, labels: set[str]) -> dict[str, 
             {"key": keys[i], "label": label, "score": score}
             for i, (label, score) in enumerate(row.top_k[:9])
         ],
-        "image": f"/thumb/{row.id}" if pages.settings.archive and row.archived_path else None,
+        "image": f"/preview/{row.id}" if pages.settings.archive and row.archived_path else None,
         "labels": sorted(labels),
     }
 
