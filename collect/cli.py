@@ -3,6 +3,7 @@
     fieldscope collect --broker HOST[:PORT] [--db URL] [--topic-prefix P]   (same as `run`)
     fieldscope collect run --broker HOST[:PORT] ...
     fieldscope collect export --db URL --format csv|parquet|darwin-core|ecotaxa --out FILE
+    fieldscope collect export --db URL --format folders --out NEW_DIR --archive DIR
     fieldscope collect serve --db URL [--port 8080] [--bundle DIR ...] [--archive DIR]
                              [--host ADDR --auth-file FILE]
 
@@ -51,7 +52,7 @@ def register(subparsers: Any) -> None:
         description="Without an action (or with `run`): subscribe to every device's "
         "identifications, status, heartbeats and model info and store them, once each, "
         "in SQLite or PostgreSQL. `export` writes CSV, Parquet, Darwin Core or EcoTaxa "
-        "files; `serve` runs the web dashboard.",
+        "files, or the reviewed images as class folders; `serve` runs the web dashboard.",
     )
     _run_arguments(p, required=False)
     p.set_defaults(handler=_run)
@@ -81,9 +82,12 @@ def _add_run(actions: Any) -> None:
 def _add_export(actions: Any) -> None:
     e = actions.add_parser(
         "export",
-        help="write stored identifications as CSV, Parquet, Darwin Core or EcoTaxa TSV",
+        help="write stored identifications as CSV, Parquet, Darwin Core or EcoTaxa TSV, "
+        "or the reviewed images as class folders",
         description="Darwin Core: occurrence records of labelled identifications "
         "(an .zip output is a Darwin Core Archive). EcoTaxa: the TSV EcoTaxa imports. "
+        "folders: the reviewed images in one folder per validated label, with a "
+        "manifest.csv (training data for the next model; needs --archive). "
         "Times are UTC; a date or time without an offset is UTC.",
     )
     e.add_argument("--db", default=DEFAULT_DB, help=f"database URL or file (default {DEFAULT_DB})")
@@ -95,7 +99,9 @@ def _add_export(actions: Any) -> None:
         help="one of %(choices)s",
         dest="fmt",
     )
-    e.add_argument("--out", type=Path, required=True, help="the file to write")
+    e.add_argument(
+        "--out", type=Path, required=True, help="the file to write (folders: a new folder)"
+    )
     _filter_arguments(e)
     e.add_argument(
         "--id-prefix",
@@ -108,6 +114,16 @@ def _add_export(actions: Any) -> None:
         "({prefix}/{station}/{device}/{day}/{file})",
     )
     e.add_argument("--dataset-name", default="", help="Darwin Core datasetName")
+    e.add_argument(
+        "--archive",
+        type=Path,
+        help="folders: the copies of the stations' image archives (as for collect serve)",
+    )
+    e.add_argument(
+        "--not-a-taxon-folder",
+        action="store_true",
+        help="folders: put images reviewed as 'not a taxon' in _not_a_taxon/ (default: leave out)",
+    )
     e.set_defaults(handler=_export)
 
 
@@ -368,6 +384,8 @@ def _export(args: argparse.Namespace) -> int:
             media_url_prefix=args.media_url_prefix,
             dataset_name=args.dataset_name,
             progress=lambda n: print(f"  {n:,} rows...", file=sys.stderr),
+            archive=args.archive,
+            not_a_taxon=args.not_a_taxon_folder,
         )
     print(f"wrote {summary.rows:,} {summary.format} record(s) to {summary.path}")
     if summary.skipped:

@@ -309,7 +309,7 @@ def test_a_format_added_to_a_copy_of_the_registry_runs_through_export(
     assert "labels" not in EXPORTERS
     with pytest.raises(
         ExportError,
-        match="unknown export format 'labels'; known: csv, parquet, darwin-core, ecotaxa",
+        match="unknown export format 'labels'; known: csv, parquet, darwin-core, ecotaxa, folders",
     ):
         export(store, "labels", tmp_path / "again.txt")
 
@@ -317,8 +317,9 @@ def test_a_format_added_to_a_copy_of_the_registry_runs_through_export(
 def test_the_format_names_and_command_line_choices_come_from_the_registry() -> None:
     from fieldscope.cli.main import build_parser
 
-    assert FORMATS == EXPORTERS.names() == ("csv", "parquet", "darwin-core", "ecotaxa")
-    assert [EXPORTERS[name].suffix for name in FORMATS] == [".csv", ".parquet", ".zip", ".tsv"]
+    names = ("csv", "parquet", "darwin-core", "ecotaxa", "folders")
+    assert FORMATS == EXPORTERS.names() == names
+    assert [EXPORTERS[name].suffix for name in FORMATS] == [".csv", ".parquet", ".zip", ".tsv", ""]
     parser = build_parser()
     with pytest.raises(SystemExit):
         parser.parse_args(["collect", "export", "--format", "labels", "--out", "x"])

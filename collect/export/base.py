@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from fieldscope.collect.store import RECORD_COLUMNS, IdentificationRow
+from fieldscope.collect.store import RECORD_COLUMNS, AnnotationRow, IdentificationRow
 from fieldscope.edge.errors import FieldscopeError
 
 __all__ = [
@@ -70,23 +70,36 @@ class ExportSummary:
 @dataclass(frozen=True)
 class ExportOptions:
     """What the user may set beyond the format: Darwin Core's ``occurrenceID`` prefix,
-    the URL prefix of archived images, the dataset's name."""
+    the URL prefix of archived images, the dataset's name, the image archive."""
 
     id_prefix: str = "fieldscope"
     media_url_prefix: str | None = None
     dataset_name: str = ""
+    # The folders export: the copies of the stations' image archives, and whether the
+    # captures reviewed as "not a taxon" get a folder of their own.
+    archive: Path | None = None
+    not_a_taxon: bool = False
 
 
 @dataclass(frozen=True)
 class ExportFormat:
     """One export format as the registry knows it: ``write(rows, out, options)`` writes
     the rows to ``out`` (atomically) and says what it wrote; ``suffix`` is the usual
-    file suffix (``.csv``), ``summary`` one line for help texts."""
+    file suffix (``.csv``), ``summary`` one line for help texts; ``reviewed``, when
+    set, is used instead of ``write`` (see below)."""
 
     name: str
     suffix: str
     write: Callable[[Iterable[IdentificationRow], Path, ExportOptions], ExportSummary]
     summary: str = ""
+    # A format of reviewed identifications gets each one with its latest review
+    # (``Store.iter_reviewed``) instead, and writes a folder.
+    reviewed: (
+        Callable[
+            [Iterable[tuple[IdentificationRow, AnnotationRow]], Path, ExportOptions], ExportSummary
+        ]
+        | None
+    ) = None
 
 
 def parse_time(text: str, what: str = "time") -> datetime:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from fieldscope.collect.export import csvfile, darwincore, ecotaxa, parquet
+from fieldscope.collect.export import csvfile, darwincore, ecotaxa, folders, parquet
 from fieldscope.collect.export.base import ExportError, ExportFormat, ExportOptions, ExportSummary
 from fieldscope.collect.store import Filters, IdentificationRow, Store
 from fieldscope.edge.registry import Registry
@@ -22,7 +22,10 @@ __all__ = ["EXPORTERS", "FORMATS", "export"]
 
 EXPORTERS: Registry[ExportFormat] = Registry(
     "export format",
-    ((f.name, f) for f in (csvfile.FORMAT, parquet.FORMAT, darwincore.FORMAT, ecotaxa.FORMAT)),
+    (
+        (f.name, f)
+        for f in (csvfile.FORMAT, parquet.FORMAT, darwincore.FORMAT, ecotaxa.FORMAT, folders.FORMAT)
+    ),
 )
 FORMATS: tuple[str, ...] = EXPORTERS.names()
 
@@ -49,6 +52,8 @@ def export(
     dataset_name: str = "",
     progress: Callable[[int], None] | None = None,
     formats: Registry[ExportFormat] = EXPORTERS,
+    archive: Path | None = None,
+    not_a_taxon: bool = False,
 ) -> ExportSummary:
     """Write the identifications matching ``filters`` to ``out`` in format ``fmt``.
 
@@ -56,7 +61,9 @@ def export(
     use your institution's, e.g. a URN, to make them globally unique);
     ``media_url_prefix`` turns archived image paths into URLs
     (``{prefix}/{station}/{device}/{day}/{file}``). ``formats`` is the registry to
-    look ``fmt`` up in.
+    look ``fmt`` up in. ``archive`` (the copies of the stations' image archives) and
+    ``not_a_taxon`` (a folder for those) are for ``folders``, which writes the
+    reviewed identifications matching ``filters`` into the new folder ``out``.
 
     Raises:
         ExportError: unknown format (the message lists the known ones) or unwritable
@@ -65,7 +72,11 @@ def export(
     """
     chosen = formats.lookup(fmt, ExportError)
     out = Path(out)
+    options = ExportOptions(
+        id_prefix, media_url_prefix, dataset_name, archive=archive, not_a_taxon=not_a_taxon
+    )
+    if chosen.reviewed is not None:
+        return chosen.reviewed(store.iter_reviewed(filters or Filters()), out, options)
     if out.is_dir():
         raise ExportError(f"--out {out} is a folder; give a file name")
-    options = ExportOptions(id_prefix, media_url_prefix, dataset_name)
     return chosen.write(_rows(store, filters, progress), out, options)

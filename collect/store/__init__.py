@@ -29,6 +29,14 @@ from urllib.parse import unquote
 
 from fieldscope.collect.store.base import Store
 from fieldscope.collect.store.dialects import PostgresStore, SqliteStore
+from fieldscope.collect.store.reviews import (
+    NOT_A_TAXON,
+    REVIEW_STATUSES,
+    AnnotationError,
+    AnnotationRow,
+    QueueItem,
+    UnknownIdentificationError,
+)
 from fieldscope.collect.store.rows import (
     BUSY_TIMEOUT_S,
     DEFAULT_DB,
@@ -49,18 +57,24 @@ __all__ = [
     "BUSY_TIMEOUT_S",
     "DEFAULT_DB",
     "MAX_GAP",
+    "NOT_A_TAXON",
     "RECORD_COLUMNS",
+    "REVIEW_STATUSES",
     "SCHEMA_VERSION",
+    "AnnotationError",
+    "AnnotationRow",
     "DeviceRow",
     "Filters",
     "IdentificationRow",
     "InvalidRow",
     "PostgresStore",
+    "QueueItem",
     "SeqGap",
     "SqliteStore",
     "Store",
     "StoreDataError",
     "StoreError",
+    "UnknownIdentificationError",
     "WriteResult",
     "open_store",
 ]

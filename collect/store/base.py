@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from fieldscope.collect.store.reviews import ReviewStore
 from fieldscope.collect.store.rows import (
     _ROW_COLUMNS,
     MAX_GAP,
@@ -24,7 +25,7 @@ from fieldscope.collect.store.writer import StoreWriter
 # --- the store ---------------------------------------------------------------------------------
 
 
-class Store(StoreWriter):
+class Store(StoreWriter, ReviewStore):
     """One connection to the collector's database; not thread-safe (one per thread).
 
     Create with :func:`open_store`. Use as a context manager or call :meth:`close`.
@@ -53,6 +54,12 @@ class Store(StoreWriter):
                 return [tuple(row) for row in cur.fetchall()]
             finally:
                 cur.close()
+
+    def _write_one(self, sql: str, params: Sequence[Any]) -> Any:
+        """Run one ``INSERT ... RETURNING`` in its own transaction; the value returned."""
+        with self._guard("write"), self._transaction() as cur:
+            cur.execute(self._sql(sql), list(params))
+            return cur.fetchone()[0]
 
     def _check_version(self, cur: Any) -> None:
         cur.execute("SELECT version FROM fieldscope_schema")

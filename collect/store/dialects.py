@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from fieldscope.collect.store.base import Store
+from fieldscope.collect.store.reviews import POSTGRES_REVIEWS, SQLITE_REVIEWS
 from fieldscope.collect.store.rows import BUSY_TIMEOUT_S, StoreError
 from fieldscope.collect.store.schema import _POSTGRES_SCHEMA, _SQLITE_SCHEMA
 from fieldscope.edge.errors import MissingDependencyError
@@ -48,7 +49,7 @@ class SqliteStore(Store):
                 self._conn.execute("PRAGMA journal_mode=WAL")
                 self._conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
                 with self._transaction() as cur:
-                    for statement in _SQLITE_SCHEMA.split(";"):
+                    for statement in (_SQLITE_SCHEMA + SQLITE_REVIEWS).split(";"):
                         if statement.strip():
                             cur.execute(statement)
                     self._check_version(cur)
@@ -109,6 +110,7 @@ class PostgresStore(Store):
     """PostgreSQL through psycopg 3, for a fleet beyond one SQLite file."""
 
     _json_param = "?::jsonb"
+    _review_table_sql = "SELECT COUNT(to_regclass('annotations'))"
 
     def __init__(self, url: str, *, create: bool = True) -> None:
         try:
@@ -129,6 +131,7 @@ class PostgresStore(Store):
                 with self._transaction() as cur:
                     cur.execute("SELECT pg_advisory_xact_lock(%s)", [_SCHEMA_LOCK])
                     cur.execute(_POSTGRES_SCHEMA)
+                    cur.execute(POSTGRES_REVIEWS)
                     self._check_version(cur)
             else:
                 cur = self._conn.cursor()

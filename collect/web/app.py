@@ -23,10 +23,12 @@ from litestar.openapi.plugins import JsonRenderPlugin
 from litestar.params import PathParameter
 
 from fieldscope.collect.store import StoreError
-from fieldscope.collect.web import api
+from fieldscope.collect.web import api, review_api
 from fieldscope.collect.web.files import MAX_ROW_ID, ROW_ID, static_file, thumbnail_jpeg
 from fieldscope.collect.web.guards import authorize, read_upload
 from fieldscope.collect.web.pages import Pages, html
+from fieldscope.collect.web.review_page import review_form, review_submit
+from fieldscope.collect.web.settings import PREVIEW_SIDE, THUMB_SIDE
 
 __all__ = ["create_app"]
 
@@ -88,18 +90,27 @@ def healthz() -> Response[bytes]:
     return Response(b"ok\n", media_type="text/plain")
 
 
-@get("/thumb/{ident:str}", include_in_schema=False, sync_to_thread=True)
-def thumb(ident: Annotated[str, PathParameter()], state: State) -> Response[bytes]:
-    pages = pages_of(state)
+def _archived_jpeg(pages: Pages, ident: str, side: int, what: str) -> Response[bytes]:
     archive = pages.settings.archive
     if archive is None or not ROW_ID.fullmatch(ident) or int(ident) > MAX_ROW_ID:
-        return pages.error_page(HTTPStatus.NOT_FOUND, "No such thumbnail.")
+        return pages.error_page(HTTPStatus.NOT_FOUND, f"No such {what}.")
     with pages.store() as store:
         row = store.identification(int(ident))
-    jpeg = thumbnail_jpeg(archive, row)
+    jpeg = thumbnail_jpeg(archive, row, side)
     if isinstance(jpeg, str):
         return pages.error_page(HTTPStatus.NOT_FOUND, jpeg)
     return Response(jpeg, media_type="image/jpeg")
+
+
+@get("/thumb/{ident:str}", include_in_schema=False, sync_to_thread=True)
+def thumb(ident: Annotated[str, PathParameter()], state: State) -> Response[bytes]:
+    return _archived_jpeg(pages_of(state), ident, THUMB_SIDE, "thumbnail")
+
+
+@get("/preview/{ident:str}", include_in_schema=False, sync_to_thread=True)
+def preview(ident: Annotated[str, PathParameter()], state: State) -> Response[bytes]:
+    """The archived image large enough to judge (the review page)."""
+    return _archived_jpeg(pages_of(state), ident, PREVIEW_SIDE, "image")
 
 
 @get("/static/{name:str}", include_in_schema=False, sync_to_thread=False)
@@ -192,20 +203,24 @@ def create_app(pages: Pages) -> _ASGI:
             invalid,
             upload_form,
             upload,
+            review_form,
+            review_submit,
             healthz,
             thumb,
+            preview,
             static,
             openapi_json,
             api.router,
+            review_api.router,
         ],
         state=State({"pages": pages}),
         exception_handlers={Exception: on_error},
         openapi_config=OpenAPIConfig(
             title="fieldscope collector API",
             version="1",
-            description="What the collector stored, and classifying an upload. "
-            "Write endpoints need `Authorization: Bearer TOKEN` when the dashboard "
-            "runs with --auth-file.",
+            description="What the collector stored, classifying an upload, and experts' "
+            "reviews. Write endpoints need `Authorization: Bearer TOKEN` when the dashboard "
+            "runs with --auth-file; posting a review always does.",
             # Litestar also serves it (and a 404 for anything else) under this path;
             # /api/v1/openapi.json is the handler openapi_json below.
             path="/api/v1/openapi",

@@ -25,7 +25,8 @@ MIN_TOKEN_CHARS = 16
 
 @dataclass(frozen=True)
 class AuthResult:
-    """``ok``; else whether credentials came at all (401) or were wrong (403)."""
+    """``ok``; else whether credentials came at all (401) or were wrong (403).
+    ``user``: the token's user, or the HTTP Basic login name given with a bare token."""
 
     ok: bool
     presented: bool
@@ -98,4 +99,5 @@ class TokenFile:
             ):
                 found = True
                 matched = name
-        return AuthResult(ok=found, presented=True, user=matched)
+        # A one-token file names nobody: a browser's login name stands for the person.
+        return AuthResult(ok=found, presented=True, user=matched if matched else user or None)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import re
 from importlib import resources
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
+from fieldscope.collect.archive import resolve_archived
 from fieldscope.collect.store import IdentificationRow
 from fieldscope.collect.web.settings import THUMB_SIDE
 from fieldscope.collect.web.uploads import _shrink
@@ -29,35 +30,11 @@ ROW_ID = re.compile(r"[0-9]{1,19}")
 MAX_ROW_ID = 2**63 - 1
 
 
-def resolve_archived(archive: Path, station: str, device: str, archived_path: str) -> Path | None:
-    """The local copy of a station's archived image, or None.
-
-    A station archives ``<its archive dir>/<UTC day>/<file>``; the collector's host
-    keeps copies of the archives as ``ARCHIVE/<station>/<device>/<day>/<file>``
-    (e.g. rsync of each station's folder), or ``ARCHIVE/<device>/<day>/<file>``, or
-    all in one ``ARCHIVE/<day>/<file>``. Only the day folder and the file name of the
-    station's path are used, and the result must lie inside ``archive``.
-    """
-    parts = PurePosixPath(archived_path.replace("\\", "/")).parts[-2:]
-    if not parts or any(p in ("", ".", "..") for p in parts):
-        return None
-    root = archive.resolve()
-    candidates = []
-    for base in (root / station / device, root / device, root):
-        candidates.append(base.joinpath(*parts))
-        candidates.append(base / parts[-1])
-    for candidate in candidates:
-        try:
-            resolved = candidate.resolve()
-        except (OSError, RuntimeError):
-            continue
-        if resolved.is_relative_to(root) and resolved.is_file():
-            return resolved
-    return None
-
-
-def thumbnail_jpeg(archive: Path, row: IdentificationRow | None) -> bytes | str:
-    """A small JPEG of the row's archived image, or why there is none (a 404's text)."""
+def thumbnail_jpeg(
+    archive: Path, row: IdentificationRow | None, side: int = THUMB_SIDE
+) -> bytes | str:
+    """A JPEG of the row's archived image at most ``side`` pixels wide and high (small
+    for the tables, larger for the review page), or why there is none (a 404's text)."""
     if row is None or row.archived_path is None:
         return "No archived image for this one."
     path = resolve_archived(archive, row.station, row.device, row.archived_path)
@@ -71,7 +48,7 @@ def thumbnail_jpeg(archive: Path, row: IdentificationRow | None) -> bytes | str:
         rgb = load_image(path)
     except FieldscopeError as exc:
         return str(exc)
-    ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(_shrink(rgb, THUMB_SIDE), cv2.COLOR_RGB2BGR))
+    ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(_shrink(rgb, side), cv2.COLOR_RGB2BGR))
     if not ok:
         return "Cannot encode the thumbnail."
     return bytes(encoded.tobytes())

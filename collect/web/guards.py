@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from litestar import Request
+from litestar.connection import ASGIConnection
 from litestar.exceptions import HTTPException
 
 from fieldscope.collect.web.pages import Pages
 
-__all__ = ["authorize", "read_upload"]
+__all__ = ["authorize", "read_upload", "reviewer"]
 
 # An upload up to this many times the limit is read (and dropped) before its 413.
 DRAIN_FACTOR = 4
@@ -35,15 +36,42 @@ def authorize(request: Request[Any, Any, Any], pages: Pages, *, api_client: bool
     """
     if pages.tokens is None:
         return
+    _check(request, pages, api_client=api_client, what="uploads")
+
+
+def reviewer(
+    request: ASGIConnection[Any, Any, Any, Any], pages: Pages, *, api_client: bool
+) -> str | None:
+    """Who sends a review: the token's user (None for a bare token sent as Bearer).
+
+    A review names its reviewer, so it always needs a login, with or without loopback.
+
+    Raises:
+        HTTPException: 403 when the dashboard has no ``--auth-file``; else as
+            :func:`authorize`.
+    """
+    if pages.tokens is None:
+        raise HTTPException(
+            status_code=403,
+            detail="reviews need a login, and this dashboard has none: start it with "
+            "--auth-file FILE (lines of user:token; the user is the reviewer)",
+        )
+    return _check(request, pages, api_client=api_client, what="reviews")
+
+
+def _check(
+    request: ASGIConnection[Any, Any, Any, Any], pages: Pages, *, api_client: bool, what: str
+) -> str | None:
+    assert pages.tokens is not None
     result = pages.tokens.check(request.headers.get("authorization"))
     if result.ok:
-        return
+        return result.user
     if result.presented and api_client:
         raise HTTPException(status_code=403, detail="the token is not accepted")
-    challenge = 'Bearer realm="fieldscope"' if api_client else 'Basic realm="fieldscope uploads"'
+    challenge = 'Bearer realm="fieldscope"' if api_client else f'Basic realm="fieldscope {what}"'
     raise HTTPException(
         status_code=401,
-        detail="uploads need a token: send Authorization: Bearer TOKEN "
+        detail=f"{what} need a token: send Authorization: Bearer TOKEN "
         "(or log in with user and token)",
         headers={"WWW-Authenticate": challenge},
     )

@@ -70,6 +70,7 @@ class Pages:
         self.tokens = None if settings.auth_file is None else TokenFile.load(settings.auth_file)
         with self.store():
             pass  # fail now, with a clear message, if the database is not there
+        self._prepare_reviews()
         self.models: list[LoadedModel] = load_models(settings.bundles, settings.public_key)
         self._env = _templates()
         # Drawing a chart takes 0.1-0.5 s; the same data (paging, several viewers, a
@@ -83,6 +84,24 @@ class Pages:
             yield store
         finally:
             store.close()
+
+    @contextlib.contextmanager
+    def writable_store(self) -> Iterator[Store]:
+        """A store that may write (reviews); the database exists (checked at start)."""
+        store = open_store(self.settings.db_url, create=True)
+        try:
+            yield store
+        finally:
+            store.close()
+
+    def _prepare_reviews(self) -> None:
+        """Give an older database its annotations table now (opening for writing adds
+        it), so the review queue can leave reviewed ones out from the first request."""
+        try:
+            with self.writable_store():
+                pass
+        except FieldscopeError as exc:
+            logger.warning("reviews cannot be stored in this database: %s", exc)
 
     def render(self, template: str, status: int = 200, **context: Any) -> Response[bytes]:
         page = self._env.get_template(template).render(
