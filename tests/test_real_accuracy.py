@@ -3,11 +3,12 @@
 A small sample of ``ndsb24`` (24 classes of real in-situ plankton images from
 PlanktonSet 1.0, the 2015 National Data Science Bowl set, NOAA NCEI accession 0127422;
 the folder lies beside the repository, never in it): the first 6 classes, 50 images
-each, read where they lie (symlinks, nothing copied). ``fieldscope train`` with its defaults (only the image size
-lowered, for time) and ``fieldscope convert`` to int8 must be at least as accurate on
-the held-out images, classified by the edge, as a linear probe trained here on the same
-backbone's frozen ImageNet features: a scikit-learn logistic regression with C chosen on
-validation, which is the ten-line notebook a scientist would otherwise write.
+each, read where they lie (symlinks, nothing copied). ``fieldscope train`` with its
+defaults (only the image size lowered, for time) and ``fieldscope convert`` to int8 must
+be at least as accurate on the held-out images, classified by the edge, as a linear
+probe trained here on the same backbone's frozen ImageNet features: a scikit-learn
+logistic regression with C chosen on validation, which is the ten-line notebook a
+scientist would otherwise write.
 
 Unset or missing data skips locally and fails under CI (``CI=true``).
 """

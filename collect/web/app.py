@@ -228,5 +228,8 @@ def create_app(pages: Pages) -> _ASGI:
         ),
         request_max_body_size=pages.settings.max_upload_bytes + 64 * 1024,
         debug=False,
+        # The process logs as its command line configured it (cli/main.py); Litestar's
+        # default would add its own INFO handler to the root logger.
+        logging_config=None,
     )
     return with_security_headers(cast(_ASGI, app))
