@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fieldscope.edge.bundle import generate_keypair
-from fieldscope.edge.errors import BundleError
+from fieldscope.edge.errors import BundleError, create_folder
 from fieldscope.edge.signing import load_private_key
 
 __all__ = ["check_private_key", "key_paths", "new_keypair"]
@@ -38,12 +38,7 @@ def new_keypair(prefix: Path, *, overwrite: bool = False) -> tuple[Path, Path]:
             created or written.
     """
     private, public = key_paths(prefix)
-    try:
-        private.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BundleError(
-            f"cannot write keys: cannot create the folder {private.parent}: {exc.strerror or exc}"
-        ) from exc
+    create_folder(private.parent, "the folder for the keys", BundleError)
     generate_keypair(private, public, overwrite=overwrite)
     return private, public
 
