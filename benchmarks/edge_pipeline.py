@@ -43,7 +43,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -593,9 +592,8 @@ def main() -> int:
         "publish, int8 bundle on ai-edge-litert",
         quick=args.quick,
     )
-    report.header()
-    with tempfile.TemporaryDirectory(prefix="fieldscope-bench-pipeline-") as tmp:
-        work = args.work or Path(tmp)
+    with report.started() as scratch:
+        work = args.work or scratch
         frames, bundle = prepare(args, work)
         (work / "stage-outbox.sqlite").unlink(missing_ok=True)
 
