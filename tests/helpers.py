@@ -29,6 +29,26 @@ from fieldscope.edge.bundle import MODEL_FILE, FileEntry, Manifest, Provenance, 
 from fieldscope.edge.capture import Camera, Frame
 from fieldscope.edge.preprocess import PreprocessRecipe
 
+# The smallest edge configuration that loads: a replay camera, a bundle folder and a
+# broker, all relative to the file's folder. Tests add or replace one part of it.
+MINIMAL_EDGE_CONFIG = """\
+[device]
+station = "pond-3"
+id = "scope-a"
+
+[camera]
+backend = "replay"
+
+[camera.replay]
+path = "images"
+
+[model]
+bundle = "bundles/current"
+
+[mqtt]
+host = "127.0.0.1"
+"""
+
 
 def wait_for(
     condition: Callable[[], bool],
