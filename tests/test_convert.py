@@ -169,6 +169,24 @@ def test_each_mode_runs_on_the_edge_and_agrees_with_keras(
 
 
 @pytest.mark.slow
+def test_overwrite_replaces_the_bundle_whole_and_leaves_nothing_beside_it(
+    trained: Trained, conversions: dict[str, ConversionResult], tmp_path: Path
+) -> None:
+    """An empty folder made for the bundle is taken; --overwrite swaps a new bundle in
+    for the old one, and neither the staging nor the old bundle stays behind."""
+    result = _converted(conversions, trained, "float32")
+    out = tmp_path / "bundles" / "current"
+    out.mkdir(parents=True)
+    for version in ("1", "2"):
+        write_converted_bundle(
+            result, out, model_name="specimens", model_version=version, threshold=0.5,
+            overwrite=True,
+        )  # fmt: skip
+        assert verify_bundle(out).manifest.model_version == version
+    assert [p.name for p in out.parent.iterdir()] == ["current"]
+
+
+@pytest.mark.slow
 def test_quantisation_makes_smaller_bundles(
     trained: Trained, conversions: dict[str, ConversionResult]
 ) -> None:
@@ -474,7 +492,6 @@ def test_fidelity_reports_tflite_runtime_2_14_agreement_when_it_is_available(
     Older Pi images run tflite-runtime 2.14, whose int8 kernels are not LiteRT's: the
     manifest's provenance.fidelity says how often they give the same answer.
     """
-    from fieldscope.edge.bundle import write_bundle
 
     model = tmp_path / "int8.tflite"
     model.write_bytes(tiny_models.int8)
@@ -482,15 +499,7 @@ def test_fidelity_reports_tflite_runtime_2_14_agreement_when_it_is_available(
     images = rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
     for i in range(12):
         images[i, :, :, i % 3] = 250  # a dominant colour: a confident, known answer
-    recipe = PreprocessRecipe(size=(32, 32))
-    bundle = write_bundle(
-        tmp_path / "b",
-        tiny_models.int8,
-        model_name="t",
-        model_version="1",
-        labels=("red", "green", "blue"),
-        preprocessing=recipe,
-    )
+    bundle = tiny_models.bundle(tmp_path / "b")
     litert = np.stack([Classifier(bundle).classify(im).probabilities for im in images])
     monkeypatch.delenv(TFLITE_214_ENV, raising=False)
     assert second_runtime_agreement(model, images, litert, None) is None
