@@ -61,7 +61,7 @@ def make_run(root: Path, tiny_models: Any, *, black_train: bool = False) -> Path
     _write_json(run / "labels.json", list(tiny_models.labels))
     _write_json(run / "config.json", {"seed": 0, "preprocess": RECIPE.to_dict()})
     _write_json(run / "split.json", split)
-    _write_json(run / "run.json", {"status": "complete", "folds": 0})
+    _write_json(run / "run.json", {"data_dir": str(data), "status": "complete", "folds": 0})
     _write_json(
         run / "metrics.json",
         {
