@@ -15,6 +15,7 @@ better (latency, memory). Below 1 it is a cost (durability is not free).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import json
 import math
@@ -24,7 +25,9 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -309,6 +312,14 @@ class Report:
         quick = " (--quick)" if self.quick else ""
         print(f"   load average {_load_text(self.load_start)} at start{quick}")
         sys.stdout.flush()
+
+    @contextlib.contextmanager
+    def started(self) -> Iterator[Path]:
+        """Print the header, then lend the run a scratch folder (brokers, outboxes,
+        bundles) that is removed afterwards, also when the run fails."""
+        self.header()
+        with tempfile.TemporaryDirectory(prefix=f"fieldscope-bench-{self.script}-") as tmp:
+            yield Path(tmp)
 
     def add(self, figure: Figure) -> Figure:
         self.figures.append(figure)

@@ -29,7 +29,6 @@ import json
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -238,14 +237,11 @@ def main() -> int:
         ours="fieldscope Collector: validated, de-duplicated, batched commits, ack after commit",
         quick=args.quick,
     )
-    report.header()
-    with tempfile.TemporaryDirectory(prefix="fieldscope-bench-collect-") as tmp:
-        work = Path(tmp)
-        with Broker(work / "broker") as broker:
-            print(f"collector, {args.messages} messages ...", flush=True)
-            drain, live = ours(broker.port, args.messages, work)
-            print(f"naive subscriber, {args.baseline_messages} messages ...", flush=True)
-            base_drain, base_live = naive(broker.port, args.baseline_messages, work)
+    with report.started() as work, Broker(work / "broker") as broker:
+        print(f"collector, {args.messages} messages ...", flush=True)
+        drain, live = ours(broker.port, args.messages, work)
+        print(f"naive subscriber, {args.baseline_messages} messages ...", flush=True)
+        base_drain, base_live = naive(broker.port, args.baseline_messages, work)
     report.add(
         Figure(
             "drain (broker backlog -> SQLite)",

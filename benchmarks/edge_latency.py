@@ -33,7 +33,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -355,9 +354,8 @@ def main() -> int:
         ours="bundle run by the edge Classifier (ai-edge-litert, no TensorFlow in the process)",
         quick=args.quick,
     )
-    report.header()
-    with tempfile.TemporaryDirectory(prefix="fieldscope-bench-latency-") as tmp:
-        work = args.work or Path(tmp)
+    with report.started() as scratch:
+        work = args.work or scratch
         work.mkdir(parents=True, exist_ok=True)
         try:
             model, data = (

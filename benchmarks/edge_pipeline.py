@@ -43,7 +43,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -263,6 +262,18 @@ def stop_daemon(proc: subprocess.Popen[bytes]) -> tuple[float, int]:
     return time.monotonic() - began, code
 
 
+def steady_state(
+    proc: subprocess.Popen[bytes], arrivals: Arrivals, warmup: float, seconds: float
+) -> tuple[float, float]:
+    """After ``warmup`` s, the identifications per second that arrive over ``seconds``
+    s, and the process's peak RSS (MB): the same window for the daemon and the loop."""
+    time.sleep(warmup)
+    start = time.monotonic()
+    time.sleep(seconds)
+    end = time.monotonic()
+    return arrivals.count_between(start, end) / (end - start), vm_hwm_mb(proc.pid)
+
+
 def run_daemon(
     config: Path, arrivals: Arrivals, warmup: float, seconds: float, starts: int
 ) -> dict[str, Any]:
@@ -275,16 +286,12 @@ def run_daemon(
     proc, first = start_daemon(config, arrivals)
     firsts.append(first)
     try:
-        time.sleep(warmup)
-        start = time.monotonic()
-        time.sleep(seconds)
-        end = time.monotonic()
-        rss = vm_hwm_mb(proc.pid)
+        images_per_s, rss = steady_state(proc, arrivals, warmup, seconds)
     finally:
         stop_s, code = stop_daemon(proc)
     return {
         "firsts": firsts,
-        "images_per_s": arrivals.count_between(start, end) / (end - start),
+        "images_per_s": images_per_s,
         "peak_rss_mb": rss,
         "stop_s": stop_s,
         "exit_code": code,
@@ -350,17 +357,13 @@ def run_research(
             if time.monotonic() - began > 120:
                 raise SystemExit("the research loop published nothing within 120 s")
             time.sleep(0.005)
-        time.sleep(warmup)
-        start = time.monotonic()
-        time.sleep(seconds)
-        end = time.monotonic()
-        rss = vm_hwm_mb(proc.pid)
+        images_per_s, rss = steady_state(proc, arrivals, warmup, seconds)
     finally:
         proc.kill()
         proc.wait(30)
     return {
         "first_s": first - began,
-        "images_per_s": arrivals.count_between(start, end) / (end - start),
+        "images_per_s": images_per_s,
         "peak_rss_mb": rss,
     }
 
@@ -593,9 +596,8 @@ def main() -> int:
         "publish, int8 bundle on ai-edge-litert",
         quick=args.quick,
     )
-    report.header()
-    with tempfile.TemporaryDirectory(prefix="fieldscope-bench-pipeline-") as tmp:
-        work = args.work or Path(tmp)
+    with report.started() as scratch:
+        work = args.work or scratch
         frames, bundle = prepare(args, work)
         (work / "stage-outbox.sqlite").unlink(missing_ok=True)
 

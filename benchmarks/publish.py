@@ -37,7 +37,6 @@ import json
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -383,25 +382,22 @@ def main() -> int:
         ours="SQLite outbox (fsync per message) + MqttLink, entry deleted on PUBACK",
         quick=args.quick,
     )
-    report.header()
-    with tempfile.TemporaryDirectory(prefix="fieldscope-bench-publish-") as tmp:
-        work = Path(tmp)
-        with Broker(work / "broker", persistence=True) as broker:
-            counter = Counter(broker.port)
-            try:
-                print(f"throughput, {args.messages} messages each ...", flush=True)
-                base = throughput_baseline(broker.port, args.messages)
-                ours, store_only = throughput_ours(broker.port, args.messages, work)
-                results: dict[str, dict[str, dict[str, int]]] = {}
-                for scenario in SCENARIOS:
-                    results[scenario] = {}
-                    for way in WAYS:
-                        print(f"{scenario}: {way} ...", flush=True)
-                        results[scenario][way] = incident(
-                            way, scenario, broker=broker, counter=counter, args=args, work=work
-                        )
-            finally:
-                counter.close()
+    with report.started() as work, Broker(work / "broker", persistence=True) as broker:
+        counter = Counter(broker.port)
+        try:
+            print(f"throughput, {args.messages} messages each ...", flush=True)
+            base = throughput_baseline(broker.port, args.messages)
+            ours, store_only = throughput_ours(broker.port, args.messages, work)
+            results: dict[str, dict[str, dict[str, int]]] = {}
+            for scenario in SCENARIOS:
+                results[scenario] = {}
+                for way in WAYS:
+                    print(f"{scenario}: {way} ...", flush=True)
+                    results[scenario][way] = incident(
+                        way, scenario, broker=broker, counter=counter, args=args, work=work
+                    )
+        finally:
+            counter.close()
 
     report.add(Figure("throughput until all PUBACKed", ours, "msg/s", baseline=base, note="QoS 1"))
     report.add(Figure("outbox.add alone (commit + fsync)", store_only, "msg/s"))

@@ -24,6 +24,7 @@ from fieldscope.cli.demo_summary import DemoSummary, summarise
 
 if TYPE_CHECKING:
     from fieldscope.cli.broker import RunningBroker
+    from fieldscope.collect.subscriber import Collector
 from fieldscope.cli.demo_console import (
     _EpochLines,
     _interrupt_signals,
@@ -117,15 +118,27 @@ class _Demo:
 
     # --- steps 1-3: data and model -------------------------------------------------------
 
+    def _reused(self, done: list[str], step: str, title: str, what: str) -> bool:
+        """Announce ``step``; True (and say what is reused) when an earlier run of the
+        same settings finished it, so that it is skipped."""
+        self.progress.step(title)
+        if step in done:
+            self.progress.line(f"reusing {what}")
+        return step in done
+
+    def _finished(self, done: list[str], step: str) -> None:
+        """Record ``step`` as finished, in memory and in the work folder's state."""
+        done.append(step)
+        self._save_state(done)
+
     def make_specimens(self, done: list[str]) -> None:
         s = self.m
         total = s.classes * s.per_class
-        self.progress.step(
+        title = (
             f"specimens: {s.classes} species × {s.per_class} training images and "
             f"{s.field_per_class} field images each"
         )
-        if "specimens" in done:
-            self.progress.line(f"reusing {self.specimens} and {self.field}")
+        if self._reused(done, "specimens", title, f"{self.specimens} and {self.field}"):
             return
         from fieldscope.edge.specimens import write_dataset
 
@@ -139,17 +152,15 @@ class _Demo:
             seed=s.seed + 1,
         )  # fmt: skip
         self.progress.line(f"wrote {total} images to {self.specimens}")
-        done.append("specimens")
-        self._save_state(done)
+        self._finished(done, "specimens")
 
     def train(self, done: list[str]) -> None:
         s = self.m
-        self.progress.step(
+        title = (
             f"train: MobileNetV2 α0.35 at {s.model_px} px from random weights, "
             f"{s.epochs} + {s.fine_tune_epochs} epochs (log: {self.log})"
         )
-        if "train" in done:
-            self.progress.line(f"reusing the run in {self.run_dir}")
+        if self._reused(done, "train", title, f"the run in {self.run_dir}"):
             return
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         shutil.rmtree(self.run_dir, ignore_errors=True)
@@ -178,13 +189,11 @@ class _Demo:
             )
         for line in summary.lines()[:2]:
             self.progress.line(line)
-        done.append("train")
-        self._save_state(done)
+        self._finished(done, "train")
 
     def convert(self, done: list[str]) -> None:
-        self.progress.step(f"convert: full-integer int8 TFLite bundle -> {self.bundle}")
-        if "convert" in done:
-            self.progress.line(f"reusing the bundle in {self.bundle}")
+        title = f"convert: full-integer int8 TFLite bundle -> {self.bundle}"
+        if self._reused(done, "convert", title, f"the bundle in {self.bundle}"):
             return
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         with _stderr_to(self.log):
@@ -204,10 +213,9 @@ class _Demo:
             )
         for line in result.lines()[:2]:
             self.progress.line(line)
-        done.append("convert")
-        self._save_state(done)
+        self._finished(done, "convert")
 
-    # --- steps 4-6: the live system -------------------------------------------------------
+    # --- the live system's parts: camera folder, station configuration and process -------
 
     def prepare_camera(self) -> dict[str, str]:
         """Copy the field specimens into one flat folder in a shuffled order (the replay
@@ -364,42 +372,53 @@ class _Demo:
                         stack.close()
 
     def _run(self, stack: contextlib.ExitStack) -> int:
-        from fieldscope.cli.broker import DEMO_USERNAME, start_broker
-        from fieldscope.collect.store import open_store
-        from fieldscope.collect.subscriber import Collector, CollectorSettings
-        from fieldscope.collect.web import Dashboard, DashboardSettings
-        from fieldscope.edge.broker import BrokerSettings, MqttProtocol
-        from fieldscope.edge.errors import FieldscopeError
-
         done = self._prepare_workdir()
         self.progress.line(f"work folder: {self.work}", indent="")
         self.make_specimens(done)
         self.train(done)
         self.convert(done)
+        broker = self._start_broker(stack)
+        collector, url = self._start_collector(stack, broker)
+        truth = self._replay_field_images(stack, broker, collector)
+        return self._finish(url, self._summary(truth))
+
+    # --- steps 4-7 as _run takes them: broker, collector and dashboard, station, summary ---
+
+    def _start_broker(self, stack: contextlib.ExitStack) -> RunningBroker:
+        from fieldscope.cli.broker import start_broker
 
         self.progress.step("MQTT broker")
         broker = start_broker(self.s.broker, self.work)
         stack.callback(broker.stop)
         self.started.append("the broker")
         self.progress.line(broker.describe())
+        return broker
+
+    def _start_collector(
+        self, stack: contextlib.ExitStack, broker: RunningBroker
+    ) -> tuple[Collector, str]:
+        """The collector, subscribed, storing into the demo's database, and the
+        dashboard over that database; returns the collector and the dashboard's URL."""
+        from fieldscope.cli.broker import DEMO_USERNAME
+        from fieldscope.collect.store import open_store
+        from fieldscope.collect.subscriber import Collector, CollectorSettings
+        from fieldscope.collect.web import Dashboard, DashboardSettings
+        from fieldscope.edge.broker import BrokerSettings, MqttProtocol
+        from fieldscope.edge.errors import FieldscopeError
 
         self.progress.step("collector and dashboard")
         store = open_store(str(self.db))
         stack.callback(store.close)
-        collector = Collector(
-            CollectorSettings(
-                broker=BrokerSettings(
-                    host=broker.host,
-                    port=broker.port,
-                    prefix=PREFIX,
-                    client_id="fieldscope-demo-collector",
-                    username=DEMO_USERNAME,
-                    session_expiry_s=3600,
-                    protocol=MqttProtocol(broker.protocol),
-                )
-            ),
-            store,
+        settings = BrokerSettings(
+            host=broker.host,
+            port=broker.port,
+            prefix=PREFIX,
+            client_id="fieldscope-demo-collector",
+            username=DEMO_USERNAME,
+            session_expiry_s=3600,
+            protocol=MqttProtocol(broker.protocol),
         )
+        collector = Collector(CollectorSettings(broker=settings), store)
         collector.start()
         stack.callback(collector.stop)
         self.started.append("the collector")
@@ -411,7 +430,13 @@ class _Demo:
         url = self._start_dashboard(stack, Dashboard, DashboardSettings)
         self.progress.line(f"collector subscribed (MQTT {broker.protocol}), storing into {self.db}")
         self.progress.line(f"dashboard: {url}")
+        return collector, url
 
+    def _replay_field_images(
+        self, stack: contextlib.ExitStack, broker: RunningBroker, collector: Collector
+    ) -> dict[str, str]:
+        """Start the station on the shuffled field images and wait until the collector
+        stored an identification of each; returns sha256 → species of the images."""
         truth = self.prepare_camera()
         config = self.station_config(broker)
         station = self.start_station(config, stack)
@@ -430,6 +455,11 @@ class _Demo:
                 else ""
             ),
         )
+        return truth
+
+    def _summary(self, truth: dict[str, str]) -> DemoSummary:
+        """Join what the collector stored with the truth; print it and keep it as JSON."""
+        from fieldscope.collect.store import open_store
 
         self.progress.step("summary")
         with open_store(str(self.db), create=False) as reader:
@@ -439,7 +469,7 @@ class _Demo:
         for line in summary.lines():
             self.progress.line(line, indent="")
         self.progress.write("\n")
-        return self._finish(url, summary)
+        return summary
 
     def _start_dashboard(self, stack: contextlib.ExitStack, dashboard: Any, settings: Any) -> str:
         from fieldscope.edge.errors import FieldscopeError

@@ -61,6 +61,7 @@ from fieldscope.edge.bundle import (
     verify_bundle,
     write_bundle,
 )
+from fieldscope.edge.bundle_files import swap_into_place
 from fieldscope.edge.errors import BundleError
 from fieldscope.edge.preprocess import PreprocessRecipe
 from fieldscope.edge.runtime import RuntimeInfo
@@ -564,17 +565,9 @@ def _stage(
 
 
 def _move_into_place(new: Path, target: Path) -> None:
-    """Rename ``new`` to ``target``; an old ``target`` is moved aside first, then removed."""
+    """Rename ``new`` to ``target``, replacing an old bundle there (see
+    :func:`~fieldscope.edge.bundle_files.swap_into_place`); an empty folder the user
+    made for the bundle is simply taken."""
     if target.is_dir() and not any(target.iterdir()):
         target.rmdir()
-    if not target.exists():
-        new.rename(target)
-        return
-    old = new.with_name("previous")
-    target.rename(old)
-    try:
-        new.rename(target)
-    except OSError:
-        old.rename(target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    swap_into_place(new, target)

@@ -15,7 +15,7 @@ cache, so calibration and the fidelity check see exactly the pixels a Pi would.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,6 +29,7 @@ from fieldscope.convert.keys import check_private_key
 from fieldscope.convert.pipeline import (
     DEFAULT_MAX_ACCURACY_DROP,
     ConversionResult,
+    Progress,
     check_output_dir,
     convert_model,
     write_converted_bundle,
@@ -56,9 +57,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True)

@@ -158,7 +158,7 @@ def _specimens(args: argparse.Namespace) -> int:
 
 
 def _preview(args: argparse.Namespace) -> int:
-    from fieldscope.edge.errors import FieldscopeError
+    from fieldscope.edge.errors import create_folder
     from fieldscope.edge.preprocess import load_image, preprocess, save_png
     from fieldscope.edge.recipe import RecipeTable, parse_fill, parse_params
 
@@ -169,12 +169,7 @@ def _preview(args: argparse.Namespace) -> int:
         fill=parse_fill("--fill", args.fill),
     )
     recipe = table.recipe((args.size, args.size))
-    try:
-        args.out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise FieldscopeError(
-            f"cannot create the output folder {args.out}: {exc.strerror}"
-        ) from exc
+    create_folder(args.out, "the output folder")
     for path in args.images:
         out = args.out / f"{path.stem}.png"
         save_png(out, preprocess(load_image(path), recipe))

@@ -31,6 +31,7 @@ from typing import Any
 from fieldscope.edge.errors import FieldscopeError
 from fieldscope.edge.health import CommandReply
 from fieldscope.edge.topics import segment_problem, show
+from fieldscope.edge.untrusted import nests_deeper
 
 __all__ = [
     "COMMAND_ARGUMENTS",
@@ -156,27 +157,6 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _nesting(text: str) -> int:
-    depth = deepest = 0
-    in_string = escaped = False
-    for char in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif char in "]}":
-            depth -= 1
-    return deepest
-
-
 def _decode(name: str, payload: object) -> dict[str, Any]:
     def fail(problem: str) -> CommandError:
         return CommandError(f"command {show(name)}: {problem}", command=name)
@@ -192,7 +172,7 @@ def _decode(name: str, payload: object) -> dict[str, Any]:
         raise fail(f"payload is not UTF-8 ({exc.reason} at byte {exc.start})") from None
     if not text.strip():
         return {}
-    if _nesting(text) > _MAX_NESTING:
+    if nests_deeper(text, _MAX_NESTING):
         raise fail(f"payload nests deeper than {_MAX_NESTING} levels")
     try:
         decoded = json.loads(

@@ -7,6 +7,8 @@ what to do, and never a traceback for an expected mistake.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 __all__ = [
     "BundleError",
     "ConfigError",
@@ -15,6 +17,7 @@ __all__ = [
     "MessageError",
     "MissingDependencyError",
     "RecipeError",
+    "create_folder",
 ]
 
 
@@ -44,3 +47,15 @@ class BundleError(FieldscopeError):
 
 class MessageError(FieldscopeError):
     """An identification message does not match the schema; the message names the field."""
+
+
+def create_folder(
+    path: Path, what: str, error: type[FieldscopeError] = FieldscopeError, *, parents: bool = True
+) -> None:
+    """Create the folder ``path`` (fine if it exists), or raise ``error`` with one line:
+    "cannot create WHAT PATH: the system's reason" (permission denied, a file in the
+    way, a read-only or full disk), for the places that make folders for the user."""
+    try:
+        path.mkdir(parents=parents, exist_ok=True)
+    except OSError as exc:
+        raise error(f"cannot create {what} {path}: {exc.strerror or exc}") from exc

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from fieldscope.edge.errors import FieldscopeError
+from fieldscope.edge.errors import FieldscopeError, create_folder
 
 logger = logging.getLogger("fieldscope.edge.outbox")
 
@@ -223,12 +223,7 @@ def open_database(
         OutboxError: the folder or file cannot be made, opened or upgraded (the message
             says what to do).
     """
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutboxError(
-            f"cannot create the outbox's directory {path.parent}: {exc.strerror or exc}"
-        ) from exc
+    create_folder(path.parent, "the outbox's directory", OutboxError)
     try:
         conn = sqlite3.connect(
             path,

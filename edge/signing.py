@@ -50,6 +50,12 @@ def load_public_key(path: Path) -> Any:
 
 
 def load_private_key(path: Path) -> Any:
+    """The ed25519 private key that signs bundles, from an unencrypted PEM file.
+
+    Raises:
+        BundleError: naming what is wrong with the file (unreadable, a public key,
+            encrypted, not PEM, another algorithm) and what to give instead.
+    """
     from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
@@ -57,11 +63,16 @@ def load_private_key(path: Path) -> Any:
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
-        raise BundleError(f"cannot read private key {path}: {exc.strerror or exc}") from exc
+        raise BundleError(f"cannot read signing key {path}: {exc.strerror or exc}") from exc
+    if b"PUBLIC KEY" in data and b"PRIVATE KEY" not in data:
+        raise BundleError(
+            f"{path} is a public key; sign with the private key (fieldscope keys new "
+            "writes PREFIX.key and PREFIX.pub)"
+        )
     try:
         key = load_pem_private_key(data, password=None)
     except TypeError as exc:
-        raise BundleError(f"private key {path} is encrypted; give an unencrypted key") from exc
+        raise BundleError(f"signing key {path} is encrypted; give an unencrypted key") from exc
     except (ValueError, UnsupportedAlgorithm) as exc:
         raise BundleError(f"{path} is not a PEM private key") from exc
     if not isinstance(key, Ed25519PrivateKey):

@@ -31,7 +31,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from fieldscope.edge.errors import ConfigError
+from fieldscope.edge.errors import ConfigError, create_folder
 from fieldscope.edge.species import (
     SPECIES,
     Points,
@@ -462,10 +462,7 @@ def _prepare_out_dir(out_dir: Path) -> None:
             raise ConfigError(f"cannot clear output folder {out_dir}: {exc}") from exc
         if ours:
             log.info("replaced %d images of an earlier run in %s", len(ours), out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"cannot create output folder {out_dir}: {exc.strerror}") from exc
+    create_folder(out_dir, "the output folder", ConfigError)
 
 
 def _check_arguments(
@@ -524,10 +521,7 @@ def write_dataset(
     counts: dict[str, int] = {}
     for c, spec in enumerate(SPECIES[:classes]):
         folder = out_dir / spec.name
-        try:
-            folder.mkdir(exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"cannot create {folder}: {exc.strerror}") from exc
+        create_folder(folder, "the species folder", ConfigError, parents=False)
         for i in range(per_class):
             rgb = render_specimen(spec.name, np.random.default_rng([seed, c, i]), size)
             _write_png(folder / f"{spec.name}_{i:0{digits}d}.png", rgb)

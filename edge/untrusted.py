@@ -35,6 +35,7 @@ __all__ = [
     "MAX_PAYLOAD_BYTES",
     "RejectedValueError",
     "load_json",
+    "nests_deeper",
     "read_integer",
     "read_number",
     "read_regular_file",
@@ -131,7 +132,7 @@ def read_integer(value: object, low: int, high: int) -> int:
     return value
 
 
-def _too_deep(text: str, max_depth: int) -> bool:
+def nests_deeper(text: str, max_depth: int) -> bool:
     """Whether brackets outside strings nest deeper than ``max_depth`` (linear time).
 
     Checked before parsing because the parser recurses per level: a few hundred
@@ -204,7 +205,7 @@ def load_json(
             raise RejectedValueError(f"is not UTF-8 ({exc})") from None
     else:
         text = data
-    if _too_deep(text, max_depth):
+    if nests_deeper(text, max_depth):
         raise RejectedValueError(
             f"{_NOT_ACCEPTED}: nested too deeply (more than {max_depth} levels of arrays/objects)"
         )
@@ -219,7 +220,7 @@ def load_json(
         raise RejectedValueError(
             f"{_NOT_ACCEPTED}: {exc.msg} (line {exc.lineno}, column {exc.colno})"
         ) from None
-    except RecursionError:  # belt and braces: _too_deep should have caught it
+    except RecursionError:  # belt and braces: nests_deeper should have caught it
         raise RejectedValueError(f"{_NOT_ACCEPTED}: nested too deeply") from None
     except ValueError as exc:  # e.g. a lone surrogate escape a str cannot encode later
         raise RejectedValueError(f"{_NOT_ACCEPTED}: {exc}") from None

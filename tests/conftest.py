@@ -129,6 +129,34 @@ class TinyModels:
         """``n`` noisy RGB uint8 images dominant in channel ``label``."""
         return colour_images(label, n, seed, self.size)
 
+    def bundle(
+        self,
+        out: Path,
+        *,
+        model: bytes | None = None,
+        name: str = "colours",
+        version: str = "1",
+        recipe: Any = None,
+        threshold: float = 0.6,
+        **manifest: Any,
+    ) -> Any:
+        """One of these models (``int8`` unless ``model``) written as a bundle into
+        ``out`` with the colour labels; ``recipe`` defaults to a plain 32x32 resize and
+        ``manifest`` takes write_bundle's other fields (``min_runtime``, ...)."""
+        from fieldscope.edge.bundle import write_bundle
+        from fieldscope.edge.preprocess import PreprocessRecipe
+
+        return write_bundle(
+            out,
+            self.int8 if model is None else model,
+            model_name=name,
+            model_version=version,
+            labels=self.labels,
+            preprocessing=recipe or PreprocessRecipe(size=(self.size, self.size)),
+            threshold=threshold,
+            **manifest,
+        )
+
 
 def colour_images(label: int, n: int, seed: int = 0, size: int = 32) -> np.ndarray:
     """``n`` noisy RGB uint8 images dominant in colour channel ``label``."""
@@ -324,22 +352,17 @@ class TinyBundles:
 
 @pytest.fixture(scope="session")
 def tiny_bundles(tiny_models: TinyModels, tmp_path_factory: pytest.TempPathFactory) -> TinyBundles:
-    from fieldscope.edge.bundle import MODEL_FILE, write_bundle
+    from fieldscope.edge.bundle import MODEL_FILE
     from fieldscope.edge.preprocess import PreprocessRecipe
 
     root = tmp_path_factory.mktemp("tiny_bundles")
     recipe = PreprocessRecipe(size=(32, 32), denoise="median", resize="letterbox")
-    made = {}
-    for name, version in (("v1", "1"), ("v2", "2"), ("damaged", "3")):
-        made[name] = write_bundle(
-            root / name,
-            tiny_models.int8,
-            model_name="tiny-colour",
-            model_version=version,
-            labels=tiny_models.labels,
-            preprocessing=recipe,
-            threshold=0.6,
+    made = {
+        name: tiny_models.bundle(
+            root / name, name="tiny-colour", version=version, recipe=recipe
         ).path
+        for name, version in (("v1", "1"), ("v2", "2"), ("damaged", "3"))
+    }
     model = made["damaged"] / MODEL_FILE
     model.write_bytes(model.read_bytes()[:-16] + bytes(16))
     return TinyBundles(made["v1"], made["v2"], made["damaged"], tiny_models.labels)

@@ -26,7 +26,28 @@ from fieldscope.cli.main import main
 from fieldscope.collect.store import open_store
 from fieldscope.collect.subscriber import Collector, CollectorSettings
 from fieldscope.edge.bundle import MODEL_FILE, FileEntry, Manifest, Provenance, Quantization
+from fieldscope.edge.capture import Camera, Frame
 from fieldscope.edge.preprocess import PreprocessRecipe
+
+# The smallest edge configuration that loads: a replay camera, a bundle folder and a
+# broker, all relative to the file's folder. Tests add or replace one part of it.
+MINIMAL_EDGE_CONFIG = """\
+[device]
+station = "pond-3"
+id = "scope-a"
+
+[camera]
+backend = "replay"
+
+[camera.replay]
+path = "images"
+
+[model]
+bundle = "bundles/current"
+
+[mqtt]
+host = "127.0.0.1"
+"""
 
 
 def wait_for(
@@ -109,6 +130,21 @@ def missing_in_ci(reason: str) -> NoReturn:
     if os.environ.get("CI") == "true":
         pytest.fail(f"{reason} (CI must provide it)")
     pytest.skip(reason)
+
+
+def read_all(camera: Camera, timeout: float = 0.03, tries: int = 5) -> list[Frame]:
+    """Every frame the camera gives until it has had nothing for ``tries`` reads in a
+    row: what a capture loop would get from a folder before it runs dry."""
+    frames: list[Frame] = []
+    idle = 0
+    while idle < tries:
+        frame = camera.read(timeout)
+        if frame is None:
+            idle += 1
+            continue
+        idle = 0
+        frames.append(frame)
+    return frames
 
 
 def publish_acknowledged(

@@ -450,6 +450,9 @@ def test_bad_key_files(bundle_dir: Path, keys: tuple[Path, Path], tmp_path: Path
     _refused(bundle_dir, "cannot read public key", public_key=tmp_path / "none.pub")
     with pytest.raises(BundleError, match="is not a PEM private key"):
         sign_bundle(bundle_dir, garbage)
+    # The easy mix-up: the .pub where the .key belongs; the message says which to give.
+    with pytest.raises(BundleError, match=r"is a public key; sign with the private key"):
+        sign_bundle(bundle_dir, keys[1])
 
 
 def test_a_damaged_bundle_is_never_signed(bundle_dir: Path, keys: tuple[Path, Path]) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
+from helpers import read_all
 
 from fieldscope.edge.capture import (
     STATE_DB_NAME,
@@ -67,17 +68,14 @@ def green(frame: Frame) -> int:
     return int(frame.image[0, -1, 1])
 
 
-def read_all(camera: Camera, timeout: float = 0.03, tries: int = 4) -> list[Frame]:
-    """Every frame the camera gives until it has had nothing for a while."""
-    frames: list[Frame] = []
-    idle = 0
-    while idle < tries:
-        frame = camera.read(timeout)
-        if frame is None:
-            idle += 1
-            continue
-        idle = 0
-        frames.append(frame)
+def replay_to_end(camera: Camera) -> list[Frame]:
+    """Open a file camera and read it until it says ``finished``: all a replay gives."""
+    camera.open()
+    frames = []
+    while not getattr(camera, "finished", True):
+        frame = camera.read(0.1)
+        if frame is not None:
+            frames.append(frame)
     return frames
 
 
@@ -619,12 +617,7 @@ def test_replay_loop_limit_and_corrupt_files(tmp_path: Path) -> None:
     camera = ReplayCamera(
         tmp_path, rate_hz=0, loop=True, limit=5, on_problem=lambda s, m: problems.append(s)
     )
-    camera.open()
-    frames = []
-    while not camera.finished:
-        frame = camera.read(0.1)
-        if frame is not None:
-            frames.append(frame)
+    frames = replay_to_end(camera)
     assert [green(f) for f in frames] == [1, 3, 1, 3, 1]
     assert problems == [str(tmp_path / "b.png")]  # reported once, skipped on every loop
     assert camera.read(0.01) is None
@@ -651,12 +644,7 @@ def test_replay_takes_subfolders_so_a_specimens_folder_replays_as_it_is(
         CameraConfig(backend="replay", replay=ReplayOptions(path=data, rate_hz=0)),
         tmp_path / "state",
     )
-    camera.open()
-    frames = []
-    while not camera.finished:
-        frame = camera.read(0.1)
-        if frame is not None:
-            frames.append(frame)
+    frames = replay_to_end(camera)
     camera.close()
     # In path order: ammonia/, globigerina/, then top.png; hidden folders are skipped.
     assert [green(f) for f in frames] == [2, 1, 3]

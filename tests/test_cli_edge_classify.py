@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from fieldscope.cli.main import main
-from fieldscope.edge.bundle import MANIFEST_FILE, generate_keypair, sign_bundle, write_bundle
+from fieldscope.edge.bundle import MANIFEST_FILE, generate_keypair, sign_bundle
 from fieldscope.edge.errors import BundleError
 from fieldscope.edge.preprocess import PreprocessRecipe
 from fieldscope.edge.runtime import RuntimeInfo, check_min_runtime
@@ -25,14 +25,9 @@ COLOURS = ("red", "green", "blue")
 def bundle(tmp_path: Path, tiny_models: Any) -> Path:
     """The tiny colour classifier (uint8 int8 model) as a bundle with threshold 0.6."""
     out = tmp_path / "bundle"
-    write_bundle(
+    tiny_models.bundle(
         out,
-        tiny_models.int8,
-        model_name="colours",
-        model_version="1",
-        labels=tiny_models.labels,
-        preprocessing=PreprocessRecipe(size=(32, 32), resize="stretch"),
-        threshold=0.6,
+        recipe=PreprocessRecipe(size=(32, 32), resize="stretch"),
         min_runtime={"ai_edge_litert": "1.2", "tflite_runtime": "2.14", "tensorflow": "2.14"},
     )
     return out

@@ -45,6 +45,7 @@ from fieldscope.edge.bundle import verify_bundle
 from fieldscope.edge.classify import Classifier, softmax
 from fieldscope.edge.preprocess import PreprocessRecipe, load_and_preprocess
 from fieldscope.edge.specimens import write_dataset
+from fieldscope.train.backbones import fit_mini_mobilenet
 
 SIZE = 48
 TFLITE_214_ENV = "FIELDSCOPE_TFLITE_RUNTIME_214_PYTHON"
@@ -61,35 +62,9 @@ class Trained:
     test_y: np.ndarray
 
 
-def _mini_mobilenet(size: int, classes: int) -> Any:
-    import keras
-
-    layers = keras.layers
-
-    def block(x: Any, channels: int, stride: int) -> Any:
-        shortcut, width = x, int(x.shape[-1])
-        x = layers.Conv2D(width * 3, 1, use_bias=False)(x)
-        x = layers.ReLU(6.0)(layers.BatchNormalization(momentum=0.9)(x))
-        x = layers.DepthwiseConv2D(3, strides=stride, padding="same", use_bias=False)(x)
-        x = layers.ReLU(6.0)(layers.BatchNormalization(momentum=0.9)(x))
-        x = layers.BatchNormalization(momentum=0.9)(layers.Conv2D(channels, 1, use_bias=False)(x))
-        return layers.Add()([shortcut, x]) if stride == 1 and width == channels else x
-
-    inputs = keras.Input((size, size, 3), name="image")
-    x = layers.Rescaling(1.0 / 127.5, offset=-1.0)(inputs)
-    x = layers.Conv2D(16, 3, strides=2, padding="same", use_bias=False)(x)
-    x = layers.ReLU(6.0)(layers.BatchNormalization(momentum=0.9)(x))
-    for channels, stride in ((16, 1), (24, 2), (24, 1), (32, 2)):
-        x = block(x, channels, stride)
-    x = layers.GlobalAveragePooling2D()(x)
-    outputs = layers.Dense(classes, activation="softmax")(x)
-    return keras.Model(inputs, outputs)
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
     """A model trained on 4 synthetic species (about 20 s on two cores)."""
-    import keras
 
     root = tmp_path_factory.mktemp("specimens")
     write_dataset(root, classes=4, per_class=40, size=96, seed=3)
@@ -101,25 +76,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
             image = load_and_preprocess(path, recipe)
             (test_x if i % 10 < 3 else train_x).append(image)
             (test_y if i % 10 < 3 else train_y).append(index)
-    keras.utils.set_random_seed(0)
-    model = _mini_mobilenet(SIZE, len(labels))
-    model.compile(
-        optimizer=keras.optimizers.Adam(3e-3),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
     x, y = np.stack(train_x), np.asarray(train_y)
-    # Specimens lie in any orientation: the 8 flips/rotations of each image make 8x the
-    # data for free, and the model generalises instead of memorising 112 images.
-    flipped = x[:, ::-1]
-    views = [np.rot90(v, k, axes=(1, 2)) for v in (x, flipped) for k in range(4)]
-    model.fit(
-        np.concatenate(views).astype(np.float32),
-        np.tile(y, len(views)),
-        epochs=6,
-        batch_size=32,
-        verbose=0,
-    )
+    model = fit_mini_mobilenet(x, y, len(labels))
     return Trained(model, labels, recipe, x, y, np.stack(test_x), np.asarray(test_y))
 
 
@@ -208,6 +166,24 @@ def test_each_mode_runs_on_the_edge_and_agrees_with_keras(
     else:
         assert (m.input_dtype, m.output_dtype) == ("float32", "float32")
         assert m.quantization is None
+
+
+@pytest.mark.slow
+def test_overwrite_replaces_the_bundle_whole_and_leaves_nothing_beside_it(
+    trained: Trained, conversions: dict[str, ConversionResult], tmp_path: Path
+) -> None:
+    """An empty folder made for the bundle is taken; --overwrite swaps a new bundle in
+    for the old one, and neither the staging nor the old bundle stays behind."""
+    result = _converted(conversions, trained, "float32")
+    out = tmp_path / "bundles" / "current"
+    out.mkdir(parents=True)
+    for version in ("1", "2"):
+        write_converted_bundle(
+            result, out, model_name="specimens", model_version=version, threshold=0.5,
+            overwrite=True,
+        )  # fmt: skip
+        assert verify_bundle(out).manifest.model_version == version
+    assert [p.name for p in out.parent.iterdir()] == ["current"]
 
 
 @pytest.mark.slow
@@ -516,7 +492,6 @@ def test_fidelity_reports_tflite_runtime_2_14_agreement_when_it_is_available(
     Older Pi images run tflite-runtime 2.14, whose int8 kernels are not LiteRT's: the
     manifest's provenance.fidelity says how often they give the same answer.
     """
-    from fieldscope.edge.bundle import write_bundle
 
     model = tmp_path / "int8.tflite"
     model.write_bytes(tiny_models.int8)
@@ -524,15 +499,7 @@ def test_fidelity_reports_tflite_runtime_2_14_agreement_when_it_is_available(
     images = rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
     for i in range(12):
         images[i, :, :, i % 3] = 250  # a dominant colour: a confident, known answer
-    recipe = PreprocessRecipe(size=(32, 32))
-    bundle = write_bundle(
-        tmp_path / "b",
-        tiny_models.int8,
-        model_name="t",
-        model_version="1",
-        labels=("red", "green", "blue"),
-        preprocessing=recipe,
-    )
+    bundle = tiny_models.bundle(tmp_path / "b")
     litert = np.stack([Classifier(bundle).classify(im).probabilities for im in images])
     monkeypatch.delenv(TFLITE_214_ENV, raising=False)
     assert second_runtime_agreement(model, images, litert, None) is None

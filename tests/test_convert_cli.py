@@ -61,7 +61,7 @@ def make_run(root: Path, tiny_models: Any, *, black_train: bool = False) -> Path
     _write_json(run / "labels.json", list(tiny_models.labels))
     _write_json(run / "config.json", {"seed": 0, "preprocess": RECIPE.to_dict()})
     _write_json(run / "split.json", split)
-    _write_json(run / "run.json", {"status": "complete", "folds": 0})
+    _write_json(run / "run.json", {"data_dir": str(data), "status": "complete", "folds": 0})
     _write_json(
         run / "metrics.json",
         {
@@ -135,6 +135,16 @@ def test_keys_new_makes_its_folder(tmp_path: Path, capsys: pytest.CaptureFixture
     assert code == 0, err
     assert (tmp_path / "keys" / "fleet.key").is_file()
     assert (tmp_path / "keys" / "fleet.pub").is_file()
+
+
+def test_keys_new_where_its_folder_cannot_be_made_says_so_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "keys").write_text("a file where the folder should be")
+    code, _, err = _cli(capsys, "keys", "new", str(tmp_path / "keys" / "fleet"))
+    assert code != 0
+    assert f"cannot create the folder for the keys {tmp_path / 'keys'}: " in err
+    assert "Traceback" not in err
 
 
 def test_convert_writes_a_signed_bundle_that_records_where_it_came_from(

@@ -7,6 +7,7 @@ from importlib import resources
 from pathlib import Path
 
 import pytest
+from helpers import MINIMAL_EDGE_CONFIG
 from msgspec.structs import replace
 
 from fieldscope.edge.config import (
@@ -27,23 +28,7 @@ from fieldscope.edge.config import (
 from fieldscope.edge.errors import ConfigError, RecipeError
 from fieldscope.edge.preprocess import PreprocessRecipe
 
-MINIMAL = """\
-[device]
-station = "pond-3"
-id = "scope-a"
-
-[camera]
-backend = "replay"
-
-[camera.replay]
-path = "images"
-
-[model]
-bundle = "bundles/current"
-
-[mqtt]
-host = "127.0.0.1"
-"""
+MINIMAL = MINIMAL_EDGE_CONFIG
 
 
 def write(tmp_path: Path, text: str, name: str = "edge.toml") -> Path:

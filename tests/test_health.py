@@ -11,7 +11,6 @@ from typing import Any
 import msgspec
 import pytest
 
-from fieldscope.edge.bundle import write_bundle
 from fieldscope.edge.health import (
     CameraState,
     CommandReply,
@@ -23,7 +22,6 @@ from fieldscope.edge.health import (
     disk_free_bytes,
 )
 from fieldscope.edge.message import ModelRef
-from fieldscope.edge.preprocess import PreprocessRecipe
 from fieldscope.edge.runtime import runtime_info
 
 SHA = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
@@ -163,15 +161,7 @@ def test_model_info_round_trips() -> None:
 
 
 def test_model_info_from_a_real_bundle(tmp_path: Path, tiny_models: Any) -> None:
-    bundle = write_bundle(
-        tmp_path / "bundle",
-        tiny_models.int8,
-        model_name="colours",
-        model_version="2026.11.1",
-        labels=("red", "green", "blue"),
-        preprocessing=PreprocessRecipe(size=(32, 32)),
-        threshold=0.6,
-    )
+    bundle = tiny_models.bundle(tmp_path / "bundle", version="2026.11.1")
     info = ModelInfo.from_bundle(bundle, runtime_info(), loaded_at=NOW)
     assert info.model == ModelRef("colours", "2026.11.1", bundle.sha256)
     assert info.labels == ("red", "green", "blue")

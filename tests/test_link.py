@@ -16,9 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
-from conftest import Broker, start_mosquitto, stop_mosquitto
+from conftest import (
+    EDGE_PREFIX,
+    Broker,
+    MqttRecorder,
+    retained_value,
+    start_mosquitto,
+    stop_mosquitto,
+)
 from mqtt_security import make_certificates, mosquitto_dir, password_lines, start_configured
 
 from fieldscope.edge.broker import BrokerSettings, MqttProtocol, TlsSettings
@@ -31,7 +37,7 @@ from fieldscope.edge.topics import Topics
 
 pytestmark = pytest.mark.mqtt
 
-PREFIX = "fs"
+PREFIX = EDGE_PREFIX
 MODEL = b'{"model":"tiny","version":1}'
 
 
@@ -42,86 +48,15 @@ def seq_payload(seq: int) -> bytes:
 # --- helpers: a subscriber, a station, brokers with special configurations ---------------------
 
 
-class Collector:
-    """A subscriber recording everything under the prefix; it rides out broker restarts.
-
-    ``persistent`` gives it a persistent session, so a broker with persistence keeps
-    its messages while it is disconnected.
-    """
-
-    def __init__(self, broker: Broker, client_id: str, *, persistent: bool = False) -> None:
-        self.messages: list[tuple[str, bytes, bool]] = []
-        self._cv = threading.Condition()
-        subscribed = threading.Event()
-        self.client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            protocol=mqtt.MQTTv311,
-            clean_session=not persistent,
-        )
-
-        def on_connect(client: mqtt.Client, *_: Any) -> None:
-            client.subscribe(f"{PREFIX}/#", qos=1)
-
-        def on_message(_c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
-            with self._cv:
-                self.messages.append((msg.topic, bytes(msg.payload), bool(msg.retain)))
-                self._cv.notify_all()
-
-        self.client.on_connect = on_connect
-        self.client.on_subscribe = lambda *_: subscribed.set()
-        self.client.on_message = on_message
-        self.client.reconnect_delay_set(1, 1)
-        self.client.connect(broker.host, broker.port)
-        self.client.loop_start()
-        assert subscribed.wait(5), "the collector could not subscribe"
-
-    def payloads(self, topic: str) -> list[bytes]:
-        with self._cv:
-            return [p for t, p, _ in self.messages if t == topic]
+class Collector(MqttRecorder):
+    """The shared recorder (tests/conftest.py), reading the sequence numbers this
+    file's stations publish as payloads; it rides out broker restarts."""
 
     def seqs(self, topic: str) -> list[int]:
-        return [int(p) for p in self.payloads(topic)]
-
-    def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-        with self._cv:
-            return self._cv.wait_for(predicate, timeout)
+        return [int(p) for p in self.on(topic)]
 
     def wait_for_seqs(self, topic: str, wanted: set[int], timeout: float = 20.0) -> bool:
-        return self.wait_for(lambda: wanted <= set(self._seqs_locked(topic)), timeout)
-
-    def _seqs_locked(self, topic: str) -> list[int]:
-        return [int(p) for t, p, _ in self.messages if t == topic]
-
-    def _payloads_locked(self, topic: str) -> list[bytes]:
-        return [p for t, p, _ in self.messages if t == topic]
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
-def retained(broker: Broker, topic: str, timeout: float = 3.0) -> bytes | None:
-    """What a subscriber connecting now receives as retained on ``topic``."""
-    got: list[bytes] = []
-    event = threading.Event()
-
-    def on_message(_c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
-        if msg.retain:
-            got.append(bytes(msg.payload))
-            event.set()
-
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"probe-{time.monotonic_ns()}")
-    client.on_message = on_message
-    client.connect(broker.host, broker.port)
-    client.subscribe(topic, qos=1)
-    client.loop_start()
-    try:
-        event.wait(timeout)
-    finally:
-        client.disconnect()
-        client.loop_stop()
-    return got[0] if got else None
+        return self.wait_for(lambda c: wanted <= set(c.seqs(topic)), timeout)
 
 
 @dataclass
@@ -263,7 +198,7 @@ def test_a_broker_restart_mid_stream_loses_nothing(
 
         producer = threading.Thread(target=produce)
         producer.start()
-        assert collector.wait_for(lambda: len(collector._seqs_locked(topic)) >= 100)
+        assert collector.wait_for(lambda c: len(c.seqs(topic)) >= 100)
         stop_mosquitto(broker)  # mid-stream; it saves its state
         assert wait_until(lambda: not station.link.connected)
         time.sleep(0.5)
@@ -274,7 +209,7 @@ def test_a_broker_restart_mid_stream_loses_nothing(
         assert wait_until(lambda: station.outbox.depth() == 0)
         assert station.link.health().disconnects == 1
         assert station.link.wait_online(10)
-        assert retained(broker, station.topics.status) == b"online"
+        assert retained_value(broker, station.topics.status) == b"online"
     finally:
         collector.close()
         stop_mosquitto(broker)
@@ -345,13 +280,13 @@ def test_status_is_online_while_running_and_stopped_after_a_clean_stop(
 ) -> None:
     station = stations(mosquitto, tmp_path / "outbox.db")
     assert station.link.wait_online(10)
-    assert retained(mosquitto, station.topics.status) == b"online"
-    assert retained(mosquitto, station.topics.model) == MODEL
+    assert retained_value(mosquitto, station.topics.status) == b"online"
+    assert retained_value(mosquitto, station.topics.model) == MODEL
     station.add(3)
     assert station.close() is True
     with Outbox(tmp_path / "outbox.db") as reopened:
         assert reopened.depth() == 0  # flushed before stopping
-    assert retained(mosquitto, station.topics.status) == b"stopped"
+    assert retained_value(mosquitto, station.topics.status) == b"stopped"
     assert station.link.stop_clean(0.1) is True  # a second call changes nothing
     # A clean stop leaves no false alarm in the journal.
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
@@ -365,13 +300,13 @@ def test_the_model_is_republished_after_a_restart_of_a_broker_without_persistenc
     try:
         station = stations(broker, tmp_path / "outbox.db")
         assert station.link.wait_online(10)
-        assert retained(broker, station.topics.model) == MODEL
+        assert retained_value(broker, station.topics.model) == MODEL
         stop_mosquitto(broker)
         assert wait_until(lambda: not station.link.connected)
         broker = start_mosquitto(tmp_path / "b", port=broker.port, persistence=False)
         assert station.link.wait_online(15)
-        assert retained(broker, station.topics.model) == MODEL
-        assert retained(broker, station.topics.status) == b"online"
+        assert retained_value(broker, station.topics.model) == MODEL
+        assert retained_value(broker, station.topics.status) == b"online"
     finally:
         stop_mosquitto(broker)
 
@@ -419,19 +354,19 @@ def test_kill_9_leaves_offline_and_a_restart_delivers_every_seq(
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "ONLINE"
-        assert collector.wait_for(lambda: len(collector._seqs_locked(topics.identification)) >= 50)
+        assert collector.wait_for(lambda c: len(c.seqs(topics.identification)) >= 50)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
         # The broker announces the last will at once: the socket died with the process.
-        assert collector.wait_for(lambda: (topics.status, b"offline", False) in collector.messages)
-        assert retained(mosquitto, topics.status) == b"offline"
+        assert collector.wait_for(lambda c: (topics.status, b"offline", False) in c.messages)
+        assert retained_value(mosquitto, topics.status) == b"offline"
         station = stations(mosquitto, db, device="scope-k")
         last = station.outbox.next_seq - 1
         assert last >= 50
         assert collector.wait_for_seqs(topics.identification, set(range(1, last + 1)))
         assert wait_until(lambda: station.outbox.depth() == 0)
         assert station.link.wait_online(10)
-        assert retained(mosquitto, topics.status) == b"online"
+        assert retained_value(mosquitto, topics.status) == b"online"
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -472,14 +407,10 @@ def test_commands_reach_on_command_and_replies_come_back(
         sender.publish(topics.command("capture"), b'{"request_id":"r1","count":2}', qos=1)
         sender.publish(topics.command("format-disk"), b'{"request_id":"r2"}', qos=1)
         ok_topic, bad_topic = topics.command_result("capture"), topics.command_result("format-disk")
-        assert collector.wait_for(
-            lambda: bool(
-                collector._payloads_locked(ok_topic) and collector._payloads_locked(bad_topic)
-            )
-        )
-        ok = CommandReply.from_json(collector.payloads(ok_topic)[0])
+        assert collector.wait_for(lambda c: bool(c.on(ok_topic) and c.on(bad_topic)))
+        ok = CommandReply.from_json(collector.on(ok_topic)[0])
         assert (ok.ok, ok.command, ok.request_id, ok.data) == (True, "capture", "r1", {"count": 2})
-        bad = CommandReply.from_json(collector.payloads(bad_topic)[0])
+        bad = CommandReply.from_json(collector.on(bad_topic)[0])
         assert (bad.ok, bad.request_id) == (False, "r2")
         assert "unknown command 'format-disk'" in (bad.error or "")
         assert [r.command for r in replies] == ["capture", "format-disk"]  # not "pause"
@@ -505,9 +436,7 @@ def test_heartbeats_and_a_failing_command_handler(
         station = stations(mosquitto, tmp_path / "outbox.db", on_command=flaky)
         assert station.link.wait_online(10)
         assert station.link.publish_heartbeat(b'{"uptime_s":1}')
-        assert collector.wait_for(
-            lambda: bool(collector._payloads_locked(station.topics.heartbeat))
-        )
+        assert collector.wait_for(lambda c: bool(c.on(station.topics.heartbeat)))
         collector.client.publish(station.topics.command("status"), b"", qos=1)
         collector.client.publish(station.topics.command("resume"), b"", qos=1)
         assert wait_until(lambda: calls == ["status", "resume"])  # survived the bug

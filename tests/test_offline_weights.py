@@ -19,14 +19,14 @@ import os
 import pickle
 import struct
 import zipfile
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from helpers import missing_in_ci, run_main
 
-from fieldscope.cli.main import main
 from fieldscope.edge.errors import MissingDependencyError
 from fieldscope.edge.preprocess import PreprocessRecipe, preprocess
 from fieldscope.edge.specimens import write_dataset
@@ -45,23 +45,7 @@ def _require_weights(name: str) -> Path:
     try:
         return ported.weights_file(name)
     except MissingWeightsError as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must install the weight packages: {exc}")
-        pytest.skip(str(exc))
-
-
-@dataclass(frozen=True)
-class Outcome:
-    code: int
-    out: str
-    err: str
-
-
-def _cli(argv: list[str]) -> Outcome:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(argv)
-    return Outcome(code, out.getvalue(), err.getvalue())
+        missing_in_ci(f"the weight packages are not installed: {exc}")
 
 
 # --- the .pth reader ---------------------------------------------------------------------
@@ -257,7 +241,7 @@ def test_train_without_the_package_fails_with_one_line_naming_it(
     write_dataset(data, classes=2, per_class=6, size=48, seed=0)
     absent = replace(ported.PORTED["efficientnet_lite0"], distribution="fieldscope-absent-pkg")
     monkeypatch.setitem(ported.PORTED, "efficientnet_lite0", absent)  # type: ignore[arg-type]
-    outcome = _cli(
+    outcome = run_main(
         ["train", str(data), "--out", str(tmp_path / "run"), "--backbone", "efficientnet_lite0",
          "--weights", "imagenet", "--image-size", "32", "--epochs", "1"]
     )  # fmt: skip
@@ -417,7 +401,7 @@ def test_backbone_trains_converts_to_int8_and_classifies_on_the_edge(
     _require_weights(name)
     run_dir, bundle_dir = tmp_path / "run", tmp_path / "bundle"
     top = 20
-    trained = _cli(
+    trained = run_main(
         ["train", str(specimens), "--out", str(run_dir), "--backbone", name,
          "--weights", "imagenet", "--image-size", "48", "--batch-size", "8", "--run-eagerly",
          "--epochs", "2", "--patience", "0", "--fine-tune-epochs", "1",
@@ -451,7 +435,7 @@ def test_backbone_trains_converts_to_int8_and_classifies_on_the_edge(
     else:
         assert not changed
 
-    converted = _cli(
+    converted = run_main(
         ["convert", str(run_dir), "--out", str(bundle_dir), "--quantize", "int8",
          "--version", "1.0.0", "--max-accuracy-drop", "100"]
     )  # fmt: skip
@@ -475,7 +459,7 @@ def test_backbone_trains_converts_to_int8_and_classifies_on_the_edge(
     model = keras.models.load_model(run_dir / "model.keras")
     float_top1 = np.argmax(model.predict(images.astype("float32"), verbose=0), axis=1)
     assert np.mean(np.asarray(edge) == float_top1) >= 0.5
-    shown = _cli(["edge", "classify", str(bundle_dir), *map(str, files[:2])])
+    shown = run_main(["edge", "classify", str(bundle_dir), *map(str, files[:2])])
     assert shown.code == 0, shown.err
     assert any(label in shown.out for label in manifest.labels)
 

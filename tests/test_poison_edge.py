@@ -27,7 +27,12 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
-from helpers import identification_document, manifest_document, model_info_document
+from helpers import (
+    MINIMAL_EDGE_CONFIG,
+    identification_document,
+    manifest_document,
+    model_info_document,
+)
 
 from fieldscope.cli.main import main
 from fieldscope.edge.bundle import (
@@ -36,7 +41,6 @@ from fieldscope.edge.bundle import (
     generate_keypair,
     read_bundle,
     verify_bundle,
-    write_bundle,
 )
 from fieldscope.edge.classify import Classifier
 from fieldscope.edge.config import (
@@ -283,15 +287,7 @@ def test_a_model_linked_to_dev_zero_or_a_fifo_is_refused(tmp_path: Path) -> None
 @pytest.fixture
 def float_bundle(tmp_path: Path, tiny_models: Any) -> Path:
     out = tmp_path / "bundle"
-    write_bundle(
-        out,
-        tiny_models.float32,
-        model_name="colours",
-        model_version="1",
-        labels=tiny_models.labels,
-        preprocessing=RECIPE,
-        threshold=0.6,
-    )
+    tiny_models.bundle(out, model=tiny_models.float32, recipe=RECIPE)
     return out
 
 
@@ -551,23 +547,7 @@ def test_edge_classify_skips_special_files_and_odd_names(
 
 # --- item 12 and numbers: the configuration ----------------------------------------------
 
-CONFIG = """\
-[device]
-station = "pond-3"
-id = "scope-a"
-
-[camera]
-backend = "replay"
-
-[camera.replay]
-path = "images"
-
-[model]
-bundle = "bundles/current"
-
-[mqtt]
-host = "127.0.0.1"
-"""
+CONFIG = MINIMAL_EDGE_CONFIG
 
 
 def _config(tmp_path: Path, text: str) -> Path:

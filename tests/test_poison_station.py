@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 import pytest
 from conftest import Broker, MqttRecorder, SpecimenImages, TinyBundles
-from helpers import wait_for
+from helpers import read_all, wait_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -27,7 +27,6 @@ from fieldscope.edge.capture import (
     CameraSupervisor,
     ContinuousTrigger,
     FolderCamera,
-    Frame,
 )
 from fieldscope.edge.config import ModelConfig, PreprocessingOverrides, QualityConfig
 from fieldscope.edge.model_slot import ModelSlot, load_model
@@ -45,19 +44,6 @@ def write_png(path: Path, value: int, size: int = 32) -> None:
     ok, data = cv2.imencode(".png", image)
     assert ok
     path.write_bytes(data.tobytes())
-
-
-def read_all(camera: FolderCamera, timeout: float = 0.03, tries: int = 5) -> list[Frame]:
-    frames: list[Frame] = []
-    idle = 0
-    while idle < tries:
-        frame = camera.read(timeout)
-        if frame is None:
-            idle += 1
-            continue
-        idle = 0
-        frames.append(frame)
-    return frames
 
 
 def folder(tmp_path: Path, **kwargs: object) -> FolderCamera:

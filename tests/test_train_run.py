@@ -13,13 +13,13 @@ import io
 import json
 import shutil
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import keras
 import numpy as np
 import pytest
+from helpers import CliOutcome, run_main
 
 from fieldscope.cli.main import main
 from fieldscope.edge.preprocess import PreprocessRecipe, load_and_preprocess
@@ -39,20 +39,6 @@ TINY = [
 ]  # fmt: skip
 
 
-@dataclass(frozen=True)
-class Outcome:
-    code: int
-    out: str
-    err: str
-
-
-def _cli(argv: list[str]) -> Outcome:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(argv)
-    return Outcome(code, out.getvalue(), err.getvalue())
-
-
 @pytest.fixture(scope="session")
 def specimens(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """3 species x 10 images, plus one truncated PNG among them."""
@@ -65,9 +51,9 @@ def specimens(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def run(specimens: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Outcome]:
+def run(specimens: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, CliOutcome]:
     run_dir = tmp_path_factory.mktemp("runs") / "run"
-    outcome = _cli(
+    outcome = run_main(
         ["train", str(specimens), "--out", str(run_dir), *TINY, "--epochs", "2",
          "--fine-tune-epochs", "1", "--denoise", "median", "--denoise-param", "ksize=3"]
     )  # fmt: skip
@@ -83,7 +69,7 @@ def _recipe(run_dir: Path) -> PreprocessRecipe:
     return PreprocessRecipe.from_dict(_json(run_dir / "config.json")["preprocess"])
 
 
-def test_run_dir_has_every_artefact(run: tuple[Path, Outcome], specimens: Path) -> None:
+def test_run_dir_has_every_artefact(run: tuple[Path, CliOutcome], specimens: Path) -> None:
     run_dir, outcome = run
     for name in (
         "model.keras", "labels.json", "config.json", "split.json", "history.json",
@@ -137,7 +123,7 @@ def test_run_dir_has_every_artefact(run: tuple[Path, Outcome], specimens: Path) 
 
 
 def test_metrics_match_a_recomputation_from_the_saved_predictions(
-    run: tuple[Path, Outcome],
+    run: tuple[Path, CliOutcome],
 ) -> None:
     run_dir, _ = run
     metrics = _json(run_dir / "metrics.json")
@@ -147,7 +133,7 @@ def test_metrics_match_a_recomputation_from_the_saved_predictions(
         assert json.loads(json.dumps(again)) == metrics["splits"][split], split
 
 
-def test_training_pixels_are_the_edge_pixels_bit_for_bit(run: tuple[Path, Outcome]) -> None:
+def test_training_pixels_are_the_edge_pixels_bit_for_bit(run: tuple[Path, CliOutcome]) -> None:
     run_dir, _ = run
     recipe = _recipe(run_dir)
     cache = PreprocessCache(run_dir / "cache", recipe)
@@ -160,7 +146,7 @@ def test_training_pixels_are_the_edge_pixels_bit_for_bit(run: tuple[Path, Outcom
 
 
 def test_saved_model_gives_the_saved_probabilities_on_edge_pixels(
-    run: tuple[Path, Outcome],
+    run: tuple[Path, CliOutcome],
 ) -> None:
     run_dir, _ = run
     model = keras.models.load_model(run_dir / "model.keras")
@@ -174,7 +160,7 @@ def test_saved_model_gives_the_saved_probabilities_on_edge_pixels(
 
 
 def test_split_is_disjoint_complete_and_reproduced_by_its_seed(
-    run: tuple[Path, Outcome], specimens: Path
+    run: tuple[Path, CliOutcome], specimens: Path
 ) -> None:
     run_dir, _ = run
     split = read_split(run_dir)
@@ -191,11 +177,11 @@ def test_split_is_disjoint_complete_and_reproduced_by_its_seed(
 
 
 def test_evaluate_rewrites_the_report(
-    run: tuple[Path, Outcome], specimens: Path, tmp_path: Path
+    run: tuple[Path, CliOutcome], specimens: Path, tmp_path: Path
 ) -> None:
     run_dir, _ = run
     before = _json(run_dir / "metrics.json")
-    outcome = _cli(["evaluate", str(run_dir)])
+    outcome = run_main(["evaluate", str(run_dir)])
     assert outcome.code == 0, outcome.err
     assert "test: 6 images" in outcome.out
     after = _json(run_dir / "metrics.json")
@@ -205,7 +191,7 @@ def test_evaluate_rewrites_the_report(
     other = tmp_path / "field-samples"
     labels = _json(run_dir / "labels.json")
     shutil.copytree(specimens / labels[1], other / labels[1])
-    outcome = _cli(["evaluate", str(run_dir), str(other)])
+    outcome = run_main(["evaluate", str(run_dir), str(other)])
     assert outcome.code == 0, outcome.err
     metrics = _json(run_dir / "metrics.json")
     assert metrics["splits"]["eval"]["n_samples"] == 10
@@ -217,12 +203,12 @@ def test_evaluate_rewrites_the_report(
 
     (other / "unknown_species").mkdir()
     shutil.copy(next((other / labels[1]).glob("*.png")), other / "unknown_species" / "x.png")
-    outcome = _cli(["evaluate", str(run_dir), str(other)])
+    outcome = run_main(["evaluate", str(run_dir), str(other)])
     assert outcome.code == 2
     assert "not trained on: unknown_species" in outcome.err
     assert outcome.err.count("\n") == 1
 
-    outcome = _cli(["evaluate", str(tmp_path)])
+    outcome = run_main(["evaluate", str(tmp_path)])
     assert outcome.code == 2
     assert "model.keras is missing" in outcome.err
 
@@ -263,18 +249,18 @@ def test_resume_continues_an_interrupted_run(specimens: Path, tmp_path: Path) ->
     assert (run_dir / "state" / "last.keras").is_file()
     assert not (run_dir / "model.keras").exists()
 
-    outcome = _cli(["train", str(specimens), "--out", str(run_dir), *TINY])
+    outcome = run_main(["train", str(specimens), "--out", str(run_dir), *TINY])
     assert outcome.code == 2
     assert f"--resume {run_dir}" in outcome.err
 
     # After an epoch the checkpoint holds the weights: the starting weights stay as they were.
-    outcome = _cli(["train", "--resume", str(run_dir), "--weights", "imagenet"])
+    outcome = run_main(["train", "--resume", str(run_dir), "--weights", "imagenet"])
     assert outcome.code == 2
     assert "has trained epochs already, so --weights can no longer change" in outcome.err
     assert _json(run_dir / "config.json")["weights"] == "none"
 
     # More epochs are fine: stage 1 goes on to 3.
-    outcome = _cli(["train", "--resume", str(run_dir), "--epochs", "3"])
+    outcome = run_main(["train", "--resume", str(run_dir), "--epochs", "3"])
     assert outcome.code == 0, outcome.err
     assert "resuming after epoch 1" in outcome.err
     history = _json(run_dir / "history.json")
@@ -284,7 +270,7 @@ def test_resume_continues_an_interrupted_run(specimens: Path, tmp_path: Path) ->
     assert _json(run_dir / "run.json")["status"] == "complete"
     assert "test accuracy" in outcome.out
 
-    outcome = _cli(["train", "--resume", str(run_dir)])
+    outcome = run_main(["train", "--resume", str(run_dir)])
     assert outcome.code == 0
     assert "already complete" in outcome.out
 
@@ -311,12 +297,12 @@ def test_a_run_that_failed_before_its_first_epoch_resumes_with_other_weights(
     assert "--overwrite" in err.getvalue()
 
     # A new run into the same folder says each way out.
-    outcome = _cli(["train", str(specimens), "--out", str(run_dir), *TINY, *quick])
+    outcome = run_main(["train", str(specimens), "--out", str(run_dir), *TINY, *quick])
     assert outcome.code == 2
     assert f"--resume {run_dir}" in outcome.err
     assert "--overwrite" in outcome.err
 
-    outcome = _cli(["train", "--resume", str(run_dir), "--weights", "none", "--epochs", "1"])
+    outcome = run_main(["train", "--resume", str(run_dir), "--weights", "none", "--epochs", "1"])
     assert outcome.code == 0, outcome.err
     assert "with --weights none, --epochs 1" in outcome.err
     assert _json(run_dir / "config.json")["weights"] == "none"
@@ -324,13 +310,13 @@ def test_a_run_that_failed_before_its_first_epoch_resumes_with_other_weights(
     assert (run_dir / "model.keras").is_file()
 
     # A complete run keeps the config its model was trained with.
-    outcome = _cli(["train", "--resume", str(run_dir), "--epochs", "5"])
+    outcome = run_main(["train", "--resume", str(run_dir), "--epochs", "5"])
     assert outcome.code == 2
     assert "is complete, so its options can no longer change" in outcome.err
     assert _json(run_dir / "config.json")["epochs"] == 1
 
     # --overwrite starts over in the same folder.
-    outcome = _cli(["train", str(specimens), "--out", str(run_dir), *TINY, *quick,
+    outcome = run_main(["train", str(specimens), "--out", str(run_dir), *TINY, *quick,
                     "--seed", "3", "--overwrite"])  # fmt: skip
     assert outcome.code == 0, outcome.err
     assert "removed the earlier run" in outcome.err
@@ -339,7 +325,7 @@ def test_a_run_that_failed_before_its_first_epoch_resumes_with_other_weights(
 
 def test_cross_validation_reports_mean_and_sd(specimens: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "cv"
-    outcome = _cli(
+    outcome = run_main(
         ["train", str(specimens), "--out", str(run_dir), *TINY, "--image-size", "32",
          "--folds", "2", "--epochs", "1", "--fine-tune-epochs", "0"]
     )  # fmt: skip

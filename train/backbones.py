@@ -30,6 +30,8 @@ __all__ = [
     "backbone_of",
     "build_classifier",
     "check_backbone_options",
+    "fit_mini_mobilenet",
+    "mini_mobilenet",
     "set_fine_tune_layers",
 ]
 
@@ -164,6 +166,69 @@ def build_classifier(
     model = keras.Model(inputs, outputs, name=f"fieldscope_{name}")
     if spec.normalisation == "caffe":
         _set_caffe_weights(model.get_layer("caffe_normalisation"))
+    return model
+
+
+def mini_mobilenet(size: int, classes: int) -> keras.Model:
+    """Four inverted-residual blocks like MobileNetV2's, raw RGB 0-255 in, softmax out.
+
+    Not a backbone for real work: a model with MobileNetV2's operator set (1x1 and
+    depthwise convolutions, BatchNorm, ReLU6, residual adds, global pooling) that
+    trains from scratch in seconds on two cores until it tells the synthetic species
+    (``fieldscope.edge.specimens``) apart. The conversion tests and the Raspberry Pi
+    check (``deploy/pi-check/make_bundles.py``) need such a model: one at chance has
+    near-uniform outputs, on which agreement between float and int8 says nothing.
+    """
+    import keras
+
+    layers = keras.layers
+
+    def norm(x: Any) -> Any:
+        return layers.BatchNormalization(momentum=SCRATCH_BN_MOMENTUM)(x)
+
+    def block(x: Any, channels: int, stride: int) -> Any:
+        shortcut, width = x, int(x.shape[-1])
+        x = layers.Conv2D(width * 3, 1, use_bias=False)(x)
+        x = layers.ReLU(6.0)(norm(x))
+        x = layers.DepthwiseConv2D(3, strides=stride, padding="same", use_bias=False)(x)
+        x = layers.ReLU(6.0)(norm(x))
+        x = norm(layers.Conv2D(channels, 1, use_bias=False)(x))
+        return layers.Add()([shortcut, x]) if stride == 1 and width == channels else x
+
+    inputs = keras.Input((size, size, 3), name="image")
+    x = layers.Rescaling(1.0 / 127.5, offset=-1.0)(inputs)
+    x = layers.Conv2D(16, 3, strides=2, padding="same", use_bias=False)(x)
+    x = layers.ReLU(6.0)(norm(x))
+    for channels, stride in ((16, 1), (24, 2), (24, 1), (32, 2)):
+        x = block(x, channels, stride)
+    x = layers.GlobalAveragePooling2D()(x)
+    outputs = layers.Dense(classes, activation="softmax")(x)
+    return keras.Model(inputs, outputs)
+
+
+def fit_mini_mobilenet(images: Any, labels: Any, classes: int) -> keras.Model:
+    """:func:`mini_mobilenet` trained from seed 0 on ``images`` (N, S, S, 3, raw RGB)
+    and their class indices, for 6 epochs on the 8 flips/rotations of each image:
+    specimens lie in any orientation, so the views are 8x the data for free and the
+    model generalises instead of memorising a hundred images."""
+    import keras
+    import numpy as np
+
+    keras.utils.set_random_seed(0)
+    model = mini_mobilenet(int(images.shape[1]), classes)
+    model.compile(
+        optimizer=keras.optimizers.Adam(3e-3),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    views = [np.rot90(v, k, axes=(1, 2)) for v in (images, images[:, ::-1]) for k in range(4)]
+    model.fit(
+        np.concatenate(views).astype(np.float32),
+        np.tile(labels, len(views)),
+        epochs=6,
+        batch_size=32,
+        verbose=0,
+    )
     return model
 
 

@@ -405,26 +405,19 @@ def _evaluate(
         confidence=config.threshold_confidence or None,
     )
     labels = list(split.labels)
-    report.write_evaluation(
-        run.path,
-        val[1],
-        probs_val,
-        labels,
-        split="val",
-        threshold=choice,
-        file_paths=[_rel(s.path, split.root) for s in split.val],
-    )
+
+    def write(
+        name: str, truth: np.ndarray, probs: np.ndarray, samples: Sequence[Sample]
+    ) -> dict[str, Any]:
+        """The split's evaluation files, at the threshold chosen on validation."""
+        paths = [_rel(s.path, split.root) for s in samples]
+        return report.write_evaluation(
+            run.path, truth, probs, labels, split=name, threshold=choice, file_paths=paths
+        )
+
+    write("val", val[1], probs_val, split.val)
     probs_test = predict(model, test[0], batch_size=config.batch_size)
-    test_metrics = report.write_evaluation(
-        run.path,
-        test[1],
-        probs_test,
-        labels,
-        split="test",
-        threshold=choice,
-        file_paths=[_rel(s.path, split.root) for s in split.test],
-    )
-    return choice, test_metrics
+    return choice, write("test", test[1], probs_test, split.test)
 
 
 def _cross_validate(

@@ -36,32 +36,6 @@ SAMPLE_PER_CLASS = 3
 RECIPES = {"int8": "median", "float32": "gaussian"}
 
 
-def _mini_mobilenet(size: int, classes: int) -> Any:
-    """Inverted-residual blocks like MobileNetV2's, small enough to train in seconds."""
-    import keras
-
-    layers = keras.layers
-
-    def block(x: Any, channels: int, stride: int) -> Any:
-        shortcut, width = x, int(x.shape[-1])
-        x = layers.Conv2D(width * 3, 1, use_bias=False)(x)
-        x = layers.ReLU(6.0)(layers.BatchNormalization(momentum=0.9)(x))
-        x = layers.DepthwiseConv2D(3, strides=stride, padding="same", use_bias=False)(x)
-        x = layers.ReLU(6.0)(layers.BatchNormalization(momentum=0.9)(x))
-        x = layers.BatchNormalization(momentum=0.9)(layers.Conv2D(channels, 1, use_bias=False)(x))
-        return layers.Add()([shortcut, x]) if stride == 1 and width == channels else x
-
-    inputs = keras.Input((size, size, 3), name="image")
-    x = layers.Rescaling(1.0 / 127.5, offset=-1.0)(inputs)
-    x = layers.Conv2D(16, 3, strides=2, padding="same", use_bias=False)(x)
-    x = layers.ReLU(6.0)(layers.BatchNormalization(momentum=0.9)(x))
-    for channels, stride in ((16, 1), (24, 2), (24, 1), (32, 2)):
-        x = block(x, channels, stride)
-    x = layers.GlobalAveragePooling2D()(x)
-    outputs = layers.Dense(classes, activation="softmax")(x)
-    return keras.Model(inputs, outputs)
-
-
 def _load(root: Path, labels: list[str], recipe: Any) -> tuple[np.ndarray, np.ndarray]:
     from fieldscope.edge.preprocess import load_and_preprocess
 
@@ -73,35 +47,13 @@ def _load(root: Path, labels: list[str], recipe: Any) -> tuple[np.ndarray, np.nd
     return np.stack(images), np.asarray(targets)
 
 
-def _train(train_x: np.ndarray, train_y: np.ndarray, n_classes: int) -> Any:
-    """The small MobileNet, fitted on the 8 flips/rotations of the training images."""
-    import keras
-
-    keras.utils.set_random_seed(0)
-    model = _mini_mobilenet(SIZE, n_classes)
-    model.compile(
-        optimizer=keras.optimizers.Adam(3e-3),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
-    # The 8 flips/rotations of each image: specimens lie in any orientation.
-    views = [np.rot90(v, k, axes=(1, 2)) for v in (train_x, train_x[:, ::-1]) for k in range(4)]
-    model.fit(
-        np.concatenate(views).astype(np.float32),
-        np.tile(train_y, len(views)),
-        epochs=6,
-        batch_size=32,
-        verbose=0,
-    )
-    return model
-
-
 def make(out_dir: Path) -> None:
     """Write the bundles and sample images into ``out_dir`` (see the module docstring)."""
 
     from fieldscope.convert.pipeline import convert_model, write_converted_bundle
     from fieldscope.edge.preprocess import PreprocessRecipe
     from fieldscope.edge.specimens import write_dataset
+    from fieldscope.train.backbones import fit_mini_mobilenet
 
     write_dataset(
         out_dir / "images", classes=SPECIES, per_class=SAMPLE_PER_CLASS, size=160, seed=11
@@ -115,7 +67,7 @@ def make(out_dir: Path) -> None:
             x, y = _load(train_dir, labels, recipe)
             test = np.arange(len(y)) % 10 < 3
             train_x = x[~test]
-            model = _train(train_x, y[~test], len(labels))
+            model = fit_mini_mobilenet(train_x, y[~test], len(labels))
             result = convert_model(
                 model,
                 labels=labels,
