@@ -20,7 +20,10 @@ from typing import Any
 from fieldscope.edge.message import Identification
 
 __all__ = [
+    "OBJECT_BOOL_COLUMNS",
     "OBJECT_COLUMNS",
+    "OBJECT_FLOAT_COLUMNS",
+    "OBJECT_INT_COLUMNS",
     "add_object_columns",
     "existing_columns",
     "object_values",
@@ -53,6 +56,12 @@ _COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("objects_truncated", "INTEGER", "INTEGER"),
 )
 OBJECT_COLUMNS: tuple[str, ...] = tuple(name for name, _, _ in _COLUMNS)
+# Their types, for the exports.
+OBJECT_BOOL_COLUMNS = frozenset(n for n, _, pg in _COLUMNS if pg == "BOOLEAN")
+OBJECT_INT_COLUMNS = frozenset(
+    n for n, lite, pg in _COLUMNS if lite == "INTEGER" and pg != "BOOLEAN"
+)
+OBJECT_FLOAT_COLUMNS = frozenset(n for n, lite, _ in _COLUMNS if lite == "REAL")
 _MEASUREMENTS = (
     "area_px",
     "area_um2",
