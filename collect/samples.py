@@ -215,6 +215,29 @@ def sample_model_info(model: ModelRef | None = None) -> ModelInfo:
     )
 
 
+def _sample_object(frame_id: str, i: int, count: int, um_per_px: float) -> ObjectRef:
+    radius = 10 + 5 * i
+    area = round(math.pi * radius * radius)
+    return ObjectRef(
+        frame_id=frame_id,
+        index=i,
+        count=count,
+        bbox=(40 * i, 30, 2 * radius + 1, 2 * radius + 1),
+        touches_border=i == 0,
+        measurements=ObjectMeasurements(
+            area_px=area,
+            area_um2=round(area * um_per_px**2, 4),
+            esd_um=round(math.sqrt(4 * area / math.pi) * um_per_px, 4),
+            perimeter_um=round(2 * math.pi * radius * um_per_px, 4),
+            major_axis_um=round(2 * radius * 1.1 * um_per_px, 4),
+            minor_axis_um=round(2 * radius * 0.9 * um_per_px, 4),
+            eccentricity=0.574,
+            solidity=0.97,
+            mean_intensity=80.0 + i,
+        ),
+    )
+
+
 def sample_objects(
     first_seq: int,
     count: int,
@@ -247,29 +270,10 @@ def sample_objects(
         return [msgspec.structs.replace(rejected, segmentation=summary)]
     out = []
     for i in range(count):
-        radius = 10 + 5 * i
-        area = round(math.pi * radius * radius)
         message = sample_identification(
             first_seq + i, device=device, station=station, label=labels[i % len(labels)]
         )
-        ref = ObjectRef(
-            frame_id=frame.image.sha256,
-            index=i,
-            count=count,
-            bbox=(40 * i, 30, 2 * radius + 1, 2 * radius + 1),
-            touches_border=i == 0,
-            measurements=ObjectMeasurements(
-                area_px=area,
-                area_um2=round(area * um_per_px**2, 4),
-                esd_um=round(math.sqrt(4 * area / math.pi) * um_per_px, 4),
-                perimeter_um=round(2 * math.pi * radius * um_per_px, 4),
-                major_axis_um=round(2 * radius * 1.1 * um_per_px, 4),
-                minor_axis_um=round(2 * radius * 0.9 * um_per_px, 4),
-                eccentricity=0.574,
-                solidity=0.97,
-                mean_intensity=80.0 + i,
-            ),
-        )
+        ref = _sample_object(frame.image.sha256, i, count, um_per_px)
         image = msgspec.structs.replace(message.image, sha256=frame.image.sha256)
         out.append(msgspec.structs.replace(message, image=image, object=ref, segmentation=summary))
     return out

@@ -427,13 +427,7 @@ def build_identification(
     top_k = tuple(
         Candidate(str(label), round(float(score), 6)) for label, score in prediction.top_k
     )
-    try:
-        status = Status(prediction.status)
-    except ValueError:
-        names = ", ".join(s.value for s in Status)
-        raise MessageError(
-            f"identification message: status must be one of {names}, got {show(prediction.status)}"
-        ) from None
+    status = _status(prediction.status)
     score = round(float(prediction.score), 6)
     if reason is None and status is Status.UNCERTAIN:
         reason = f"top score {score:.3f} is below the model's threshold"
@@ -454,6 +448,16 @@ def build_identification(
         object=object_ref,
         segmentation=segmentation,
     )
+
+
+def _status(value: str) -> Status:
+    try:
+        return Status(value)
+    except ValueError:
+        names = ", ".join(s.value for s in Status)
+        raise MessageError(
+            f"identification message: status must be one of {names}, got {show(value)}"
+        ) from None
 
 
 def build_rejection(
