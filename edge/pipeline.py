@@ -444,7 +444,7 @@ class Pipeline:
         t1 = time.perf_counter()
         tensor, segmented = None, None
         if quality.ok and self._segmenter is not None:
-            segmented = segment_frame(self._segmenter, captured.image, model.recipe)
+            segmented = segment_frame(self._segmenter, captured.image)
             self.counters.add("objects", len(segmented.objects))
         elif quality.ok:
             tensor = preprocess(captured.image, model.recipe)
@@ -455,7 +455,7 @@ class Pipeline:
 
     def _classify(self, work: _Prepared) -> _Prepared:
         if work.segmented is not None:
-            classify_objects(work.segmented, work.model.classifier.classify)
+            classify_objects(work.segmented, work.model.recipe, work.model.classifier.classify)
         elif work.tensor is not None:
             t0 = time.perf_counter()
             work.prediction = work.model.classifier.classify(work.tensor)

@@ -2,11 +2,16 @@
 
 Split from :mod:`fieldscope.edge.pipeline`, which calls these at the same three places
 as its frame path: ``prepare`` cuts the gated frame into objects with the daemon's one
-:class:`~fieldscope.edge.objects.Segmenter` (it holds a flow cell's running median) and
-runs each object's crop through the bundle's own preprocessing recipe, exactly as a
-frame would be (and as ``fieldscope segment`` crops are for training); ``classify``
-classifies each crop; ``store`` sends one identification per object, each its own
-outbox entry and ``seq``.
+:class:`~fieldscope.edge.objects.Segmenter` (it holds a flow cell's running median);
+``classify`` runs each object's crop through the bundle's own preprocessing recipe,
+exactly as a frame would be (and as ``fieldscope segment`` crops are for training),
+and classifies it; ``store`` sends one identification per object, each its own outbox
+entry and ``seq``.
+
+Crops, not model inputs, wait in the queue between ``prepare`` and ``classify``: a
+224x224 input is 150 kB and a frame may hold 50 objects, while their crops are a few
+kB each. Preprocessing a crop costs a few percent of classifying it, so little
+overlap is lost, and the daemon stays within a small Pi's memory.
 
 Exactly once per file, as for frames: object ``i`` of ``n`` is stored with the source
 key ``<file key>#<i>`` and the last one with the file's own key, which is what the
@@ -73,8 +78,8 @@ class ObjectWork:
     bbox: tuple[int, int, int, int]
     touches_border: bool
     measurements: ObjectMeasurements
-    preprocess_ms: float
-    tensor: npt.NDArray[np.uint8] | None
+    crop: npt.NDArray[np.uint8] | None  # released once classified
+    preprocess_ms: float = 0.0
     prediction: Prediction | None = None
     inference_ms: float = 0.0
 
@@ -117,39 +122,39 @@ def _summary(summary: FrameSummary) -> SegmentationSummary:
     )
 
 
-def segment_frame(
-    segmenter: Segmenter, image: npt.NDArray[np.uint8], recipe: PreprocessRecipe
-) -> Segmented:
-    """The frame's objects, each crop preprocessed with the bundle's recipe."""
+def segment_frame(segmenter: Segmenter, image: npt.NDArray[np.uint8]) -> Segmented:
+    """The frame's objects with their crops and measurements."""
     t0 = time.perf_counter()
     found = segmenter.segment(image)
     segment_ms = (time.perf_counter() - t0) * 1000.0
-    objects = []
-    for obj in found.objects:
-        t1 = time.perf_counter()
-        tensor = preprocess(obj.crop, recipe)
-        objects.append(
-            ObjectWork(
-                index=obj.index,
-                bbox=obj.bbox,
-                touches_border=obj.touches_border,
-                measurements=_measurements(obj),
-                preprocess_ms=(time.perf_counter() - t1) * 1000.0,
-                tensor=tensor,
-            )
+    objects = [
+        ObjectWork(
+            index=obj.index,
+            bbox=obj.bbox,
+            touches_border=obj.touches_border,
+            measurements=_measurements(obj),
+            crop=obj.crop,
         )
+        for obj in found.objects
+    ]
     return Segmented(_summary(found.summary), objects, segment_ms)
 
 
-def classify_objects(segmented: Segmented, classify: Callable[..., Prediction]) -> None:
-    """Classify every object's crop (the tensors are released as they are used)."""
+def classify_objects(
+    segmented: Segmented, recipe: PreprocessRecipe, classify: Callable[..., Prediction]
+) -> None:
+    """Preprocess and classify every object's crop, one at a time (see the module
+    docstring); the crops are released as they are used."""
     for obj in segmented.objects:
-        if obj.tensor is None:
+        if obj.crop is None:
             continue
         t0 = time.perf_counter()
-        obj.prediction = classify(obj.tensor)
-        obj.inference_ms = (time.perf_counter() - t0) * 1000.0
-        obj.tensor = None
+        tensor = preprocess(obj.crop, recipe)
+        t1 = time.perf_counter()
+        obj.prediction = classify(tensor)
+        obj.inference_ms = (time.perf_counter() - t1) * 1000.0
+        obj.preprocess_ms = (t1 - t0) * 1000.0
+        obj.crop = None
 
 
 def object_key(frame_key: str | None, index: int, count: int) -> str | None:
