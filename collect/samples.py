@@ -8,9 +8,12 @@ seed is given.
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+
+import msgspec
 
 from fieldscope.edge.health import CameraState, FrameCounts, Heartbeat, ModelInfo
 from fieldscope.edge.message import (
@@ -22,6 +25,12 @@ from fieldscope.edge.message import (
     Status,
     Timings,
 )
+from fieldscope.edge.message_objects import (
+    NO_OBJECTS_REASON,
+    ObjectMeasurements,
+    ObjectRef,
+    SegmentationSummary,
+)
 
 __all__ = [
     "DEMO_LABELS",
@@ -30,6 +39,7 @@ __all__ = [
     "sample_heartbeat",
     "sample_identification",
     "sample_model_info",
+    "sample_objects",
 ]
 
 DEMO_LABELS: tuple[str, ...] = ("Amoeba", "Euglena", "Paramecium", "Vorticella", "Stentor")
@@ -203,3 +213,67 @@ def sample_model_info(model: ModelRef | None = None) -> ModelInfo:
         runtime_version="2.3.0",
         signed=True,
     )
+
+
+def _sample_object(frame_id: str, i: int, count: int, um_per_px: float) -> ObjectRef:
+    radius = 10 + 5 * i
+    area = round(math.pi * radius * radius)
+    return ObjectRef(
+        frame_id=frame_id,
+        index=i,
+        count=count,
+        bbox=(40 * i, 30, 2 * radius + 1, 2 * radius + 1),
+        touches_border=i == 0,
+        measurements=ObjectMeasurements(
+            area_px=area,
+            area_um2=round(area * um_per_px**2, 4),
+            esd_um=round(math.sqrt(4 * area / math.pi) * um_per_px, 4),
+            perimeter_um=round(2 * math.pi * radius * um_per_px, 4),
+            major_axis_um=round(2 * radius * 1.1 * um_per_px, 4),
+            minor_axis_um=round(2 * radius * 0.9 * um_per_px, 4),
+            eccentricity=0.574,
+            solidity=0.97,
+            mean_intensity=80.0 + i,
+        ),
+    )
+
+
+def sample_objects(
+    first_seq: int,
+    count: int,
+    *,
+    device: str = "scope-a",
+    station: str = "pond-3",
+    labels: Sequence[str] = DEMO_LABELS,
+    um_per_px: float = 1.5,
+) -> list[Identification]:
+    """The messages a segmenting station sends for one frame of ``count`` objects
+    (seqs ``first_seq``...), or its one "no objects" rejection when ``count`` is 0.
+
+    Object ``i`` is a circle-ish specimen of radius ``10 + 5·i`` pixels, so the sizes
+    differ and are easy to check: area ``π·r²`` px, ESD ``2·r`` px, times ``um_per_px``.
+    """
+    frame = sample_identification(first_seq, device=device, station=station)
+    summary = SegmentationSummary(
+        found=count + 2,
+        kept=count,
+        rejected_by_size=2,
+        touching_border=min(count, 1),
+        dropped_at_border=0,
+        truncated=0,
+        background_ready=True,
+    )
+    if count == 0:
+        rejected = sample_identification(
+            first_seq, device=device, station=station, status="rejected", reason=NO_OBJECTS_REASON
+        )
+        return [msgspec.structs.replace(rejected, segmentation=summary)]
+    out = []
+    for i in range(count):
+        message = sample_identification(
+            first_seq + i, device=device, station=station, label=labels[i % len(labels)]
+        )
+        ref = _sample_object(frame.image.sha256, i, count, um_per_px)
+        image = msgspec.structs.replace(message.image, sha256=frame.image.sha256)
+        out.append(msgspec.structs.replace(message, image=image, object=ref, segmentation=summary))
+    return out

@@ -81,6 +81,7 @@ from fieldscope.edge.config_sections import (
     parse_size,
 )
 from fieldscope.edge.errors import ConfigError
+from fieldscope.edge.objects import ObjectsSettings
 from fieldscope.edge.topics import TOPIC_SPECS, Topics
 from fieldscope.edge.typed import (
     ConfigFileError,
@@ -113,6 +114,7 @@ __all__ = [
     "LogConfig",
     "ModelConfig",
     "MqttConfig",
+    "ObjectsSettings",
     "OpenCVOptions",
     "OutboxConfig",
     "Picamera2Options",
@@ -146,6 +148,7 @@ class EdgeConfig(msgspec.Struct, frozen=True):
     archive: ArchiveConfig
     preprocessing: PreprocessingOverrides = msgspec.field(default_factory=PreprocessingOverrides)
     quality: QualityConfig = msgspec.field(default_factory=QualityConfig)
+    objects: ObjectsSettings = msgspec.field(default_factory=ObjectsSettings)
     heartbeat: HeartbeatConfig = msgspec.field(default_factory=HeartbeatConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     source: Annotated[Path | None, Meta(extra={"internal": True})] = None
@@ -331,6 +334,8 @@ _UNSET_MEANING: Mapping[str, str] = MappingProxyType(
         "mqtt.tls.ca": "(the system's CA store)",
         "model.threads": "(runtime default)",
         "outbox.max_bytes": "(no cap)",
+        "objects.blank": "(none)",
+        "objects.max_area_um2": "(no limit)",
     }
 )
 

@@ -84,6 +84,7 @@ from fieldscope.edge.model_slot import (
     bundle_source,
     load_model,
 )
+from fieldscope.edge.objects import Segmenter
 from fieldscope.edge.outbox import Outbox, OutboxError
 from fieldscope.edge.pipeline import FrameCounters, Pipeline
 from fieldscope.edge.systemd import Notifier
@@ -145,7 +146,7 @@ class Daemon:
         self.notifier = notifier or Notifier.from_environ()
         self.stop = threading.Event()
         self.started = threading.Event()
-        self.counters = FrameCounters()
+        self.counters = FrameCounters(segmenting=cfg.objects.mode == "segment")
         self._camera_override = camera
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_w.setblocking(False)
@@ -283,6 +284,8 @@ class Daemon:
             stop=self.stop,
             counters=self.counters,
             on_event=self._event,
+            # One per daemon: it holds a flow cell's running median of recent frames.
+            segmenter=Segmenter(self.cfg.objects) if self.cfg.objects.mode == "segment" else None,
         )
         pipeline.start()
         return pipeline

@@ -160,16 +160,21 @@ class _Flat(msgspec.Struct, frozen=True, kw_only=True):
 class FrameCounts(_Part, frozen=True):
     """Frames since the daemon started: ``seen`` = captured; of those, ``accepted``
     (classified with a label), ``uncertain`` (below the threshold), ``rejected`` (by
-    the quality gate) and ``failed`` (could not be decoded or classified)."""
+    the quality gate) and ``failed`` (could not be decoded or classified). A segmenting
+    station (``[objects] mode = "segment"``) also sends ``objects``, the objects it
+    classified, and then counts ``accepted``/``uncertain``/``rejected`` per message: one
+    per object, one ``rejected`` per frame without objects."""
 
     _where: ClassVar[str] = "frames"
     _required: ClassVar[tuple[str, ...]] = ("seen", "accepted", "uncertain", "rejected", "failed")
+    _omit_none: ClassVar[frozenset[str]] = frozenset({"objects"})
 
     seen: Count = 0
     accepted: Count = 0
     uncertain: Count = 0
     rejected: Count = 0
     failed: Count = 0
+    objects: Count | None = None
 
 
 class OutboxReport(_Part, frozen=True):

@@ -21,7 +21,11 @@ Decisions a subscriber relies on (also in docs/mqtt.md):
   quality gate and no inference ran, so ``label`` and ``score`` are null,
   ``top_k`` is empty and ``quality``/``reason`` say why.
 * **Optional fields** (``quality`` and its members, ``image.archived_path``,
-  ``reason``) are omitted when unknown, never null.
+  ``reason``, ``object``, ``segmentation``) are omitted when unknown, never null.
+* **Objects** (a station with ``[objects] mode = "segment"``): one message per object
+  of a frame, with the ``object`` and ``segmentation`` parts; a frame without objects
+  is one ``rejected`` message with reason ``"no objects"`` and ``segmentation`` only
+  (see :mod:`fieldscope.edge.message_objects`).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from typing import Annotated, Any, ClassVar, Protocol
 from msgspec import Meta
 
 from fieldscope.edge.errors import FieldscopeError, MessageError
+from fieldscope.edge.message_objects import ObjectRef, SegmentationSummary
 from fieldscope.edge.topics import MAX_SEGMENT_BYTES, segment_problem, show
 from fieldscope.edge.wire import (
     TIMESTAMP_PATTERN,
@@ -54,8 +59,10 @@ __all__ = [
     "Identification",
     "ImageRef",
     "ModelRef",
+    "ObjectRef",
     "Prediction",
     "Quality",
+    "SegmentationSummary",
     "Status",
     "Timings",
     "build_identification",
@@ -215,7 +222,9 @@ class Identification(_Part, frozen=True, kw_only=True):
     ``label``, ``score`` and ``top_k``, raising MessageError that names the field.
     """
 
-    _omit_none: ClassVar[frozenset[str]] = frozenset({"quality", "reason"})
+    _omit_none: ClassVar[frozenset[str]] = frozenset(
+        {"quality", "reason", "object", "segmentation"}
+    )
     _required: ClassVar[tuple[str, ...]] = ("version",)
 
     version: Annotated[Version, _doc("Major version of this message format.")] = MESSAGE_VERSION
@@ -269,6 +278,20 @@ class Identification(_Part, frozen=True, kw_only=True):
     reason: Annotated[
         Text | None, _doc("Why the status is uncertain or rejected, in words for a person.")
     ] = None
+    object: Annotated[
+        ObjectRef | None,
+        _doc(
+            "A segmenting station's object: its frame, place, box and measurements in µm; "
+            "omitted when the frame is the specimen."
+        ),
+    ] = None
+    segmentation: Annotated[
+        SegmentationSummary | None,
+        _doc(
+            "A segmenting station's counts for the object's frame; on every object message, "
+            "and alone on the rejected 'no objects' message of a frame without objects."
+        ),
+    ] = None
 
     def problems(self) -> list[tuple[str, str]]:
         """Topic levels, the ranking of ``top_k`` and what ``status`` allows."""
@@ -277,7 +300,21 @@ class Identification(_Part, frozen=True, kw_only=True):
             for name, value in (("device", self.device), ("station", self.station))
             if (problem := segment_problem(value)) is not None
         ]
-        return problems + self._ranking_problems() + self._status_problems()
+        return (
+            problems + self._ranking_problems() + self._status_problems() + self._object_problems()
+        )
+
+    def _object_problems(self) -> list[tuple[str, str]]:
+        obj, summary = self.object, self.segmentation
+        if obj is None:
+            return []
+        if self.status is Status.REJECTED:
+            return [("object", "must be absent when status is rejected (objects are classified)")]
+        if summary is not None and obj.count != summary.kept:
+            return [
+                ("object.count", f"must equal segmentation.kept ({summary.kept}), got {obj.count}")
+            ]
+        return []
 
     def _ranking_problems(self) -> list[tuple[str, str]]:
         top = self.top_k
@@ -377,6 +414,8 @@ def build_identification(
     timings: Timings,
     quality: Quality | None = None,
     reason: str | None = None,
+    object_ref: ObjectRef | None = None,
+    segmentation: SegmentationSummary | None = None,
 ) -> Identification:
     """The message for a classified capture, from the classifier's prediction.
 
@@ -388,13 +427,7 @@ def build_identification(
     top_k = tuple(
         Candidate(str(label), round(float(score), 6)) for label, score in prediction.top_k
     )
-    try:
-        status = Status(prediction.status)
-    except ValueError:
-        names = ", ".join(s.value for s in Status)
-        raise MessageError(
-            f"identification message: status must be one of {names}, got {show(prediction.status)}"
-        ) from None
+    status = _status(prediction.status)
     score = round(float(prediction.score), 6)
     if reason is None and status is Status.UNCERTAIN:
         reason = f"top score {score:.3f} is below the model's threshold"
@@ -412,7 +445,19 @@ def build_identification(
         timings_ms=_rounded(timings),
         quality=quality,
         reason=reason,
+        object=object_ref,
+        segmentation=segmentation,
     )
+
+
+def _status(value: str) -> Status:
+    try:
+        return Status(value)
+    except ValueError:
+        names = ", ".join(s.value for s in Status)
+        raise MessageError(
+            f"identification message: status must be one of {names}, got {show(value)}"
+        ) from None
 
 
 def build_rejection(
@@ -426,8 +471,10 @@ def build_rejection(
     image: ImageRef,
     timings: Timings,
     quality: Quality | None = None,
+    segmentation: SegmentationSummary | None = None,
 ) -> Identification:
-    """The message for a capture the quality gate turned away before inference.
+    """The message for a capture the quality gate turned away before inference (or, with
+    ``segmentation``, a segmented frame without objects).
 
     It is still published, so subscribers see that the station is working and why
     it produced no label (``reason``, e.g. ``"too blurry: sharpness 12.0 < 50.0"``).
@@ -446,6 +493,7 @@ def build_rejection(
         timings_ms=_rounded(timings),
         quality=quality,
         reason=reason,
+        segmentation=segmentation,
     )
 
 

@@ -494,9 +494,19 @@ def _convex_area(binary: npt.NDArray[np.uint8]) -> int:
     corners = np.concatenate([points + np.asarray(d, np.float32) for d in _EDGE_MIDPOINTS])
     hull = np.asarray(cv2.convexHull(corners), dtype=np.float32).reshape(-1, 2)
     height, width = binary.shape
-    xs, ys = np.meshgrid(np.arange(width), np.arange(height))
-    inside = _in_convex(hull, xs.astype(np.float64), ys.astype(np.float64))
-    return max(int(np.count_nonzero(inside | binary.astype(bool))), 1)
+    xs = np.arange(width, dtype=np.float64)[None, :]
+    count = 0
+    # A band of rows at a time: a frame-sized object (a dark corner) would otherwise
+    # need several float64 frames at once, tens of MB on a station with 512 MB.
+    for top in range(0, height, _HULL_ROWS):
+        ys = np.arange(top, min(top + _HULL_ROWS, height), dtype=np.float64)[:, None]
+        band = np.broadcast_to(xs, (len(ys), width))
+        inside = _in_convex(hull, band, np.broadcast_to(ys, band.shape))
+        count += int(np.count_nonzero(inside | binary[top : top + len(ys)].astype(bool)))
+    return max(count, 1)
+
+
+_HULL_ROWS = 64
 
 
 _EDGE_MIDPOINTS = ((-0.5, 0.0), (0.5, 0.0), (0.0, -0.5), (0.0, 0.5))

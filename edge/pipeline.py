@@ -61,7 +61,9 @@ from fieldscope.edge.config import QualityConfig
 from fieldscope.edge.health import CameraState
 from fieldscope.edge.message import ImageRef
 from fieldscope.edge.model_slot import ModelSlot
+from fieldscope.edge.objects import Segmenter
 from fieldscope.edge.outbox import Entry, Outbox, OutboxError, OutboxFullError
+from fieldscope.edge.pipeline_objects import classify_objects, segment_frame, store_objects
 from fieldscope.edge.pipeline_parts import (
     _NO_IMAGE,
     FrameCounters,
@@ -122,7 +124,11 @@ class Pipeline:
         counters: FrameCounters,
         on_event: Callable[[str], None] | None = None,
         queue_sizes: tuple[int, int, int] = (1, 2, 4),
+        segmenter: Segmenter | None = None,
     ) -> None:
+        # ``segmenter``: cut each accepted frame into objects (``[objects] mode =
+        # "segment"``), one per daemon since it holds a flow cell's running median.
+        self._segmenter = segmenter
         self._camera = camera
         self._trigger = trigger
         self._slot = slot
@@ -436,13 +442,21 @@ class Pipeline:
         t0 = time.perf_counter()
         quality = assess(captured.image, self._quality)
         t1 = time.perf_counter()
-        tensor = preprocess(captured.image, model.recipe) if quality.ok else None
+        tensor, segmented = None, None
+        if quality.ok and self._segmenter is not None:
+            segmented = segment_frame(self._segmenter, captured.image)
+            self.counters.add("objects", len(segmented.objects))
+        elif quality.ok:
+            tensor = preprocess(captured.image, model.recipe)
         t2 = time.perf_counter()
         captured.image = _NO_IMAGE  # the full frame is not needed any more
-        return _Prepared(captured, model, quality, (t1 - t0) * 1000.0, (t2 - t1) * 1000.0, tensor)
+        ms = ((t1 - t0) * 1000.0, (t2 - t1) * 1000.0)
+        return _Prepared(captured, model, quality, *ms, tensor, segmented=segmented)
 
     def _classify(self, work: _Prepared) -> _Prepared:
-        if work.tensor is not None:
+        if work.segmented is not None:
+            classify_objects(work.segmented, work.model.recipe, work.model.classifier.classify)
+        elif work.tensor is not None:
             t0 = time.perf_counter()
             work.prediction = work.model.classifier.classify(work.tensor)
             work.inference_ms = (time.perf_counter() - t0) * 1000.0
@@ -452,6 +466,9 @@ class Pipeline:
     def _store(self, work: _Prepared) -> None:
         captured, prediction = work.captured, work.prediction
         status = "rejected" if prediction is None else prediction.status
+        if work.segmented is not None:  # the frame's "worst" object decides its archiving
+            statuses = {o.prediction.status for o in work.segmented.objects if o.prediction}
+            status = next((s for s in ("uncertain", "ok") if s in statuses), "rejected")
         archived: Path | None = None
         if captured.frame is not None and self._archive.wants(status):
             hint = prediction.label if prediction is not None else None
@@ -462,8 +479,11 @@ class Pipeline:
             captured.height,
             None if archived is None else str(archived),
         )
+        if work.segmented is not None:
+            self._store_objects(work, image)
+            return
         payload = message_factory(work, self._topics, image)
-        entry = self._commit(captured, payload)
+        entry = self._commit(captured, payload, captured.key)
         if entry is None:
             return
         self.counters.stored_one(status)
@@ -471,7 +491,30 @@ class Pipeline:
         if captured.done is not None:
             captured.done()
 
-    def _commit(self, captured: _Captured, payload: Callable[[int], bytes]) -> Entry | None:
+    def _store_objects(self, work: _Prepared, image: ImageRef) -> None:
+        """One message per object; the file is marked handled once all are stored."""
+        commit = functools.partial(self._commit, work.captured)
+        stored = store_objects(
+            work,
+            image,
+            self._topics,
+            commit=commit,
+            stored_before=self._stored_before,
+            counters=self.counters,
+        )
+        if stored and work.captured.done is not None:
+            work.captured.done()
+
+    def _stored_before(self, key: str) -> bool:
+        try:
+            return self._outbox.source_seq(key) is not None
+        except OutboxError as exc:
+            logger.warning("cannot look up %s in the outbox: %s", key, exc)
+            return False
+
+    def _commit(
+        self, captured: _Captured, payload: Callable[[int], bytes], source_key: str | None
+    ) -> Entry | None:
         """Store the message, holding the pipeline while the outbox cannot (see the
         module docstring); None when it was not stored.
 
@@ -487,7 +530,7 @@ class Pipeline:
                     self._topic,
                     payload,
                     self._qos,
-                    source_key=captured.key,
+                    source_key=source_key,
                     lost_if_unstored=False,
                 )
             except OutboxFullError as exc:

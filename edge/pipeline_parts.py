@@ -23,6 +23,7 @@ from fieldscope.edge.classify import Prediction
 from fieldscope.edge.health import FrameCounts
 from fieldscope.edge.message import ImageRef, Timings, build_identification, build_rejection
 from fieldscope.edge.model_slot import LoadedModel
+from fieldscope.edge.pipeline_objects import Segmented
 from fieldscope.edge.quality import QualityResult
 from fieldscope.edge.topics import Topics
 
@@ -35,12 +36,20 @@ _NO_IMAGE: Final = np.zeros((0, 0, 3), dtype=np.uint8)
 
 
 class FrameCounters:
-    """Thread-safe frame counts and the recent capture rate, for health messages."""
+    """Thread-safe frame counts and the recent capture rate, for health messages.
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    ``segmenting``: the station cuts frames into objects, so ``objects`` (found and
+    classified) is counted and reported too, and the statuses count messages, one per
+    object (a frame without objects is one ``rejected``)."""
+
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, *, segmenting: bool = False
+    ) -> None:
         self._clock = clock
         self._lock = threading.Lock()
         self._counts = {"seen": 0, "accepted": 0, "uncertain": 0, "rejected": 0, "failed": 0}
+        if segmenting:
+            self._counts["objects"] = 0
         self._recent: deque[float] = deque(maxlen=1024)
 
     def add(self, kind: str, n: int = 1) -> None:
@@ -140,6 +149,7 @@ class _Prepared:
     tensor: npt.NDArray[np.uint8] | None  # None: rejected by the quality gate
     prediction: Prediction | None = None
     inference_ms: float = 0.0
+    segmented: Segmented | None = None  # a segmenting station's accepted frame
 
     @property
     def source(self) -> str:

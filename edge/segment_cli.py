@@ -160,7 +160,9 @@ def _settings_from_file(path: Path) -> ObjectsSettings:
     if not isinstance(table, dict):
         message = "has no [objects] table (the segmentation settings)"
         raise ConfigFileError([ConfigProblem("", message, str(path))])
-    table = {"mode": "segment", **table}
+    # The table's mode switches the station between frames and objects; this command
+    # always cuts objects (``--mode frame`` says otherwise), with the station's settings.
+    table = {**table, "mode": "segment"}
     reader = Reader(path.parent, os.environ)
     settings = reader.read(ObjectsSettings, table, "objects")
 

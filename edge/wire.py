@@ -369,7 +369,10 @@ def _walk(data: object, info: mi.Type, sub: str) -> tuple[object, mi.Type]:
                 info = _non_null(info)
             data = data.get(name, _MISSING) if isinstance(data, Mapping) else _MISSING
         else:
-            info = getattr(bare, "item_type", getattr(bare, "value_type", bare))
+            if isinstance(bare, mi.TupleType) and int(index) < len(bare.item_types):
+                info = bare.item_types[int(index)]  # a fixed tuple: each place its own type
+            else:
+                info = getattr(bare, "item_type", getattr(bare, "value_type", bare))
             ok = isinstance(data, list | tuple) and int(index) < len(data)
             data = data[int(index)] if ok else _MISSING  # type: ignore[index]
     return data, info

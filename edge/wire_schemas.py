@@ -46,7 +46,13 @@ _IDENTIFICATION_RULES = (
     "top_k[0].label; top_k is sorted by descending score and its labels are unique; device "
     "and station are at most 128 bytes in UTF-8 (the schema checks 128 characters); "
     "captured_at is a real calendar date and time (the date-time format). Patterns are "
-    "written to mean the same in ECMA-262 and Python regular expressions."
+    "written to mean the same in ECMA-262 and Python regular expressions. Added within "
+    "version 1 for a segmenting station ([objects] mode = segment): one message per object, "
+    "with the optional parts object (frame_id, the frame's image.sha256; index; count; bbox; "
+    "measurements in micrometres) and segmentation (the frame's counts); a frame without "
+    "objects is one message with status rejected, reason 'no objects' and segmentation only. "
+    "object is absent when status is rejected, object.index is below object.count, and "
+    "object.count equals segmentation.kept."
 )
 _MANIFEST_RULES = (
     "The manifest of a fieldscope model bundle: a directory holding model.tflite, this "

@@ -230,3 +230,78 @@ def test_export_command_line(store: Store, tmp_path: Path) -> None:
     assert bad.returncode == 2
     assert bad.stderr.count("\n") == 1
     assert "--since 'soon' is not a date" in bad.stderr
+
+
+# --- a segmenting station's objects ---------------------------------------------------------
+
+
+@pytest.fixture
+def object_store(tmp_path: Path) -> Iterator[Store]:
+    """Three objects of one frame, a frame without objects, a one-frame station's message."""
+    from fieldscope.collect.samples import sample_objects
+
+    db = tmp_path / "objects.sqlite"
+    sent = [*sample_objects(10, 3), *sample_objects(20, 0), sample_identification(30)]
+    with open_store(str(db)) as s:
+        topic = Topics("fieldscope", "pond-3", "scope-a").identification
+        s.write([decode(topic, m.to_json(), "fieldscope") for m in sent])
+    reader = open_store(str(db), create=False)
+    yield reader
+    reader.close()
+
+
+def test_csv_and_parquet_carry_every_measurement(object_store: Store, tmp_path: Path) -> None:
+    export(object_store, "csv", tmp_path / "o.csv")
+    rows = {r["seq"]: r for r in read_csv(tmp_path / "o.csv")}
+    second = rows[11]
+    assert (second["object_index"], second["object_count"]) == (1, 3)
+    assert (second["bbox_x"], second["bbox_width"]) == (40, 31)
+    assert rows[10]["touches_border"] is True
+    assert second["touches_border"] is False
+    for column, value in (("area_px", 707), ("area_um2", 1590.75), ("esd_um", 45.0045),
+                          ("perimeter_um", 141.3717), ("major_axis_um", 49.5),
+                          ("minor_axis_um", 40.5), ("eccentricity", 0.574),
+                          ("solidity", 0.97), ("mean_intensity", 81.0),
+                          ("objects_found", 5), ("objects_kept", 3)):  # fmt: skip
+        assert second[column] == value, column
+    assert rows[20]["objects_kept"] == 0
+    assert rows[30]["esd_um"] is None
+    pq = pytest.importorskip("pyarrow.parquet")
+    export(object_store, "parquet", tmp_path / "o.parquet")
+    table = pq.read_table(tmp_path / "o.parquet")
+    assert str(table.schema.field("esd_um").type) == "double"
+    assert str(table.schema.field("object_index").type) == "int64"
+    assert str(table.schema.field("touches_border").type) == "bool"
+    by_seq = {r["seq"]: r for r in table.to_pylist()}
+    assert by_seq[11]["esd_um"] == 45.0045
+    assert by_seq[10]["touches_border"] is True
+
+
+def test_ecotaxa_writes_its_object_features_in_pixels(object_store: Store, tmp_path: Path) -> None:
+    out = tmp_path / "ecotaxa_objects.tsv"
+    summary = export(object_store, "ecotaxa", out)
+    assert summary.rows == 4  # three objects and the one-frame message
+    assert summary.skipped == 1  # the frame without objects is no object
+    assert "no objects" in summary.skipped_why
+    lines = out.read_text(encoding="utf-8").splitlines()
+    names, types = lines[0].split("\t"), lines[1].split("\t")
+    for column in ("object_area", "object_perim.", "object_major", "object_minor",
+                   "object_equivalent_diameter", "object_eccentricity", "object_solidity",
+                   "object_mean", "object_bx", "object_by", "object_width", "object_height",
+                   "process_pixel"):  # fmt: skip
+        assert types[names.index(column)] == "[f]", column
+    rows = {
+        r["object_id"]: r for r in (dict(zip(names, x.split("\t"), strict=True)) for x in lines[2:])
+    }
+    second = rows["scope-a_11"]
+    assert second["object_area"] == "707"
+    assert float(second["process_pixel"]) == pytest.approx(1.5)
+    assert float(second["object_equivalent_diameter"]) == pytest.approx(30.0, abs=0.01)  # 2·r
+    assert float(second["object_perim."]) == pytest.approx(2 * 3.14159265 * 15, abs=0.01)
+    assert float(second["object_major"]) == pytest.approx(33.0)
+    assert (second["object_bx"], second["object_width"]) == ("40", "31")
+    assert second["object_eccentricity"] == "0.574"
+    assert second["object_mean"] == "81"
+    assert second["object_esd_um"] == "45.0045"
+    assert rows["scope-a_10"]["object_touches_border"] == "1"
+    assert rows["scope-a_30"]["object_area"] == ""  # a one-frame station's message

@@ -426,3 +426,81 @@ def test_seq_gaps_per_device_in_both_databases(store: Store) -> None:
     assert store.missing_counts() == {"scope-a": 5}
     assert store.gaps(["scope-b"]) == []
     assert store.max_seq("scope-a") == base + 9
+
+
+# --- a segmenting station's objects ---------------------------------------------------------
+
+
+def test_objects_are_stored_with_their_measurements_and_frame_counts(store: Store) -> None:
+    from fieldscope.collect.samples import sample_objects
+
+    objects = sample_objects(10, 3)
+    empty = sample_objects(20, 0)
+    frame = sample_identification(30)
+    result = store.write([received(m) for m in [*objects, *empty, frame]])
+    assert result.stored == 5
+    rows = {r.seq: r for r in store.iter_identifications()}
+    second = rows[11]
+    assert second.frame_id == objects[0].image.sha256
+    assert (second.object_index, second.object_count) == (1, 3)
+    assert (second.bbox_x, second.bbox_y, second.bbox_width, second.bbox_height) == (40, 30, 31, 31)
+    assert rows[10].touches_border is True
+    assert second.touches_border is False
+    assert second.area_px == 707
+    assert second.area_um2 == pytest.approx(1590.75)
+    assert second.esd_um == pytest.approx(45.0045)
+    assert (second.eccentricity, second.solidity, second.mean_intensity) == (0.574, 0.97, 81.0)
+    assert (second.objects_found, second.objects_kept, second.objects_rejected_by_size) == (5, 3, 2)
+    # The frame without objects: counted as a frame of the sample, with its counts.
+    nothing = rows[20]
+    assert nothing.status == "rejected"
+    assert nothing.frame_id == empty[0].image.sha256
+    assert nothing.object_index is None
+    assert nothing.objects_kept == 0
+    # A one-frame station's row has no object fields.
+    assert rows[30].frame_id is None
+    assert rows[30].area_um2 is None
+    assert rows[30].objects_found is None
+
+
+def _drop_object_columns(db_url: str) -> None:
+    """Make the database what a collector before the object columns left."""
+    from fieldscope.collect.store.object_columns import OBJECT_COLUMNS
+
+    if db_url.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            for name in OBJECT_COLUMNS:
+                conn.execute(f"ALTER TABLE identifications DROP COLUMN {name}")
+        return
+    import sqlite3
+
+    conn = sqlite3.connect(db_url)
+    for name in OBJECT_COLUMNS:
+        conn.execute(f"ALTER TABLE identifications DROP COLUMN {name}")
+    conn.commit()
+    conn.close()
+
+
+def test_an_older_database_is_read_as_it_is_and_migrated_by_a_writer(db_url: str) -> None:
+    from fieldscope.collect.samples import sample_objects
+
+    with open_store(db_url) as store:
+        store.write([received(sample_identification(1))])
+    _drop_object_columns(db_url)
+    # A reader (an export, the dashboard) does not change the database: nulls.
+    with open_store(db_url, create=False) as reader:
+        (old,) = list(reader.iter_identifications())
+        assert old.seq == 1
+        assert old.area_um2 is None
+    # The next collector adds the columns; the old row stays, objects are stored.
+    with open_store(db_url) as store:
+        assert store.write([received(m) for m in sample_objects(2, 2)]).stored == 2
+        rows = {r.seq: r for r in store.iter_identifications()}
+    assert sorted(rows) == [1, 2, 3]
+    assert rows[1].esd_um is None
+    assert rows[3].object_index == 1
+    assert rows[3].esd_um is not None
+    with open_store(db_url) as again:  # idempotent: a second writer adds nothing
+        assert again.count() == 3

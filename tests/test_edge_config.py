@@ -193,6 +193,12 @@ def test_shipped_example_loads_and_states_the_real_defaults(tmp_path: Path) -> N
         ("log", 'level = "verbose"', "log.level", "DEBUG, INFO, WARNING, ERROR"),
         ("log", "summary_interval_s = 0.5", "log.summary_interval_s", "0 (off) or in [1, 86400]"),
         ("camera.replay", 'recursive = "yes"', "camera.replay.recursive", "true or false"),
+        ("objects", 'mode = "segmnt"', "objects.mode", "must be one of frame, segment"),
+        ("objects", "treshold = 'otsu'", "objects.treshold", "did you mean 'threshold'?"),
+        ("objects", "um_per_px = 0", "objects.um_per_px", "um_per_px"),
+        ("objects", "blur_px = 4", "objects.blur_px", "odd number of pixels"),
+        ("objects", "max_objects = 0", "objects.max_objects", "must be in 1..100000"),
+        ("objects", 'blank = "missing.png"', "objects.blank", "only used with background"),
         ("mqqt", 'host = "x"', "mqqt", "unknown section (did you mean 'mqtt'?)"),
     ],
 )
@@ -447,3 +453,29 @@ def test_a_derived_client_id_that_is_too_long_says_what_to_set(tmp_path: Path) -
     assert problems[0].endswith("(derived from device.station and device.id; set it)")
     fixed = load_config(write(tmp_path, text + 'client_id = "scope-a"\n'), environ={})
     assert fixed.mqtt.client_id == "scope-a"
+
+
+def test_objects_section_defaults_to_frame_mode_and_reads_a_relative_blank(
+    tmp_path: Path,
+) -> None:
+    assert load_config(write(tmp_path, MINIMAL), environ={}).objects.mode == "frame"
+    (tmp_path / "blank.png").write_bytes(b"")
+    text = MINIMAL + (
+        '\n[objects]\nmode = "segment"\nbackground = "blank"\nblank = "blank.png"\n'
+        "um_per_px = 1.6\nmin_area_um2 = 400\n"
+    )
+    cfg = load_config(write(tmp_path, text), environ={})
+    assert cfg.objects.mode == "segment"
+    assert cfg.objects.blank == tmp_path / "blank.png"  # next to the file, not the cwd
+    assert cfg.objects.um_per_px == 1.6
+    assert '[objects]\nmode = "segment"' in config_summary(cfg)
+
+
+def test_objects_mistakes_are_all_reported_at_once(tmp_path: Path) -> None:
+    text = MINIMAL + '\n[objects]\nmode = "segmnt"\nblur_px = 4\nmax_are_um2 = 10\n'
+    problems = problems_of(write(tmp_path, text))
+    assert len(problems) == 3, problems
+    joined = "\n".join(problems)
+    assert "objects.mode: must be one of frame, segment" in joined
+    assert "objects.blur_px: must be an odd number of pixels" in joined
+    assert "did you mean 'max_area_um2'?" in joined

@@ -28,6 +28,7 @@ from fieldscope.edge.message import (
     ImageRef,
     ModelRef,
     Quality,
+    SegmentationSummary,
     Status,
     Timings,
     build_identification,
@@ -76,6 +77,39 @@ def ok_payload() -> dict[str, Any]:
             "total": 55.0,
         },
     }
+
+
+def object_payload() -> dict[str, Any]:
+    """An ok payload of a segmenting station: object 1 of 2 of a frame, with the summary."""
+    p = ok_payload()
+    p["object"] = {
+        "frame_id": IMAGE_SHA,
+        "index": 1,
+        "count": 2,
+        "bbox": [412, 305, 88, 61],
+        "touches_border": False,
+        "measurements": {
+            "area_px": 4012,
+            "area_um2": 10270.72,
+            "esd_um": 114.35,
+            "perimeter_um": 412.6,
+            "major_axis_um": 140.2,
+            "minor_axis_um": 93.4,
+            "eccentricity": 0.746,
+            "solidity": 0.962,
+            "mean_intensity": 87.3,
+        },
+    }
+    p["segmentation"] = {
+        "found": 4,
+        "kept": 2,
+        "rejected_by_size": 1,
+        "touching_border": 1,
+        "dropped_at_border": 1,
+        "truncated": 0,
+        "background_ready": True,
+    }
+    return p
 
 
 def uncertain_payload() -> dict[str, Any]:
@@ -585,14 +619,14 @@ def test_schema_names_exactly_the_fields_a_writer_emits() -> None:
         del minimal[key]
     del minimal["image"]["archived_path"]
     assert sorted(schema["required"]) == sorted(Identification.from_dict(minimal).to_dict())
-    full = sample().to_dict()
+    full = Identification.from_dict(object_payload()).to_dict()
     assert sorted(props) == sorted(full)
     defs = schema["$defs"]
 
     def resolved(node: dict[str, Any]) -> dict[str, Any]:
         return defs[node["$ref"].rsplit("/", 1)[1]] if "$ref" in node else node
 
-    for part in ("model", "image", "quality", "timings_ms"):
+    for part in ("model", "image", "quality", "timings_ms", "object", "segmentation"):
         assert sorted(resolved(props[part])["properties"]) == sorted(full[part]), part
     assert sorted(resolved(props["timings_ms"])["required"]) == sorted(full["timings_ms"])
     candidate = resolved(props["top_k"]["items"])
@@ -790,3 +824,73 @@ def test_the_example_in_the_docs_is_a_valid_message(validator: Draft202012Valida
     assert validator.is_valid(example)
     message = Identification.from_dict(example)
     assert message.to_dict() == example
+
+
+# --- a segmenting station's objects ----------------------------------------------------------
+
+
+def test_an_object_message_round_trips_and_the_schema_accepts_it(
+    validator: Draft202012Validator,
+) -> None:
+    payload = object_payload()
+    message = Identification.from_dict(payload)
+    assert message.object is not None
+    assert message.object.bbox == (412, 305, 88, 61)
+    assert message.object.measurements.esd_um == 114.35
+    assert Identification.from_json(message.to_json()) == message
+    assert [e.message for e in validator.iter_errors(payload)] == []
+
+
+def test_a_frame_without_objects_is_a_rejection_carrying_the_summary(
+    validator: Draft202012Validator,
+) -> None:
+    summary = object_payload()["segmentation"] | {"kept": 0, "dropped_at_border": 3}
+    message = build_rejection(
+        device="scope-a",
+        station="pond-3",
+        seq=7,
+        captured_at=WHEN,
+        reason="no objects",
+        model=MODEL,
+        image=IMAGE,
+        timings=TIMINGS,
+        segmentation=SegmentationSummary.from_dict(summary),
+    )
+    data = json.loads(message.to_json())
+    assert data["status"] == "rejected"
+    assert data["reason"] == "no objects"
+    assert data["segmentation"]["kept"] == 0
+    assert "object" not in data
+    assert [e.message for e in validator.iter_errors(data)] == []
+
+
+def test_frame_messages_carry_no_object_parts() -> None:
+    data = sample().to_dict()
+    assert "object" not in data
+    assert "segmentation" not in data
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        ("object.index", 2, "object.index must be below count (2), got 2"),
+        ("object.count", 3, "object.count must equal segmentation.kept (2), got 3"),
+        ("object.bbox", [1, 2, 0, 4], "object.bbox[2] must be"),
+        ("object.frame_id", "abc", "object.frame_id must be 64 lowercase hex digits"),
+        ("object.measurements.eccentricity", 1.5, "object.measurements.eccentricity"),
+        ("object.measurements.area_um2", -1.0, "object.measurements.area_um2"),
+        ("object.touches_border", None, "object.touches_border"),
+        ("segmentation.found", 1, "segmentation.found must be at least"),
+        ("segmentation.kept", -1, "segmentation.kept"),
+        ("status", "rejected", "must"),
+    ],
+)
+def test_bad_object_fields_are_refused_by_name(path: str, value: object, expected: str) -> None:
+    payload = mutate(object_payload(), path, value)
+    if path == "status":
+        payload.update(label=None, score=None, top_k=[])
+    with pytest.raises(MessageError) as info:
+        Identification.from_dict(payload)
+    assert expected in str(info.value)
+    if path == "status":
+        assert "object must be absent when status is rejected" in str(info.value)

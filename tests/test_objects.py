@@ -444,6 +444,13 @@ def test_segment_command_reads_the_objects_table(
     out = tmp_path / "crops"
     assert main(["segment", str(frame_dir), "--out", str(out), "--config", str(config)]) == 0
     assert len(_rows(out / "objects.csv")) == 6
+    # A station still in frame mode: its settings cut the same objects.
+    config.write_text(
+        '[objects]\nmode = "frame"\nmax_objects = 3\nmin_area_um2 = 200.0\n', encoding="utf-8"
+    )
+    framed = tmp_path / "framed"
+    assert main(["segment", str(frame_dir), "--out", str(framed), "--config", str(config)]) == 0
+    assert len(_rows(framed / "objects.csv")) == 6
     config.write_text("[objects]\nmax_object = 3\nblur_px = 4\n", encoding="utf-8")
     assert (
         main(["segment", str(frame_dir), "--out", str(tmp_path / "x"), "--config", str(config)])

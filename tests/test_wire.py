@@ -66,6 +66,16 @@ FIXTURES = [
         "identification.schema.json",
         _json_payload(Identification.from_json),
     ),
+    (
+        "identification-object-v1.json",
+        "identification.schema.json",
+        _json_payload(Identification.from_json),
+    ),
+    (
+        "identification-no-objects-v1.json",
+        "identification.schema.json",
+        _json_payload(Identification.from_json),
+    ),
     ("heartbeat-v1.json", "heartbeat.schema.json", _json_payload(Heartbeat.from_json)),
     ("model-info-v1.json", "model-info.schema.json", _json_payload(ModelInfo.from_json)),
     ("command-reply-v1.json", "command-reply.schema.json", _json_payload(CommandReply.from_json)),

@@ -16,9 +16,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from fieldscope.collect.store import RECORD_COLUMNS, AnnotationRow, IdentificationRow
+from fieldscope.collect.store.object_columns import (
+    OBJECT_BOOL_COLUMNS,
+    OBJECT_FLOAT_COLUMNS,
+    OBJECT_INT_COLUMNS,
+)
 from fieldscope.edge.errors import FieldscopeError
 
 __all__ = [
+    "BOOL_COLUMNS",
     "CSV_COLUMNS",
     "ExportError",
     "ExportFormat",
@@ -34,7 +40,10 @@ __all__ = [
 ]
 
 CSV_COLUMNS: tuple[str, ...] = RECORD_COLUMNS
-INT_COLUMNS = frozenset({"seq", "image_width", "image_height", "message_version"})
+INT_COLUMNS = (
+    frozenset({"seq", "image_width", "image_height", "message_version"}) | OBJECT_INT_COLUMNS
+)
+BOOL_COLUMNS = OBJECT_BOOL_COLUMNS
 FLOAT_COLUMNS = frozenset(
     {
         "score",
@@ -45,6 +54,7 @@ FLOAT_COLUMNS = frozenset(
         "preprocess_ms",
         "inference_ms",
         "total_ms",
+        *OBJECT_FLOAT_COLUMNS,
     }
 )
 TIME_COLUMNS = frozenset({"captured_at", "received_at"})

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from fieldscope.collect.export.base import (
+    BOOL_COLUMNS,
     CSV_COLUMNS,
     FLOAT_COLUMNS,
     INT_COLUMNS,
@@ -32,6 +33,8 @@ def _csv_value(row: IdentificationRow, column: str) -> str:
     value = getattr(row, column)
     if value is None:
         return ""
+    if column in BOOL_COLUMNS:
+        value = "true" if value else "false"
     if column in TIME_COLUMNS:
         return utc_text(value)
     if column == "top_k":
@@ -66,6 +69,8 @@ def read_csv(path: Path) -> list[dict[str, Any]]:
                     row[column] = None
                 elif column in INT_COLUMNS:
                     row[column] = int(text)
+                elif column in BOOL_COLUMNS:
+                    row[column] = text == "true"
                 elif column in FLOAT_COLUMNS:
                     row[column] = float(text)
                 elif column in TIME_COLUMNS:

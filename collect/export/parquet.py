@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from fieldscope.collect.export.base import (
+    BOOL_COLUMNS,
     CSV_COLUMNS,
     FLOAT_COLUMNS,
     INT_COLUMNS,
@@ -36,6 +37,7 @@ def _write_parquet(rows: Iterable[IdentificationRow], tmp: Path, chunk: int = 10
     types: dict[str, Any] = {c: pa.string() for c in CSV_COLUMNS}
     types.update({c: pa.int64() for c in INT_COLUMNS})
     types.update({c: pa.float64() for c in FLOAT_COLUMNS})
+    types.update({c: pa.bool_() for c in BOOL_COLUMNS})
     types.update(dict.fromkeys(TIME_COLUMNS, timestamp))
     types["top_k"] = pa.list_(pa.struct([("label", pa.string()), ("score", pa.float64())]))
     schema = pa.schema([(c, types[c]) for c in CSV_COLUMNS])

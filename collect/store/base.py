@@ -33,6 +33,8 @@ class Store(StoreWriter, ReviewStore):
 
     url: str
     _conn: Any
+    # Columns an older database lacks, read as null (a reader does not migrate it).
+    _absent: frozenset[str] = frozenset()
 
     # Lifecycle ------------------------------------------------------------------------------
 
@@ -107,7 +109,13 @@ class Store(StoreWriter, ReviewStore):
         data["top_k"] = tuple(
             (str(c["label"]), float(c["score"])) for c in self._json_out(data["top_k"])
         )
+        if data["touches_border"] is not None:  # SQLite keeps booleans as 0/1
+            data["touches_border"] = bool(data["touches_border"])
         return IdentificationRow(**data)
+
+    def _columns(self) -> str:
+        """The row columns of a SELECT, an older database's missing ones as null."""
+        return ", ".join(f"NULL AS {c}" if c in self._absent else c for c in _ROW_COLUMNS)
 
     def count(self, filters: Filters = Filters()) -> int:
         """How many identifications match ``filters``."""
@@ -131,7 +139,7 @@ class Store(StoreWriter, ReviewStore):
         """
         where = self._where(filters)
         params = list(where.params)
-        sql = f"SELECT {', '.join(_ROW_COLUMNS)} FROM identifications{where.sql}"
+        sql = f"SELECT {self._columns()} FROM identifications{where.sql}"
         if before is not None:
             sql += (" AND" if where.sql else " WHERE") + " (captured_at, id) < (?, ?)"
             params += [self._ts(before[0]), before[1]]
@@ -164,7 +172,7 @@ class Store(StoreWriter, ReviewStore):
         where = self._where(filters)
         last: tuple[Any, int] | None = None
         while True:
-            sql = f"SELECT {', '.join(_ROW_COLUMNS)} FROM identifications{where.sql}"
+            sql = f"SELECT {self._columns()} FROM identifications{where.sql}"
             params = list(where.params)
             if last is not None:
                 # Keyset pagination: stable and fast however far the export has got.
@@ -181,7 +189,7 @@ class Store(StoreWriter, ReviewStore):
 
     def identification(self, ident_id: int) -> IdentificationRow | None:
         rows = self._query(
-            f"SELECT {', '.join(_ROW_COLUMNS)} FROM identifications WHERE id = ?", [ident_id]
+            f"SELECT {self._columns()} FROM identifications WHERE id = ?", [ident_id]
         )
         return self._row(rows[0]) if rows else None
 

@@ -13,6 +13,11 @@ from typing import Any
 from urllib.parse import urlparse
 
 from fieldscope.collect.store.base import Store
+from fieldscope.collect.store.object_columns import (
+    OBJECT_COLUMNS,
+    add_object_columns,
+    existing_columns,
+)
 from fieldscope.collect.store.reviews import POSTGRES_REVIEWS, SQLITE_REVIEWS
 from fieldscope.collect.store.rows import BUSY_TIMEOUT_S, StoreError
 from fieldscope.collect.store.schema import _POSTGRES_SCHEMA, _SQLITE_SCHEMA
@@ -53,6 +58,7 @@ class SqliteStore(Store):
                         if statement.strip():
                             cur.execute(statement)
                     self._check_version(cur)
+                    add_object_columns(cur, "sqlite")
             else:
                 self._conn.execute("PRAGMA query_only=1")
                 try:
@@ -62,6 +68,7 @@ class SqliteStore(Store):
                         f"{path} is not a fieldscope collector database (no fieldscope_schema "
                         "table)"
                     ) from None
+                self._absent = _absent(self._conn.cursor(), "sqlite")
 
     def _ts(self, value: datetime) -> Any:
         return _utc_text(value)
@@ -133,6 +140,7 @@ class PostgresStore(Store):
                     cur.execute(_POSTGRES_SCHEMA)
                     cur.execute(POSTGRES_REVIEWS)
                     self._check_version(cur)
+                    add_object_columns(cur, "postgres")
             else:
                 cur = self._conn.cursor()
                 cur.execute("SELECT to_regclass('fieldscope_schema')")
@@ -142,6 +150,7 @@ class PostgresStore(Store):
                         f"{self.url} has no fieldscope collector tables; start "
                         "`fieldscope collect --db ...` on it first"
                     )
+                self._absent = _absent(cur, "postgres")
 
     def _ts(self, value: datetime) -> Any:
         return value.astimezone(UTC)
@@ -172,6 +181,11 @@ class PostgresStore(Store):
 
     def _data_errors(self) -> tuple[type[BaseException], ...]:
         return (self._psycopg.DataError, self._psycopg.IntegrityError)
+
+
+def _absent(cur: Any, dialect: str) -> frozenset[str]:
+    """The object columns an older database (not yet opened by a writer) lacks."""
+    return frozenset(OBJECT_COLUMNS) - existing_columns(cur, dialect)
 
 
 def _redact(url: str) -> str:

@@ -8,6 +8,7 @@ from typing import Any
 
 import msgspec
 
+from fieldscope.collect.store.object_columns import OBJECT_COLUMNS
 from fieldscope.edge.errors import FieldscopeError
 
 SCHEMA_VERSION = 1
@@ -44,6 +45,9 @@ RECORD_COLUMNS: tuple[str, ...] = (
     "inference_ms",
     "total_ms",
     "message_version",
+    # A segmenting station's object, its measurements and its frame's counts (null
+    # otherwise): see object_columns.
+    *OBJECT_COLUMNS,
 )
 _IDENT_COLUMNS = (*RECORD_COLUMNS, "topic", "payload", "payload_sha256")
 # What a listing reads back (the payload stays in the database).
@@ -140,6 +144,30 @@ class IdentificationRow(msgspec.Struct, frozen=True, kw_only=True):
     total_ms: float
     message_version: int
     topic: str
+    # A segmenting station's object (null for a one-frame-one-specimen station).
+    frame_id: str | None = None
+    object_index: int | None = None
+    object_count: int | None = None
+    bbox_x: int | None = None
+    bbox_y: int | None = None
+    bbox_width: int | None = None
+    bbox_height: int | None = None
+    touches_border: bool | None = None
+    area_px: int | None = None
+    area_um2: float | None = None
+    esd_um: float | None = None
+    perimeter_um: float | None = None
+    major_axis_um: float | None = None
+    minor_axis_um: float | None = None
+    eccentricity: float | None = None
+    solidity: float | None = None
+    mean_intensity: float | None = None
+    objects_found: int | None = None
+    objects_kept: int | None = None
+    objects_rejected_by_size: int | None = None
+    objects_touching_border: int | None = None
+    objects_dropped_at_border: int | None = None
+    objects_truncated: int | None = None
 
 
 class DeviceRow(msgspec.Struct, frozen=True, kw_only=True):

@@ -20,6 +20,7 @@ from fieldscope.collect.records import (
     model_json,
     top_k_json,
 )
+from fieldscope.collect.store.object_columns import object_values
 from fieldscope.collect.store.rows import _IDENT_COLUMNS, StoreDataError, StoreError, WriteResult
 from fieldscope.edge.errors import MessageError
 from fieldscope.edge.message import Identification
@@ -176,6 +177,7 @@ class StoreWriter(ABC):
             t.inference,
             t.total,
             m.version,
+            *object_values(m),
             r.topic,
             r.payload,
             r.payload_sha256,

@@ -181,6 +181,7 @@ class Site:
         camera: dict[str, Any] | None = None,
         folder: dict[str, Any] | None = None,
         outbox: dict[str, Any] | None = None,
+        objects: dict[str, Any] | None = None,
     ) -> None:
         self.root = root
         self.report = report
@@ -230,6 +231,7 @@ class Site:
                 "reconnect_backoff_s": [1, 1],
             },
             "outbox": {**(outbox or {})},
+            "objects": {**(objects or {})},
             "heartbeat": {"interval_s": 1},
         }
         self.config.write_text(toml_document({k: v for k, v in sections.items() if v}))
@@ -471,3 +473,42 @@ class Site:
             text = (self.root / name).read_text(errors="replace")
             assert "Traceback" not in text, tail(self.root / name, 60)
         r.passed = True
+
+
+def check_objects(site: Site, counts: dict[str, int], timeout: float = 90.0) -> None:
+    """:meth:`Site.finish` for a segmenting station (``[objects] mode = "segment"``):
+    ``counts`` is how many objects each placed image holds. Every object of every image
+    is in the store exactly once, as ``(frame_id, object_index)``; an image without
+    objects is its one "no objects" row; nothing quarantined, no traceback."""
+    total = sum(max(1, c) for c in counts.values())
+    site.wait_until(lambda: site.stored() >= total, timeout, f"all {total} objects stored")
+    if site.daemon is not None:
+        site.stop_daemon(signal.SIGTERM, count=False)
+    if site.collector is not None:
+        site.collector.send_signal(signal.SIGTERM)
+        assert site.collector.wait(30) == 0, tail(site.root / "collector.log")
+        site.collector = None
+    with site._store() as db:
+        rows = db.execute(
+            "SELECT image_sha256, object_index, objects_kept, status FROM identifications "
+            "WHERE device = ?",
+            (TOPICS.device,),
+        ).fetchall()
+        invalid = db.execute("SELECT count(*) FROM invalid_messages").fetchone()[0]
+    found: dict[str, list[int | None]] = collections.defaultdict(list)
+    for digest, index, _kept, _status in rows:
+        found[str(digest)].append(None if index is None else int(index))
+    r = site.report
+    r.stored = len(rows)
+    r.lost = total - len({(d, i) for d, indexes in found.items() for i in indexes})
+    r.seconds = time.monotonic() - site.started
+    assert set(found) == set(counts), f"frames missing: {set(counts) - set(found)}"
+    for digest, count in counts.items():
+        want: list[int | None] = list(range(count)) if count else [None]
+        got = sorted(found[digest], key=lambda i: -1 if i is None else i)
+        assert got == want, f"frame {digest[:12]}: objects {got}, expected {want}\n{site.logs()}"
+    assert invalid == 0, f"{invalid} message(s) quarantined"
+    for name in ("daemon.log", "collector.log"):
+        text = (site.root / name).read_text(errors="replace")
+        assert "Traceback" not in text, tail(site.root / name, 60)
+    r.passed = True

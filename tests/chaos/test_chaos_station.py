@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from chaos_harness import Site
+from chaos_harness import Site, check_objects
 
 pytestmark = [pytest.mark.chaos, pytest.mark.mqtt, pytest.mark.slow]
 
@@ -71,6 +71,47 @@ def test_kill_storm(make_site: MakeSite, chaos_images: list[Path]) -> None:
             time.sleep(float(rng.uniform(0.2, 2.0)))
             site.start_collector()
     site.finish()
+
+
+def test_kill_storm_on_a_segmenting_station(make_site: MakeSite, tmp_path: Path) -> None:
+    """A station that sends one identification per object: SIGKILLs of the daemon (some
+    between two objects of one file), a broker restart and a collector kill lose no
+    object and store none twice."""
+    from fieldscope.edge.objects import ObjectsSettings, Segmenter
+    from fieldscope.edge.preprocess import load_image
+    from fieldscope.edge.specimen_frames import FrameRecipe, write_frames
+
+    recipe = FrameRecipe(size=256, separated=3, touching_pairs=0, at_border=0, debris=4, tile_px=64)
+    frames = write_frames(tmp_path / "frames", 30, seed=5, recipe=recipe)
+    objects = {"mode": "segment", "min_area_um2": 200.0, "drop_border": True}
+    site = make_site(frames, folder={"handled": "move"}, objects=objects)
+    segmenter = Segmenter(ObjectsSettings(**objects))  # type: ignore[arg-type]
+    counts = {
+        digest: len(segmenter.segment(load_image(path)).objects)
+        for digest, path in zip(site.expected, frames, strict=True)
+    }
+    total = sum(max(1, c) for c in counts.values())
+    rng = site.rng
+    plan = ["daemon kill", "daemon kill", "daemon kill", "broker restart", "collector kill"]
+    rng.shuffle(plan)
+    site.report.notes.append(f"{total} objects in {len(frames)} frames; plan: {', '.join(plan)}")
+    site.start_collector()
+    site.start_daemon()
+    for fault in plan:
+        target = min(site.seen() + int(rng.integers(5, 15)), total)
+        site.wait_until(lambda t=target: site.seen() >= t, 60, f"{target} objects")
+        time.sleep(float(rng.uniform(0.0, 0.2)))
+        if fault == "daemon kill":
+            site.stop_daemon(signal.SIGKILL)
+            time.sleep(float(rng.uniform(0.0, 0.5)))
+            site.start_daemon()
+        elif fault == "broker restart":
+            site.restart_broker(float(rng.uniform(0.3, 1.5)))
+        else:
+            site.stop_collector(signal.SIGKILL)
+            time.sleep(float(rng.uniform(0.2, 1.0)))
+            site.start_collector()
+    check_objects(site, counts)
 
 
 # --- a full disk ----------------------------------------------------------------------------
