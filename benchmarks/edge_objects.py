@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 from _broker import Broker
 from _machine import Figure, Goal, Report, add_common_args, positive_float, positive_int
-from edge_pipeline import Arrivals, keras_path, stop_daemon, vm_hwm_mb
+from edge_pipeline import Arrivals, keras_path, stop_daemon, vm_hwm_mb, write_config
 from edge_pipeline import write_frames as write_calibration_frames
 
 PREFIX = "bench"
@@ -73,45 +73,12 @@ def write_object_frames(folder: Path, objects: int, n: int) -> list[Path]:
     return paths
 
 
-def write_config(work: Path, bundle: Path, frames: Path, port: int) -> Path:
-    config = work / "edge.toml"
-    config.write_text(
-        f"""[device]
-station = "bench"
-id = "objects"
-data_dir = "{work / "data"}"
-
-[camera]
-backend = "replay"
-trigger = "continuous"
-max_rate_hz = 0
-
-[camera.replay]
-path = "{frames}"
-rate_hz = 0
-loop = true
-
+SEGMENT_SECTION = f"""
 [objects]
 mode = "segment"
 min_area_um2 = {MIN_AREA_PX}
 drop_border = true
-
-[model]
-bundle = "{bundle}"
-
-[mqtt]
-host = "127.0.0.1"
-port = {port}
-prefix = "{PREFIX}"
-
-[heartbeat]
-interval_s = 60
-
-[log]
-level = "WARNING"
 """
-    )
-    return config
 
 
 def measure(
@@ -223,7 +190,9 @@ def run_one(
     if not frames.is_dir():
         write_object_frames(frames, objects, args.frames)
     shutil.rmtree(work / "data", ignore_errors=True)
-    config = write_config(work, bundle, frames, broker.port)
+    config = write_config(
+        work, bundle, frames, broker.port, None, device="objects", sections=SEGMENT_SECTION
+    )
     out: dict[str, Any] = {"objects": objects}
     arrivals = Arrivals(broker.port, f"{PREFIX}/bench/objects/identification", f"o{objects}")
     try:

@@ -190,13 +190,24 @@ class Arrivals:
 # --- the daemon -------------------------------------------------------------------------------
 
 
-def write_config(work: Path, bundle: Path, frames: Path, port: int, threads: int | None) -> Path:
+def write_config(
+    work: Path,
+    bundle: Path,
+    frames: Path,
+    port: int,
+    threads: int | None,
+    *,
+    device: str = "pi",
+    sections: str = "",
+) -> Path:
+    """The station's edge.toml: a replay camera as fast as it goes, the bundle, the broker;
+    ``sections`` adds tables (edge_objects.py's ``[objects]``)."""
     model_threads = f"threads = {threads}\n" if threads else ""
     config = work / "edge.toml"
     config.write_text(
         f"""[device]
 station = "bench"
-id = "pi"
+id = "{device}"
 data_dir = "{work / "data"}"
 
 [camera]
@@ -208,7 +219,7 @@ max_rate_hz = 0
 path = "{frames}"
 rate_hz = 0
 loop = true
-
+{sections}
 [model]
 bundle = "{bundle}"
 {model_threads}

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from fieldscope.edge.message import Identification
+from fieldscope.edge.message_objects import ObjectMeasurements, SegmentationSummary
 
 __all__ = [
     "OBJECT_BOOL_COLUMNS",
@@ -62,25 +63,9 @@ OBJECT_INT_COLUMNS = frozenset(
     n for n, lite, pg in _COLUMNS if lite == "INTEGER" and pg != "BOOLEAN"
 )
 OBJECT_FLOAT_COLUMNS = frozenset(n for n, lite, _ in _COLUMNS if lite == "REAL")
-_MEASUREMENTS = (
-    "area_px",
-    "area_um2",
-    "esd_um",
-    "perimeter_um",
-    "major_axis_um",
-    "minor_axis_um",
-    "eccentricity",
-    "solidity",
-    "mean_intensity",
-)
-_COUNTS = (
-    "found",
-    "kept",
-    "rejected_by_size",
-    "touching_border",
-    "dropped_at_border",
-    "truncated",
-)
+# The message parts' fields, in their order (the counts without background_ready).
+_MEASUREMENTS = ObjectMeasurements.__struct_fields__
+_COUNTS = tuple(f for f in SegmentationSummary.__struct_fields__ if f != "background_ready")
 _NONE_OBJECT = (None,) * (8 + len(_MEASUREMENTS))
 
 
