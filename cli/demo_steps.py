@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import random
+import secrets
 import shutil
 import signal
 import subprocess
@@ -65,6 +66,8 @@ class _Demo:
         self.bundle = self.work / "bundle"
         self.camera = self.work / "camera"
         self.db = self.work / "collect.sqlite"
+        # The dashboard's login (HTTP Basic, user "demo"): reviews and uploads need one.
+        self.users = self.work / "dashboard-users"
         # What TensorFlow and LiteRT print past Python's logging, and the training's warnings.
         self.log = self.work / "demo.log"
         self.started: list[str] = []  # what is running, for the closing line
@@ -484,6 +487,7 @@ class _Demo:
                         bundles=(self.bundle,),
                         archive=self.work / "station" / "archive",
                         title="fieldscope demo",
+                        auth_file=self._dashboard_users(),
                     )
                 )
 
@@ -499,10 +503,24 @@ class _Demo:
         self.started.append("the dashboard")
         return f"http://{host}:{port}/"
 
+    def _dashboard_users(self) -> Path:
+        """A ``user:token`` file with one user, ``demo``, made once per work folder and
+        readable by its owner only: the review page and uploads need a login."""
+        if not self.users.exists():
+            token = secrets.token_urlsafe(12)
+            fd = os.open(self.users, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(f"demo:{token}\n")
+        return self.users
+
+    def _login(self) -> str:
+        user, _, token = self.users.read_text(encoding="utf-8").strip().partition(":")
+        return f"login for reviews and uploads: user {user}, password {token}"
+
     def _finish(self, url: str, summary: DemoSummary) -> int:
         again = (
             f"fieldscope collect serve --db {self.db} --bundle {self.bundle} "
-            f"--archive {self.work / 'station' / 'archive'}"
+            f"--archive {self.work / 'station' / 'archive'} --auth-file {self.users}"
         )
         if not self.s.serve:
             self.progress.line(
@@ -510,6 +528,7 @@ class _Demo:
                 indent="",
             )
             return 0 if summary.complete else 1
+        self.progress.line(self._login())
         self.progress.line(
             f"done in {self.progress.elapsed()}. Dashboard: {url}  — the station and the "
             "collector keep running; Ctrl-C stops everything.",

@@ -8,6 +8,7 @@ station, summary. Every run must leave no process behind.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import json
@@ -479,6 +480,7 @@ def test_on_a_terminal_it_serves_the_dashboard_until_ctrl_c(
 ) -> None:
     import pty
     import select
+    import urllib.error
     import urllib.request
 
     work = _copy(trained_demo, tmp_path)
@@ -510,6 +512,20 @@ def test_on_a_terminal_it_serves_the_dashboard_until_ctrl_c(
         with urllib.request.urlopen(f"{url}identifications", timeout=10) as page:
             assert page.status == 200
             assert "demo-lab" in page.read().decode()
+        # The review page needs the login the demo printed (and made for this work folder).
+        login = re.search(rb"login for reviews and uploads: user (\S+), password (\S+)", output)
+        assert login, output.decode(errors="replace")
+        assert (work / "dashboard-users").stat().st_mode & 0o077 == 0
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{url}review", timeout=10)
+        refused.value.close()
+        assert refused.value.code == 401
+        basic = base64.b64encode(login.group(1) + b":" + login.group(2)).decode()
+        request = urllib.request.Request(
+            f"{url}review", headers={"Authorization": f"Basic {basic}"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as page:
+            assert page.status == 200
         os.kill(pid, signal.SIGINT)
         read_until(b"\x00never", 60)  # to the end of its output
         _, status = os.waitpid(pid, 0)
