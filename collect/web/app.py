@@ -23,7 +23,7 @@ from litestar.openapi.plugins import JsonRenderPlugin
 from litestar.params import PathParameter
 
 from fieldscope.collect.store import StoreError
-from fieldscope.collect.web import api, review_api
+from fieldscope.collect.web import api, objects_api, review_api
 from fieldscope.collect.web.files import MAX_ROW_ID, ROW_ID, static_file, thumbnail_jpeg
 from fieldscope.collect.web.guards import authorize, read_upload
 from fieldscope.collect.web.pages import Pages, html
@@ -212,6 +212,7 @@ def create_app(pages: Pages) -> _ASGI:
             openapi_json,
             api.router,
             review_api.router,
+            objects_api.router,
         ],
         state=State({"pages": pages}),
         exception_handlers={Exception: on_error},
