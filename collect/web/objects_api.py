@@ -66,7 +66,7 @@ def object_summary(
     """Per group: frames (those without objects included), objects, objects per frame,
     the frames' size rejections, and per label the objects and their ESD in µm."""
     pages: Pages = state.pages
-    group = list(dict.fromkeys(by or ()))
+    group: list[str] = list(dict.fromkeys(by or ()))
     with pages.store() as store:
         groups = store.object_summary(filters, group)
     return ObjectSummary(by=group, groups=groups)
