@@ -46,7 +46,7 @@ def _bars(edges: Sequence[float], counts: Sequence[int]) -> list[tuple[int, list
 def _draw(edges: Sequence[float], panels: list[tuple[str, tuple[int, ...]]], log: bool) -> Any:
     from matplotlib.collections import PolyCollection
     from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator, ScalarFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator
 
     fig = Figure(figsize=(9.6, 0.75 + _PANEL_HEIGHT * len(panels)), dpi=100)
     axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
@@ -62,13 +62,16 @@ def _draw(edges: Sequence[float], panels: list[tuple[str, tuple[int, ...]]], log
         ax.add_collection(bars)
         ax.set_ylim(0, max([1, *counts]) * 1.1)
         ax.spines[["top", "right"]].set_visible(False)
-        ax.tick_params(colors="#555555", labelsize=8, length=2)
+        ax.tick_params(which="both", colors="#555555", labelsize=8, length=2)
         ax.yaxis.set_major_locator(MaxNLocator(nbins=2, integer=True))
         ax.set_title(f"{name} ({sum(counts)})", loc="left", fontsize=9, color="#333333")
     last = axes[-1]
-    if log:
+    if log:  # ticks at 1, 2, 5 × 10^k, written as plain numbers
         last.set_xscale("log")
-        last.xaxis.set_major_formatter(ScalarFormatter())
+        plain = FuncFormatter(lambda value, _: f"{value:g}")
+        last.xaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+        last.xaxis.set_major_formatter(plain)
+        last.xaxis.set_minor_formatter(plain)
     last.set_xlim(edges[0], edges[-1])
     last.set_xlabel("ESD (µm)", fontsize=9, color="#333333")
     return fig
