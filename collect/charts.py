@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import io
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -22,9 +22,13 @@ from xml.etree import ElementTree
 __all__ = [
     "PALETTE",
     "ChartSeries",
+    "add_title",
     "bucket_range",
+    "finish_svg",
+    "series_elements",
     "series_from_counts",
     "stacked_bars",
+    "svg_root",
 ]
 
 # Colour-blind-safe qualitative palette (Okabe–Ito, then a few greys/extras); the
@@ -44,7 +48,6 @@ PALETTE: tuple[str, ...] = (
 OTHER = "(other)"
 _SVG_NS = "http://www.w3.org/2000/svg"
 _XLINK_NS = "http://www.w3.org/1999/xlink"
-_SERIES_ID = re.compile(r"^series-(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -183,16 +186,10 @@ def _annotate_bars(
     bucket_label: str,
 ) -> None:
     """Each bar: class ``bar`` and a ``<title>`` tooltip (bucket — label: count)."""
-    for group in root.iter(f"{{{_SVG_NS}}}g"):
-        match = _SERIES_ID.match(group.get("id", ""))
-        if match is None:
-            continue
-        s = series[int(match.group(1))]
-        paths = [e for e in group if e.tag in (f"{{{_SVG_NS}}}path", f"{{{_SVG_NS}}}use")]
-        for element, (j, count) in zip(paths, _drawn(s), strict=True):
-            element.set("class", "bar")
-            title = ElementTree.SubElement(element, f"{{{_SVG_NS}}}title")
-            title.text = f"{buckets[j].strftime(bucket_label)} — {s.name}: {count}"
+    for number, shapes in series_elements(root, "series"):
+        s = series[number]
+        for element, (j, count) in zip(shapes, _drawn(s), strict=True):
+            add_title(element, f"{buckets[j].strftime(bucket_label)} — {s.name}: {count}")
 
 
 def stacked_bars(
@@ -206,9 +203,17 @@ def stacked_bars(
 ) -> str:
     """An accessible inline SVG stacked bar chart (``role="img"``, a title, a tooltip
     per bar) whose root has the class ``chart``; labels are escaped by ElementTree."""
+    fig = _draw(buckets, series, bucket_label, (width / 100, height / 100))
+    root = svg_root(fig)
+    _annotate_bars(root, buckets, series, bucket_label)
+    return finish_svg(root, title)
+
+
+def svg_root(fig: Any) -> ElementTree.Element:
+    """The matplotlib figure as an SVG tree that the dashboard's CSP allows (no
+    ``<style>``, no ``style`` attributes), text kept as ``<text>``."""
     import matplotlib
 
-    fig = _draw(buckets, series, bucket_label, (width / 100, height / 100))
     out = io.StringIO()
     # Text as <text> (searchable, read by screen readers, and smaller than glyph paths).
     with matplotlib.rc_context({"svg.fonttype": "none"}):
@@ -217,11 +222,32 @@ def stacked_bars(
     ElementTree.register_namespace("xlink", _XLINK_NS)
     root = ElementTree.fromstring(out.getvalue())
     _presentation_attributes(root)
-    _annotate_bars(root, buckets, series, bucket_label)
-    root.set("class", "chart")
+    return root
+
+
+def finish_svg(root: ElementTree.Element, title: str, css_class: str = "chart") -> str:
+    """The inline SVG text: class ``css_class``, ``role="img"``, a title for screen readers."""
+    root.set("class", css_class)
     root.set("role", "img")
     root.set("aria-label", title)
     heading = ElementTree.Element(f"{{{_SVG_NS}}}title")
     heading.text = title
     root.insert(0, heading)
     return ElementTree.tostring(root, encoding="unicode")
+
+
+def series_elements(root: ElementTree.Element, prefix: str) -> Iterator[tuple[int, list[Any]]]:
+    """(number, drawn shapes) of each group whose ``gid`` is ``{prefix}-{number}``."""
+    pattern = re.compile(rf"^{re.escape(prefix)}-(\d+)$")
+    for group in root.iter(f"{{{_SVG_NS}}}g"):
+        match = pattern.match(group.get("id", ""))
+        if match is not None:
+            shapes = [e for e in group if e.tag in (f"{{{_SVG_NS}}}path", f"{{{_SVG_NS}}}use")]
+            yield int(match.group(1)), shapes
+
+
+def add_title(element: ElementTree.Element, text: str) -> None:
+    """Give a drawn shape the class ``bar`` and a tooltip."""
+    element.set("class", "bar")
+    title = ElementTree.SubElement(element, f"{{{_SVG_NS}}}title")
+    title.text = text

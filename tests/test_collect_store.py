@@ -8,6 +8,7 @@ be started (``apt-get install -y postgresql``).
 
 from __future__ import annotations
 
+import itertools
 import os
 import pwd
 import shutil
@@ -504,3 +505,84 @@ def test_an_older_database_is_read_as_it_is_and_migrated_by_a_writer(db_url: str
     assert rows[3].esd_um is not None
     with open_store(db_url) as again:  # idempotent: a second writer adds nothing
         assert again.count() == 3
+
+
+# --- counts and sizes of objects (the dashboard's Objects page) ------------------------------
+
+
+def _fill_objects(store: Store) -> list[Identification]:
+    """pond-3/scope-a: a frame of 3 objects (Amoeba ESD 30 µm, Euglena 45, Amoeba 60) and
+    a frame without objects; river-1/scope-b: a frame of 2 (Euglena 30 and 45); and a
+    one-frame-one-specimen identification, which is no object."""
+    from fieldscope.collect.samples import sample_objects
+
+    messages = [
+        *sample_objects(0, 3, labels=("Amoeba", "Euglena")),
+        *sample_objects(10, 0),
+        *sample_objects(20, 2, device="scope-b", station="river-1", labels=("Euglena",)),
+        sample_identification(40),
+    ]
+    assert store.write([received(m) for m in messages]).stored == 7
+    return messages
+
+
+def test_object_counts_per_label_frames_and_objects_per_frame(store: Store) -> None:
+    assert store.has_objects() is False
+    assert store.object_summary() == []
+    messages = _fill_objects(store)
+    assert store.has_objects() is True
+    (whole,) = store.object_summary()
+    assert whole.key == {}
+    assert (whole.frames, whole.frames_without_objects, whole.objects) == (3, 1, 5)
+    assert whole.objects_per_frame == pytest.approx(5 / 3, abs=1e-4)
+    # Each frame's counts once, however many object messages carry them.
+    assert (whole.rejected_by_size, whole.touching_border, whole.truncated) == (6, 2, 0)
+    euglena, amoeba = whole.labels
+    assert (euglena.label, euglena.objects, amoeba.label, amoeba.objects) == (
+        "Euglena", 3, "Amoeba", 2,
+    )  # fmt: skip
+    assert euglena.per_frame == pytest.approx(1.0)
+    assert (euglena.esd_min_um, euglena.esd_max_um) == pytest.approx((29.99, 45.0), abs=0.02)
+    assert amoeba.esd_mean_um == pytest.approx(45.0, abs=0.02)
+
+    pond, river = store.object_summary(by=["station", "device"])
+    assert pond.key == {"station": "pond-3", "device": "scope-a"}
+    assert (pond.frames, pond.frames_without_objects, pond.objects) == (2, 1, 3)
+    assert river.key == {"station": "river-1", "device": "scope-b"}
+    assert (river.frames, river.objects, [x.label for x in river.labels]) == (1, 2, ["Euglena"])
+
+    # A label narrows the objects, not the frames; a time range narrows both.
+    (only,) = store.object_summary(Filters(labels=("Euglena",)))
+    assert (only.frames, only.objects, only.objects_per_frame) == (3, 3, 1.0)
+    since = messages[4].captured_at  # the first of scope-b's frame
+    (late,) = store.object_summary(Filters(since=since))
+    assert (late.frames, late.objects) == (1, 2)
+    assert store.object_summary(Filters(devices=("nobody",))) == []
+    with pytest.raises(StoreError, match="group by station, device, not 'sample'"):
+        store.object_summary(by=["sample"])
+
+
+def test_size_distribution_per_label_on_shared_edges(store: Store) -> None:
+    from fieldscope.collect.store import size_edges
+
+    assert store.size_distribution().objects == 0
+    _fill_objects(store)
+    sizes = store.size_distribution(bins=3)
+    assert (sizes.scale, sizes.edges_um, sizes.objects) == ("linear", [20.0, 40.0, 60.0, 80.0], 5)
+    assert [(s.label, s.counts) for s in sizes.labels] == [
+        ("Euglena", [1, 2, 0]),
+        ("Amoeba", [1, 0, 1]),
+    ]
+    (amoeba,) = store.size_distribution(Filters(labels=("Amoeba",)), bins=3).labels
+    assert (amoeba.label, amoeba.objects) == ("Amoeba", 2)
+    log = store.size_distribution(bins=3, scale="log")
+    assert log.scale == "log"
+    assert sum(sum(s.counts) for s in log.labels) == 5
+    # Sizes over a tenfold range or more are binned on a log scale.
+    scale, edges = size_edges(8.0, 400.0, 10)
+    assert scale == "log"
+    assert edges[0] <= 8.0
+    assert edges[-1] >= 400.0
+    ratios = [b / a for a, b in itertools.pairwise(edges[1:-1])]
+    assert max(ratios) == pytest.approx(min(ratios), rel=1e-3)
+    assert size_edges(30.0, 60.0, 3) == ("linear", [30.0, 40.0, 50.0, 60.0])

@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 from conftest import Broker, TinyBundles, TinyModels
 from helpers import mqtt_client, running_collector, wait_for
+from test_collect_web_api import fill_objects
 
 from fieldscope.collect.records import decode
 from fieldscope.collect.samples import (
@@ -36,6 +37,7 @@ from fieldscope.collect.samples import (
     sample_heartbeat,
     sample_identification,
     sample_model_info,
+    sample_objects,
 )
 from fieldscope.collect.store import open_store
 from fieldscope.collect.subscriber import BrokerSettings, CollectorSettings
@@ -454,3 +456,63 @@ def test_multipart_keeps_binary_parts_exact() -> None:
     fields = parse_multipart("multipart/form-data; boundary=B", body)
     assert fields["image"] == ("a.png", payload)
     assert fields["model"] == (None, b"1")
+
+
+@contextlib.contextmanager
+def serving(db: Path) -> Iterator[str]:
+    d = Dashboard(DashboardSettings(db_url=str(db), port=0))
+    host, port = d.start()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        d.stop()
+
+
+def test_objects_page_without_a_segmenting_station(browser: Browser, tmp_path: Path) -> None:
+    db = tmp_path / "collect.sqlite"
+    with open_store(str(db)) as store:
+        store.write([decode(Topics("fieldscope", "pond-3", "scope-a").identification,
+                            sample_identification(1).to_json(), "fieldscope")])  # fmt: skip
+    with serving(db) as url:
+        browser.goto(url + "/objects")
+    assert browser.js("document.querySelector('nav a[aria-current]').innerText") == "Objects"
+    assert "No segmenting station yet" in browser.js("document.body.innerText")
+    assert browser.js("document.querySelectorAll('svg.sizes, #object-counts').length") == 0
+
+
+def test_objects_page_shows_counts_and_size_distributions(browser: Browser, tmp_path: Path) -> None:
+    db = tmp_path / "objects.sqlite"
+    fill_objects(db)  # Euglena 3 objects (30-45 µm), Amoeba 2 (30, 60); 3 frames, 1 empty
+    # A coarser station: two Stentor of 400 and 600 µm, so the sizes span over a decade.
+    big = sample_objects(
+        0, 2, device="scope-c", station="lake-2", labels=("Stentor",), um_per_px=20
+    )
+    t = Topics("fieldscope", "lake-2", "scope-c")
+    with open_store(str(db)) as store:
+        store.write([decode(t.identification, m.to_json(), "fieldscope") for m in big])
+    with serving(db) as url:
+        browser.goto(url + "/objects")
+        counts = browser.js(
+            "Object.fromEntries([...document.querySelectorAll('#object-counts tbody tr')]"
+            ".map(r => [r.dataset.label, +r.dataset.objects]))"
+        )
+        assert counts == {"Euglena": 3, "Amoeba": 2, "Stentor": 2}
+        cards = browser.js(
+            "['frames', 'empty-frames', 'objects', 'per-frame']"
+            ".map(i => document.getElementById(i).innerText)"
+        )
+        assert cards == ["4", "1", "7", "1.75"]
+        # One chart, a panel per label, a bar per non-empty bin with its tooltip.
+        assert browser.js("document.querySelectorAll('svg.chart.sizes').length") == 1
+        bars = browser.js(
+            "[...document.querySelectorAll('svg.sizes .bar title')].map(t => t.textContent)"
+        )
+        assert len(bars) == 6  # Euglena 2 bins, Amoeba 2, Stentor 2
+        assert any(b.startswith("Stentor: ") and b.endswith(": 1 objects") for b in bars)
+        heading = browser.js("document.querySelector('section.chart-box h2').innerText")
+        assert "log scale" in heading
+        assert browser.js("document.querySelectorAll('script').length") == 0
+        browser.screenshot(screenshots(tmp_path) / "objects.png")
+        browser.goto(url + "/objects?label=Stentor")
+        assert browser.js("document.getElementById('objects').innerText") == "2"
+        assert browser.js("document.querySelectorAll('#object-samples tbody tr').length") == 3

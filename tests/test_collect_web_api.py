@@ -394,3 +394,103 @@ def test_classify_api_answers_like_the_upload_page(
         status, result, _ = call(base + "/api/v1/classify", "POST", body, auth)
         assert status == 413
         assert "limit is" in result["error"]
+
+
+# --- a segmenting station's objects ------------------------------------------------------------
+
+
+def fill_objects(db: Path) -> None:
+    """pond-3/scope-a: a frame of 3 objects (Amoeba ESD 30 µm, Euglena 45, Amoeba 60) and
+    a frame without objects; river-1/scope-b: a frame of 2 (Euglena 30 and 45)."""
+    from fieldscope.collect.samples import sample_objects
+
+    messages = [
+        *sample_objects(0, 3, labels=("Amoeba", "Euglena")),
+        *sample_objects(10, 0),
+        *sample_objects(20, 2, device="scope-b", station="river-1", labels=("Euglena",)),
+    ]
+    with open_store(str(db)) as store:
+        store.write(
+            [
+                decode(
+                    Topics("fieldscope", m.station, m.device).identification,
+                    m.to_json(),
+                    "fieldscope",
+                )
+                for m in messages
+            ]
+        )
+
+
+@pytest.fixture
+def objects_url(tmp_path: Path) -> Iterator[str]:
+    db = tmp_path / "objects.sqlite"
+    fill_objects(db)
+    yield from serve(DashboardSettings(db_url=str(db), port=0))
+
+
+def test_object_summary_counts_frames_objects_and_labels(objects_url: str) -> None:
+    status, body, _ = call(objects_url + "/api/v1/objects/summary")
+    assert status == 200, body
+    (group,) = body["groups"]
+    assert body["by"] == []
+    assert (group["frames"], group["frames_without_objects"], group["objects"]) == (3, 1, 5)
+    assert group["objects_per_frame"] == pytest.approx(1.6667)
+    assert group["rejected_by_size"] == 6
+    assert [(x["label"], x["objects"]) for x in group["labels"]] == [("Euglena", 3), ("Amoeba", 2)]
+    assert group["labels"][1]["esd_mean_um"] == pytest.approx(45.0, abs=0.02)
+
+    _, body, _ = call(objects_url + "/api/v1/objects/summary?by=station&label=Amoeba")
+    pond, river = body["groups"]
+    assert pond["key"] == {"station": "pond-3"}
+    assert (pond["frames"], pond["objects"], pond["objects_per_frame"]) == (2, 2, 1.0)
+    assert (river["key"], river["frames"], river["objects"], river["labels"]) == (
+        {"station": "river-1"}, 1, 0, [],
+    )  # fmt: skip
+    _, body, _ = call(objects_url + "/api/v1/objects/summary?device=scope-b&since=2027-01-01")
+    assert body["groups"] == []
+
+
+def test_object_sizes_are_esd_histograms_per_label(objects_url: str) -> None:
+    status, body, _ = call(objects_url + "/api/v1/objects/sizes?bins=3")
+    assert status == 200, body
+    assert (body["scale"], body["edges_um"], body["objects"]) == ("linear", [20, 40, 60, 80], 5)
+    assert [(s["label"], s["counts"]) for s in body["labels"]] == [
+        ("Euglena", [1, 2, 0]),
+        ("Amoeba", [1, 0, 1]),
+    ]
+    _, body, _ = call(objects_url + "/api/v1/objects/sizes?bins=3&label=Amoeba&scale=log")
+    assert body["scale"] == "log"
+    assert [(s["label"], sum(s["counts"])) for s in body["labels"]] == [("Amoeba", 2)]
+    assert len(body["edges_um"]) == len(body["labels"][0]["counts"]) + 1
+
+
+@pytest.mark.parametrize(
+    ("query", "name"),
+    [
+        ("sizes?bins=0", "bins"),
+        ("sizes?bins=many", "bins"),
+        ("sizes?scale=cubic", "scale"),
+        ("summary?by=sample", "by"),
+        ("summary?since=yesterday", "since"),
+        ("sizes?since=2026-12-01&until=2026-11-01", "since"),
+    ],
+)
+def test_bad_object_parameters_are_a_400_naming_them(
+    objects_url: str, query: str, name: str
+) -> None:
+    status, body, _ = call(objects_url + "/api/v1/objects/" + query)
+    assert status == 400, body
+    assert f"parameter {name}" in body["error"]
+
+
+def test_object_endpoints_without_objects_and_in_the_openapi_document(url: str) -> None:
+    _, body, _ = call(url + "/api/v1/objects/summary")
+    assert body == {"by": [], "groups": []}
+    _, body, _ = call(url + "/api/v1/objects/sizes")
+    assert body == {"scale": "linear", "edges_um": [], "objects": 0, "labels": []}
+    _, doc, _ = call(url + "/api/v1/openapi.json")
+    assert {"/api/v1/objects/summary", "/api/v1/objects/sizes"} <= set(doc["paths"])
+    params = {p["name"] for p in doc["paths"]["/api/v1/objects/sizes"]["get"]["parameters"]}
+    assert {"device", "station", "label", "since", "until", "bins", "scale"} <= params
+    assert "min_score" not in params

@@ -29,6 +29,14 @@ from urllib.parse import unquote
 
 from fieldscope.collect.store.base import Store
 from fieldscope.collect.store.dialects import PostgresStore, SqliteStore
+from fieldscope.collect.store.objects import (
+    OBJECT_GROUPS,
+    LabelObjects,
+    LabelSizes,
+    ObjectGroup,
+    SizeDistribution,
+    size_edges,
+)
 from fieldscope.collect.store.reviews import (
     NOT_A_TAXON,
     REVIEW_STATUSES,
@@ -58,6 +66,7 @@ __all__ = [
     "DEFAULT_DB",
     "MAX_GAP",
     "NOT_A_TAXON",
+    "OBJECT_GROUPS",
     "RECORD_COLUMNS",
     "REVIEW_STATUSES",
     "SCHEMA_VERSION",
@@ -67,9 +76,13 @@ __all__ = [
     "Filters",
     "IdentificationRow",
     "InvalidRow",
+    "LabelObjects",
+    "LabelSizes",
+    "ObjectGroup",
     "PostgresStore",
     "QueueItem",
     "SeqGap",
+    "SizeDistribution",
     "SqliteStore",
     "Store",
     "StoreDataError",
@@ -77,6 +90,7 @@ __all__ = [
     "UnknownIdentificationError",
     "WriteResult",
     "open_store",
+    "size_edges",
 ]
 
 

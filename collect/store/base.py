@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from fieldscope.collect.store.objects import ObjectStore
 from fieldscope.collect.store.reviews import ReviewStore
 from fieldscope.collect.store.rows import (
     _ROW_COLUMNS,
@@ -25,7 +26,7 @@ from fieldscope.collect.store.writer import StoreWriter
 # --- the store ---------------------------------------------------------------------------------
 
 
-class Store(StoreWriter, ReviewStore):
+class Store(StoreWriter, ReviewStore, ObjectStore):
     """One connection to the collector's database; not thread-safe (one per thread).
 
     Create with :func:`open_store`. Use as a context manager or call :meth:`close`.

@@ -23,9 +23,10 @@ from litestar.openapi.plugins import JsonRenderPlugin
 from litestar.params import PathParameter
 
 from fieldscope.collect.store import StoreError
-from fieldscope.collect.web import api, review_api
+from fieldscope.collect.web import api, objects_api, review_api
 from fieldscope.collect.web.files import MAX_ROW_ID, ROW_ID, static_file, thumbnail_jpeg
 from fieldscope.collect.web.guards import authorize, read_upload
+from fieldscope.collect.web.objects_page import objects_page
 from fieldscope.collect.web.pages import Pages, html
 from fieldscope.collect.web.review_page import review_form, review_submit
 from fieldscope.collect.web.settings import PREVIEW_SIDE, THUMB_SIDE
@@ -200,6 +201,7 @@ def create_app(pages: Pages) -> _ASGI:
         route_handlers=[
             fleet,
             identifications,
+            objects_page,
             invalid,
             upload_form,
             upload,
@@ -212,6 +214,7 @@ def create_app(pages: Pages) -> _ASGI:
             openapi_json,
             api.router,
             review_api.router,
+            objects_api.router,
         ],
         state=State({"pages": pages}),
         exception_handlers={Exception: on_error},

@@ -17,6 +17,7 @@ from urllib.parse import urlencode
 from litestar import Response
 
 from fieldscope.collect.charts import stacked_bars
+from fieldscope.collect.size_chart import size_histograms
 from fieldscope.collect.store import Store, open_store
 from fieldscope.collect.web import views
 from fieldscope.collect.web.auth import TokenFile
@@ -30,7 +31,7 @@ from fieldscope.collect.web.uploads import (
 )
 from fieldscope.edge.errors import FieldscopeError, MissingDependencyError
 
-__all__ = ["Pages", "html"]
+__all__ = ["Pages", "html", "markup"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ class Pages:
         # Drawing a chart takes 0.1-0.5 s; the same data (paging, several viewers, a
         # reload) is drawn once (the last 32). Keyed by the bucketed counts, so new data is redrawn.
         self._chart = functools.lru_cache(maxsize=32)(stacked_bars)
+        self.size_chart = functools.lru_cache(maxsize=32)(size_histograms)
 
     @contextlib.contextmanager
     def store(self) -> Iterator[Store]:
@@ -152,7 +154,7 @@ class Pages:
             errors=errors,
             query=query,
             options=options,
-            chart=_markup(chart),
+            chart=markup(chart),
             legend=legend,
             bucket=bucket,
             items=[views.row_item(r, self.settings.archive is not None) for r in rows],
@@ -207,7 +209,8 @@ class Pages:
         return self.upload_page(result=result)
 
 
-def _markup(html_text: str) -> Any:
+def markup(html_text: str) -> Any:
+    """Trusted HTML (a chart's SVG drawn here) that the templates insert unescaped."""
     from markupsafe import Markup
 
     return Markup(html_text)
