@@ -5,13 +5,17 @@ with the same settings: this command runs :class:`fieldscope.edge.objects.Segmen
 over a folder of frames (in name order, so a running-median background sees a flow
 cell's frames in sequence), with the ``[objects]`` table of a station's config and/or
 flags, and writes one PNG per object plus ``objects.csv`` (measurements in µm) and
-``frames.csv`` (per-frame summary). It never overwrites an earlier run unless told to.
+``frames.csv`` (per-frame summary) and ``segmentation.toml`` (the ``[objects]`` table
+used, every setting: ``fieldscope train`` records it in the run and ``fieldscope
+convert`` in the bundle, so a station can say when its own settings differ). It never
+overwrites an earlier run unless told to.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
 import os
 import sys
@@ -24,12 +28,20 @@ from fieldscope.edge.errors import ConfigError, FieldscopeError
 if TYPE_CHECKING:
     from fieldscope.edge.objects import FrameSummary, ObjectsSettings, SegmentedObject, Segmenter
 
-__all__ = ["OBJECT_COLUMNS", "load_settings", "register", "run_segment"]
+__all__ = [
+    "OBJECT_COLUMNS",
+    "SETTINGS_FILE",
+    "load_settings",
+    "register",
+    "run_segment",
+    "settings_toml",
+]
 
 log = logging.getLogger(__name__)
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 _MAX_TOML_BYTES = 1024 * 1024
+SETTINGS_FILE = "segmentation.toml"
 _NOT_READY = " (running median not ready yet: no background correction on this frame)"
 OBJECT_COLUMNS = (
     "frame",
@@ -87,7 +99,8 @@ def register(subparsers: Any) -> None:
         help="cut frames with many specimens into object crops and measurements",
         description="Segment every image in FRAMES (name order) into objects with the "
         "station's code and settings; write a PNG per object (FRAME-STEM_NNN.png), "
-        "objects.csv (measurements in µm) and frames.csv (per-frame counts) into CROPS. "
+        "objects.csv (measurements in µm), frames.csv (per-frame counts) and "
+        "segmentation.toml (the settings, for fieldscope train) into CROPS. "
         "Settings come from --config's [objects] table, then the flags.",
     )
     p.add_argument("frames", type=Path, metavar="FRAMES", help="folder of frame images")
@@ -225,6 +238,7 @@ def run_segment(
     paths = _frames(frames)
     segmenter = Segmenter(settings)  # reads the blank frame: fails before any output
     _prepare_out(out, overwrite)
+    (out / SETTINGS_FILE).write_text(settings_toml(settings), encoding="utf-8")
     failed = objects = 0
     with (
         (out / "objects.csv").open("w", newline="", encoding="utf-8") as obj_file,
@@ -250,6 +264,24 @@ def run_segment(
     if failed:
         _progress(f"{failed} frame(s) could not be read (listed above)")
     return 1 if failed else 0
+
+
+def settings_toml(settings: ObjectsSettings) -> str:
+    """``segmentation.toml``: the ``[objects]`` table that cut the crops, every setting,
+    readable by ``fieldscope segment --config``, ``fieldscope train`` and a station."""
+    from fieldscope.edge.objects import settings_table
+
+    lines = [
+        "# Written by fieldscope segment: the settings that cut these crops. Keep it at the",
+        "# top of the training data folder (or give it to fieldscope train --segmentation):",
+        "# the bundle records it, and a station warns when its [objects] table differs.",
+        "[objects]",
+    ]
+    for key, value in settings_table(settings).items():
+        # JSON's strings, integers and booleans are TOML's; floats keep their repr.
+        shown = repr(value) if isinstance(value, float) else json.dumps(value, ensure_ascii=False)
+        lines.append(f"{key} = {shown}")
+    return "\n".join(lines) + "\n"
 
 
 def _one_frame(
