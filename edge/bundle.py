@@ -53,6 +53,7 @@ from fieldscope.edge.manifest import (
     Provenance,
     Quantization,
     QuantParams,
+    Segmentation,
     manifest_schema,
 )
 from fieldscope.edge.preprocess import PreprocessRecipe
@@ -76,6 +77,7 @@ __all__ = [
     "Provenance",
     "QuantParams",
     "Quantization",
+    "Segmentation",
     "check_model",
     "generate_keypair",
     "manifest_schema",
@@ -252,12 +254,14 @@ def write_bundle(
     provenance: Provenance | Mapping[str, Any] | None = None,
     min_runtime: Mapping[str, str] | None = None,
     output: str | None = None,
+    segmentation: Segmentation | None = None,
     overwrite: bool = False,
 ) -> Bundle:
     """Write a bundle directory; input shape, dtypes and quantisation come from the model.
 
     ``output`` says whether the model outputs ``"probabilities"`` or ``"logits"``
     (``OUTPUT_KINDS``); ``None`` leaves it to the classifier's probe, as older bundles do.
+    ``segmentation``: the settings that cut the training crops (a version 4 manifest).
 
     The model is loaded with the edge runtime first, so a bundle that would not verify
     (wrong label count, preprocessing size ≠ model input) is never written. Files go to
@@ -283,6 +287,7 @@ def write_bundle(
         provenance=provenance or Provenance(),
         min_runtime=min_runtime,
         output=output,
+        segmentation=segmentation,
         files={MODEL_FILE: FileEntry(hashlib.sha256(model_bytes).hexdigest(), len(model_bytes))},
         **_model_fields(interpreter),
     )

@@ -110,6 +110,7 @@ Offset = Annotated[float, Meta(ge=-255, le=255, extra={"unit": "grey levels"})]
 UmPerPx = Annotated[float, Meta(gt=0, le=10_000, extra={"unit": "µm per pixel"})]
 MinArea = Annotated[float, Meta(ge=0, extra={"unit": "µm²"})]
 MaxArea = Annotated[float | None, Meta(gt=0, extra={"unit": "µm²"})]
+Area = Annotated[float, Meta(gt=0, extra={"unit": "µm²"})]  # msgspec's form of MaxArea
 MaxObjects = Annotated[int, Meta(ge=1, le=100_000, extra={"unit": "objects"})]
 
 
