@@ -32,6 +32,7 @@ __all__ = [
     "OBJECT_COLUMNS",
     "SETTINGS_FILE",
     "load_settings",
+    "read_settings_file",
     "register",
     "run_segment",
     "settings_toml",
@@ -154,7 +155,7 @@ def load_settings(config: Path | None, overrides: Mapping[str, Any]) -> ObjectsS
 
     settings = ObjectsSettings(mode="segment")
     if config is not None:
-        settings = _settings_from_file(config)
+        settings = read_settings_file(config)
     if "blank" in overrides:
         overrides = {**overrides, "blank": Path(overrides["blank"]).expanduser().absolute()}
     try:
@@ -164,7 +165,17 @@ def load_settings(config: Path | None, overrides: Mapping[str, Any]) -> ObjectsS
     return check_settings(settings)
 
 
-def _settings_from_file(path: Path) -> ObjectsSettings:
+def read_settings_file(path: Path, *, need_blank: bool = True) -> ObjectsSettings:
+    """The ``[objects]`` table of a TOML file (an edge.toml, a ``segmentation.toml``) as
+    segmenting settings (``mode = "segment"``), validated as a station validates it.
+
+    ``need_blank=False`` accepts a blank frame that is not on this machine: training
+    reads the settings of crops cut elsewhere, and a bundle does not carry the blank.
+
+    Raises:
+        ConfigFileError: the file cannot be read, has no [objects], or a setting is
+            invalid (each problem with the file and line).
+    """
     from fieldscope.edge.objects import ObjectsSettings
     from fieldscope.edge.typed import ConfigFileError, ConfigProblem, Reader, problems_of, read_toml
 
@@ -180,7 +191,12 @@ def _settings_from_file(path: Path) -> ObjectsSettings:
     settings = reader.read(ObjectsSettings, table, "objects")
 
     def checks(root: Any) -> list[tuple[str, str]]:
-        return [(f"objects.{key}", message) for key, message in problems_of(root)]
+        elsewhere = not need_blank and root.blank is not None and not root.blank.is_file()
+        return [
+            (f"objects.{key}", message)
+            for key, message in problems_of(root)
+            if not (elsewhere and key == "blank" and root.background == "blank")
+        ]
 
     problems = reader.located(settings, text, str(path), checks)
     if problems or not isinstance(settings, ObjectsSettings):
