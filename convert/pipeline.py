@@ -56,6 +56,7 @@ from fieldscope.convert.quantize import (
 from fieldscope.edge.bundle import (
     Bundle,
     Provenance,
+    Segmentation,
     read_bundle,
     sign_bundle,
     verify_bundle,
@@ -497,6 +498,7 @@ def write_converted_bundle(
     threshold: float,
     source_run: str | None = None,
     training_metrics: Mapping[str, Any] | None = None,
+    segmentation: Segmentation | None = None,
     sign_key: Path | None = None,
     overwrite: bool = False,
 ) -> Bundle:
@@ -522,6 +524,7 @@ def write_converted_bundle(
             threshold=threshold,
             source_run=source_run,
             training_metrics=training_metrics,
+            segmentation=segmentation,
         )
         if sign_key is not None:
             sign_bundle(staged, sign_key)
@@ -544,6 +547,7 @@ def _stage(
     threshold: float,
     source_run: str | None,
     training_metrics: Mapping[str, Any] | None,
+    segmentation: Segmentation | None = None,
 ) -> None:
     """Write the bundle into the staging folder, with the run and fidelity it came from."""
     write_bundle(
@@ -561,6 +565,7 @@ def _stage(
         ),
         min_runtime=result.min_runtime,
         output=result.output,
+        segmentation=segmentation,
     )
 
 

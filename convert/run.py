@@ -35,8 +35,13 @@ from fieldscope.convert.pipeline import (
     write_converted_bundle,
 )
 from fieldscope.convert.quantize import QUANTIZE_MODES, stratified_sample
-from fieldscope.edge.bundle import Bundle
-from fieldscope.edge.errors import ImageDecodeError, MissingDependencyError, RecipeError
+from fieldscope.edge.bundle import Bundle, Segmentation
+from fieldscope.edge.errors import (
+    BundleError,
+    ImageDecodeError,
+    MissingDependencyError,
+    RecipeError,
+)
 from fieldscope.edge.preprocess import PreprocessRecipe, load_and_preprocess
 from fieldscope.train.rundir import (
     LABELS_FILE,
@@ -72,6 +77,7 @@ class TrainingRun:
     threshold: float | None
     metrics: Mapping[str, Any]
     seed: int = 0
+    segmentation: Segmentation | None = None
 
 
 def _split_part(
@@ -142,6 +148,24 @@ def _recipe(run: RunDir, config: StoredConfig) -> PreprocessRecipe:
         raise ConversionError(f"{run.config_file}: {exc}") from exc
 
 
+def _segmentation(run: RunDir) -> Segmentation | None:
+    """The run's segmentation.json as the manifest records it (None: whole frames)."""
+    from fieldscope.edge.objects import ObjectsSettings, settings_table
+
+    record = run.read_segmentation()
+    if record is None:
+        return None
+    table = {**settings_table(ObjectsSettings(mode="segment")), **record.objects}
+    for station_only in ("mode", "blank"):
+        table.pop(station_only, None)
+    try:
+        return Segmentation.from_dict(table)
+    except BundleError as exc:
+        raise ConversionError(
+            f"{run.segmentation_file}: {exc} (the settings of {record.source}); correct the file"
+        ) from None
+
+
 def _threshold(run: RunDir, metrics: MetricsRecord | None) -> float | None:
     record = metrics.threshold if metrics is not None else None
     if not record or "threshold" not in record:
@@ -179,6 +203,7 @@ def read_run(run_dir: Path, *, data_dir: Path | None = None) -> TrainingRun:
         threshold=_threshold(run, metrics),
         metrics=_test_metrics(metrics),
         seed=config.seed,
+        segmentation=_segmentation(run),
     )
 
 
@@ -410,6 +435,7 @@ def _write(
         threshold=threshold,
         source_run=str(run.path.resolve()),
         training_metrics=run.metrics,
+        segmentation=run.segmentation,
         sign_key=sign_key,
         overwrite=overwrite,
     )

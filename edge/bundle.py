@@ -53,6 +53,7 @@ from fieldscope.edge.manifest import (
     Provenance,
     Quantization,
     QuantParams,
+    Segmentation,
     manifest_schema,
 )
 from fieldscope.edge.preprocess import PreprocessRecipe
@@ -76,6 +77,7 @@ __all__ = [
     "Provenance",
     "QuantParams",
     "Quantization",
+    "Segmentation",
     "check_model",
     "generate_keypair",
     "manifest_schema",
@@ -252,17 +254,18 @@ def write_bundle(
     provenance: Provenance | Mapping[str, Any] | None = None,
     min_runtime: Mapping[str, str] | None = None,
     output: str | None = None,
+    segmentation: Segmentation | None = None,
     overwrite: bool = False,
 ) -> Bundle:
     """Write a bundle directory; input shape, dtypes and quantisation come from the model.
 
     ``output`` says whether the model outputs ``"probabilities"`` or ``"logits"``
     (``OUTPUT_KINDS``); ``None`` leaves it to the classifier's probe, as older bundles do.
+    ``segmentation``: the settings that cut the training crops (a version 4 manifest).
 
     The model is loaded with the edge runtime first, so a bundle that would not verify
-    (wrong label count, preprocessing size ≠ model input) is never written. Files go to
-    a temporary sibling directory that is renamed into place, so ``out_dir`` is either
-    absent, the old bundle, or the complete new one — never half written.
+    (wrong label count, preprocessing size ≠ model input) is never written. Files go to a
+    temporary sibling renamed into place: ``out_dir`` is absent, old or whole, never half.
 
     Raises:
         BundleError: ``out_dir`` is not empty (and not ``overwrite``), the model cannot be
@@ -272,17 +275,16 @@ def write_bundle(
     _check_target(out_dir, overwrite)
     model_bytes = _model_bytes(model)
     interpreter = make_interpreter(model_bytes)
-    if isinstance(provenance, Mapping):
-        provenance = Provenance.from_dict(provenance)
     manifest = Manifest(
         model_name=model_name,
         model_version=model_version,
         labels=tuple(labels),
         preprocessing=preprocessing,
         threshold=float(threshold),
-        provenance=provenance or Provenance(),
+        provenance=_provenance(provenance),
         min_runtime=min_runtime,
         output=output,
+        segmentation=segmentation,
         files={MODEL_FILE: FileEntry(hashlib.sha256(model_bytes).hexdigest(), len(model_bytes))},
         **_model_fields(interpreter),
     )
@@ -290,6 +292,12 @@ def write_bundle(
     _write_folder(out_dir, model_bytes, manifest)
     logger.info("wrote bundle %s (%s %s)", out_dir, model_name, model_version)
     return read_bundle(out_dir)
+
+
+def _provenance(given: Provenance | Mapping[str, Any] | None) -> Provenance:
+    if isinstance(given, Mapping):
+        return Provenance.from_dict(given)
+    return given or Provenance()
 
 
 def _check_target(out_dir: Path, overwrite: bool) -> None:

@@ -282,6 +282,11 @@ def _describe(bundle: Bundle, signature: str, runtime: str) -> list[str]:
         f"{r.denoise}{f' ({params})' if params else ''}"
     )
     lines.append(f"threshold    {m.threshold:.4f} (scores below it are reported as uncertain)")
+    if m.segmentation is None:
+        lines.append("segmentation none recorded (trained on whole frames)")
+    else:
+        lines.append("segmentation [objects] settings that cut the training crops")
+        lines += _table(m.segmentation.to_dict())
     runs_on = ", ".join(f"{k} >= {v}" for k, v in sorted((m.min_runtime or {}).items()))
     lines.append(f"runtimes     {runs_on or 'not recorded'}; {runtime}")
     lines.append(f"signature    {signature}")

@@ -207,7 +207,7 @@ class Daemon:
         outbox = open_outbox(self.cfg)
         stack.callback(outbox.close)
         stack.callback(self._write_state, "stopped")
-        slot = ModelSlot(self._load_model())
+        slot = ModelSlot(self._load_model(), self.cfg.objects)
         archive = self._open_archive()
         supervisor, trigger = self._open_camera()
         stack.callback(supervisor.close)

@@ -8,8 +8,10 @@ stations that read only version 1 keep loading every bundle that does not need i
 Version 3 adds ``preprocessing.resample`` (output optional, absent as in version 1): a
 recipe that shrinks with the exact integer box average is version 3, and a station that
 reads only versions 1-2 refuses it instead of resampling with INTER_AREA; a recipe that
-keeps INTER_AREA is written as version 1 or 2 without the field. Unknown fields are
-errors: a new field means a new ``schema_version``.
+keeps INTER_AREA is written as version 1 or 2 without the field. Version 4 adds
+``segmentation`` (optional): the ``[objects]`` settings that cut the training crops, so a
+station can warn when its own would cut other crops; a bundle trained without one is
+written as before. Unknown fields are errors: a new field means a new ``schema_version``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Annotated, Any, ClassVar, Literal, Self
 import msgspec
 from msgspec import Meta
 
+from fieldscope.edge import objects as obj
 from fieldscope.edge.errors import BundleError, FieldscopeError, RecipeError
 from fieldscope.edge.preprocess import PreprocessRecipe
 from fieldscope.edge.wire import Sha256, WireStruct, from_builtins
@@ -41,11 +44,12 @@ __all__ = [
     "Provenance",
     "QuantParams",
     "Quantization",
+    "Segmentation",
     "manifest_schema",
 ]
 
-SCHEMA_VERSION = 3
-SUPPORTED_SCHEMA_VERSIONS: tuple[int, ...] = (1, 2, 3)
+SCHEMA_VERSION = 4
+SUPPORTED_SCHEMA_VERSIONS: tuple[int, ...] = (1, 2, 3, 4)
 MODEL_FILE = "model.tflite"
 MANIFEST_FILE = "manifest.json"
 SIGNATURE_FILE = "manifest.sig"
@@ -58,12 +62,14 @@ DTYPES: tuple[str, ...] = ("uint8", "int8", "float32")
 OUTPUT_KINDS: tuple[str, ...] = ("probabilities", "logits")
 # Versions whose preprocessing has no "resample": always INTER_AREA.
 _AREA_ONLY_VERSIONS = (1, 2)
+# The first version with a segmentation record.
+SEGMENTATION_VERSION = 4
 
 SchemaVersion = Annotated[
     int,
     Meta(
-        description="Version of this manifest format: 1, 2 (adds output) or 3 (adds "
-        "preprocessing.resample).",
+        description="Version of this manifest format: 1, 2 (adds output), 3 (adds "
+        "preprocessing.resample) or 4 (adds segmentation).",
         extra_json_schema={"enum": list(SUPPORTED_SCHEMA_VERSIONS)},
     ),
 ]
@@ -175,6 +181,42 @@ class Provenance(_Part, frozen=True, kw_only=True):
         return [("created_at", f"must be a UTC ISO-8601 time {example}, got {self.created_at!r}")]
 
 
+class Segmentation(_Part, frozen=True, kw_only=True):
+    """The ``[objects]`` settings (:class:`fieldscope.edge.objects.ObjectsSettings`) that
+    cut the crops the model was trained on, without ``mode`` (always "segment") and
+    ``blank`` (the path of a workstation's file; a station uses its own blank frame)."""
+
+    _where: ClassVar[str] = "segmentation"
+    _omit_none: ClassVar[frozenset[str]] = frozenset({"max_area_um2"})
+
+    background: obj.Background
+    median_frames: obj.MedianFrames
+    threshold: obj.Threshold
+    adaptive_block_px: obj.BlockPx
+    adaptive_offset: obj.Offset
+    polarity: obj.Polarity
+    blur_px: obj.Kernel
+    open_px: obj.Kernel
+    close_px: obj.Kernel
+    fill_holes: bool
+    um_per_px: obj.UmPerPx
+    min_area_um2: obj.MinArea
+    max_area_um2: obj.Area | None = None
+    max_objects: obj.MaxObjects
+    pad_px: obj.Pad
+    drop_border: bool
+
+    @classmethod
+    def of(cls, settings: obj.ObjectsSettings) -> Segmentation:
+        """The record of ``settings`` (every field but mode and blank)."""
+        table = obj.settings_table(settings)
+        return cls(**{k: v for k, v in table.items() if k not in ("mode", "blank")})
+
+    def settings(self) -> obj.ObjectsSettings:
+        """As station settings (``mode = "segment"``, no blank), to compare with its own."""
+        return obj.ObjectsSettings(mode="segment", **msgspec.structs.asdict(self))
+
+
 class Manifest(_Part, frozen=True, kw_only=True):
     """The parsed ``manifest.json``; constructing one validates it (``BundleError``).
 
@@ -187,7 +229,7 @@ class Manifest(_Part, frozen=True, kw_only=True):
     """
 
     _problems_prefix: ClassVar[str] = "invalid manifest: "
-    _omit_none: ClassVar[frozenset[str]] = frozenset({"schema_version", "output"})
+    _omit_none: ClassVar[frozenset[str]] = frozenset({"schema_version", "output", "segmentation"})
     _required: ClassVar[tuple[str, ...]] = ("schema_version", "min_runtime")
 
     schema_version: SchemaVersion | None = None
@@ -232,12 +274,23 @@ class Manifest(_Part, frozen=True, kw_only=True):
             "are. Version 1 has no such field and the classifier decides from a probe inference."
         ),
     ] = None
+    segmentation: Annotated[
+        Segmentation | None,
+        Meta(
+            description="Version 4: the [objects] settings (fieldscope segment, "
+            "segmentation.toml) that cut the training crops into objects; a station that "
+            "segments with other settings, or not at all, warns. Absent: trained on whole "
+            "frames, or not recorded."
+        ),
+    ] = None
 
     def __post_init__(self) -> None:
         if self.schema_version is None:
             version = 1 if self.output is None else 2
             if getattr(self.preprocessing, "resample", "area") != "area":
                 version = 3
+            if self.segmentation is not None:
+                version = SEGMENTATION_VERSION
             msgspec.structs.force_setattr(self, "schema_version", version)
         if isinstance(self.files, Mapping):
             msgspec.structs.force_setattr(self, "files", dict(sorted(self.files.items())))
@@ -290,6 +343,10 @@ class Manifest(_Part, frozen=True, kw_only=True):
                     "with INTER_AREA)",
                 )
             )
+        version = self.schema_version or 0
+        if self.segmentation is not None and version < SEGMENTATION_VERSION:
+            needs = f"needs schema_version {SEGMENTATION_VERSION}"
+            problems.append(("segmentation", f"{needs} (version {version} has no such field)"))
         return problems
 
     def _file_problems(self) -> list[tuple[str, str]]:
@@ -330,6 +387,9 @@ class Manifest(_Part, frozen=True, kw_only=True):
             data["files"] = {n: from_builtins(FileEntry, e, f"files.{n}") for n, e in files}
         if "provenance" in data:
             data["provenance"] = from_builtins(Provenance, data["provenance"], "provenance")
+        if "segmentation" in data and data["segmentation"] is not None:
+            found = data["segmentation"]
+            data["segmentation"] = from_builtins(Segmentation, found, "segmentation")
 
     @classmethod
     def from_dict(cls, data: object, path: str | None = None) -> Self:

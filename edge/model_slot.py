@@ -21,6 +21,11 @@ and the slot keeps the old model. A success is swapped in with one reference
 assignment: the pipeline takes :meth:`ModelSlot.current` once per frame and keeps
 that model for the whole frame (preprocessing *and* inference), so a swap always
 falls between two frames and a frame never mixes two models' recipes.
+
+A model classifies crops like those it was trained on: when the station's ``[objects]``
+settings would cut other crops than the bundle's recorded segmentation, the slot logs
+one warning naming each difference, at start-up and at each swap (the model still
+serves: a station in the field is better slightly off than silent).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from fieldscope.edge.config import ModelConfig, PreprocessingOverrides
 from fieldscope.edge.errors import BundleError, ConfigError, FieldscopeError, RecipeError
 from fieldscope.edge.health import ModelInfo
 from fieldscope.edge.message import ModelRef
+from fieldscope.edge.objects import ObjectsSettings, segmentation_differences
 from fieldscope.edge.preprocess import PreprocessRecipe, preprocess
 from fieldscope.edge.runtime import RuntimeInfo, check_min_runtime, runtime_info
 
@@ -51,6 +57,7 @@ __all__ = [
     "ReloadResult",
     "bundle_source",
     "load_model",
+    "warn_segmentation",
 ]
 
 logger = logging.getLogger(__name__)
@@ -200,8 +207,10 @@ class ModelSlot:
     the same broken bundle again every few seconds.
     """
 
-    def __init__(self, model: LoadedModel) -> None:
+    def __init__(self, model: LoadedModel, objects: ObjectsSettings | None = None) -> None:
         self._model = model
+        self._objects = objects  # the station's [objects], to compare with each bundle's
+        warn_segmentation(objects, model)
         self._lock = threading.Lock()  # guards the reference swap
         self._reloading = threading.Lock()  # one reload at a time
         self.refused: str | None = None
@@ -232,9 +241,28 @@ class ModelSlot:
             else:
                 with self._lock:
                     self._model = new
+                warn_segmentation(self._objects, new)
                 self.refused = None
                 self.refused_source = None
                 return ReloadResult(new, old)
             self.refused = error
             self.refused_source = source
             return ReloadResult(old, old, error)
+
+
+def warn_segmentation(station: ObjectsSettings | None, model: LoadedModel) -> None:
+    """One warning line when ``station``'s settings would cut other crops than those
+    the model was trained on (None: not compared, e.g. a bare slot in a test)."""
+    if station is None:
+        return
+    recorded = model.bundle.manifest.segmentation
+    differences = segmentation_differences(
+        station, None if recorded is None else recorded.settings()
+    )
+    if differences:
+        logger.warning(
+            "the [objects] settings differ from the segmentation bundle %s was trained "
+            "with, so its crops will not look like the training crops: %s",
+            model.describe(),
+            "; ".join(differences),
+        )

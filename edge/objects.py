@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,8 @@ __all__ = [
     "Segmenter",
     "check_settings",
     "measure",
+    "segmentation_differences",
+    "settings_table",
 ]
 
 log = logging.getLogger(__name__)
@@ -98,8 +101,17 @@ _PERIMETER_WEIGHTS = _perimeter_weights()
 _CROSS = _constant(np.asarray(cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3)), np.uint8))
 
 
-_Kernel = Annotated[int, Meta(ge=0, le=101, extra={"unit": "pixels"})]
-_Pad = Annotated[int, Meta(ge=0, le=4096, extra={"unit": "pixels"})]
+# The declarations ObjectsSettings and the bundle manifest's record of it share.
+Kernel = Annotated[int, Meta(ge=0, le=101, extra={"unit": "pixels"})]
+Pad = Annotated[int, Meta(ge=0, le=4096, extra={"unit": "pixels"})]
+MedianFrames = Annotated[int, Meta(ge=MIN_MEDIAN_FRAMES, le=255, extra={"unit": "frames"})]
+BlockPx = Annotated[int, Meta(ge=3, le=1001, extra={"unit": "pixels"})]
+Offset = Annotated[float, Meta(ge=-255, le=255, extra={"unit": "grey levels"})]
+UmPerPx = Annotated[float, Meta(gt=0, le=10_000, extra={"unit": "µm per pixel"})]
+MinArea = Annotated[float, Meta(ge=0, extra={"unit": "µm²"})]
+MaxArea = Annotated[float | None, Meta(gt=0, extra={"unit": "µm²"})]
+Area = Annotated[float, Meta(gt=0, extra={"unit": "µm²"})]  # msgspec's form of MaxArea
+MaxObjects = Annotated[int, Meta(ge=1, le=100_000, extra={"unit": "objects"})]
 
 
 class FrameError(FieldscopeError):
@@ -121,20 +133,20 @@ class ObjectsSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     mode: ObjectsMode = "frame"
     background: Background = "none"
     blank: Path | None = None
-    median_frames: Annotated[int, Meta(ge=MIN_MEDIAN_FRAMES, le=255, extra={"unit": "frames"})] = 15
+    median_frames: MedianFrames = 15
     threshold: Threshold = "otsu"
-    adaptive_block_px: Annotated[int, Meta(ge=3, le=1001, extra={"unit": "pixels"})] = 51
-    adaptive_offset: Annotated[float, Meta(ge=-255, le=255, extra={"unit": "grey levels"})] = 5.0
+    adaptive_block_px: BlockPx = 51
+    adaptive_offset: Offset = 5.0
     polarity: Polarity = "auto"
-    blur_px: _Kernel = 3
-    open_px: _Kernel = 3
-    close_px: _Kernel = 3
+    blur_px: Kernel = 3
+    open_px: Kernel = 3
+    close_px: Kernel = 3
     fill_holes: bool = True
-    um_per_px: Annotated[float, Meta(gt=0, le=10_000, extra={"unit": "µm per pixel"})] = 1.0
-    min_area_um2: Annotated[float, Meta(ge=0, extra={"unit": "µm²"})] = 0.0
-    max_area_um2: Annotated[float | None, Meta(gt=0, extra={"unit": "µm²"})] = None
-    max_objects: Annotated[int, Meta(ge=1, le=100_000, extra={"unit": "objects"})] = 100
-    pad_px: _Pad = 8
+    um_per_px: UmPerPx = 1.0
+    min_area_um2: MinArea = 0.0
+    max_area_um2: MaxArea = None
+    max_objects: MaxObjects = 100
+    pad_px: Pad = 8
     drop_border: bool = False
 
     def problems(self) -> Problems:
@@ -169,6 +181,63 @@ def check_settings(settings: ObjectsSettings, where: str = "objects") -> Objects
         lines = "\n".join(f"{where}.{key}: {message}" for key, message in problems)
         raise ConfigError(f"invalid objects settings:\n{lines}")
     return settings
+
+
+def settings_table(settings: ObjectsSettings) -> dict[str, typing.Any]:
+    """Every setting as TOML/JSON values (``blank`` a string, unset ones left out), the
+    form in which settings travel: ``segmentation.toml``, a run's record, a manifest."""
+    table = msgspec.structs.asdict(settings)
+    table["blank"] = None if settings.blank is None else str(settings.blank)
+    return {key: value for key, value in table.items() if value is not None}
+
+
+# Settings that change which pixels become a crop: all but mode, blank (a station's
+# own file) and max_objects (how many crops, not what one holds); some matter only while
+# another setting selects them (adaptive_* with threshold = "adaptive"...).
+_NOT_CROP = ("mode", "blank", "max_objects")
+_CROP_SETTINGS = tuple(f for f in ObjectsSettings.__struct_fields__ if f not in _NOT_CROP)
+_ONLY_WITH = types.MappingProxyType(
+    {
+        "median_frames": ("background", "median"),
+        "adaptive_block_px": ("threshold", "adaptive"),
+        "adaptive_offset": ("threshold", "adaptive"),
+    }
+)
+
+
+def segmentation_differences(station: ObjectsSettings, bundle: ObjectsSettings | None) -> list[str]:
+    """How the station's crops would differ from those the model was trained on.
+
+    ``bundle`` is the segmentation recorded in the bundle (None: trained on whole
+    frames, or before bundles recorded it). Empty when they agree; otherwise one phrase
+    per difference, ``setting station value vs bundle value``. A model sees crops unlike
+    its training crops (other padding, another scale, merged objects) without any error,
+    only with worse answers: this is what the station's log warns about.
+    """
+    if station.mode != "segment":
+        if bundle is None:
+            return []
+        return ['mode station "frame" (whole frames) vs bundle trained on segmented crops']
+    if bundle is None:
+        return ['mode station "segment" vs bundle trained on whole frames (no segmentation)']
+    out = []
+    for key in _CROP_SETTINGS:
+        mine, theirs = getattr(station, key), getattr(bundle, key)
+        if key in _ONLY_WITH:
+            switch, value = _ONLY_WITH[key]
+            if value not in (getattr(station, switch), getattr(bundle, switch)):
+                continue
+        if mine != theirs:
+            out.append(f"{key} station {_shown(mine)} vs bundle {_shown(theirs)}")
+    return out
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, bool):
+        return str(value).lower()
+    return "unset" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
 
 
 class Measurements(msgspec.Struct, frozen=True):

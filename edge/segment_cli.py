@@ -5,13 +5,17 @@ with the same settings: this command runs :class:`fieldscope.edge.objects.Segmen
 over a folder of frames (in name order, so a running-median background sees a flow
 cell's frames in sequence), with the ``[objects]`` table of a station's config and/or
 flags, and writes one PNG per object plus ``objects.csv`` (measurements in µm) and
-``frames.csv`` (per-frame summary). It never overwrites an earlier run unless told to.
+``frames.csv`` (per-frame summary) and ``segmentation.toml`` (the ``[objects]`` table
+used, every setting: ``fieldscope train`` records it in the run and ``fieldscope
+convert`` in the bundle, so a station can say when its own settings differ). It never
+overwrites an earlier run unless told to.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
 import os
 import sys
@@ -24,12 +28,21 @@ from fieldscope.edge.errors import ConfigError, FieldscopeError
 if TYPE_CHECKING:
     from fieldscope.edge.objects import FrameSummary, ObjectsSettings, SegmentedObject, Segmenter
 
-__all__ = ["OBJECT_COLUMNS", "load_settings", "register", "run_segment"]
+__all__ = [
+    "OBJECT_COLUMNS",
+    "SETTINGS_FILE",
+    "load_settings",
+    "read_settings_file",
+    "register",
+    "run_segment",
+    "settings_toml",
+]
 
 log = logging.getLogger(__name__)
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 _MAX_TOML_BYTES = 1024 * 1024
+SETTINGS_FILE = "segmentation.toml"
 _NOT_READY = " (running median not ready yet: no background correction on this frame)"
 OBJECT_COLUMNS = (
     "frame",
@@ -87,7 +100,8 @@ def register(subparsers: Any) -> None:
         help="cut frames with many specimens into object crops and measurements",
         description="Segment every image in FRAMES (name order) into objects with the "
         "station's code and settings; write a PNG per object (FRAME-STEM_NNN.png), "
-        "objects.csv (measurements in µm) and frames.csv (per-frame counts) into CROPS. "
+        "objects.csv (measurements in µm), frames.csv (per-frame counts) and "
+        "segmentation.toml (the settings, for fieldscope train) into CROPS. "
         "Settings come from --config's [objects] table, then the flags.",
     )
     p.add_argument("frames", type=Path, metavar="FRAMES", help="folder of frame images")
@@ -141,7 +155,7 @@ def load_settings(config: Path | None, overrides: Mapping[str, Any]) -> ObjectsS
 
     settings = ObjectsSettings(mode="segment")
     if config is not None:
-        settings = _settings_from_file(config)
+        settings = read_settings_file(config)
     if "blank" in overrides:
         overrides = {**overrides, "blank": Path(overrides["blank"]).expanduser().absolute()}
     try:
@@ -151,7 +165,17 @@ def load_settings(config: Path | None, overrides: Mapping[str, Any]) -> ObjectsS
     return check_settings(settings)
 
 
-def _settings_from_file(path: Path) -> ObjectsSettings:
+def read_settings_file(path: Path, *, need_blank: bool = True) -> ObjectsSettings:
+    """The ``[objects]`` table of a TOML file (an edge.toml, a ``segmentation.toml``) as
+    segmenting settings (``mode = "segment"``), validated as a station validates it.
+
+    ``need_blank=False`` accepts a blank frame that is not on this machine: training
+    reads the settings of crops cut elsewhere, and a bundle does not carry the blank.
+
+    Raises:
+        ConfigFileError: the file cannot be read, has no [objects], or a setting is
+            invalid (each problem with the file and line).
+    """
     from fieldscope.edge.objects import ObjectsSettings
     from fieldscope.edge.typed import ConfigFileError, ConfigProblem, Reader, problems_of, read_toml
 
@@ -167,7 +191,12 @@ def _settings_from_file(path: Path) -> ObjectsSettings:
     settings = reader.read(ObjectsSettings, table, "objects")
 
     def checks(root: Any) -> list[tuple[str, str]]:
-        return [(f"objects.{key}", message) for key, message in problems_of(root)]
+        elsewhere = not need_blank and root.blank is not None and not root.blank.is_file()
+        return [
+            (f"objects.{key}", message)
+            for key, message in problems_of(root)
+            if not (elsewhere and key == "blank" and root.background == "blank")
+        ]
 
     problems = reader.located(settings, text, str(path), checks)
     if problems or not isinstance(settings, ObjectsSettings):
@@ -225,6 +254,7 @@ def run_segment(
     paths = _frames(frames)
     segmenter = Segmenter(settings)  # reads the blank frame: fails before any output
     _prepare_out(out, overwrite)
+    (out / SETTINGS_FILE).write_text(settings_toml(settings), encoding="utf-8")
     failed = objects = 0
     with (
         (out / "objects.csv").open("w", newline="", encoding="utf-8") as obj_file,
@@ -250,6 +280,24 @@ def run_segment(
     if failed:
         _progress(f"{failed} frame(s) could not be read (listed above)")
     return 1 if failed else 0
+
+
+def settings_toml(settings: ObjectsSettings) -> str:
+    """``segmentation.toml``: the ``[objects]`` table that cut the crops, every setting,
+    readable by ``fieldscope segment --config``, ``fieldscope train`` and a station."""
+    from fieldscope.edge.objects import settings_table
+
+    lines = [
+        "# Written by fieldscope segment: the settings that cut these crops. Keep it at the",
+        "# top of the training data folder (or give it to fieldscope train --segmentation):",
+        "# the bundle records it, and a station warns when its [objects] table differs.",
+        "[objects]",
+    ]
+    for key, value in settings_table(settings).items():
+        # JSON's strings, integers and booleans are TOML's; floats keep their repr.
+        shown = repr(value) if isinstance(value, float) else json.dumps(value, ensure_ascii=False)
+        lines.append(f"{key} = {shown}")
+    return "\n".join(lines) + "\n"
 
 
 def _one_frame(

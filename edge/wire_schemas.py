@@ -62,7 +62,9 @@ _MANIFEST_RULES = (
     "new schema_version. Version 2 adds the required field output; a bundle that does not "
     "need it is still written as version 1, so older stations keep reading it. Version 3 "
     "adds preprocessing.resample (output optional, as in version 1); a recipe that shrinks "
-    "with INTER_AREA is still written as version 1 or 2 without it. Rules this schema "
+    "with INTER_AREA is still written as version 1 or 2 without it. Version 4 adds the "
+    "optional segmentation (the [objects] settings that cut the training crops); a bundle "
+    "without one is written as before. Rules this schema "
     "cannot express, which fieldscope's reader also enforces: labels are unique; "
     "preprocessing.size equals input_shape[1:3]; input_shape, dtypes, quantization and the "
     "number of labels match the model itself; every listed file exists with that size and "
@@ -143,6 +145,7 @@ def _version_rules() -> list[dict[str, Any]]:
             "if": version({"enum": [1, 2]}),
             "then": {"properties": {"preprocessing": {"not": {"required": ["resample"]}}}},
         },
+        {"if": version({"enum": [1, 2, 3]}), "then": {"not": {"required": ["segmentation"]}}},
     ]
 
 
@@ -191,8 +194,8 @@ SCHEMAS: tuple[SchemaDoc, ...] = (
     SchemaDoc(
         "bundle-manifest.schema.json",
         Manifest,
-        "urn:fieldscope:schema:bundle-manifest:3",
-        "fieldscope model bundle manifest (manifest.json), schema versions 1, 2 and 3",
+        "urn:fieldscope:schema:bundle-manifest:4",
+        "fieldscope model bundle manifest (manifest.json), schema versions 1, 2, 3 and 4",
         _MANIFEST_RULES,
         _version_rules,
     ),

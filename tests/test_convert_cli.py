@@ -28,7 +28,9 @@ from fieldscope.edge.bundle import (
     generate_keypair,
     read_bundle,
 )
+from fieldscope.edge.objects import ObjectsSettings
 from fieldscope.edge.preprocess import PreprocessRecipe
+from fieldscope.edge.segment_cli import settings_toml
 
 RECIPE = PreprocessRecipe(size=(32, 32), resize="stretch")
 PER_CLASS = {"train": 6, "test": 4}
@@ -464,11 +466,14 @@ def test_train_convert_classify(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert (
         main(["specimens", str(data), "--classes", "3", "--per-class", "12", "--size", "64"]) == 0
     )
+    # The crops' segmentation.toml at the top of the data folder travels into the bundle.
+    cut = ObjectsSettings(mode="segment", um_per_px=0.65, pad_px=12)
+    (data / "segmentation.toml").write_text(settings_toml(cut), encoding="utf-8")
     train = ["train", str(data), "--out", str(run), "--backbone", "mobilenet_v2"]
     train += ["--alpha", "0.35", "--weights", "none", "--image-size", "32", "--epochs", "1"]
     train += ["--fine-tune-epochs", "0", "--batch-size", "8", "--run-eagerly"]
     assert main(train) == 0
-    capsys.readouterr()
+    assert "segmentation.toml (found in DATA_DIR)" in capsys.readouterr().err
     # One epoch from scratch is at chance, where int8 and float may swap near-ties:
     # this test is about the plumbing, the fidelity gate is tested above.
     code, out, err = _cli(
@@ -476,6 +481,8 @@ def test_train_convert_classify(tmp_path: Path, capsys: pytest.CaptureFixture[st
     )
     assert code == 0, err
     m = read_bundle(bundle).manifest
+    assert m.segmentation is not None
+    assert m.segmentation.settings() == cut
     assert m.labels == tuple(json.loads((run / "labels.json").read_text()))
     assert m.input_shape == (1, 32, 32, 3)
     metrics = json.loads((run / "metrics.json").read_text())

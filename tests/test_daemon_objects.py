@@ -6,6 +6,7 @@ outbox, and nothing lost or repeated across a restart that came between two obje
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -13,11 +14,22 @@ from typing import Any
 
 import pytest
 from jsonschema import Draft202012Validator
-from test_daemon import TOPICS, Site, heartbeats, identifications, running, sha256, site, validator
+from test_daemon import (
+    TOPICS,
+    Site,
+    heartbeats,
+    identifications,
+    point,
+    running,
+    sha256,
+    site,
+    validator,
+)
 
+from fieldscope.edge.bundle import MODEL_FILE, Segmentation, read_bundle, write_bundle
 from fieldscope.edge.config import EdgeConfig
 from fieldscope.edge.message import Identification
-from fieldscope.edge.objects import FrameObjects, Segmenter
+from fieldscope.edge.objects import FrameObjects, ObjectsSettings, Segmenter
 from fieldscope.edge.outbox import Outbox
 from fieldscope.edge.preprocess import load_image
 from fieldscope.edge.specimen_frames import FrameRecipe, write_frames
@@ -164,3 +176,51 @@ def test_a_restart_between_two_objects_of_a_file_loses_and_repeats_none(site: Si
     redone = _by_frame([Identification.from_json(p) for p in raw[1:]])[first_sha]
     assert [m.object.index for m in redone if m.object] == list(range(1, count))
     assert min(m.seq for m in redone) == stored.seq + 1
+
+
+def _bundle_cut_with(site: Site, name: str, objects: ObjectsSettings) -> Path:
+    """The tiny bundle again, its manifest recording the segmentation of its crops."""
+    source = read_bundle(site.bundles.v1)
+    m = source.manifest
+    return write_bundle(
+        site.tmp / name,
+        source.path / MODEL_FILE,
+        model_name=m.model_name,
+        model_version=name,
+        labels=m.labels,
+        preprocessing=m.preprocessing,
+        threshold=m.threshold,
+        output=m.output,
+        min_runtime=m.min_runtime,
+        segmentation=Segmentation.of(objects),
+    ).path
+
+
+def test_the_station_warns_when_its_crops_differ_from_the_bundles(
+    site: Site, caplog: pytest.LogCaptureFixture
+) -> None:
+    _frames(site)
+    station = {**SEGMENT, "pad_px": 8}
+    other = _bundle_cut_with(site, "seg-a", ObjectsSettings(**{**station, "um_per_px": 1.0}))
+    folder = {"path": "incoming", "settle_s": 0.1, "scan_interval_s": 0.05, "handled": "move"}
+    cfg = site.config(other, camera={"backend": "folder"}, camera__folder=folder, objects=station)
+    same = _bundle_cut_with(site, "seg-b", cfg.objects)
+
+    def warnings() -> list[str]:
+        found = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        return [m for m in found if "[objects] settings differ" in m]
+
+    with caplog.at_level(logging.WARNING), running(cfg) as daemon:
+        (line,) = warnings()
+        assert "tiny-colour seg-a" in line
+        assert line.endswith("um_per_px station 1.5 vs bundle 1")
+        caplog.clear()
+        # A swap to a bundle cut like the station: nothing to say.
+        point(site.tmp / "bundles" / "current", same)
+        assert daemon.reload("test").swapped
+        assert warnings() == []
+        # A swap to a bundle of whole frames while the station segments.
+        point(site.tmp / "bundles" / "current", site.bundles.v1)
+        assert daemon.reload("test").swapped
+        assert warnings()
+        assert all("bundle trained on whole frames" in w for w in warnings())

@@ -82,6 +82,7 @@ FIXTURES = [
     ("manifest-v1.json", "bundle-manifest.schema.json", _manifest),
     ("manifest-v2.json", "bundle-manifest.schema.json", _manifest),
     ("manifest-v3.json", "bundle-manifest.schema.json", _manifest),
+    ("manifest-v4.json", "bundle-manifest.schema.json", _manifest),
 ]
 
 
@@ -99,13 +100,15 @@ def test_files_written_by_earlier_versions_load_and_are_written_back_unchanged(
     assert [e.message for e in validator.iter_errors(json.loads(data))] == []
 
 
-@pytest.mark.parametrize("version", [1, 2, 3])
+@pytest.mark.parametrize("version", [1, 2, 3, 4])
 def test_each_manifest_version_keeps_its_meaning(version: int) -> None:
     manifest = Manifest.from_dict(json.loads((WIRE / f"manifest-v{version}.json").read_bytes()))
     assert manifest.schema_version == version
     assert manifest.output == (None if version == 1 else "logits")
     # Versions 1 and 2 have no resample field: their recipes were trained on INTER_AREA.
-    assert manifest.preprocessing.resample == ("exact" if version == 3 else "area")
+    assert manifest.preprocessing.resample == ("exact" if version >= 3 else "area")
+    # Only version 4 records the segmentation that cut the training crops.
+    assert (manifest.segmentation is not None) == (version == 4)
 
 
 def test_a_heartbeat_missing_a_frame_count_is_refused() -> None:

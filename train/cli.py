@@ -22,7 +22,7 @@ from fieldscope.train.config import (
     overrides_from_args,
     resolve_config,
 )
-from fieldscope.train.rundir import RUN_FILE, RunDir, write_json
+from fieldscope.train.rundir import RUN_FILE, RunDir, SegmentationRecord, write_json
 
 __all__ = ["register"]
 
@@ -56,6 +56,7 @@ def register(subparsers: Any) -> None:
         help="replace the training run already in --out RUN_DIR (only a fieldscope run "
         "is removed; any other non-empty folder is refused)",
     )
+    _add_segmentation_argument(p)
     add_config_arguments(p)
     p.set_defaults(handler=_train)
 
@@ -74,6 +75,18 @@ def register(subparsers: Any) -> None:
         "eval with one; 'test' replaces the run's test figures)",
     )
     e.set_defaults(handler=_evaluate)
+
+
+def _add_segmentation_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--segmentation",
+        type=Path,
+        metavar="TOML",
+        help="the [objects] settings that cut DATA_DIR's images from frames (fieldscope "
+        "segment's segmentation.toml, or a station's edge.toml); recorded in the run and "
+        "the bundle. Default: the segmentation.toml files in DATA_DIR and its folders, "
+        "which must agree (given, this wins and differing files only warn)",
+    )
 
 
 def _require_training_stack() -> None:
@@ -118,6 +131,7 @@ def _resume(args: argparse.Namespace, overrides: Mapping[str, Any]) -> Any:
         ("DATA_DIR", args.data_dir),
         ("--out", args.out),
         ("--config", args.config),
+        ("--segmentation", args.segmentation),
         ("--overwrite", args.overwrite or None),
     )
     given = [name for name, value in named if value is not None]
@@ -149,6 +163,7 @@ def _new_run(args: argparse.Namespace, overrides: Mapping[str, Any]) -> Any:
     if args.data_dir is None or args.out is None:
         raise ConfigError("give DATA_DIR and --out RUN_DIR (or --resume RUN_DIR)")
     config = resolve_config(args.config, overrides)
+    segmentation = _segmentation(args.segmentation, args.data_dir)
     if args.overwrite:
         _clear_run_dir(args.out, args.data_dir)
     _require_training_stack()
@@ -161,7 +176,19 @@ def _new_run(args: argparse.Namespace, overrides: Mapping[str, Any]) -> Any:
             config,
             reporter=_TerminalReporter(),
             on_progress=_preprocess_progress,
+            segmentation=segmentation,
         )
+
+
+def _segmentation(given: Path | None, data_dir: Path) -> SegmentationRecord | None:
+    """The segmentation of DATA_DIR's images (:mod:`fieldscope.train.segmentation`); the
+    output says where it came from, since a station compares its own settings with it."""
+    from fieldscope.train.segmentation import find_segmentation
+
+    found = find_segmentation(data_dir, given)
+    for note in found.notes:
+        print(f"segmentation: {note}", file=sys.stderr)
+    return found.record
 
 
 def _run_config_path(run_dir: Path) -> Path:

@@ -56,6 +56,7 @@ from fieldscope.train.rundir import (  # noqa: F401
     RunDir,
     RunRecord,
     RunSummary,
+    SegmentationRecord,
     write_json,
 )
 
@@ -75,8 +76,11 @@ def train_run(
     *,
     reporter: FitReporter | None = None,
     on_progress: ProgressCallback | None = None,
+    segmentation: SegmentationRecord | None = None,
 ) -> RunSummary:
     """Train from image folders into a new RUN_DIR (its layout: :mod:`fieldscope.train.rundir`).
+
+    ``segmentation``: how the images were cut from frames, kept for the bundle.
 
     Raises:
         TrainError: bad data (empty, one class, too few images), RUN_DIR already a run.
@@ -94,6 +98,8 @@ def train_run(
     run.path.mkdir(parents=True, exist_ok=True)
     write_json(run.config_file, config.to_dict())
     write_json(run.labels_file, list(index.labels))
+    if segmentation is not None:
+        write_json(run.segmentation_file, segmentation)
     _write_run_record(run, index.root, config, status="training")
     return _continue(
         run, config, index.root, started=started, reporter=reporter, on_progress=on_progress

@@ -11,6 +11,7 @@ Layout of RUN_DIR after ``fieldscope train``::
 
     run.json            format version, data folder, versions, status, folds
     config.json         the resolved TrainConfig; "preprocess" is the edge recipe
+    segmentation.json   the [objects] settings that cut the training crops (when known)
     labels.json         class names in model-output order
     split.json          which file went to train/val/test, skipped files and why
     model.keras         the best-on-validation model (takes raw RGB 0-255)
@@ -55,6 +56,7 @@ __all__ = [
     "REPORT_FILE",
     "RUN_FILE",
     "RUN_FORMAT_VERSION",
+    "SEGMENTATION_FILE",
     "SPLIT_FILE",
     "STATE_DIR",
     "SUMMARY_FILE",
@@ -63,6 +65,7 @@ __all__ = [
     "RunDirError",
     "RunRecord",
     "RunSummary",
+    "SegmentationRecord",
     "SkippedEntry",
     "SplitEntry",
     "SplitRecord",
@@ -75,6 +78,7 @@ METRICS_FORMAT_VERSION = 1
 
 RUN_FILE = "run.json"
 CONFIG_FILE = "config.json"
+SEGMENTATION_FILE = "segmentation.json"
 LABELS_FILE = "labels.json"
 SPLIT_FILE = "split.json"
 MODEL_FILE = "model.keras"
@@ -112,6 +116,18 @@ class RunRecord(msgspec.Struct, frozen=True, kw_only=True):
     versions: dict[str, str] = {}
     # Absent in runs from before it was written: they are format 1.
     format_version: Annotated[int, msgspec.Meta(ge=1)] = RUN_FORMAT_VERSION
+
+
+class SegmentationRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """``segmentation.json``: how the training crops were cut, for the bundle's manifest.
+
+    ``objects`` is the ``[objects]`` table (``fieldscope.edge.objects.settings_table``)
+    of ``source``, the TOML file it was read from (``fieldscope segment`` writes one as
+    ``segmentation.toml``); convert validates it into the manifest's record.
+    """
+
+    source: str
+    objects: dict[str, Any]
 
 
 class SplitEntry(msgspec.Struct, frozen=True):
@@ -266,6 +282,10 @@ class RunDir:
         return self.path / CONFIG_FILE
 
     @property
+    def segmentation_file(self) -> Path:
+        return self.path / SEGMENTATION_FILE
+
+    @property
     def labels_file(self) -> Path:
         return self.path / LABELS_FILE
 
@@ -349,6 +369,17 @@ class RunDir:
     def read_config(self) -> StoredConfig:
         """The part of ``config.json`` that readers without TensorFlow need."""
         return self._decode(self.config_file, StoredConfig, "the training config")
+
+    def read_segmentation(self) -> SegmentationRecord | None:
+        """``segmentation.json``, or None for a run of whole frames; a fold reads its
+        cross-validation run's (the folds share its data)."""
+        for folder in (self.path, self.path.parent):
+            path = folder / SEGMENTATION_FILE
+            if path.is_file():
+                return self._decode(path, SegmentationRecord, "how the crops were cut")
+            if not self.path.name.startswith(_FOLD_PREFIX):
+                break
+        return None
 
     def read_split(self) -> SplitRecord:
         """``split.json``: the files of train, val and test."""
