@@ -70,16 +70,26 @@ class SampleBook:
             raw = data["sample"]
             return None if raw is None else Sample.from_dict(raw)
         except (OSError, ValueError, FieldscopeError) as exc:
-            bad = self.path.with_name(SAMPLE_FILE + ".bad")
-            logger.error(
-                "cannot read the current sample from %s (%s); moved it to %s and started "
-                "with [sample] from the config",
-                self.path,
-                exc,
-                bad,
-            )
-            self.path.replace(bad)
+            self._set_aside(exc)
             return _from_config(initial)
+
+    def _set_aside(self, problem: Exception) -> None:
+        """Keep an unreadable file for a person to look at, and say so; a file that
+        cannot even be moved is overwritten by the next ``sample`` command."""
+        bad = self.path.with_name(SAMPLE_FILE + ".bad")
+        try:
+            self.path.replace(bad)
+        except OSError as exc:
+            where = f"left it in place (cannot move it: {exc})"
+        else:
+            where = f"moved it to {bad}"
+        logger.error(
+            "cannot read the current sample from %s (%s); %s and started with [sample] "
+            "from the config",
+            self.path,
+            problem,
+            where,
+        )
 
     def current(self) -> Sample | None:
         """The sample identifications are stamped with now (None: none running)."""
