@@ -13,6 +13,7 @@ Payloads are empty or a JSON object of at most :data:`MAX_COMMAND_BYTES`::
     fieldscope/pond-3/scope-a/command/capture    {"request_id": "r-17", "count": 3}
     fieldscope/pond-3/scope-a/command/pause      (empty)
     fieldscope/pond-3/scope-a/command/resend     {"first": 1800000000010, "last": 1800000000039}
+    fieldscope/pond-3/scope-a/command/sample     {"action": "start", "id": "thau-a"}
 
 ``request_id`` (optional, any short string) is echoed in the reply on
 ``.../command/{name}/result``. A malformed or unknown command changes nothing and
@@ -28,8 +29,9 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Any
 
-from fieldscope.edge.errors import FieldscopeError
+from fieldscope.edge.errors import FieldscopeError, MessageError
 from fieldscope.edge.health import CommandReply
+from fieldscope.edge.site import Sample
 from fieldscope.edge.topics import segment_problem, show
 from fieldscope.edge.untrusted import nests_deeper
 
@@ -39,6 +41,7 @@ __all__ = [
     "MAX_COMMAND_BYTES",
     "MAX_REQUEST_ID_CHARS",
     "MAX_RESEND",
+    "SAMPLE_ACTIONS",
     "Command",
     "CommandError",
     "CommandName",
@@ -68,6 +71,7 @@ class CommandName(StrEnum):
     RELOAD = "reload"  # re-read, verify and swap the configured bundle
     STATUS = "status"  # reply with a health snapshot
     RESEND = "resend"  # publish identifications ``first``..``last`` again, if still kept
+    SAMPLE = "sample"  # start (with its metadata) or end the current sample; none: show it
 
 
 # Arguments each command accepts besides ``request_id``.
@@ -79,8 +83,11 @@ COMMAND_ARGUMENTS: Mapping[CommandName, tuple[str, ...]] = MappingProxyType(
         CommandName.RELOAD: (),
         CommandName.STATUS: (),
         CommandName.RESEND: ("first", "last"),
+        CommandName.SAMPLE: ("action", "id", "volume_l", "operator", "notes"),
     }
 )
+# What ``sample`` does; without ``action`` it only reports the current sample.
+SAMPLE_ACTIONS = ("start", "end")
 
 # The reply payload; "CommandResult" is the name the daemon's wiring uses.
 CommandResult = CommandReply
@@ -116,13 +123,16 @@ class CommandError(FieldscopeError):
 @dataclass(frozen=True)
 class Command:
     """One validated command. ``count`` is for ``capture`` (1 for the others);
-    ``first`` and ``last`` (inclusive) for ``resend`` (None for the others)."""
+    ``first`` and ``last`` (inclusive) for ``resend``; ``action`` (``start``, ``end`` or
+    None: report) and, to start, ``sample`` for ``sample`` (None for the others)."""
 
     name: CommandName
     request_id: str | None = None
     count: int = 1
     first: int | None = None
     last: int | None = None
+    action: str | None = None
+    sample: Sample | None = None
 
     def reply(self, data: Mapping[str, Any] | None = None) -> CommandReply:
         """The reply once the command was carried out."""
@@ -238,6 +248,35 @@ def _seq_range(args: Mapping[str, Any], request_id: str | None) -> tuple[int, in
     return first, last
 
 
+def _sample(args: Mapping[str, Any], request_id: str | None) -> Command:
+    """``sample``: ``start`` needs ``id`` (the other keys are optional), ``end`` and a
+    report take nothing else; values follow the same rules as ``[sample]``."""
+
+    def fail(problem: str) -> CommandError:
+        return CommandError(
+            f"command 'sample': {problem}", command=CommandName.SAMPLE.value, request_id=request_id
+        )
+
+    action = args.get("action")
+    fields = {k: v for k, v in args.items() if k not in ("action", "request_id")}
+    if action is not None and action not in SAMPLE_ACTIONS:
+        raise fail(f"action must be one of {', '.join(SAMPLE_ACTIONS)}, got {show(action)}")
+    if action != "start":
+        keys = ", ".join(show(k) for k in sorted(fields))
+        if fields and action == "end":
+            raise fail(f"action 'end' takes no {keys} (a sample's fields go with 'start')")
+        if fields:
+            raise fail(f"takes {keys} only with action 'start' (without one it only reports)")
+        return Command(CommandName.SAMPLE, request_id, action=action)
+    if "id" not in fields:
+        raise fail("action 'start' needs id (the sample's id, e.g. 'thau-2026-12-07-a')")
+    try:
+        sample = Sample.from_dict(fields, path="")
+    except MessageError as exc:  # "identification message: volume_l must be ..."
+        raise fail(str(exc).partition(": ")[2]) from None
+    return Command(CommandName.SAMPLE, request_id, action=action, sample=sample)
+
+
 def parse_command(name: str, payload: bytes) -> Command:
     """The command ``name`` (the topic's last level) with its payload, validated.
 
@@ -270,6 +309,8 @@ def parse_command(name: str, payload: bytes) -> Command:
             command=command.value,
             request_id=request_id,
         )
+    if command is CommandName.SAMPLE:
+        return _sample(args, request_id)
     count = _count(command, args, request_id) if command is CommandName.CAPTURE else 1
     if command is CommandName.RESEND:
         first, last = _seq_range(args, request_id)

@@ -82,6 +82,7 @@ from fieldscope.edge.config_sections import (
 )
 from fieldscope.edge.errors import ConfigError
 from fieldscope.edge.objects import ObjectsSettings
+from fieldscope.edge.site import SampleConfig, SiteConfig
 from fieldscope.edge.topics import TOPIC_SPECS, Topics
 from fieldscope.edge.typed import (
     ConfigFileError,
@@ -121,6 +122,8 @@ __all__ = [
     "PreprocessingOverrides",
     "QualityConfig",
     "ReplayOptions",
+    "SampleConfig",
+    "SiteConfig",
     "TlsConfig",
     "check_config",
     "config_from_dict",
@@ -150,6 +153,8 @@ class EdgeConfig(msgspec.Struct, frozen=True):
     quality: QualityConfig = msgspec.field(default_factory=QualityConfig)
     objects: ObjectsSettings = msgspec.field(default_factory=ObjectsSettings)
     heartbeat: HeartbeatConfig = msgspec.field(default_factory=HeartbeatConfig)
+    site: SiteConfig = msgspec.field(default_factory=SiteConfig)
+    sample: SampleConfig = msgspec.field(default_factory=SampleConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     source: Annotated[Path | None, Meta(extra={"internal": True})] = None
 

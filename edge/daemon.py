@@ -61,6 +61,7 @@ from fieldscope.edge.daemon_station import (
     camera_report,
     capture,
     clip,
+    drain,
     make_data_dir,
     open_outbox,
     pause_or_resume,
@@ -87,6 +88,8 @@ from fieldscope.edge.model_slot import (
 from fieldscope.edge.objects import Segmenter
 from fieldscope.edge.outbox import Outbox, OutboxError
 from fieldscope.edge.pipeline import FrameCounters, Pipeline
+from fieldscope.edge.sample_book import SAMPLE_FILE, SampleBook, sample_command, stamper
+from fieldscope.edge.site import site_part
 from fieldscope.edge.systemd import Notifier
 
 __all__ = [
@@ -204,6 +207,7 @@ class Daemon:
         logger.info("starting station %s (config %s)", self.topics.base, self.cfg.source)
         stack = self._teardown
         make_data_dir(self.cfg.device.data_dir)
+        samples = SampleBook(self.cfg.device.data_dir / SAMPLE_FILE, self.cfg.sample)
         outbox = open_outbox(self.cfg)
         stack.callback(outbox.close)
         stack.callback(self._write_state, "stopped")
@@ -213,9 +217,10 @@ class Daemon:
         stack.callback(supervisor.close)
         link = self._start_link(outbox)
         stack.callback(link.stop_clean, _FLUSH_S)
-        pipeline = self._start_pipeline(supervisor, trigger, slot, outbox, archive)
-        stack.callback(self._drain, pipeline)
-        self._station = StationParts(outbox, slot, archive, supervisor, trigger, link, pipeline)
+        pipeline = self._start_pipeline(supervisor, trigger, slot, outbox, archive, samples=samples)
+        stack.callback(drain, pipeline, _DRAIN_S)
+        parts = (outbox, slot, archive, supervisor, trigger, link, pipeline, samples)
+        self._station = StationParts(*parts)
         self._write_state("running")
         self.notifier.ready(f"serving {slot.current().describe()}")
         self.started.set()
@@ -272,6 +277,8 @@ class Daemon:
         slot: ModelSlot,
         outbox: Outbox,
         archive: ImageArchive,
+        *,
+        samples: SampleBook,
     ) -> Pipeline:
         pipeline = Pipeline(
             camera=supervisor,
@@ -286,6 +293,7 @@ class Daemon:
             on_event=self._event,
             # One per daemon: it holds a flow cell's running median of recent frames.
             segmenter=Segmenter(self.cfg.objects) if self.cfg.objects.mode == "segment" else None,
+            stamp=stamper(site_part(self.cfg.site), samples),  # every message: site, sample
         )
         pipeline.start()
         return pipeline
@@ -475,6 +483,7 @@ class Daemon:
             CommandName.RELOAD: lambda c: reload_reply(c, self.reload("reload command")),
             CommandName.STATUS: lambda c: c.reply(self.health(drain_events=False).to_dict()),
             CommandName.RESEND: lambda c: resend(c, self.station, self._link),
+            CommandName.SAMPLE: lambda c: sample_command(c, self.station.samples),
         }
         return actions[command.name](command)
 
@@ -554,15 +563,6 @@ class Daemon:
         write_state_file(self.cfg.device.data_dir, data)
 
     # --- stopping -----------------------------------------------------------------------
-
-    def _drain(self, pipeline: Pipeline) -> None:
-        pipeline.wake()
-        if not pipeline.join(_DRAIN_S):
-            logger.warning(
-                "the pipeline did not drain within %.0f s; frames not stored are taken again "
-                "at the next start",
-                _DRAIN_S,
-            )
 
     def shutdown(self) -> None:
         """Drain, flush, publish ``stopped``, close — what was started, in reverse.

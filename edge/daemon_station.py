@@ -24,12 +24,14 @@ from fieldscope.edge.link import MqttLink
 from fieldscope.edge.model_slot import ModelSlot, ReloadResult
 from fieldscope.edge.outbox import DEFAULT_KEEP_SENT, Outbox, OutboxError, clock_first_seq
 from fieldscope.edge.pipeline import Pipeline
+from fieldscope.edge.sample_book import SampleBook
 
 __all__ = [
     "StationParts",
     "camera_report",
     "capture",
     "clip",
+    "drain",
     "make_data_dir",
     "open_outbox",
     "pause_or_resume",
@@ -55,6 +57,7 @@ class StationParts:
     trigger: Trigger
     link: MqttLink
     pipeline: Pipeline
+    samples: SampleBook  # the current sample, which the ``sample`` command changes
 
 
 def _clip(text: str) -> str:
@@ -165,6 +168,17 @@ def reload_reply(command: Command, result: ReloadResult) -> CommandReply:
     if result.error is not None:
         return command.failed(f"kept the old model: {result.error}", data)
     return command.reply(data)
+
+
+def drain(pipeline: Pipeline, within_s: float) -> None:
+    """A clean stop: let the frames already taken reach the outbox, for ``within_s``."""
+    pipeline.wake()
+    if not pipeline.join(within_s):
+        logger.warning(
+            "the pipeline did not drain within %.0f s; frames not stored are taken again "
+            "at the next start",
+            within_s,
+        )
 
 
 def make_data_dir(data_dir: Path) -> None:

@@ -21,7 +21,11 @@ Decisions a subscriber relies on (also in docs/mqtt.md):
   quality gate and no inference ran, so ``label`` and ``score`` are null,
   ``top_k`` is empty and ``quality``/``reason`` say why.
 * **Optional fields** (``quality`` and its members, ``image.archived_path``,
-  ``reason``, ``object``, ``segmentation``) are omitted when unknown, never null.
+  ``reason``, ``object``, ``segmentation``, ``site``, ``sample``) are omitted when
+  unknown, never null.
+* **Site and sample** (:mod:`fieldscope.edge.site`): the station's ``[site]`` (WGS84
+  coordinates, depth or elevation, country, locality) and the sample current when the
+  message was stored (started and ended by the ``sample`` command).
 * **Objects** (a station with ``[objects] mode = "segment"``): one message per object
   of a frame, with the ``object`` and ``segmentation`` parts; a frame without objects
   is one ``rejected`` message with reason ``"no objects"`` and ``segmentation`` only
@@ -42,6 +46,7 @@ from msgspec import Meta
 
 from fieldscope.edge.errors import FieldscopeError, MessageError
 from fieldscope.edge.message_objects import ObjectRef, SegmentationSummary
+from fieldscope.edge.site import Sample, Site
 from fieldscope.edge.topics import MAX_SEGMENT_BYTES, segment_problem, show
 from fieldscope.edge.wire import (
     TIMESTAMP_PATTERN,
@@ -62,7 +67,9 @@ __all__ = [
     "ObjectRef",
     "Prediction",
     "Quality",
+    "Sample",
     "SegmentationSummary",
+    "Site",
     "Status",
     "Timings",
     "build_identification",
@@ -223,7 +230,7 @@ class Identification(_Part, frozen=True, kw_only=True):
     """
 
     _omit_none: ClassVar[frozenset[str]] = frozenset(
-        {"quality", "reason", "object", "segmentation"}
+        {"quality", "reason", "object", "segmentation", "site", "sample"}
     )
     _required: ClassVar[tuple[str, ...]] = ("version",)
 
@@ -291,6 +298,14 @@ class Identification(_Part, frozen=True, kw_only=True):
             "A segmenting station's counts for the object's frame; on every object message, "
             "and alone on the rejected 'no objects' message of a frame without objects."
         ),
+    ] = None
+    site: Annotated[
+        Site | None,
+        _doc("Where the station is (its [site]); omitted when it has none configured."),
+    ] = None
+    sample: Annotated[
+        Sample | None,
+        _doc("The sample current when the message was stored; omitted between samples."),
     ] = None
 
     def problems(self) -> list[tuple[str, str]]:

@@ -125,10 +125,12 @@ class Pipeline:
         on_event: Callable[[str], None] | None = None,
         queue_sizes: tuple[int, int, int] = (1, 2, 4),
         segmenter: Segmenter | None = None,
+        stamp: Callable[[Callable[[int], bytes]], Callable[[int], bytes]] | None = None,
     ) -> None:
-        # ``segmenter``: cut each accepted frame into objects (``[objects] mode =
-        # "segment"``), one per daemon since it holds a flow cell's running median.
+        # ``segmenter`` cuts frames into objects (one per daemon: it holds a running median);
+        # ``stamp`` wraps each message builder (site and sample: edge.sample_book.stamper).
         self._segmenter = segmenter
+        self._stamp = stamp or (lambda payload: payload)
         self._camera = camera
         self._trigger = trigger
         self._slot = slot
@@ -524,6 +526,7 @@ class Pipeline:
         """
         beat = self._beats["store"]
         delay = _STORE_RETRY_MIN_S
+        payload = self._stamp(payload)  # the sample current now, for frames and objects
         while True:
             try:
                 entry = self._outbox.add(

@@ -206,6 +206,23 @@ def _range_text(meta: msgspec.Meta, is_int: bool) -> str:
     return f"{'<=' if meta.lt is None else '<'} {high:g}"
 
 
+def _text_problem(value: str, meta: msgspec.Meta, extra: Mapping[str, Any]) -> str | None:
+    """Why a string breaks its declared length or pattern (``extra["must"]`` words the
+    rule where a regular expression would not), or None."""
+    too_short = meta.min_length is not None and len(value) < meta.min_length
+    too_long = meta.max_length is not None and len(value) > meta.max_length
+    mismatch = meta.pattern is not None and re.search(meta.pattern, value) is None
+    if not (too_short or too_long or mismatch):
+        return None
+    if "must" in extra:
+        return f"must {extra['must']}, got {show(value)}"
+    if too_short:
+        return f"must be at least {meta.min_length} characters, got {show(value)}"
+    if too_long:
+        return f"must be at most {meta.max_length} characters, got {len(value)}"
+    return f"must match {meta.pattern}, got {show(value)}"
+
+
 def _constraint_problem(value: Any, spec: FieldSpec) -> str | None:
     """Why ``value`` breaks the declared Literal or Meta bounds, or None."""
     choices = _choices(spec.bare)
@@ -213,6 +230,8 @@ def _constraint_problem(value: Any, spec: FieldSpec) -> str | None:
         found = one_of("", value.value if isinstance(value, enum.Enum) else value, choices)
         return found[0][1] if found else None
     meta = spec.meta
+    if meta is not None and isinstance(value, str):
+        return _text_problem(value, meta, spec.extra)
     if meta is None or isinstance(value, bool) or not isinstance(value, int | float):
         return None
     ok = (

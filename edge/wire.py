@@ -20,6 +20,7 @@ import functools
 import json
 import math
 import re
+import types
 import typing
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -252,9 +253,7 @@ def from_builtins(cls: type[S], data: object, where: str = "") -> S:
     data = dict(data)
     cls._precheck(data)
     _refuse_nulls(cls, data, where)
-    for name in _time_fields(cls):
-        if name in data:
-            data[name] = _timestamp(cls, data[name], _join(where, name))
+    _read_times(cls, cls, data, where)
     try:
         return msgspec.convert(data, cls)
     except msgspec.ValidationError as exc:
@@ -264,6 +263,22 @@ def from_builtins(cls: type[S], data: object, where: str = "") -> S:
             raise
         # A shared part (a ModelRef in a heartbeat) speaks of its own payload: say which.
         raise cls._fail(str(exc).partition(": ")[2]) from None
+
+
+def _read_times(
+    cls: type[WireStruct], part: type[WireStruct], data: dict[str, Any], where: str
+) -> None:
+    """Read the times of ``part`` and of the parts below it (a sample's ``started_at``)
+    with the one strict rule, in place: msgspec alone would take any UTC offset."""
+    for name in _time_fields(part):
+        if name in data:
+            data[name] = _timestamp(cls, data[name], _join(where, name))
+    for name, _, inner, many in _parts(part):
+        value = data.get(name)
+        if inner is None or many or not isinstance(value, Mapping):
+            continue
+        data[name] = dict(value)
+        _read_times(cls, inner, data[name], _join(where, name))
 
 
 def _timestamp(cls: type[WireStruct], value: object, path: str) -> datetime:
@@ -315,7 +330,18 @@ def _parts(cls: type[WireStruct]) -> tuple[tuple[str, Any, type[WireStruct] | No
 
 @functools.cache
 def _time_fields(cls: type[WireStruct]) -> tuple[str, ...]:
-    return tuple(n for n, a in _fields(cls) if datetime in (a, *typing.get_args(a)))
+    return tuple(n for n, a in _fields(cls) if _is_time(a))
+
+
+def _is_time(annotation: Any) -> bool:
+    """``datetime``, however wrapped: ``Annotated[...]``, ``| None`` or both (not a
+    tuple of times, which no wire format has)."""
+    annotation = _unannotated(annotation)
+    if annotation is datetime:
+        return True
+    if typing.get_origin(annotation) not in (typing.Union, types.UnionType):
+        return False
+    return any(_is_time(arg) for arg in typing.get_args(annotation))
 
 
 def _unannotated(annotation: Any) -> Any:

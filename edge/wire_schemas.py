@@ -52,7 +52,12 @@ _IDENTIFICATION_RULES = (
     "measurements in micrometres) and segmentation (the frame's counts); a frame without "
     "objects is one message with status rejected, reason 'no objects' and segmentation only. "
     "object is absent when status is rejected, object.index is below object.count, and "
-    "object.count equals segmentation.kept."
+    "object.count equals segmentation.kept. Added within version 1 for the scientific "
+    "record: the optional parts site (the station's place: decimal_latitude and "
+    "decimal_longitude together, in decimal degrees on geodetic_datum WGS84, which is "
+    "present exactly when they are; coordinate_uncertainty_m; elevation_m or depth_m, not "
+    "both; country_code ISO 3166-1 alpha-2; name; locality) and sample (the sample current "
+    "when the message was stored: id, started_at, volume_l in litres, operator, notes)."
 )
 _MANIFEST_RULES = (
     "The manifest of a fieldscope model bundle: a directory holding model.tflite, this "

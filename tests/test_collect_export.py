@@ -305,3 +305,122 @@ def test_ecotaxa_writes_its_object_features_in_pixels(object_store: Store, tmp_p
     assert second["object_esd_um"] == "45.0045"
     assert rows["scope-a_10"]["object_touches_border"] == "1"
     assert rows["scope-a_30"]["object_area"] == ""  # a one-frame station's message
+
+
+# --- site and sample ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def site_store(tmp_path: Path) -> Iterator[Store]:
+    """A sample at a site under water, one at a site on land without a sample, and a
+    message that carries neither (an older station)."""
+    import msgspec
+
+    from fieldscope.edge.site import Sample, Site
+
+    water = Site(
+        name="Etang de Thau, pontoon 3",
+        decimal_latitude=43.4167,
+        decimal_longitude=3.6,
+        geodetic_datum="WGS84",
+        coordinate_uncertainty_m=30.0,
+        depth_m=1.5,
+        country_code="FR",
+        locality="Bouzigues",
+    )
+    land = Site(name="Roof tank", elevation_m=40.0, country_code="DE")
+    sample = Sample(
+        id="thau-a",
+        started_at=datetime(2026, 11, 20, 6, 0, tzinfo=UTC),
+        volume_l=2.5,
+        operator="A. Martin",
+        notes="net 20 µm",
+    )
+    sent = [
+        msgspec.structs.replace(
+            sample_identification(1, label="Amoeba", captured_at=BASE), site=water, sample=sample
+        ),
+        msgspec.structs.replace(
+            sample_identification(2, label="Euglena", captured_at=BASE + timedelta(hours=1)),
+            site=land,
+        ),
+        sample_identification(3, label="Amoeba", captured_at=BASE + timedelta(hours=2)),
+    ]
+    db = tmp_path / "site.sqlite"
+    with open_store(str(db)) as s:
+        topic = Topics("fieldscope", "pond-3", "scope-a").identification
+        s.write([decode(topic, m.to_json(), "fieldscope") for m in sent])
+    reader = open_store(str(db), create=False)
+    yield reader
+    reader.close()
+
+
+def test_csv_and_parquet_carry_the_site_and_the_sample(site_store: Store, tmp_path: Path) -> None:
+    export(site_store, "csv", tmp_path / "s.csv")
+    rows = {r["seq"]: r for r in read_csv(tmp_path / "s.csv")}
+    for column, value in (("site_name", "Etang de Thau, pontoon 3"), ("decimal_latitude", 43.4167),
+                          ("decimal_longitude", 3.6), ("geodetic_datum", "WGS84"),
+                          ("coordinate_uncertainty_m", 30.0), ("depth_m", 1.5),
+                          ("country_code", "FR"), ("locality", "Bouzigues"),
+                          ("sample_id", "thau-a"), ("sample_volume_l", 2.5),
+                          ("sample_started_at", "2026-11-20T06:00:00.000000Z"),
+                          ("sample_operator", "A. Martin"),
+                          ("sample_notes", "net 20 µm")):  # fmt: skip
+        assert rows[1][column] == value, column
+    assert (rows[2]["elevation_m"], rows[2]["sample_id"]) == (40.0, None)
+    assert (rows[3]["site_name"], rows[3]["decimal_latitude"]) == (None, None)
+    pq = pytest.importorskip("pyarrow.parquet")
+    export(site_store, "parquet", tmp_path / "s.parquet")
+    table = pq.read_table(tmp_path / "s.parquet")
+    assert str(table.schema.field("decimal_latitude").type) == "double"
+    assert str(table.schema.field("sample_id").type) == "string"
+    by_seq = {r["seq"]: r for r in table.to_pylist()}
+    assert (by_seq[1]["decimal_longitude"], by_seq[1]["sample_id"]) == (3.6, "thau-a")
+    assert by_seq[3]["depth_m"] is None
+
+
+def test_darwin_core_places_each_occurrence_and_names_its_event(
+    site_store: Store, tmp_path: Path
+) -> None:
+    out = tmp_path / "dwca.zip"
+    export(site_store, "darwin-core", out)
+    with zipfile.ZipFile(out) as zf:
+        lines = zf.read("occurrence.txt").decode("utf-8").splitlines()
+    header = lines[0].split("\t")
+    assert tuple(header) == DWC_TERMS
+    records = [dict(zip(header, line.split("\t"), strict=True)) for line in lines[1:]]
+    water, land, plain = records
+    assert (water["decimalLatitude"], water["decimalLongitude"]) == ("43.4167", "3.6")
+    assert (water["geodeticDatum"], water["coordinateUncertaintyInMeters"]) == ("WGS84", "30.0")
+    assert (water["countryCode"], water["locality"], water["eventID"]) == (
+        "FR",
+        "Bouzigues",
+        "thau-a",
+    )
+    assert (water["minimumDepthInMeters"], water["maximumDepthInMeters"]) == ("1.5", "1.5")
+    assert (water["sampleSizeValue"], water["sampleSizeUnit"]) == ("2.5", "litre")
+    assert water["eventRemarks"] == "net 20 µm"
+    assert water["recordedBy"] == "A. Martin | fieldscope device scope-a"
+    assert (land["minimumElevationInMeters"], land["minimumDepthInMeters"]) == ("40.0", "")
+    assert (land["locality"], land["decimalLatitude"], land["eventID"]) == ("Roof tank", "", "")
+    assert plain["recordedBy"] == "fieldscope device scope-a"
+    assert all(plain[t] == "" for t in DWC_TERMS[DWC_TERMS.index("eventID") :])
+
+
+def test_ecotaxa_takes_the_sample_and_the_place(site_store: Store, tmp_path: Path) -> None:
+    out = tmp_path / "ecotaxa.tsv"
+    export(site_store, "ecotaxa", out)
+    lines = out.read_text(encoding="utf-8").splitlines()
+    names, types = lines[0].split("\t"), lines[1].split("\t")
+    for column in ("object_lat", "object_lon", "object_depth_min", "object_depth_max"):
+        assert types[names.index(column)] == "[f]", column
+    rows = [dict(zip(names, x.split("\t"), strict=True)) for x in lines[2:]]
+    water, land, plain = rows
+    assert (water["sample_id"], water["object_lat"], water["object_lon"]) == (
+        "thau-a",
+        "43.4167",
+        "3.6",
+    )
+    assert (water["object_depth_min"], water["object_depth_max"]) == ("1.5", "1.5")
+    assert (land["sample_id"], land["object_lat"], land["object_depth_min"]) == ("pond-3", "", "")
+    assert plain["sample_id"] == "pond-3"  # no sample: the station, as before

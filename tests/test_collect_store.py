@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from fieldscope.collect.records import (
@@ -38,6 +39,7 @@ from fieldscope.collect.samples import (
 )
 from fieldscope.collect.store import Filters, Store, StoreError, open_store
 from fieldscope.edge.message import Identification
+from fieldscope.edge.site import Sample, Site
 from fieldscope.edge.topics import DeviceStatus, Topics
 
 PREFIX = "fieldscope"
@@ -586,3 +588,88 @@ def test_size_distribution_per_label_on_shared_edges(store: Store) -> None:
     ratios = [b / a for a, b in itertools.pairwise(edges[1:-1])]
     assert max(ratios) == pytest.approx(min(ratios), rel=1e-3)
     assert size_edges(30.0, 60.0, 3) == ("linear", [30.0, 40.0, 50.0, 60.0])
+
+
+# --- site and sample -----------------------------------------------------------------------------
+
+SITE = Site(
+    name="Etang de Thau, pontoon 3",
+    decimal_latitude=43.4167,
+    decimal_longitude=3.6,
+    geodetic_datum="WGS84",
+    coordinate_uncertainty_m=30.0,
+    depth_m=1.5,
+    country_code="FR",
+    locality="Bouzigues",
+)
+SAMPLE = Sample(
+    id="thau-a",
+    started_at=datetime(2026, 11, 23, 17, 0, tzinfo=UTC),
+    volume_l=2.5,
+    operator="A. Martin",
+    notes="net 20 µm",
+)
+
+
+def placed(seq: int, site: Site | None = SITE, sample: Sample | None = SAMPLE) -> Identification:
+    return msgspec.structs.replace(sample_identification(seq), site=site, sample=sample)
+
+
+def test_site_and_sample_are_stored_as_columns(store: Store) -> None:
+    sent = [placed(1), placed(2, sample=None), sample_identification(3)]
+    assert store.write([received(m) for m in sent]).stored == 3
+    rows = {r.seq: r for r in store.iter_identifications()}
+    first = rows[1]
+    assert (first.site_name, first.decimal_latitude, first.decimal_longitude) == (
+        "Etang de Thau, pontoon 3",
+        43.4167,
+        3.6,
+    )
+    assert (first.geodetic_datum, first.coordinate_uncertainty_m) == ("WGS84", 30.0)
+    assert (first.depth_m, first.elevation_m, first.country_code) == (1.5, None, "FR")
+    assert first.locality == "Bouzigues"
+    assert (first.sample_id, first.sample_started_at) == ("thau-a", "2026-11-23T17:00:00.000000Z")
+    assert (first.sample_volume_l, first.sample_operator) == (2.5, "A. Martin")
+    assert first.sample_notes == "net 20 µm"
+    assert (rows[2].decimal_latitude, rows[2].sample_id) == (43.4167, None)
+    assert (rows[3].site_name, rows[3].sample_id, rows[3].depth_m) == (None, None, None)
+
+
+def _drop_site_columns(db_url: str) -> None:
+    """Make the database what a collector before the site and sample columns left."""
+    from fieldscope.collect.store.site_columns import SITE_COLUMNS
+
+    drops = [
+        "DROP INDEX IF EXISTS identifications_sample",
+        *(f"ALTER TABLE identifications DROP COLUMN {name}" for name in SITE_COLUMNS),
+    ]
+    if db_url.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            for statement in drops:
+                conn.execute(statement)
+        return
+    import sqlite3
+
+    conn = sqlite3.connect(db_url)
+    for statement in drops:
+        conn.execute(statement)
+    conn.commit()
+    conn.close()
+
+
+def test_a_database_without_site_columns_is_read_and_migrated(db_url: str) -> None:
+    with open_store(db_url) as store:
+        store.write([received(sample_identification(1))])
+    _drop_site_columns(db_url)
+    with open_store(db_url, create=False) as reader:
+        (old,) = list(reader.iter_identifications())
+        assert (old.seq, old.sample_id, old.decimal_latitude) == (1, None, None)
+    with open_store(db_url) as store:
+        assert store.write([received(placed(2))]).stored == 1
+        rows = {r.seq: r for r in store.iter_identifications()}
+    assert rows[1].sample_id is None
+    assert (rows[2].sample_id, rows[2].depth_m) == ("thau-a", 1.5)
+    with open_store(db_url) as again:
+        assert again.count() == 2

@@ -17,6 +17,7 @@ from fieldscope.edge.commands import (
     parse_command,
 )
 from fieldscope.edge.health import CommandReply
+from fieldscope.edge.site import Sample
 from fieldscope.edge.topics import Topics
 
 
@@ -48,7 +49,8 @@ def test_request_id_is_echoed_and_capture_takes_a_count() -> None:
         (
             "format",
             b"",
-            "unknown command 'format' (known: capture, pause, resume, reload, status, resend)",
+            "unknown command 'format' "
+            "(known: capture, pause, resume, reload, status, resend, sample)",
         ),
         ("capture", b"[1, 2]", "payload must be empty or a JSON object, got a JSON list"),
         ("capture", b"null", "got a JSON null"),
@@ -73,6 +75,15 @@ def test_request_id_is_echoed_and_capture_takes_a_count() -> None:
         ("status", b'{"request_id": 7}', "request_id must be a non-empty string, got 7"),
         ("status", b'{"request_id": "a\\nb"}', "must not contain control characters"),
         ("status", b"[" * 100 + b"]" * 100, "nests deeper than 32 levels"),
+        ("sample", b'{"action": "stop"}', "action must be one of start, end, got 'stop'"),
+        ("sample", b'{"action": "start"}', "action 'start' needs id"),
+        ("sample", b'{"action": "end", "id": "s"}', "action 'end' takes no 'id'"),
+        ("sample", b'{"id": "s"}', "takes 'id' only with action 'start'"),
+        ("sample", b'{"action": "start", "id": ""}', "id must be 1 to 100 printable"),
+        ("sample", b'{"action": "start", "id": "s", "volume_l": 0}', "volume_l must be"),
+        ("sample", b'{"action": "start", "id": "s", "volume_l": "2"}', "must be a number"),
+        ("sample", b'{"action": "start", "id": "s", "operator": null}', "operator must be"),
+        ("sample", b'{"action": "start", "id": "s", "started_at": "x"}', "does not take"),
     ],
 )
 def test_bad_commands_get_one_specific_error(name: str, payload: bytes, message: str) -> None:
@@ -174,3 +185,19 @@ def test_resend_takes_a_bounded_seq_range() -> None:
     ):
         with pytest.raises(CommandError, match=says):
             parse_command("resend", payload)
+
+
+def test_sample_starts_with_its_metadata_ends_or_reports() -> None:
+    payload = (
+        b'{"request_id": "q", "action": "start", "id": "thau-a", "volume_l": 2.5, '
+        b'"operator": "A. Martin", "notes": "net 20 \\u00b5m"}'
+    )
+    command = parse_command("sample", payload)
+    assert (command.action, command.request_id) == ("start", "q")
+    assert command.sample == Sample(
+        id="thau-a", volume_l=2.5, operator="A. Martin", notes="net 20 \u00b5m"
+    )
+    assert parse_command("sample", b'{"action": "end"}') == Command(
+        CommandName.SAMPLE, action="end"
+    )
+    assert parse_command("sample", b"") == Command(CommandName.SAMPLE)

@@ -334,6 +334,53 @@ def test_each_command_gets_its_reply_and_a_bad_one_changes_nothing(site: Site) -
     assert site.recorder.count(TOPICS.identification) == 3
 
 
+def test_every_identification_carries_the_site_and_the_sample_command_survives_a_restart(
+    site: Site, validator: Draft202012Validator
+) -> None:
+    site.images.copy(site.tmp / "images", 4)
+    cfg = site.config(
+        camera={"trigger": "command"},
+        heartbeat={"interval_s": 60},
+        site={"decimal_latitude": 43.4167, "decimal_longitude": 3.6, "depth_m": 1.5},
+        sample={"id": "from-config", "volume_l": 1.0},
+    )
+
+    def capture_one() -> Identification:
+        before = site.recorder.count(TOPICS.identification)
+        assert command(site.recorder, "capture").ok
+        assert site.recorder.wait_for(lambda r: r.count(TOPICS.identification) > before)
+        payload = site.recorder.on(TOPICS.identification)[before]
+        validator.validate(json.loads(payload))
+        return Identification.from_json(payload)
+
+    with running(cfg) as daemon:
+        assert daemon.station.link.wait_online(10)
+        first = capture_one()
+        assert first.site is not None
+        assert (first.site.decimal_latitude, first.site.geodetic_datum) == (43.4167, "WGS84")
+        assert first.sample is not None
+        assert (first.sample.id, first.sample.volume_l) == ("from-config", 1.0)
+        start = b'{"request_id": "s1", "action": "start", "id": "thau-a", "operator": "A. M."}'
+        reply = command(site.recorder, "sample", start)
+        assert (reply.ok, reply.request_id) == (True, "s1")
+        assert reply.data is not None
+        assert reply.data["ended"]["id"] == "from-config"
+        refusal(site.recorder, "sample", b'{"action": "start"}', "action 'start' needs id")
+        refusal(site.recorder, "sample", start, "sample 'thau-a' is already running")
+        second = capture_one()
+        assert second.sample is not None
+        assert (second.sample.id, second.sample.operator) == ("thau-a", "A. M.")
+    # A restart keeps the sample the command started, not the configured one.
+    with running(cfg) as daemon:
+        assert daemon.station.link.wait_online(10)
+        assert capture_one().sample == second.sample
+        assert command(site.recorder, "sample", b'{"action": "end"}').ok
+        refusal(site.recorder, "sample", b'{"action": "end"}', "no sample is running")
+        third = capture_one()
+        assert (third.sample, third.site) == (None, first.site)
+        assert command(site.recorder, "sample").data == {"sample": None}
+
+
 # --- model swaps ------------------------------------------------------------------------------
 
 

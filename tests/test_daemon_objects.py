@@ -61,9 +61,12 @@ def _frames(site: Site) -> list[Path]:
     return files
 
 
-def _config(site: Site, objects: dict[str, Any] | None) -> EdgeConfig:
+def _config(
+    site: Site, objects: dict[str, Any] | None, extra: dict[str, dict[str, Any]] | None = None
+) -> EdgeConfig:
     folder = {"path": "incoming", "settle_s": 0.1, "scan_interval_s": 0.05, "handled": "move"}
     tables: dict[str, dict[str, Any]] = {"camera": {"backend": "folder"}, "camera__folder": folder}
+    tables.update(extra or {})
     if objects is not None:
         tables["objects"] = objects
     return site.config(**tables)
@@ -85,7 +88,9 @@ def test_n_objects_in_give_n_identifications_with_measurements(
     site: Site, validator: Draft202012Validator
 ) -> None:
     files = _frames(site)
-    cfg = _config(site, SEGMENT)
+    # Every object, and the frame without any, carries the site and the sample.
+    place = {"locality": "flow cell bench", "elevation_m": 12.0}
+    cfg = _config(site, SEGMENT, {"site": place, "sample": {"id": "bench-1", "volume_l": 0.5}})
     expected = _expected(cfg, files)
     objects = sum(len(found.objects) for found in expected.values())
     assert objects == 8  # the two frames' four specimens each; the dust frame has none
@@ -104,6 +109,11 @@ def test_n_objects_in_give_n_identifications_with_measurements(
         validator.validate(json.loads(payload))
     messages = identifications(site.recorder)
     assert len({m.seq for m in messages}) == total  # each object its own outbox entry
+    for m in messages:
+        assert m.site is not None
+        assert (m.site.locality, m.site.elevation_m) == ("flow cell bench", 12.0)
+        assert m.sample is not None
+        assert (m.sample.id, m.sample.volume_l) == ("bench-1", 0.5)
     by_frame = _by_frame(messages)
     assert set(by_frame) == set(expected)
     for sha, found in expected.items():

@@ -39,6 +39,7 @@ from fieldscope.edge.message import (
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS_SCHEMA = REPO / "docs" / "identification.schema.json"
+WIRE = REPO / "tests" / "data" / "wire"
 MODEL_SHA = hashlib.sha256(b"model.tflite").hexdigest()
 IMAGE_SHA = hashlib.sha256(b"frame.png").hexdigest()
 DELETE = object()
@@ -619,15 +620,22 @@ def test_schema_names_exactly_the_fields_a_writer_emits() -> None:
         del minimal[key]
     del minimal["image"]["archived_path"]
     assert sorted(schema["required"]) == sorted(Identification.from_dict(minimal).to_dict())
-    full = Identification.from_dict(object_payload()).to_dict()
+    with_site = json.loads((WIRE / "identification-site-sample-v1.json").read_bytes())
+    full = Identification.from_dict(
+        {**object_payload(), "site": with_site["site"], "sample": with_site["sample"]}
+    ).to_dict()
     assert sorted(props) == sorted(full)
     defs = schema["$defs"]
 
     def resolved(node: dict[str, Any]) -> dict[str, Any]:
         return defs[node["$ref"].rsplit("/", 1)[1]] if "$ref" in node else node
 
-    for part in ("model", "image", "quality", "timings_ms", "object", "segmentation"):
-        assert sorted(resolved(props[part])["properties"]) == sorted(full[part]), part
+    parts = ("model", "image", "quality", "timings_ms", "object", "segmentation", "site", "sample")
+    # A site is above or below the water, never both: the fixture writes depth_m.
+    emitted = {part: set(full[part]) for part in parts}
+    emitted["site"] |= {"elevation_m"}
+    for part in parts:
+        assert sorted(resolved(props[part])["properties"]) == sorted(emitted[part]), part
     assert sorted(resolved(props["timings_ms"])["required"]) == sorted(full["timings_ms"])
     candidate = resolved(props["top_k"]["items"])
     assert sorted(candidate["properties"]) == sorted(full["top_k"][0])

@@ -72,6 +72,11 @@ FIXTURES = [
         _json_payload(Identification.from_json),
     ),
     (
+        "identification-site-sample-v1.json",
+        "identification.schema.json",
+        _json_payload(Identification.from_json),
+    ),
+    (
         "identification-no-objects-v1.json",
         "identification.schema.json",
         _json_payload(Identification.from_json),

@@ -21,6 +21,7 @@ from fieldscope.collect.store.object_columns import (
     OBJECT_FLOAT_COLUMNS,
     OBJECT_INT_COLUMNS,
 )
+from fieldscope.collect.store.site_columns import SITE_FLOAT_COLUMNS
 from fieldscope.edge.errors import FieldscopeError
 
 __all__ = [
@@ -55,6 +56,7 @@ FLOAT_COLUMNS = frozenset(
         "inference_ms",
         "total_ms",
         *OBJECT_FLOAT_COLUMNS,
+        *SITE_FLOAT_COLUMNS,
     }
 )
 TIME_COLUMNS = frozenset({"captured_at", "received_at"})

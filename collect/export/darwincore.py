@@ -2,7 +2,15 @@
 identifications with a label (status ``ok``). An uncertain or rejected capture names
 no taxon, so it is no occurrence; those are counted and left out. An ``.zip`` output
 is a Darwin Core Archive (``occurrence.txt`` plus ``meta.xml``), a ``.csv`` one is
-comma-separated, anything else tab-separated."""
+comma-separated, anything else tab-separated.
+
+Where a station has a ``[site]`` and a sample was running, each occurrence carries them:
+``decimalLatitude``/``decimalLongitude`` with ``geodeticDatum`` and
+``coordinateUncertaintyInMeters``, ``countryCode``, ``locality`` (the site's locality,
+else its name), the depth as ``minimumDepthInMeters`` = ``maximumDepthInMeters`` (or the
+elevation as ``minimum``/``maximumElevationInMeters``), the sample as ``eventID`` with
+its volume as ``sampleSizeValue`` in ``litre``, its operator in ``recordedBy`` and its
+notes as ``eventRemarks``. Terms a row has no value for are empty."""
 
 from __future__ import annotations
 
@@ -41,6 +49,20 @@ DWC_TERMS: tuple[str, ...] = (
     "locationID",
     "samplingProtocol",
     "datasetName",
+    "eventID",
+    "decimalLatitude",
+    "decimalLongitude",
+    "geodeticDatum",
+    "coordinateUncertaintyInMeters",
+    "countryCode",
+    "locality",
+    "minimumDepthInMeters",
+    "maximumDepthInMeters",
+    "minimumElevationInMeters",
+    "maximumElevationInMeters",
+    "sampleSizeValue",
+    "sampleSizeUnit",
+    "eventRemarks",
 )
 
 
@@ -51,6 +73,31 @@ def _media(row: IdentificationRow, media_url_prefix: str | None) -> str:
         return row.archived_path
     parts = PurePosixPath(row.archived_path).parts[-2:]
     return "/".join([media_url_prefix.rstrip("/"), row.station, row.device, *parts])
+
+
+def _text(value: float | str | None) -> str:
+    return "" if value is None else str(value)
+
+
+def _place_and_event(row: IdentificationRow) -> dict[str, str]:
+    """The site and sample terms (see the module docstring); empty where unknown."""
+    depth, elevation = _text(row.depth_m), _text(row.elevation_m)
+    return {
+        "eventID": _text(row.sample_id),
+        "decimalLatitude": _text(row.decimal_latitude),
+        "decimalLongitude": _text(row.decimal_longitude),
+        "geodeticDatum": _text(row.geodetic_datum),
+        "coordinateUncertaintyInMeters": _text(row.coordinate_uncertainty_m),
+        "countryCode": _text(row.country_code),
+        "locality": _text(row.locality or row.site_name),
+        "minimumDepthInMeters": depth,
+        "maximumDepthInMeters": depth,
+        "minimumElevationInMeters": elevation,
+        "maximumElevationInMeters": elevation,
+        "sampleSizeValue": _text(row.sample_volume_l),
+        "sampleSizeUnit": "" if row.sample_volume_l is None else "litre",
+        "eventRemarks": _text(row.sample_notes),
+    }
 
 
 def _dwc_record(
@@ -72,10 +119,13 @@ def _dwc_record(
             f"model sha256 {row.model_sha256}"
         ),
         "associatedMedia": _media(row, media_url_prefix),
-        "recordedBy": f"fieldscope device {row.device}",
+        "recordedBy": " | ".join(
+            filter(None, (row.sample_operator, f"fieldscope device {row.device}"))
+        ),
         "locationID": row.station,
         "samplingProtocol": "automated light microscopy, fieldscope station",
         "datasetName": dataset_name,
+        **_place_and_event(row),
     }
 
 

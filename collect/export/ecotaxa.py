@@ -10,7 +10,11 @@ sizes: ``object_bx``/``object_by``/``object_width``/``object_height`` (the box),
 ``object_equivalent_diameter`` (the ESD), ``object_eccentricity``, ``object_solidity``
 and ``object_mean`` (mean grey level), plus ``object_esd_um`` and ``object_area_um2``
 already in µm. A frame in which nothing was found is no object: it is left out (counted
-as skipped)."""
+as skipped).
+
+``sample_id`` is the sample the station was on (the ``sample`` command), else the
+station; ``object_lat``/``object_lon`` are the site's decimal degrees (WGS84) and
+``object_depth_min``/``object_depth_max`` its depth in metres, empty when unknown."""
 
 from __future__ import annotations
 
@@ -43,6 +47,10 @@ ECOTAXA_COLUMNS: tuple[tuple[str, str], ...] = (
     ("object_image_sha256", "[t]"),
     ("sample_id", "[t]"),
     ("acq_id", "[t]"),
+    ("object_lat", "[f]"),
+    ("object_lon", "[f]"),
+    ("object_depth_min", "[f]"),
+    ("object_depth_max", "[f]"),
     # A segmenting station's object (empty for a one-frame station): pixels, and µm.
     ("object_frame_id", "[t]"),
     ("object_index", "[f]"),
@@ -112,8 +120,10 @@ def _ecotaxa_values(row: IdentificationRow) -> list[str]:
         row.status,
         f"{row.model_name} {row.model_version}",
         row.image_sha256,
-        row.station,
+        row.sample_id or row.station,
         row.device,
+        *(_number(v, 6) for v in (row.decimal_latitude, row.decimal_longitude)),
+        *(_number(row.depth_m, 3) for _ in range(2)),
         *_object_values(row),
     ]
 

@@ -21,6 +21,7 @@ from fieldscope.collect.store.object_columns import (
 from fieldscope.collect.store.reviews import POSTGRES_REVIEWS, SQLITE_REVIEWS
 from fieldscope.collect.store.rows import BUSY_TIMEOUT_S, StoreError
 from fieldscope.collect.store.schema import _POSTGRES_SCHEMA, _SQLITE_SCHEMA
+from fieldscope.collect.store.site_columns import SITE_COLUMNS, add_site_columns
 from fieldscope.edge.errors import MissingDependencyError
 
 # --- SQLite --------------------------------------------------------------------------------------
@@ -59,6 +60,7 @@ class SqliteStore(Store):
                             cur.execute(statement)
                     self._check_version(cur)
                     add_object_columns(cur, "sqlite")
+                    add_site_columns(cur, "sqlite")
             else:
                 self._conn.execute("PRAGMA query_only=1")
                 try:
@@ -141,6 +143,7 @@ class PostgresStore(Store):
                     cur.execute(POSTGRES_REVIEWS)
                     self._check_version(cur)
                     add_object_columns(cur, "postgres")
+                    add_site_columns(cur, "postgres")
             else:
                 cur = self._conn.cursor()
                 cur.execute("SELECT to_regclass('fieldscope_schema')")
@@ -184,8 +187,9 @@ class PostgresStore(Store):
 
 
 def _absent(cur: Any, dialect: str) -> frozenset[str]:
-    """The object columns an older database (not yet opened by a writer) lacks."""
-    return frozenset(OBJECT_COLUMNS) - existing_columns(cur, dialect)
+    """The object, site and sample columns an older database (not yet opened by a
+    writer) lacks."""
+    return frozenset((*OBJECT_COLUMNS, *SITE_COLUMNS)) - existing_columns(cur, dialect)
 
 
 def _redact(url: str) -> str:

@@ -15,6 +15,7 @@ an older database without writing (an export, the dashboard) reads them as null.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from fieldscope.edge.message import Identification
@@ -25,6 +26,7 @@ __all__ = [
     "OBJECT_COLUMNS",
     "OBJECT_FLOAT_COLUMNS",
     "OBJECT_INT_COLUMNS",
+    "add_columns",
     "add_object_columns",
     "existing_columns",
     "object_values",
@@ -106,9 +108,15 @@ def existing_columns(cur: Any, dialect: str) -> set[str]:
 def add_object_columns(cur: Any, dialect: str) -> list[str]:
     """Add the object columns that ``identifications`` lacks (see the module docstring);
     returns their names. Run inside the transaction that creates the schema."""
+    return add_columns(cur, dialect, _COLUMNS)
+
+
+def add_columns(cur: Any, dialect: str, columns: Sequence[tuple[str, str, str]]) -> list[str]:
+    """Add those of ``columns`` (name, SQLite type, PostgreSQL type) that
+    ``identifications`` lacks, as nullable columns; returns their names."""
     have = existing_columns(cur, dialect)
     added = []
-    for name, sqlite_type, postgres_type in _COLUMNS:
+    for name, sqlite_type, postgres_type in columns:
         if name in have:
             continue
         kind = sqlite_type if dialect == "sqlite" else postgres_type

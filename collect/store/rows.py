@@ -9,6 +9,7 @@ from typing import Any
 import msgspec
 
 from fieldscope.collect.store.object_columns import OBJECT_COLUMNS
+from fieldscope.collect.store.site_columns import SITE_COLUMNS
 from fieldscope.edge.errors import FieldscopeError
 
 SCHEMA_VERSION = 1
@@ -48,6 +49,9 @@ RECORD_COLUMNS: tuple[str, ...] = (
     # A segmenting station's object, its measurements and its frame's counts (null
     # otherwise): see object_columns.
     *OBJECT_COLUMNS,
+    # The station's site and the sample current when it stored the identification
+    # (null when the message has none): see site_columns.
+    *SITE_COLUMNS,
 )
 _IDENT_COLUMNS = (*RECORD_COLUMNS, "topic", "payload", "payload_sha256")
 # What a listing reads back (the payload stays in the database).
@@ -168,6 +172,21 @@ class IdentificationRow(msgspec.Struct, frozen=True, kw_only=True):
     objects_touching_border: int | None = None
     objects_dropped_at_border: int | None = None
     objects_truncated: int | None = None
+    # The station's site and its sample (null when the message carried none).
+    site_name: str | None = None
+    decimal_latitude: float | None = None
+    decimal_longitude: float | None = None
+    geodetic_datum: str | None = None
+    coordinate_uncertainty_m: float | None = None
+    elevation_m: float | None = None
+    depth_m: float | None = None
+    country_code: str | None = None
+    locality: str | None = None
+    sample_id: str | None = None
+    sample_started_at: str | None = None
+    sample_volume_l: float | None = None
+    sample_operator: str | None = None
+    sample_notes: str | None = None
 
 
 class DeviceRow(msgspec.Struct, frozen=True, kw_only=True):

@@ -22,6 +22,7 @@ from fieldscope.collect.records import (
 )
 from fieldscope.collect.store.object_columns import object_values
 from fieldscope.collect.store.rows import _IDENT_COLUMNS, StoreDataError, StoreError, WriteResult
+from fieldscope.collect.store.site_columns import site_values
 from fieldscope.edge.errors import MessageError
 from fieldscope.edge.message import Identification
 
@@ -178,6 +179,7 @@ class StoreWriter(ABC):
             t.total,
             m.version,
             *object_values(m),
+            *site_values(m),
             r.topic,
             r.payload,
             r.payload_sha256,
