@@ -560,8 +560,8 @@ def test_object_counts_per_label_frames_and_objects_per_frame(store: Store) -> N
     (late,) = store.object_summary(Filters(since=since))
     assert (late.frames, late.objects) == (1, 2)
     assert store.object_summary(Filters(devices=("nobody",))) == []
-    with pytest.raises(StoreError, match="group by station, device, not 'sample'"):
-        store.object_summary(by=["sample"])
+    with pytest.raises(StoreError, match="group by station, device, sample, not 'site'"):
+        store.object_summary(by=["site"])
 
 
 def test_size_distribution_per_label_on_shared_edges(store: Store) -> None:
@@ -673,3 +673,29 @@ def test_a_database_without_site_columns_is_read_and_migrated(db_url: str) -> No
     assert (rows[2].sample_id, rows[2].depth_m) == ("thau-a", 1.5)
     with open_store(db_url) as again:
         assert again.count() == 2
+
+
+def test_objects_per_sample_and_the_sample_filter(store: Store) -> None:
+    """A sample's counts and sizes are one filter or group away; objects taken between
+    samples group under ''."""
+    from fieldscope.collect.samples import sample_objects
+
+    other = msgspec.structs.replace(SAMPLE, id="thau-b")
+    messages = [
+        *(msgspec.structs.replace(m, sample=SAMPLE) for m in sample_objects(0, 3)),
+        *(msgspec.structs.replace(m, sample=other) for m in sample_objects(10, 2)),
+        *(msgspec.structs.replace(m, sample=other) for m in sample_objects(20, 0)),
+        *sample_objects(30, 1),
+    ]
+    assert store.write([received(m) for m in messages]).stored == 7
+    groups = {g.key["sample"]: g for g in store.object_summary(by=["sample"])}
+    assert sorted(groups) == ["", "thau-a", "thau-b"]
+    assert (groups["thau-a"].frames, groups["thau-a"].objects) == (1, 3)
+    assert (groups["thau-b"].frames, groups["thau-b"].frames_without_objects) == (2, 1)
+    assert groups["thau-b"].objects_per_frame == pytest.approx(1.0)
+    assert (groups[""].frames, groups[""].objects) == (1, 1)
+    (only,) = store.object_summary(Filters(samples=("thau-b",)))
+    assert (only.frames, only.objects) == (2, 2)
+    assert store.size_distribution(Filters(samples=("thau-a",))).objects == 3
+    assert store.count(Filters(samples=("thau-a", "thau-b"))) == 6
+    assert store.distinct("sample_id") == ["thau-a", "thau-b"]

@@ -516,3 +516,9 @@ def test_objects_page_shows_counts_and_size_distributions(browser: Browser, tmp_
         browser.goto(url + "/objects?label=Stentor")
         assert browser.js("document.getElementById('objects').innerText") == "2"
         assert browser.js("document.querySelectorAll('#object-samples tbody tr').length") == 3
+        # A sample's row links to that sample's counts and sizes.
+        browser.goto(url + "/objects")
+        link = "document.querySelector('#object-samples tr[data-sample=\"river-1-a\"] a')"
+        assert browser.js(link + ".getAttribute('href')") == "/objects?sample=river-1-a"
+        browser.goto(url + "/objects?sample=river-1-a")
+        assert browser.js("document.getElementById('objects').innerText") == "2"

@@ -15,6 +15,7 @@ from typing import Any
 from xml.etree import ElementTree
 
 import cv2
+import msgspec
 import pytest
 from conftest import TinyBundles, TinyModels
 
@@ -25,6 +26,7 @@ from fieldscope.collect.samples import sample_heartbeat, sample_identification
 from fieldscope.collect.store import open_store
 from fieldscope.collect.web import Dashboard, DashboardSettings
 from fieldscope.edge.errors import ConfigError
+from fieldscope.edge.site import Sample
 from fieldscope.edge.topics import Topics
 
 TOKEN = "s3cret-token-for-the-tests"
@@ -401,13 +403,18 @@ def test_classify_api_answers_like_the_upload_page(
 
 def fill_objects(db: Path) -> None:
     """pond-3/scope-a: a frame of 3 objects (Amoeba ESD 30 µm, Euglena 45, Amoeba 60) and
-    a frame without objects; river-1/scope-b: a frame of 2 (Euglena 30 and 45)."""
+    a frame without objects, outside any sample; river-1/scope-b: a frame of 2 (Euglena
+    30 and 45) in sample river-1-a."""
     from fieldscope.collect.samples import sample_objects
 
+    river = Sample(id="river-1-a", started_at=datetime(2026, 11, 23, 9, tzinfo=UTC))
     messages = [
         *sample_objects(0, 3, labels=("Amoeba", "Euglena")),
         *sample_objects(10, 0),
-        *sample_objects(20, 2, device="scope-b", station="river-1", labels=("Euglena",)),
+        *(
+            msgspec.structs.replace(m, sample=river)
+            for m in sample_objects(20, 2, device="scope-b", station="river-1", labels=("Euglena",))
+        ),
     ]
     with open_store(str(db)) as store:
         store.write(
@@ -449,6 +456,15 @@ def test_object_summary_counts_frames_objects_and_labels(objects_url: str) -> No
     )  # fmt: skip
     _, body, _ = call(objects_url + "/api/v1/objects/summary?device=scope-b&since=2027-01-01")
     assert body["groups"] == []
+    # Per sample: objects taken outside any sample group under "".
+    _, body, _ = call(objects_url + "/api/v1/objects/summary?by=sample")
+    assert [(g["key"], g["frames"], g["objects"]) for g in body["groups"]] == [
+        ({"sample": ""}, 2, 3), ({"sample": "river-1-a"}, 1, 2),
+    ]  # fmt: skip
+    _, body, _ = call(objects_url + "/api/v1/identifications?sample=river-1-a")
+    assert (body["total"], {i["sample_id"] for i in body["items"]}) == (2, {"river-1-a"})
+    _, body, _ = call(objects_url + "/api/v1/objects/sizes?sample=river-1-a")
+    assert [(s["label"], s["objects"]) for s in body["labels"]] == [("Euglena", 2)]
 
 
 def test_object_sizes_are_esd_histograms_per_label(objects_url: str) -> None:
@@ -471,7 +487,7 @@ def test_object_sizes_are_esd_histograms_per_label(objects_url: str) -> None:
         ("sizes?bins=0", "bins"),
         ("sizes?bins=many", "bins"),
         ("sizes?scale=cubic", "scale"),
-        ("summary?by=sample", "by"),
+        ("summary?by=site", "by"),
         ("summary?since=yesterday", "since"),
         ("sizes?since=2026-12-01&until=2026-11-01", "since"),
     ],
@@ -492,5 +508,5 @@ def test_object_endpoints_without_objects_and_in_the_openapi_document(url: str) 
     _, doc, _ = call(url + "/api/v1/openapi.json")
     assert {"/api/v1/objects/summary", "/api/v1/objects/sizes"} <= set(doc["paths"])
     params = {p["name"] for p in doc["paths"]["/api/v1/objects/sizes"]["get"]["parameters"]}
-    assert {"device", "station", "label", "since", "until", "bins", "scale"} <= params
+    assert {"device", "station", "label", "sample", "since", "until", "bins", "scale"} <= params
     assert "min_score" not in params

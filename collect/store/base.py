@@ -91,6 +91,13 @@ class Store(StoreWriter, ReviewStore, ObjectStore):
             if values:
                 clauses.append(f"{column} IN ({', '.join('?' for _ in values)})")
                 params.extend(values)
+        if filters.samples:
+            # An older database without the column holds no sample: nothing matches.
+            if "sample_id" in self._absent:
+                clauses.append("1 = 0")
+            else:
+                clauses.append(f"sample_id IN ({', '.join('?' for _ in filters.samples)})")
+                params.extend(filters.samples)
         if filters.since is not None:
             clauses.append("captured_at >= ?")
             params.append(self._ts(filters.since))
@@ -224,9 +231,12 @@ class Store(StoreWriter, ReviewStore, ObjectStore):
         return self._ts_out(rows[0][0]), self._ts_out(rows[0][1])
 
     def distinct(self, column: str) -> list[str]:
-        """The values of ``station``, ``device``, ``label`` or ``status`` seen so far."""
-        if column not in ("station", "device", "label", "status"):
+        """The values of ``station``, ``device``, ``label``, ``status`` or ``sample_id``
+        seen so far."""
+        if column not in ("station", "device", "label", "status", "sample_id"):
             raise StoreError(f"no distinct listing for column {column!r}")
+        if column in self._absent:
+            return []
         rows = self._query(
             f"SELECT DISTINCT {column} FROM identifications WHERE {column} IS NOT NULL "
             f"ORDER BY {column}"

@@ -11,9 +11,9 @@ Decisions:
   (rejected by size...) ride on each of its messages: they are taken once per frame.
 * **A label filter narrows the objects, never the frames**: objects per frame of a
   label is then its density in the sample.
-* **Samples**: there is no sample id yet; the filters (station, device, time range)
-  pick one, and ``by`` groups by :data:`OBJECT_GROUPS` in one query. A ``sample``
-  column is one more name there.
+* **Samples**: ``by`` groups by :data:`OBJECT_GROUPS` in one query, ``sample`` by the
+  sample id the station stamped (the ``sample`` command), ``""`` for objects taken
+  between samples; the ``samples`` filter picks one or more.
 * **Sizes** are histograms of the ESD in µm with the same edges for every label (so the
   labels compare), counted by the database (a ``CASE`` over the edges, one scan, the same
   SQL in SQLite and PostgreSQL); the edges come from :func:`size_edges`.
@@ -40,8 +40,9 @@ __all__ = [
     "size_edges",
 ]
 
-# Columns the objects can be grouped by (a sample column joins them with issue 18).
-OBJECT_GROUPS: tuple[str, ...] = ("station", "device")
+# What the objects can be grouped by, and the column each name reads.
+OBJECT_GROUPS: tuple[str, ...] = ("station", "device", "sample")
+_GROUP_COLUMNS = {"station": "station", "device": "device", "sample": "sample_id"}
 MAX_BINS = 100
 Scale = Literal["auto", "linear", "log"]
 _NAME = "COALESCE(label, '(' || status || ')')"
@@ -156,6 +157,14 @@ class ObjectStore:
             params.extend(filters.labels)
         return _Where(sql, params)
 
+    def _group_expr(self, name: str) -> str:
+        """The SQL of one group name, named after it; a sample outside any sample (or an
+        older database without the column) is ``''``."""
+        column = _GROUP_COLUMNS[name]
+        if name != "sample":
+            return column
+        return "''" if column in self._absent else f"COALESCE({column}, '')"
+
     def has_objects(self) -> bool:
         """Whether any segmenting station's frame is stored (the Objects page's question)."""
         if "frame_id" in self._absent:
@@ -207,7 +216,9 @@ class ObjectStore:
 
     def _frame_counts(self, filters: Filters, group: list[str]) -> dict[tuple[str, ...], list[int]]:
         """Per group: frames, frames without objects, then the sums of _FRAME_COUNTS."""
-        inner = ", ".join(dict.fromkeys([*group, "device", "frame_id"]))
+        names = list(dict.fromkeys([*group, "device"]))
+        exprs = [self._group_expr(g) for g in names] + ["frame_id"]
+        inner = ", ".join(f"{e} AS {n}" for e, n in zip(exprs, [*names, "frame_id"], strict=True))
         where = self._objects_where(filters, "frame_id IS NOT NULL", labels=False)
         counts = ", ".join(f"{expr} AS {name}" for name, expr in _FRAME_COUNTS)
         sums = ", ".join(f"SUM({name})" for name, _ in _FRAME_COUNTS)
@@ -215,7 +226,8 @@ class ObjectStore:
         sql = (
             f"SELECT {keys + ', ' if keys else ''}COUNT(*), "
             f"SUM(CASE WHEN objects = 0 THEN 1 ELSE 0 END), {sums} FROM ("
-            f"SELECT {inner}, {counts} FROM identifications{where.sql} GROUP BY {inner}"
+            f"SELECT {inner}, {counts} FROM identifications{where.sql} "
+            f"GROUP BY {', '.join(exprs)}"
             f") AS frames{' GROUP BY ' + keys + ' ORDER BY ' + keys if keys else ''}"
         )
         out: dict[tuple[str, ...], list[int]] = {}
@@ -230,7 +242,7 @@ class ObjectStore:
     ) -> dict[tuple[str, ...], list[tuple[str, int, float | None, float | None, float | None]]]:
         """Per group: (label, objects, ESD mean, min, max), most objects first."""
         where = self._objects_where(filters, "object_index IS NOT NULL", labels=True)
-        keys = "".join(f"{g}, " for g in group)
+        keys = "".join(f"{self._group_expr(g)}, " for g in group)
         sql = (
             f"SELECT {keys}{_NAME} AS name, COUNT(*), AVG(esd_um), MIN(esd_um), MAX(esd_um) "
             f"FROM identifications{where.sql} GROUP BY {keys}{_NAME}"

@@ -95,6 +95,8 @@ class Filters:
     devices: tuple[str, ...] = ()
     labels: tuple[str, ...] = ()
     statuses: tuple[str, ...] = ()
+    # Sample ids (the ``sample`` command's ``id``): one sample's identifications.
+    samples: tuple[str, ...] = ()
     since: datetime | None = None
     until: datetime | None = None
     # Inclusive bounds on the top score; an identification without a score (rejected

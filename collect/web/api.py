@@ -120,6 +120,9 @@ def provide_filters(
     station: Names = None,
     label: Names = None,
     status: Names = None,
+    sample: Annotated[
+        list[str] | None, QueryParameter(description="sample id (the sample command's id)")
+    ] = None,
     since: Annotated[str | None, QueryParameter(description="date or ISO time, UTC")] = None,
     until: Annotated[
         str | None, QueryParameter(description="exclusive; a date includes it")
@@ -140,6 +143,7 @@ def provide_filters(
             devices=tuple(device or ()),
             labels=tuple(label or ()),
             statuses=tuple(status or ()),
+            samples=tuple(sample or ()),
             since=start,
             until=end,
             min_score=min_score,

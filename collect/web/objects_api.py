@@ -3,9 +3,8 @@
 Objects are the identifications a segmenting station sends, one per object of a frame
 (``[objects] mode = "segment"``); the store's queries and what is counted how are in
 :mod:`fieldscope.collect.store.objects`. Both endpoints take ``device``, ``station``,
-``label`` (repeatable; ``(uncertain)`` too), ``since`` and ``until``: no sample id exists
-yet, so a station, device and time range pick a sample. A label narrows the objects,
-not the frames.
+``label`` (repeatable; ``(uncertain)`` too), ``sample`` (the id the station's ``sample``
+command started), ``since`` and ``until``. A label narrows the objects, not the frames.
 """
 
 from __future__ import annotations
@@ -44,6 +43,9 @@ def provide_object_filters(
     device: Names = None,
     station: Names = None,
     label: Names = None,
+    sample: Annotated[
+        list[str] | None, QueryParameter(description="sample id (the sample command's id)")
+    ] = None,
     since: Annotated[str | None, QueryParameter(description="date or ISO time, UTC")] = None,
     until: Annotated[
         str | None, QueryParameter(description="exclusive; a date includes it")
@@ -51,7 +53,9 @@ def provide_object_filters(
 ) -> Filters:
     """The filters of the object endpoints (no status or score: objects are classified);
     a bad one is a 400 naming it."""
-    return provide_filters(device=device, station=station, label=label, since=since, until=until)
+    return provide_filters(
+        device=device, station=station, label=label, sample=sample, since=since, until=until
+    )
 
 
 @get("/summary", sync_to_thread=True)
@@ -59,8 +63,11 @@ def object_summary(
     state: State,
     filters: NamedDependency[Filters],
     by: Annotated[
-        list[Literal["station", "device"]] | None,
-        QueryParameter(description="group by station and/or device (repeatable)"),
+        list[Literal["station", "device", "sample"]] | None,
+        QueryParameter(
+            description="group by station, device and/or sample (repeatable); "
+            "objects taken between samples have the sample ''"
+        ),
     ] = None,
 ) -> ObjectSummary:
     """Per group: frames (those without objects included), objects, objects per frame,

@@ -1,10 +1,10 @@
 """``/objects``: what segmenting stations counted and measured, per label and sample.
 
 The counts table (objects per label, per frame, their ESD in µm), the frames and
-objects of each station and device (the samples, until samples have an id of their
-own), and the size distribution per label as an inline SVG drawn on the server, so the
-page works offline like the others. Without any segmenting station in the store the
-page says so, and how to get one, instead of empty tables.
+objects of each sample (per station and device; the sample id the station's ``sample``
+command started, if any), and the size distribution per label as an inline SVG drawn
+on the server, so the page works offline like the others. Without any segmenting
+station in the store the page says so, and how to get one, instead of empty tables.
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ from fieldscope.collect.web.pages import Pages, markup
 __all__ = ["objects_page"]
 
 # The filters the page offers (status and score do not apply to objects).
-FILTERS = ("station", "device", "label")
+FILTERS = ("station", "device", "label", "sample")
+# Each filter's store column.
+_COLUMNS = {"station": "station", "device": "device", "label": "label", "sample": "sample_id"}
 
 
 def _chart(pages: Pages, sizes: SizeDistribution) -> str:
@@ -40,7 +42,7 @@ def _summary(store: Store, filters: Filters) -> dict[str, Any]:
     total = whole[0] if whole else empty
     return {
         "total": total,
-        "samples": store.object_summary(filters, ["station", "device"]),
+        "samples": store.object_summary(filters, ["station", "device", "sample"]),
         "sizes": store.size_distribution(filters),
     }
 
@@ -49,7 +51,7 @@ def render_objects(pages: Pages, query: Mapping[str, str]) -> Response[bytes]:
     filters, errors = views.page_filters({k: v for k, v in query.items() if k != "status"})
     with pages.store() as store:
         has_objects = store.has_objects()
-        options = {c: store.distinct(c) for c in FILTERS}
+        options = {c: store.distinct(_COLUMNS[c]) for c in FILTERS}
         numbers = _summary(store, filters) if has_objects else {}
     chart = _chart(pages, numbers["sizes"]) if has_objects else ""
     return pages.render(

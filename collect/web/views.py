@@ -135,6 +135,7 @@ def page_filters(query: Mapping[str, str]) -> tuple[Filters, list[str]]:
         devices=pick("device"),
         labels=pick("label"),
         statuses=pick("status"),
+        samples=pick("sample"),
     )
     try:
         since, until = parse_window(query.get("since"), query.get("until"))
