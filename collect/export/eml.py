@@ -154,7 +154,8 @@ def eml_xml(meta: DatasetMetadata, package_id: str | None = None) -> bytes:
     root = ET.Element(
         f"{{{EML_NS}}}eml",
         {
-            "packageId": package_id or str(uuid.uuid4()),
+            # The same dataset keeps its id from one export to the next.
+            "packageId": package_id or str(uuid.uuid5(uuid.NAMESPACE_URL, f"eml:{meta.title}")),
             "system": "http://gbif.org",
             "scope": "system",
             "{http://www.w3.org/XML/1998/namespace}lang": "en",
