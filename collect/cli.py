@@ -3,6 +3,7 @@
     fieldscope collect --broker HOST[:PORT] [--db URL] [--topic-prefix P]   (same as `run`)
     fieldscope collect run --broker HOST[:PORT] ...
     fieldscope collect export --db URL --format csv|parquet|darwin-core|ecotaxa --out FILE
+        [--taxa taxa.csv|BUNDLE] [--metadata dataset.toml] [--media-base-url URL]
     fieldscope collect export --db URL --format folders --out NEW_DIR --archive DIR
     fieldscope collect serve --db URL [--port 8080] [--bundle DIR ...] [--archive DIR]
                              [--host ADDR --auth-file FILE]
@@ -85,7 +86,9 @@ def _add_export(actions: Any) -> None:
         help="write stored identifications as CSV, Parquet, Darwin Core or EcoTaxa TSV, "
         "or the reviewed images as class folders",
         description="Darwin Core: occurrence records of labelled identifications "
-        "(an .zip output is a Darwin Core Archive). EcoTaxa: the TSV EcoTaxa imports. "
+        "(an .zip output is a Darwin Core Archive, with eml.xml from --metadata); the "
+        "latest review of each decides. EcoTaxa: an import .zip (TSV and images, with "
+        "--archive) or the TSV alone. "
         "folders: the reviewed images in one folder per validated label, with a "
         "manifest.csv (training data for the next model; needs --archive). "
         "Times are UTC; a date or time without an offset is UTC.",
@@ -117,14 +120,40 @@ def _add_export(actions: Any) -> None:
     e.add_argument(
         "--archive",
         type=Path,
-        help="folders: the copies of the stations' image archives (as for collect serve)",
+        help="folders, and ecotaxa with a .zip --out: the copies of the stations' image "
+        "archives (as for collect serve)",
     )
+    _taxonomy_arguments(e)
     e.add_argument(
         "--not-a-taxon-folder",
         action="store_true",
         help="folders: put images reviewed as 'not a taxon' in _not_a_taxon/ (default: leave out)",
     )
     e.set_defaults(handler=_export)
+
+
+def _taxonomy_arguments(e: argparse.ArgumentParser) -> None:
+    e.add_argument(
+        "--taxa",
+        type=Path,
+        metavar="CSV_OR_BUNDLE",
+        help="darwin-core, ecotaxa: taxa.csv (label, scientificName, taxonRank, kingdom, "
+        "is_taxon, aphiaID, gbifKey), or a bundle folder whose manifest carries taxa; "
+        "without it the labels are used as names",
+    )
+    e.add_argument(
+        "--metadata",
+        type=Path,
+        metavar="TOML",
+        help="darwin-core (.zip): dataset.toml with title, licence (CC0, CC-BY, CC-BY-NC), "
+        "abstract, [creator] and [contact] name/email/organisation; written as eml.xml",
+    )
+    e.add_argument(
+        "--media-base-url",
+        metavar="URL",
+        help="darwin-core: the dashboard's address; associatedMedia becomes its image URL "
+        "({url}/preview/{id}) instead of the station's path",
+    )
 
 
 def _add_gaps(actions: Any) -> None:
@@ -371,9 +400,13 @@ def _filters(args: argparse.Namespace) -> Any:
 
 def _export(args: argparse.Namespace) -> int:
     from fieldscope.collect.export import export
+    from fieldscope.collect.export.eml import read_metadata
+    from fieldscope.collect.export.taxonomy import load_taxa
     from fieldscope.collect.store import open_store
 
     filters = _filters(args)
+    taxa = None if args.taxa is None else load_taxa(args.taxa)
+    metadata = None if args.metadata is None else read_metadata(args.metadata)
     with open_store(args.db, create=False) as store:
         summary = export(
             store,
@@ -386,6 +419,9 @@ def _export(args: argparse.Namespace) -> int:
             progress=lambda n: print(f"  {n:,} rows...", file=sys.stderr),
             archive=args.archive,
             not_a_taxon=args.not_a_taxon_folder,
+            taxa=taxa,
+            media_base_url=args.media_base_url,
+            metadata=metadata,
         )
     print(f"wrote {summary.rows:,} {summary.format} record(s) to {summary.path}")
     if summary.skipped:

@@ -57,6 +57,7 @@ from fieldscope.edge.bundle import (
     Bundle,
     Provenance,
     Segmentation,
+    Taxon,
     read_bundle,
     sign_bundle,
     verify_bundle,
@@ -499,6 +500,7 @@ def write_converted_bundle(
     source_run: str | None = None,
     training_metrics: Mapping[str, Any] | None = None,
     segmentation: Segmentation | None = None,
+    taxa: Sequence[Taxon] | None = None,
     sign_key: Path | None = None,
     overwrite: bool = False,
 ) -> Bundle:
@@ -525,6 +527,7 @@ def write_converted_bundle(
             source_run=source_run,
             training_metrics=training_metrics,
             segmentation=segmentation,
+            taxa=taxa,
         )
         if sign_key is not None:
             sign_bundle(staged, sign_key)
@@ -548,6 +551,7 @@ def _stage(
     source_run: str | None,
     training_metrics: Mapping[str, Any] | None,
     segmentation: Segmentation | None = None,
+    taxa: Sequence[Taxon] | None = None,
 ) -> None:
     """Write the bundle into the staging folder, with the run and fidelity it came from."""
     write_bundle(
@@ -566,6 +570,7 @@ def _stage(
         min_runtime=result.min_runtime,
         output=result.output,
         segmentation=segmentation,
+        taxa=taxa,
     )
 
 

@@ -35,7 +35,7 @@ from fieldscope.convert.pipeline import (
     write_converted_bundle,
 )
 from fieldscope.convert.quantize import QUANTIZE_MODES, stratified_sample
-from fieldscope.edge.bundle import Bundle, Segmentation
+from fieldscope.edge.bundle import Bundle, Segmentation, Taxon
 from fieldscope.edge.errors import (
     BundleError,
     ImageDecodeError,
@@ -78,6 +78,7 @@ class TrainingRun:
     metrics: Mapping[str, Any]
     seed: int = 0
     segmentation: Segmentation | None = None
+    taxa: tuple[Taxon, ...] | None = None
 
 
 def _split_part(
@@ -204,6 +205,7 @@ def read_run(run_dir: Path, *, data_dir: Path | None = None) -> TrainingRun:
         metrics=_test_metrics(metrics),
         seed=config.seed,
         segmentation=_segmentation(run),
+        taxa=run.read_taxa(),
     )
 
 
@@ -436,6 +438,7 @@ def _write(
         source_run=str(run.path.resolve()),
         training_metrics=run.metrics,
         segmentation=run.segmentation,
+        taxa=run.taxa,
         sign_key=sign_key,
         overwrite=overwrite,
     )

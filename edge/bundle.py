@@ -54,6 +54,7 @@ from fieldscope.edge.manifest import (
     Quantization,
     QuantParams,
     Segmentation,
+    Taxon,
     manifest_schema,
 )
 from fieldscope.edge.preprocess import PreprocessRecipe
@@ -78,6 +79,7 @@ __all__ = [
     "QuantParams",
     "Quantization",
     "Segmentation",
+    "Taxon",
     "check_model",
     "generate_keypair",
     "manifest_schema",
@@ -255,17 +257,16 @@ def write_bundle(
     min_runtime: Mapping[str, str] | None = None,
     output: str | None = None,
     segmentation: Segmentation | None = None,
+    taxa: Sequence[Taxon] | None = None,
     overwrite: bool = False,
 ) -> Bundle:
     """Write a bundle directory; input shape, dtypes and quantisation come from the model.
 
-    ``output`` says whether the model outputs ``"probabilities"`` or ``"logits"``
-    (``OUTPUT_KINDS``); ``None`` leaves it to the classifier's probe, as older bundles do.
-    ``segmentation``: the settings that cut the training crops (a version 4 manifest).
+    ``output``: ``"probabilities"``, ``"logits"`` or ``None`` (the classifier probes);
+    ``segmentation`` and ``taxa`` (:mod:`fieldscope.edge.taxa`) make a version 4 manifest.
 
-    The model is loaded with the edge runtime first, so a bundle that would not verify
-    (wrong label count, preprocessing size ≠ model input) is never written. Files go to a
-    temporary sibling renamed into place: ``out_dir`` is absent, old or whole, never half.
+    The model is loaded first, so a bundle that would not verify is never written; files
+    go to a temporary sibling renamed into place: ``out_dir`` is absent, old or whole.
 
     Raises:
         BundleError: ``out_dir`` is not empty (and not ``overwrite``), the model cannot be
@@ -285,6 +286,7 @@ def write_bundle(
         min_runtime=min_runtime,
         output=output,
         segmentation=segmentation,
+        taxa=None if taxa is None else tuple(taxa),
         files={MODEL_FILE: FileEntry(hashlib.sha256(model_bytes).hexdigest(), len(model_bytes))},
         **_model_fields(interpreter),
     )

@@ -11,7 +11,9 @@ reads only versions 1-2 refuses it instead of resampling with INTER_AREA; a reci
 keeps INTER_AREA is written as version 1 or 2 without the field. Version 4 adds
 ``segmentation`` (optional): the ``[objects]`` settings that cut the training crops, so a
 station can warn when its own would cut other crops; a bundle trained without one is
-written as before. Unknown fields are errors: a new field means a new ``schema_version``.
+written as before. Version 4 also holds ``taxa`` (optional; :mod:`fieldscope.edge.taxa`):
+what each label stands for, for the collector's exports. Unknown fields are errors: a
+new field means a new ``schema_version``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from msgspec import Meta
 from fieldscope.edge import objects as obj
 from fieldscope.edge.errors import BundleError, FieldscopeError, RecipeError
 from fieldscope.edge.preprocess import PreprocessRecipe
+from fieldscope.edge.taxa import Taxon
 from fieldscope.edge.wire import Sha256, WireStruct, from_builtins
 
 __all__ = [
@@ -45,6 +48,7 @@ __all__ = [
     "QuantParams",
     "Quantization",
     "Segmentation",
+    "Taxon",
     "manifest_schema",
 ]
 
@@ -62,14 +66,15 @@ DTYPES: tuple[str, ...] = ("uint8", "int8", "float32")
 OUTPUT_KINDS: tuple[str, ...] = ("probabilities", "logits")
 # Versions whose preprocessing has no "resample": always INTER_AREA.
 _AREA_ONLY_VERSIONS = (1, 2)
-# The first version with a segmentation record.
+# The first version with a segmentation record (and taxa).
 SEGMENTATION_VERSION = 4
+TAXA_VERSION = 4
 
 SchemaVersion = Annotated[
     int,
     Meta(
         description="Version of this manifest format: 1, 2 (adds output), 3 (adds "
-        "preprocessing.resample) or 4 (adds segmentation).",
+        "preprocessing.resample) or 4 (adds segmentation and taxa).",
         extra_json_schema={"enum": list(SUPPORTED_SCHEMA_VERSIONS)},
     ),
 ]
@@ -229,7 +234,9 @@ class Manifest(_Part, frozen=True, kw_only=True):
     """
 
     _problems_prefix: ClassVar[str] = "invalid manifest: "
-    _omit_none: ClassVar[frozenset[str]] = frozenset({"schema_version", "output", "segmentation"})
+    _omit_none: ClassVar[frozenset[str]] = frozenset(
+        {"schema_version", "output", "segmentation", "taxa"}
+    )
     _required: ClassVar[tuple[str, ...]] = ("schema_version", "min_runtime")
 
     schema_version: SchemaVersion | None = None
@@ -283,13 +290,22 @@ class Manifest(_Part, frozen=True, kw_only=True):
             "frames, or not recorded."
         ),
     ] = None
+    taxa: Annotated[
+        tuple[Taxon, ...] | None,
+        Meta(
+            description="Version 4: what each label stands for (taxa.csv given to fieldscope "
+            "train --taxa): scientific name, rank, kingdom, WoRMS AphiaID or GBIF key, and "
+            "whether it is a taxon at all; the collector's exports use it. Absent: labels "
+            "are used as names."
+        ),
+    ] = None
 
     def __post_init__(self) -> None:
         if self.schema_version is None:
             version = 1 if self.output is None else 2
             if getattr(self.preprocessing, "resample", "area") != "area":
                 version = 3
-            if self.segmentation is not None:
+            if self.segmentation is not None or self.taxa is not None:
                 version = SEGMENTATION_VERSION
             msgspec.structs.force_setattr(self, "schema_version", version)
         if isinstance(self.files, Mapping):
@@ -301,6 +317,7 @@ class Manifest(_Part, frozen=True, kw_only=True):
         problems: list[tuple[str, str]] = []
         if self.schema_version not in SUPPORTED_SCHEMA_VERSIONS:
             problems.append(("schema_version", _schema_problem(self.schema_version)))
+        problems += self._taxa_problems()
         if len(set(self.labels)) != len(self.labels):
             dupes = sorted({x for x in self.labels if self.labels.count(x) > 1})
             problems.append(("labels", f"must be unique, repeated: {', '.join(dupes)}"))
@@ -309,6 +326,19 @@ class Manifest(_Part, frozen=True, kw_only=True):
     def validate(self) -> list[str]:
         """Every problem with this manifest, each naming the field; empty when valid."""
         return [f"{key} {message}" for key, message in self.problems()]
+
+    def _taxa_problems(self) -> list[tuple[str, str]]:
+        if self.taxa is None:
+            return []
+        names = [t.label for t in self.taxa]
+        unknown = sorted(set(names) - set(self.labels))
+        repeated = sorted({x for x in names if names.count(x) > 1})
+        problems = []
+        if unknown:
+            problems.append(("taxa", f"name labels the model does not have: {', '.join(unknown)}"))
+        if repeated:
+            problems.append(("taxa", f"must name each label once, repeated: {', '.join(repeated)}"))
+        return problems
 
     def _input_problems(self) -> list[tuple[str, str]]:
         shape = self.input_shape
@@ -347,6 +377,9 @@ class Manifest(_Part, frozen=True, kw_only=True):
         if self.segmentation is not None and version < SEGMENTATION_VERSION:
             needs = f"needs schema_version {SEGMENTATION_VERSION}"
             problems.append(("segmentation", f"{needs} (version {version} has no such field)"))
+        if self.taxa is not None and version < TAXA_VERSION:
+            needs = f"needs schema_version {TAXA_VERSION}"
+            problems.append(("taxa", f"{needs} (version {version} has no such field)"))
         return problems
 
     def _file_problems(self) -> list[tuple[str, str]]:
@@ -390,6 +423,10 @@ class Manifest(_Part, frozen=True, kw_only=True):
         if "segmentation" in data and data["segmentation"] is not None:
             found = data["segmentation"]
             data["segmentation"] = from_builtins(Segmentation, found, "segmentation")
+        if isinstance(data.get("taxa"), list | tuple):
+            data["taxa"] = tuple(
+                from_builtins(Taxon, t, f"taxa[{i}]") for i, t in enumerate(data["taxa"])
+            )
 
     @classmethod
     def from_dict(cls, data: object, path: str | None = None) -> Self:

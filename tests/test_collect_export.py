@@ -162,7 +162,7 @@ def test_ecotaxa_tsv_has_its_two_header_lines(store: Store, tmp_path: Path) -> N
     summary = export(store, "ecotaxa", out, Filters(statuses=("ok", "uncertain")))
     assert summary.rows == 4
     assert summary.notes  # three of them have no archived image
-    lines = out.read_text(encoding="utf-8").splitlines()
+    lines = out.read_text(encoding="utf-8-sig").splitlines()
     names = lines[0].split("\t")
     types = lines[1].split("\t")
     assert len(names) == len(types)
@@ -283,7 +283,7 @@ def test_ecotaxa_writes_its_object_features_in_pixels(object_store: Store, tmp_p
     assert summary.rows == 4  # three objects and the one-frame message
     assert summary.skipped == 1  # the frame without objects is no object
     assert "no objects" in summary.skipped_why
-    lines = out.read_text(encoding="utf-8").splitlines()
+    lines = out.read_text(encoding="utf-8-sig").splitlines()
     names, types = lines[0].split("\t"), lines[1].split("\t")
     for column in ("object_area", "object_perim.", "object_major", "object_minor",
                    "object_equivalent_diameter", "object_eccentricity", "object_solidity",
@@ -410,7 +410,7 @@ def test_darwin_core_places_each_occurrence_and_names_its_event(
 def test_ecotaxa_takes_the_sample_and_the_place(site_store: Store, tmp_path: Path) -> None:
     out = tmp_path / "ecotaxa.tsv"
     export(site_store, "ecotaxa", out)
-    lines = out.read_text(encoding="utf-8").splitlines()
+    lines = out.read_text(encoding="utf-8-sig").splitlines()
     names, types = lines[0].split("\t"), lines[1].split("\t")
     for column in ("object_lat", "object_lon", "object_depth_min", "object_depth_max"):
         assert types[names.index(column)] == "[f]", column

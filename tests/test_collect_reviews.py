@@ -65,6 +65,14 @@ def test_annotations_keep_the_prediction_and_every_review(db: Store) -> None:
     }
     reviewed = list(db.iter_reviewed())
     assert [(r.seq, a.label) for r, a in reviewed] == [(0, NOT_A_TAXON), (1, "Paramecium")]
+    # The exports' look-up: the latest review of each, none for the unreviewed.
+    latest = db.latest_annotations([ids[2], ids[0], ids[1], ids[0]])
+    assert {i: (a.label, a.reviewer) for i, a in latest.items()} == {
+        ids[0]: (NOT_A_TAXON, "ben"),
+        ids[1]: ("Paramecium", "ana"),
+    }
+    assert latest[ids[0]].id == second.id
+    assert db.latest_annotations([]) == {}
 
 
 def test_bad_reviews_are_refused_with_clear_errors(db: Store) -> None:

@@ -76,9 +76,18 @@ def make_run(root: Path, tiny_models: Any, *, black_train: bool = False) -> Path
     return run
 
 
+COLOUR_TAXA = [
+    {"label": "red", "scientific_name": "Rhodophyta", "taxon_rank": "phylum",
+     "kingdom": "Plantae", "aphia_id": 852, "is_taxon": True},
+    {"label": "blue", "is_taxon": False},
+]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def colour_run(tmp_path_factory: pytest.TempPathFactory, tiny_models: Any) -> Path:
-    return make_run(tmp_path_factory.mktemp("run"), tiny_models)
+    run = make_run(tmp_path_factory.mktemp("run"), tiny_models)
+    _write_json(run / "taxa.json", COLOUR_TAXA)  # fieldscope train --taxa taxa.csv
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +172,18 @@ def test_convert_writes_a_signed_bundle_that_records_where_it_came_from(
     m = read_bundle(signed_bundle).manifest
     assert m.model_name == "colours-run"
     assert m.labels == ("red", "green", "blue")
+    assert m.taxa is not None  # the run's taxa.json, for the collector's exports
+    assert [t.to_dict() for t in m.taxa] == [
+        {**COLOUR_TAXA[0]},
+        {
+            "label": "blue",
+            "scientific_name": "",
+            "taxon_rank": "",
+            "kingdom": "",
+            "is_taxon": False,
+        },
+    ]
+    assert m.schema_version == 4
     assert m.threshold == 0.6  # chosen on validation by the run, never re-derived
     assert m.preprocessing == RECIPE
     assert (m.input_dtype, m.output_dtype) == ("uint8", "uint8")
@@ -469,7 +490,15 @@ def test_train_convert_classify(tmp_path: Path, capsys: pytest.CaptureFixture[st
     # The crops' segmentation.toml at the top of the data folder travels into the bundle.
     cut = ObjectsSettings(mode="segment", um_per_px=0.65, pad_px=12)
     (data / "segmentation.toml").write_text(settings_toml(cut), encoding="utf-8")
+    # The labels' taxa.csv too (the first class is debris: no taxon).
+    classes = sorted(p.name for p in data.iterdir() if p.is_dir())
+    taxa_csv = tmp_path / "taxa.csv"
+    rows = [f"{c},Genus{i},genus,Protozoa,,,true" for i, c in enumerate(classes)]
+    rows[0] = f"{classes[0]},,,,,,false"
+    header = "label,scientificName,taxonRank,kingdom,aphiaID,gbifKey,is_taxon"
+    taxa_csv.write_text("\n".join([header, *rows]) + "\n", encoding="utf-8")
     train = ["train", str(data), "--out", str(run), "--backbone", "mobilenet_v2"]
+    train += ["--taxa", str(taxa_csv)]
     train += ["--alpha", "0.35", "--weights", "none", "--image-size", "32", "--epochs", "1"]
     train += ["--fine-tune-epochs", "0", "--batch-size", "8", "--run-eagerly"]
     assert main(train) == 0
@@ -483,6 +512,10 @@ def test_train_convert_classify(tmp_path: Path, capsys: pytest.CaptureFixture[st
     m = read_bundle(bundle).manifest
     assert m.segmentation is not None
     assert m.segmentation.settings() == cut
+    assert m.taxa is not None
+    assert [(t.label, t.scientific_name, t.is_taxon) for t in m.taxa] == [
+        (c, "" if i == 0 else f"Genus{i}", i != 0) for i, c in enumerate(classes)
+    ]
     assert m.labels == tuple(json.loads((run / "labels.json").read_text()))
     assert m.input_shape == (1, 32, 32, 3)
     metrics = json.loads((run / "metrics.json").read_text())

@@ -319,7 +319,7 @@ def test_the_format_names_and_command_line_choices_come_from_the_registry() -> N
 
     names = ("csv", "parquet", "darwin-core", "ecotaxa", "folders")
     assert FORMATS == EXPORTERS.names() == names
-    assert [EXPORTERS[name].suffix for name in FORMATS] == [".csv", ".parquet", ".zip", ".tsv", ""]
+    assert [EXPORTERS[name].suffix for name in FORMATS] == [".csv", ".parquet", ".zip", ".zip", ""]
     parser = build_parser()
     with pytest.raises(SystemExit):
         parser.parse_args(["collect", "export", "--format", "labels", "--out", "x"])

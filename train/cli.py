@@ -56,7 +56,7 @@ def register(subparsers: Any) -> None:
         help="replace the training run already in --out RUN_DIR (only a fieldscope run "
         "is removed; any other non-empty folder is refused)",
     )
-    _add_segmentation_argument(p)
+    _add_data_arguments(p)
     add_config_arguments(p)
     p.set_defaults(handler=_train)
 
@@ -77,7 +77,8 @@ def register(subparsers: Any) -> None:
     e.set_defaults(handler=_evaluate)
 
 
-def _add_segmentation_argument(p: argparse.ArgumentParser) -> None:
+def _add_data_arguments(p: argparse.ArgumentParser) -> None:
+    """What DATA_DIR's images are: how they were cut, which taxa their labels name."""
     p.add_argument(
         "--segmentation",
         type=Path,
@@ -86,6 +87,14 @@ def _add_segmentation_argument(p: argparse.ArgumentParser) -> None:
         "segment's segmentation.toml, or a station's edge.toml); recorded in the run and "
         "the bundle. Default: the segmentation.toml files in DATA_DIR and its folders, "
         "which must agree (given, this wins and differing files only warn)",
+    )
+    p.add_argument(
+        "--taxa",
+        type=Path,
+        metavar="CSV",
+        help="taxa.csv: label, scientificName, taxonRank, kingdom, is_taxon (optional aphiaID, "
+        "gbifKey); checked against the class folders, recorded in the run and the bundle, "
+        "used by the collector's Darwin Core and EcoTaxa exports",
     )
 
 
@@ -132,6 +141,7 @@ def _resume(args: argparse.Namespace, overrides: Mapping[str, Any]) -> Any:
         ("--out", args.out),
         ("--config", args.config),
         ("--segmentation", args.segmentation),
+        ("--taxa", args.taxa),
         ("--overwrite", args.overwrite or None),
     )
     given = [name for name, value in named if value is not None]
@@ -164,6 +174,10 @@ def _new_run(args: argparse.Namespace, overrides: Mapping[str, Any]) -> Any:
         raise ConfigError("give DATA_DIR and --out RUN_DIR (or --resume RUN_DIR)")
     config = resolve_config(args.config, overrides)
     segmentation = _segmentation(args.segmentation, args.data_dir)
+    if args.taxa is not None:
+        from fieldscope.edge.taxa import read_taxa
+
+        read_taxa(args.taxa)  # a malformed file fails before TensorFlow loads
     if args.overwrite:
         _clear_run_dir(args.out, args.data_dir)
     _require_training_stack()
@@ -177,6 +191,7 @@ def _new_run(args: argparse.Namespace, overrides: Mapping[str, Any]) -> Any:
             reporter=_TerminalReporter(),
             on_progress=_preprocess_progress,
             segmentation=segmentation,
+            taxa=args.taxa,
         )
 
 

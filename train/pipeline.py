@@ -21,6 +21,7 @@ import keras
 import msgspec
 import numpy as np
 
+from fieldscope.edge.taxa import read_taxa, taxa_table
 from fieldscope.train import report
 from fieldscope.train.augment import build_augmenter
 from fieldscope.train.backbones import BACKBONES, build_classifier
@@ -77,13 +78,17 @@ def train_run(
     reporter: FitReporter | None = None,
     on_progress: ProgressCallback | None = None,
     segmentation: SegmentationRecord | None = None,
+    taxa: Path | None = None,
 ) -> RunSummary:
     """Train from image folders into a new RUN_DIR (its layout: :mod:`fieldscope.train.rundir`).
 
-    ``segmentation``: how the images were cut from frames, kept for the bundle.
+    ``segmentation``: how the images were cut from frames, kept for the bundle;
+    ``taxa``: a ``taxa.csv`` (:mod:`fieldscope.edge.taxa`), checked against the class
+    folders and kept as ``taxa.json`` for the bundle.
 
     Raises:
         TrainError: bad data (empty, one class, too few images), RUN_DIR already a run.
+        TaxaError: ``taxa`` unreadable, malformed, or naming labels that are no class.
         ConfigError: an invalid configuration value.
     """
     started = time.monotonic()
@@ -92,6 +97,7 @@ def train_run(
     index = discover(Path(data_dir))
     check_split_feasible(index, config.split, folds=config.folds)
     check_weights_available(config)
+    taxa_rows = None if taxa is None else read_taxa(taxa, index.labels)
     if config.cache_dir:
         # Saved absolute, so a resume from another working directory finds the cache.
         config = msgspec.structs.replace(config, cache_dir=str(Path(config.cache_dir).resolve()))
@@ -100,6 +106,8 @@ def train_run(
     write_json(run.labels_file, list(index.labels))
     if segmentation is not None:
         write_json(run.segmentation_file, segmentation)
+    if taxa_rows is not None:
+        write_json(run.taxa_file, taxa_table(taxa_rows))
     _write_run_record(run, index.root, config, status="training")
     return _continue(
         run, config, index.root, started=started, reporter=reporter, on_progress=on_progress

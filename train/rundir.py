@@ -12,6 +12,7 @@ Layout of RUN_DIR after ``fieldscope train``::
     run.json            format version, data folder, versions, status, folds
     config.json         the resolved TrainConfig; "preprocess" is the edge recipe
     segmentation.json   the [objects] settings that cut the training crops (when known)
+    taxa.json           what each label stands for (``fieldscope train --taxa taxa.csv``)
     labels.json         class names in model-output order
     split.json          which file went to train/val/test, skipped files and why
     model.keras         the best-on-validation model (takes raw RGB 0-255)
@@ -39,6 +40,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 
 from fieldscope.edge.errors import FieldscopeError
+from fieldscope.edge.taxa import Taxon
 
 __all__ = [
     "BEST_WEIGHTS",
@@ -79,6 +81,7 @@ METRICS_FORMAT_VERSION = 1
 RUN_FILE = "run.json"
 CONFIG_FILE = "config.json"
 SEGMENTATION_FILE = "segmentation.json"
+TAXA_FILE = "taxa.json"
 LABELS_FILE = "labels.json"
 SPLIT_FILE = "split.json"
 MODEL_FILE = "model.keras"
@@ -286,6 +289,10 @@ class RunDir:
         return self.path / SEGMENTATION_FILE
 
     @property
+    def taxa_file(self) -> Path:
+        return self.path / TAXA_FILE
+
+    @property
     def labels_file(self) -> Path:
         return self.path / LABELS_FILE
 
@@ -377,6 +384,21 @@ class RunDir:
             path = folder / SEGMENTATION_FILE
             if path.is_file():
                 return self._decode(path, SegmentationRecord, "how the crops were cut")
+            if not self.path.name.startswith(_FOLD_PREFIX):
+                break
+        return None
+
+    def read_taxa(self) -> tuple[Taxon, ...] | None:
+        """``taxa.json`` (the run's taxa.csv, checked against its labels), or None when
+        training had no --taxa; a fold reads its cross-validation run's."""
+        for folder in (self.path, self.path.parent):
+            path = folder / TAXA_FILE
+            if path.is_file():
+                rows = self._decode(path, list[dict[str, Any]], "the taxa of the labels")
+                try:
+                    return tuple(Taxon.from_dict(row, f"taxa[{i}]") for i, row in enumerate(rows))
+                except FieldscopeError as exc:
+                    raise self.error(f"{path} is damaged (the taxa of the labels): {exc}") from None
             if not self.path.name.startswith(_FOLD_PREFIX):
                 break
         return None

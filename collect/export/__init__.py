@@ -18,9 +18,12 @@ of format names (:data:`FORMATS`, the command line's choices).
   names no taxon, so it is no occurrence; those are counted and left out. With an
   ``.zip`` output it is a Darwin Core Archive (``occurrence.txt`` plus ``meta.xml``).
 * **EcoTaxa**: the TSV EcoTaxa imports — a header line, then a line of types
-  (``[t]`` text, ``[f]`` number), one object per line. Labelled identifications are
-  ``predicted`` in their category, so a person validates them in EcoTaxa; uncertain
-  and rejected ones are left unclassified.
+  (``[t]`` text, ``[f]`` number), one object per line; as a ``.zip`` with the images.
+  Labelled identifications are ``predicted`` in their category, reviewed ones
+  ``validated``; uncertain and rejected ones nobody reviewed are left unclassified.
+
+Darwin Core and EcoTaxa name taxa from ``--taxa`` and read the latest reviews
+(``taxonomy.py``); Darwin Core's EML is ``eml.py``.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fieldscope.collect.store import RECORD_COLUMNS, AnnotationRow, IdentificationRow
 from fieldscope.collect.store.object_columns import (
@@ -23,6 +24,10 @@ from fieldscope.collect.store.object_columns import (
 )
 from fieldscope.collect.store.site_columns import SITE_FLOAT_COLUMNS
 from fieldscope.edge.errors import FieldscopeError
+from fieldscope.edge.taxa import Taxon
+
+if TYPE_CHECKING:
+    from fieldscope.collect.export.eml import DatasetMetadata
 
 __all__ = [
     "BOOL_COLUMNS",
@@ -91,6 +96,11 @@ class ExportOptions:
     # captures reviewed as "not a taxon" get a folder of their own.
     archive: Path | None = None
     not_a_taxon: bool = False
+    # Darwin Core and EcoTaxa: what each label stands for (None: labels are names), the
+    # dashboard's address for image URLs, and the dataset's metadata (Darwin Core EML).
+    taxa: tuple[Taxon, ...] | None = None
+    media_base_url: str | None = None
+    metadata: DatasetMetadata | None = None
 
 
 @dataclass(frozen=True)
@@ -109,6 +119,14 @@ class ExportFormat:
     reviewed: (
         Callable[
             [Iterable[tuple[IdentificationRow, AnnotationRow]], Path, ExportOptions], ExportSummary
+        ]
+        | None
+    ) = None
+    # A format that takes each row with its latest review, if any (Darwin Core, EcoTaxa).
+    annotated: (
+        Callable[
+            [Iterable[tuple[IdentificationRow, AnnotationRow | None]], Path, ExportOptions],
+            ExportSummary,
         ]
         | None
     ) = None

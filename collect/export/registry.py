@@ -10,13 +10,17 @@ immutable: a test or a program with a format of its own passes
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from fieldscope.collect.export import csvfile, darwincore, ecotaxa, folders, parquet
 from fieldscope.collect.export.base import ExportError, ExportFormat, ExportOptions, ExportSummary
+from fieldscope.collect.export.eml import DatasetMetadata
+from fieldscope.collect.export.taxonomy import with_reviews
 from fieldscope.collect.store import Filters, IdentificationRow, Store
 from fieldscope.edge.registry import Registry
+from fieldscope.edge.taxa import Taxon
 
 __all__ = ["EXPORTERS", "FORMATS", "export"]
 
@@ -54,16 +58,19 @@ def export(
     formats: Registry[ExportFormat] = EXPORTERS,
     archive: Path | None = None,
     not_a_taxon: bool = False,
+    taxa: Sequence[Taxon] | None = None,
+    media_base_url: str | None = None,
+    metadata: DatasetMetadata | None = None,
 ) -> ExportSummary:
     """Write the identifications matching ``filters`` to ``out`` in format ``fmt``.
 
-    ``id_prefix`` namespaces Darwin Core ``occurrenceID`` (``{prefix}:{device}:{seq}``;
-    use your institution's, e.g. a URN, to make them globally unique);
-    ``media_url_prefix`` turns archived image paths into URLs
-    (``{prefix}/{station}/{device}/{day}/{file}``). ``formats`` is the registry to
-    look ``fmt`` up in. ``archive`` (the copies of the stations' image archives) and
-    ``not_a_taxon`` (a folder for those) are for ``folders``, which writes the
-    reviewed identifications matching ``filters`` into the new folder ``out``.
+    ``id_prefix``: Darwin Core ``occurrenceID`` is ``{prefix}:{device}:{seq}`` (use your
+    institution's URN to make them unique); ``media_url_prefix`` turns archived paths
+    into URLs ``{prefix}/{station}/{device}/{day}/{file}``, ``media_base_url`` (the
+    dashboard) into ``{url}/preview/{id}``. ``archive``: the copies of the stations'
+    image archives (``folders``, and the images of an ``ecotaxa`` .zip); ``not_a_taxon``:
+    ``folders`` keeps those. ``taxa`` name the labels (None: labels are names),
+    ``metadata`` is Darwin Core's EML; Darwin Core and EcoTaxa read the latest reviews.
 
     Raises:
         ExportError: unknown format (the message lists the known ones) or unwritable
@@ -72,11 +79,14 @@ def export(
     """
     chosen = formats.lookup(fmt, ExportError)
     out = Path(out)
-    options = ExportOptions(
-        id_prefix, media_url_prefix, dataset_name, archive=archive, not_a_taxon=not_a_taxon
-    )
+    chosen_taxa = None if taxa is None else tuple(taxa)
+    options = ExportOptions(id_prefix, media_url_prefix, dataset_name, archive, not_a_taxon)
+    options = replace(options, taxa=chosen_taxa, media_base_url=media_base_url, metadata=metadata)
     if chosen.reviewed is not None:
         return chosen.reviewed(store.iter_reviewed(filters or Filters()), out, options)
     if out.is_dir():
         raise ExportError(f"--out {out} is a folder; give a file name")
+    if chosen.annotated is not None:
+        rows = _rows(store, filters, progress)
+        return chosen.annotated(with_reviews(rows, store.latest_annotations), out, options)
     return chosen.write(_rows(store, filters, progress), out, options)

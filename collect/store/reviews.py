@@ -268,6 +268,27 @@ class ReviewStore:
                 out[int(ident)] = "not_a_taxon" if label == NOT_A_TAXON else "validated"
         return out
 
+    def latest_annotations(self, ident_ids: Sequence[int]) -> dict[int, AnnotationRow]:
+        """The latest review of each of ``ident_ids`` that has one (the exports: the
+        latest review decides, as it decides the review status)."""
+        out: dict[int, AnnotationRow] = {}
+        if not ident_ids or not self.has_reviews():
+            return out
+        ids = list(dict.fromkeys(ident_ids))
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ", ".join("?" for _ in chunk)
+            rows = self._query(
+                f"SELECT {_ANNOTATION_COLUMNS} FROM annotations WHERE id IN ("
+                "SELECT MAX(id) FROM annotations WHERE identification_id IN "
+                f"({marks}) GROUP BY identification_id)",
+                chunk,
+            )
+            for r in rows:
+                annotation = self._annotation(r)
+                out[annotation.identification_id] = annotation
+        return out
+
     def review_queue(
         self,
         filters: Filters = Filters(),
