@@ -290,6 +290,12 @@ def _filter_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", action="append", default=[], help="only this device (repeatable)")
     p.add_argument("--label", action="append", default=[], help="only this label (repeatable)")
     p.add_argument(
+        "--sample",
+        action="append",
+        default=[],
+        help="only this sample id, as the station's sample command started it (repeatable)",
+    )
+    p.add_argument(
         "--status",
         action="append",
         default=[],
@@ -393,6 +399,7 @@ def _filters(args: argparse.Namespace) -> Any:
         devices=tuple(args.device),
         labels=tuple(args.label),
         statuses=tuple(args.status),
+        samples=tuple(args.sample),
         since=None if args.since is None else parse_time(args.since, "--since"),
         until=None if args.until is None else parse_time(args.until, "--until"),
     )

@@ -355,6 +355,18 @@ def site_store(tmp_path: Path) -> Iterator[Store]:
     reader.close()
 
 
+def test_export_of_one_sample_from_the_command_line(site_store: Store, tmp_path: Path) -> None:
+    db = site_store.url.removeprefix("sqlite:///")
+    out = tmp_path / "thau-a.csv"
+    run = subprocess.run(
+        [sys.executable, "-m", "fieldscope.cli", "collect", "export", "--db", db,
+         "--format", "csv", "--out", str(out), "--sample", "thau-a"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert [(r["seq"], r["sample_id"]) for r in read_csv(out)] == [(1, "thau-a")]
+
+
 def test_csv_and_parquet_carry_the_site_and_the_sample(site_store: Store, tmp_path: Path) -> None:
     export(site_store, "csv", tmp_path / "s.csv")
     rows = {r["seq"]: r for r in read_csv(tmp_path / "s.csv")}
