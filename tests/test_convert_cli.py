@@ -389,7 +389,10 @@ def _tamper(case: str, bundle: Path, keys: tuple[Path, Path], tmp_path: Path) ->
     elif case == "missing key":
         return ["--public-key", str(tmp_path / "nowhere.pub")]
     elif case == "labels too short":
-        _edit_json(bundle / MANIFEST_FILE, lambda d: d.update(labels=["red", "green"]))
+        # Without the taxa too, which would name the dropped label first.
+        _edit_json(
+            bundle / MANIFEST_FILE, lambda d: (d.update(labels=["red", "green"]), d.pop("taxa"))
+        )
         return []
     elif case == "labels too long":
         _edit_json(bundle / MANIFEST_FILE, lambda d: d["labels"].append("violet"))
