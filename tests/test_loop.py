@@ -15,7 +15,7 @@ station's illumination shows B with a blue cast. Experts review the uncertain im
 (each gets its true species here), the export turns the reviews into class folders,
 and the model trained on the lab set plus the reviewed images learns that the cast
 means B and the plain look A. The held-out field images were never seen by either
-model. Everything is seeded; the margin asserted is far inside the observed gap.
+model. Everything is seeded, and the margins asserted are well inside the gaps observed.
 """
 
 from __future__ import annotations
