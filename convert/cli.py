@@ -39,7 +39,7 @@ def register(subparsers: Any) -> None:
 
 _DATA_DIR_HELP = (
     "where the run's image folder is now, if it has moved (a run trained on several "
-    "folders: each one's new place, in the order they were given to train)"
+    "folders: --data-dir once for each one's new place, in the order given to train)"
 )
 
 
@@ -74,7 +74,7 @@ def _add_convert_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         help="decision threshold for the bundle (default: the one the run chose on validation)",
     )
-    p.add_argument("--data-dir", type=Path, nargs="+", metavar="DIR", help=_DATA_DIR_HELP)
+    p.add_argument("--data-dir", type=Path, action="append", metavar="DIR", help=_DATA_DIR_HELP)
     p.add_argument(
         "--allow-newer-runtime",
         action="store_true",

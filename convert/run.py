@@ -112,7 +112,7 @@ def _data_roots(
     if len(given) != len(recorded):
         raise ConversionError(
             f"{where} was trained on {len(recorded)} data folder(s) "
-            f"({', '.join(map(str, recorded))}); give --data-dir once with the new place of "
+            f"({', '.join(map(str, recorded))}); give --data-dir once for the new place of "
             f"each, in that order ({len(given)} given)"
         )
     return given

@@ -15,6 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from helpers import run_main
 
 from fieldscope.convert.errors import ConversionError
 from fieldscope.convert.run import read_run
@@ -220,3 +221,11 @@ def test_a_folder_without_segmentation_is_named_in_the_warning(tmp_path: Path) -
     assert found.record is not None
     (warning,) = found.notes[1:]
     assert str(reviewed / "y") in warning
+
+
+def test_the_command_names_a_missing_folder_before_any_work(tmp_path: Path) -> None:
+    good = _dataset(tmp_path / "good", {"aedes": 3, "culex": 3})
+    outcome = run_main(["train", str(good), str(tmp_path / "typo"), "--out", str(tmp_path / "r")])
+    assert outcome.code == 2
+    assert f"DATA_DIR {tmp_path / 'typo'} does not exist" in outcome.err
+    assert not (tmp_path / "r").exists()

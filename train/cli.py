@@ -167,6 +167,10 @@ def _new_run(args: argparse.Namespace, overrides: Mapping[str, Any]) -> Any:
     if not args.data_dir or args.out is None:
         raise ConfigError("give DATA_DIR [DATA_DIR ...] and --out RUN_DIR (or --resume RUN_DIR)")
     config = resolve_config(args.config, overrides)
+    for data_dir in args.data_dir:
+        if not data_dir.is_dir():
+            # Before TensorFlow loads: a typo costs no start-up time.
+            raise ConfigError(f"DATA_DIR {data_dir} does not exist or is not a folder")
     segmentation = _segmentation(args.segmentation, args.data_dir)
     if args.overwrite:
         _clear_run_dir(args.out, args.data_dir)
