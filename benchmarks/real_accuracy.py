@@ -72,11 +72,10 @@ def _cli(argv: list[str]) -> None:
 
 def _split_files(run: Path) -> dict[str, tuple[list[Path], np.ndarray]]:
     split = RunDir(run).read_split()
-    root = Path(split.data_dir)
     index = {name: i for i, name in enumerate(split.labels)}
     return {
         part: (
-            [root / item.path for item in getattr(split, part)],
+            [split.path_of(item) for item in getattr(split, part)],
             np.asarray([index[item.label] for item in getattr(split, part)]),
         )
         for part in ("train", "val", "test")

@@ -276,8 +276,8 @@ class _Demo:
                 f"username = {q(DEMO_USERNAME)}",
                 f"prefix = {q(PREFIX)}",
                 "",
-                "[archive]",
-                'mode = "all"',
+                "[archive]",  # the images the model was unsure of: the review queue
+                'mode = "uncertain"',
                 "",
                 "[heartbeat]",
                 "interval_s = 5.0",
@@ -517,10 +517,27 @@ class _Demo:
         user, _, token = self.users.read_text(encoding="utf-8").strip().partition(":")
         return f"login for reviews and uploads: user {user}, password {token}"
 
+    def _review_queue(self) -> int:
+        """How many images the dashboard's review page offers (uncertain and low-score
+        identifications, and its quality-control sample of confident ones)."""
+        from fieldscope.collect.store import open_store
+        from fieldscope.collect.web.review_api import REVIEW_QC_SHARE
+
+        with open_store(str(self.db), create=False) as reader:
+            _, total = reader.review_queue(qc_share=REVIEW_QC_SHARE, limit=1)
+        return total
+
     def _finish(self, url: str, summary: DemoSummary) -> int:
         again = (
             f"fieldscope collect serve --db {self.db} --bundle {self.bundle} "
             f"--archive {self.work / 'station' / 'archive'} --auth-file {self.users}"
+        )
+        queue = self._review_queue()
+        self.progress.line(
+            f"review queue: {queue} image(s) waiting for an expert at {url}review "
+            "(the uncertain ones the station archived; reviews become training folders with "
+            "fieldscope collect export --format folders)",
+            indent="",
         )
         if not self.s.serve:
             self.progress.line(

@@ -37,6 +37,12 @@ def register(subparsers: Any) -> None:
     _register_keys(subparsers)
 
 
+_DATA_DIR_HELP = (
+    "where the run's image folder is now, if it has moved (a run trained on several "
+    "folders: --data-dir once for each one's new place, in the order given to train)"
+)
+
+
 def _add_convert_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``fieldscope convert`` besides RUN_DIR and --out."""
     p.add_argument(
@@ -68,9 +74,7 @@ def _add_convert_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         help="decision threshold for the bundle (default: the one the run chose on validation)",
     )
-    p.add_argument(
-        "--data-dir", type=Path, help="where the run's image folder is now, if it has moved"
-    )
+    p.add_argument("--data-dir", type=Path, action="append", metavar="DIR", help=_DATA_DIR_HELP)
     p.add_argument(
         "--allow-newer-runtime",
         action="store_true",

@@ -49,6 +49,7 @@ from fieldscope.train.rundir import (
     MetricsRecord,
     RunDir,
     SplitEntry,
+    SplitRecord,
     StoredConfig,
 )
 
@@ -82,19 +83,40 @@ class TrainingRun:
 
 
 def _split_part(
-    items: Sequence[SplitEntry], name: str, root: Path, labels: tuple[str, ...], where: Path
+    split: SplitRecord,
+    name: str,
+    roots: Sequence[Path],
+    labels: tuple[str, ...],
+    where: Path,
 ) -> tuple[tuple[Path, int], ...]:
     index = {label: i for i, label in enumerate(labels)}
     out: list[tuple[Path, int]] = []
+    items: Sequence[SplitEntry] = getattr(split, name)
     for item in items:
-        path = Path(item.path)
         if item.label not in index:
             raise ConversionError(
-                f"{where}: {name} file {path} has label {item.label!r}, which is not in "
+                f"{where}: {name} file {item.path} has label {item.label!r}, which is not in "
                 f"{LABELS_FILE}"
             )
-        out.append((path if path.is_absolute() else root / path, index[item.label]))
+        out.append((split.path_of(item, roots), index[item.label]))
     return tuple(out)
+
+
+def _data_roots(
+    split: SplitRecord, data_dir: Path | Sequence[Path] | None, where: Path
+) -> list[Path]:
+    """The run's data folders, or the new places given for them (as many as it has)."""
+    recorded = [Path(r) for r in split.roots()]
+    if data_dir is None:
+        return recorded
+    given = [Path(data_dir)] if isinstance(data_dir, str | Path) else [Path(d) for d in data_dir]
+    if len(given) != len(recorded):
+        raise ConversionError(
+            f"{where} was trained on {len(recorded)} data folder(s) "
+            f"({', '.join(map(str, recorded))}); give --data-dir once for the new place of "
+            f"each, in that order ({len(given)} given)"
+        )
+    return given
 
 
 def _test_metrics(metrics: MetricsRecord | None) -> dict[str, Any]:
@@ -177,8 +199,9 @@ def _threshold(run: RunDir, metrics: MetricsRecord | None) -> float | None:
         raise ConversionError(f"{run.metrics_file}: the threshold is not a number") from exc
 
 
-def read_run(run_dir: Path, *, data_dir: Path | None = None) -> TrainingRun:
-    """Read a finished run; ``data_dir`` replaces the image folder recorded in it (moved data).
+def read_run(run_dir: Path, *, data_dir: Path | Sequence[Path] | None = None) -> TrainingRun:
+    """Read a finished run; ``data_dir`` replaces the image folder(s) recorded in it
+    (moved data; one per recorded folder, in order).
 
     Raises:
         ConversionError: the folder is not a finished single-split run, or a file is
@@ -192,15 +215,15 @@ def read_run(run_dir: Path, *, data_dir: Path | None = None) -> TrainingRun:
     split = run.read_split()
     if split.labels != list(labels):
         raise ConversionError(f"{run.split_file} and {LABELS_FILE} disagree on the classes")
-    root = Path(data_dir) if data_dir is not None else Path(split.data_dir)
+    roots = _data_roots(split, data_dir, run.split_file)
     metrics = run.read_metrics() if run.metrics_file.exists() else None
     return TrainingRun(
         path=run.path,
         model_path=run.model_file,
         labels=labels,
         recipe=recipe,
-        train=_split_part(split.train, "train", root, labels, run.split_file),
-        test=_split_part(split.test, "test", root, labels, run.split_file),
+        train=_split_part(split, "train", roots, labels, run.split_file),
+        test=_split_part(split, "test", roots, labels, run.split_file),
         threshold=_threshold(run, metrics),
         metrics=_test_metrics(metrics),
         seed=config.seed,
@@ -294,7 +317,7 @@ def convert_run(
     max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP,
     calibration_size: int = DEFAULT_CALIBRATION_IMAGES,
     threshold: float | None = None,
-    data_dir: Path | None = None,
+    data_dir: Path | Sequence[Path] | None = None,
     allow_newer_runtime: bool = False,
     float_fallback: bool = True,
     overwrite: bool = False,

@@ -423,6 +423,7 @@ def _assert_consistent(run: DemoRun) -> None:
                  "5/7 collector and dashboard", "6/7 station", "7/7 summary"):  # fmt: skip
         assert step in run.stdout
     assert re.search(r"dashboard: http://127\.0\.0\.1:\d+/", run.stdout)
+    _assert_review_queue(run, rows)
     assert "12/12 identifications stored" in run.stdout
     assert "Traceback" not in run.stdout + run.stderr
     # TensorFlow's C++ start-up lines went to demo.log, not to the user's terminal.
@@ -432,6 +433,23 @@ def _assert_consistent(run: DemoRun) -> None:
     assert len(run.pids) == 2, run.stdout
     assert _wait_gone(run.pids, 10), f"left running: {run.pids}"
     assert not _processes_mentioning(str(run.workdir))
+
+
+def _assert_review_queue(run: DemoRun, rows: list[IdentificationRow]) -> None:
+    """The station archived the uncertain images, and the summary names the review page
+    with a queue that is not empty (at least every uncertain or low-score one)."""
+    found = re.search(
+        r"review queue: (\d+) image\(s\) waiting for an expert at "
+        r"http://127\.0\.0\.1:\d+/review\b",
+        run.stdout,
+    )
+    assert found, run.stdout
+    urgent = [r for r in rows if r.status == "uncertain" or (r.score is not None and r.score < 0.6)]
+    assert int(found.group(1)) >= len(urgent) > 0
+    archive = run.workdir / "station" / "archive"
+    archived = {hashlib.sha256(p.read_bytes()).hexdigest() for p in archive.rglob("*.png")}
+    uncertain = {r.image_sha256 for r in rows if r.status == "uncertain"}
+    assert archived == uncertain
 
 
 @pytest.fixture(scope="module")
@@ -526,6 +544,8 @@ def test_on_a_terminal_it_serves_the_dashboard_until_ctrl_c(
         )
         with urllib.request.urlopen(request, timeout=10) as page:
             assert page.status == 200
+            assert re.search(r"Item 1 of \d+ waiting for review", page.read().decode())
+        assert f"at {url}review" in output.decode(errors="replace")
         os.kill(pid, signal.SIGINT)
         read_until(b"\x00never", 60)  # to the end of its output
         _, status = os.waitpid(pid, 0)

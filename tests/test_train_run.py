@@ -259,6 +259,11 @@ def test_resume_continues_an_interrupted_run(specimens: Path, tmp_path: Path) ->
     assert "has trained epochs already, so --weights can no longer change" in outcome.err
     assert _json(run_dir / "config.json")["weights"] == "none"
 
+    # A run.json as fieldscope wrote it before several data folders (and format_version).
+    record = _json(run_dir / "run.json")
+    del record["data_dirs"], record["format_version"]
+    (run_dir / "run.json").write_text(json.dumps(record))
+
     # More epochs are fine: stage 1 goes on to 3.
     outcome = run_main(["train", "--resume", str(run_dir), "--epochs", "3"])
     assert outcome.code == 0, outcome.err
@@ -273,6 +278,35 @@ def test_resume_continues_an_interrupted_run(specimens: Path, tmp_path: Path) ->
     outcome = run_main(["train", "--resume", str(run_dir)])
     assert outcome.code == 0
     assert "already complete" in outcome.out
+
+
+def test_a_run_of_two_data_folders_resumes_with_both(specimens: Path, tmp_path: Path) -> None:
+    field = tmp_path / "reviewed"
+    species = sorted(p.name for p in specimens.iterdir() if p.is_dir())
+    for name in species[:2]:  # a second folder of two of the classes, same file names
+        (field / name).mkdir(parents=True)
+        for image in sorted((specimens / name).glob("*_000[0-3].png")):
+            shutil.copyfile(image, field / name / image.name)
+    run_dir = tmp_path / "run"
+    config = TrainConfig(
+        backbone="mobilenet_v2", weights="none", alpha=0.35, image_size=32, batch_size=8,
+        run_eagerly=True, epochs=2, fine_tune_epochs=0, seed=5,
+    )  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        train_run([specimens, field], run_dir, config, reporter=_StopAfter(stage=1, epoch=1))
+    record = _json(run_dir / "run.json")
+    roots = [str(specimens.resolve()), str(field.resolve())]
+    assert (record["format_version"], record["data_dirs"]) == (2, roots)
+    split = read_split(run_dir)
+    assert split.all_roots == tuple(Path(r) for r in roots)
+    used = {s.path for part in (split.train, split.val, split.test) for s in part}
+    assert sum(field.resolve() in p.parents for p in used) == 8
+
+    outcome = run_main(["train", "--resume", str(run_dir)])
+    assert outcome.code == 0, outcome.err
+    assert "resuming after epoch 1" in outcome.err
+    assert _json(run_dir / "run.json")["data_dirs"] == roots
+    assert read_split(run_dir).train == split.train
 
 
 def test_a_run_that_failed_before_its_first_epoch_resumes_with_other_weights(

@@ -72,10 +72,12 @@ def _old_run(run: Path, **record: Any) -> Path:
     return run
 
 
-def test_a_run_without_format_version_reads_as_the_current_format(tmp_path: Path) -> None:
+def test_a_run_without_format_version_reads_as_format_1(tmp_path: Path) -> None:
     run = RunDir(_old_run(tmp_path / "run"))
     record = run.read_record()
-    assert record.format_version == RUN_FORMAT_VERSION
+    # Format 1 (one data folder) is still what a run of one folder is written as.
+    assert record.format_version == 1
+    assert record.roots() == ["/data/forams"]
     assert record.status == "complete"
     assert run.read_labels() == LABELS
     assert run.read_config().seed == 7

@@ -37,9 +37,13 @@ def register(subparsers: Any) -> None:
         description="Train a species classifier by transfer learning from DATA_DIR (one "
         "folder per class, or train/ val/ test/ each with class folders) into RUN_DIR: "
         "model, labels, resolved config, data split, metrics, decision threshold, plots. "
+        "Several DATA_DIRs are merged by class folder name (e.g. the original set and "
+        "the reviewed field images of fieldscope collect export --format folders); "
+        "the split is stratified over all of them, and a train/ val/ test/ folder keeps "
+        "its parts while class-folder ones join train/. "
         "Every key of the --config TOML file can also be given as a flag below.",
     )
-    p.add_argument("data_dir", type=Path, nargs="?", metavar="DATA_DIR")
+    p.add_argument("data_dir", type=Path, nargs="*", metavar="DATA_DIR")
     p.add_argument("--out", type=Path, metavar="RUN_DIR", help="new folder for the run")
     p.add_argument("--config", type=Path, metavar="TOML", help="training config file")
     p.add_argument(
@@ -137,7 +141,7 @@ def _resume(args: argparse.Namespace, overrides: Mapping[str, Any]) -> Any:
     """``--resume RUN_DIR``: continue with the run's saved config, changing only safe options."""
     flags = {key.dotted: key.flag for key in config_keys()}
     named = (
-        ("DATA_DIR", args.data_dir),
+        ("DATA_DIR", args.data_dir or None),
         ("--out", args.out),
         ("--config", args.config),
         ("--segmentation", args.segmentation),
@@ -170,9 +174,13 @@ def _resume(args: argparse.Namespace, overrides: Mapping[str, Any]) -> Any:
 
 def _new_run(args: argparse.Namespace, overrides: Mapping[str, Any]) -> Any:
     """``DATA_DIR --out RUN_DIR``: a new run (``--overwrite`` replaces an earlier one)."""
-    if args.data_dir is None or args.out is None:
-        raise ConfigError("give DATA_DIR and --out RUN_DIR (or --resume RUN_DIR)")
+    if not args.data_dir or args.out is None:
+        raise ConfigError("give DATA_DIR [DATA_DIR ...] and --out RUN_DIR (or --resume RUN_DIR)")
     config = resolve_config(args.config, overrides)
+    for data_dir in args.data_dir:
+        if not data_dir.is_dir():
+            # Before TensorFlow loads: a typo costs no start-up time.
+            raise ConfigError(f"DATA_DIR {data_dir} does not exist or is not a folder")
     segmentation = _segmentation(args.segmentation, args.data_dir)
     if args.taxa is not None:
         from fieldscope.edge.taxa import read_taxa
@@ -195,7 +203,7 @@ def _new_run(args: argparse.Namespace, overrides: Mapping[str, Any]) -> Any:
         )
 
 
-def _segmentation(given: Path | None, data_dir: Path) -> SegmentationRecord | None:
+def _segmentation(given: Path | None, data_dir: list[Path]) -> SegmentationRecord | None:
     """The segmentation of DATA_DIR's images (:mod:`fieldscope.train.segmentation`); the
     output says where it came from, since a station compares its own settings with it."""
     from fieldscope.train.segmentation import find_segmentation
@@ -264,13 +272,14 @@ def _change_resumed_config(run_dir: Path, overrides: Mapping[str, Any], flags: A
     print(f"resuming {run_dir} with {changed}", file=sys.stderr)
 
 
-def _clear_run_dir(run_dir: Path, data_dir: Path | None) -> None:
+def _clear_run_dir(run_dir: Path, data_dirs: list[Path]) -> None:
     """``--overwrite``: remove an earlier training run from RUN_DIR, and nothing else."""
     import shutil
 
-    if data_dir is not None and not data_dir.is_dir():
-        # Checked before anything is removed: a typo must not cost the old run.
-        raise ConfigError(f"DATA_DIR {data_dir} is not a folder; nothing was overwritten")
+    for data_dir in data_dirs:
+        if not data_dir.is_dir():
+            # Checked before anything is removed: a typo must not cost the old run.
+            raise ConfigError(f"DATA_DIR {data_dir} is not a folder; nothing was overwritten")
     if not run_dir.exists():
         return
     if run_dir.is_dir() and not any(run_dir.iterdir()):

@@ -89,6 +89,8 @@ class DataSplit:
     # (the data folder's test/), or "val" (no test/ was given: the val/ images the user
     # set aside are the only held-out ones, so the report evaluates on them and says so).
     test_source: str = "split"
+    # Every data folder when there are several (``root`` is the first); empty: just root.
+    roots: tuple[Path, ...] = ()
 
     def part(self, name: str) -> tuple[Sample, ...]:
         if name not in SPLITS:
@@ -100,17 +102,23 @@ class DataSplit:
         """Images per class per split, every class listed (for the distribution plot)."""
         return {name: class_counts(self.part(name), self.labels) for name in SPLITS}
 
+    @property
+    def all_roots(self) -> tuple[Path, ...]:
+        """Every data folder, in the order given (``root`` is the first)."""
+        return self.roots or (Path(self.root),)
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON form: paths relative to ``data_dir`` when inside it, labels by name."""
+        """JSON form: paths relative to their data folder when inside one, labels by name;
+        with several data folders, ``data_dirs`` lists them and each entry names its own."""
+        roots = self.all_roots
+        several = len(roots) > 1
 
-        def rel(path: Path) -> str:
-            try:
-                return path.relative_to(self.root).as_posix()
-            except ValueError:
-                return str(path)
+        def entry(path: Path, **rest: str) -> dict[str, Any]:
+            at, rel = _locate(path, roots)
+            return {"path": rel, **rest, **({"root": at} if several else {})}
 
-        return {
-            "data_dir": str(self.root),
+        doc: dict[str, Any] = {
+            "data_dir": str(roots[0]),
             "labels": list(self.labels),
             "seed": self.seed,
             "ratios": list(self.ratios),
@@ -118,13 +126,14 @@ class DataSplit:
             "folds": self.folds,
             "test_source": self.test_source,
             **{
-                name: [
-                    {"path": rel(s.path), "label": self.labels[s.label]} for s in self.part(name)
-                ]
+                name: [entry(s.path, label=self.labels[s.label]) for s in self.part(name)]
                 for name in SPLITS
             },
-            "skipped": [{"path": rel(s.path), "reason": s.reason} for s in self.skipped],
+            "skipped": [entry(s.path, reason=s.reason) for s in self.skipped],
         }
+        if several:
+            doc["data_dirs"] = [str(r) for r in roots]
+        return doc
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = SPLIT_FILE) -> DataSplit:
@@ -138,13 +147,17 @@ class DataSplit:
     @classmethod
     def from_record(cls, record: SplitRecord, *, source: str = SPLIT_FILE) -> DataSplit:
         """The split as read from ``split.json``, paths made absolute, labels as indices."""
-        root = Path(record.data_dir)
+        problems = record.problems()
+        if problems:
+            raise TrainError(f"{source} is damaged: {problems[0]}")
+        roots = tuple(Path(r) for r in record.roots())
         labels = tuple(record.labels)
         index = {name: i for i, name in enumerate(labels)}
         try:
             parts = {
                 name: tuple(
-                    Sample(root / item.path, index[item.label]) for item in getattr(record, name)
+                    Sample(record.path_of(item), index[item.label])
+                    for item in getattr(record, name)
                 )
                 for name in SPLITS
             }
@@ -152,12 +165,13 @@ class DataSplit:
             raise TrainError(f"{source} is damaged: label {exc} is not one of its labels") from None
         return cls(
             labels=labels,
-            root=root,
+            root=roots[0],
+            roots=roots if len(roots) > 1 else (),
             seed=record.seed,
             ratios=tuple(record.ratios),
             fold=record.fold,
             folds=record.folds,
-            skipped=tuple(SkippedFile(root / s.path, s.reason) for s in record.skipped),
+            skipped=tuple(SkippedFile(record.path_of(s), s.reason) for s in record.skipped),
             test_source=record.test_source,
             **parts,
         )
@@ -166,6 +180,17 @@ class DataSplit:
         path = run_dir / SPLIT_FILE
         write_json(path, self.to_dict())
         return path
+
+
+def _locate(path: Path, roots: Sequence[Path]) -> tuple[int, str]:
+    """Which data folder holds ``path`` (the deepest), and the path relative to it; a file
+    in none is kept absolute under folder 0."""
+    best: tuple[int, str] | None = None
+    depth = -1
+    for i, root in enumerate(roots):
+        if (root == path or root in path.parents) and len(root.parts) > depth:
+            best, depth = (i, path.relative_to(root).as_posix()), len(root.parts)
+    return best if best is not None else (0, str(path))
 
 
 def read_split(run_dir: Path) -> DataSplit:
@@ -335,8 +360,8 @@ def check_split_feasible(index: DatasetIndex, ratios: Sequence[float], *, folds:
     if folds:
         if index.presplit:
             raise TrainError(
-                f"--folds needs a folder of class folders; {index.root} is already split "
-                "into train/val/test"
+                f"--folds needs class folders; {index.where} is (or holds a folder) already "
+                "split into train/val/test"
             )
         val = ratios[1] / (ratios[0] + ratios[1])
         need = _fold_minimum(folds, val)
@@ -350,17 +375,17 @@ def check_split_feasible(index: DatasetIndex, ratios: Sequence[float], *, folds:
         need = _minimum_for(sub)
         why = f"carving {' and '.join(missing)} from train" if missing else "training"
         counts = index.counts()["train"]
-        where = index.root / "train"
+        where = index.root / "train" if not index.roots else f"the train/ of {index.where}"
         _raise_if_too_few(counts, need, why, where)
         return
     else:
         need = _minimum_for(ratios)
         why = f"a {_ratio_text(ratios)} train:val:test split (at least one image in each)"
         counts = index.counts()["all"]
-    _raise_if_too_few(counts, need, why, index.root)
+    _raise_if_too_few(counts, need, why, index.where)
 
 
-def _raise_if_too_few(counts: Mapping[str, int], need: int, why: str, where: Path) -> None:
+def _raise_if_too_few(counts: Mapping[str, int], need: int, why: str, where: Path | str) -> None:
     short = {name: n for name, n in counts.items() if n < need}
     if short:
         listed = ", ".join(
@@ -444,6 +469,7 @@ def split_dataset(
         ratios=ratios,
         skipped=tuple(skipped),
         test_source=source,
+        roots=index.roots,
     )
 
 
@@ -491,6 +517,7 @@ def kfold_splits(
                 fold=k + 1,
                 folds=folds,
                 skipped=tuple(skipped),
+                roots=index.roots,
             )
         )
     return splits

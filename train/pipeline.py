@@ -32,7 +32,6 @@ from fieldscope.train.data import (
     PreprocessCache,
     Sample,
     check_split_feasible,
-    discover,
     kfold_splits,
     load_images,
     make_dataset,
@@ -43,6 +42,7 @@ from fieldscope.train.errors import TrainError
 from fieldscope.train.evaluate import predict
 from fieldscope.train.fit import FitReporter, fit_two_stage
 from fieldscope.train.metrics import ThresholdChoice, choose_threshold
+from fieldscope.train.roots import discover_roots
 
 # The run folder's names lived here before train/rundir.py; re-exported for old imports.
 from fieldscope.train.rundir import (  # noqa: F401
@@ -50,6 +50,7 @@ from fieldscope.train.rundir import (  # noqa: F401
     HISTORY_FILE,
     LABELS_FILE,
     MODEL_FILE,
+    MULTI_ROOT_FORMAT_VERSION,
     RUN_FILE,
     RUN_FORMAT_VERSION,
     STATE_DIR,
@@ -71,7 +72,7 @@ ProgressCallback = Callable[[int, int], None]
 
 
 def train_run(
-    data_dir: Path,
+    data_dir: Path | Sequence[Path],
     run_dir: Path,
     config: TrainConfig,
     *,
@@ -82,9 +83,10 @@ def train_run(
 ) -> RunSummary:
     """Train from image folders into a new RUN_DIR (its layout: :mod:`fieldscope.train.rundir`).
 
-    ``segmentation``: how the images were cut from frames, kept for the bundle;
-    ``taxa``: a ``taxa.csv`` (:mod:`fieldscope.edge.taxa`), checked against the class
-    folders and kept as ``taxa.json`` for the bundle.
+    ``data_dir``: one data folder, or several merged by class name
+    (:mod:`fieldscope.train.roots`). ``segmentation``: how the images were cut from
+    frames, kept for the bundle; ``taxa``: a ``taxa.csv`` (:mod:`fieldscope.edge.taxa`),
+    checked against the class folders and kept as ``taxa.json`` for the bundle.
 
     Raises:
         TrainError: bad data (empty, one class, too few images), RUN_DIR already a run.
@@ -94,7 +96,7 @@ def train_run(
     started = time.monotonic()
     run = RunDir(Path(run_dir), TrainError)
     _check_new_run_dir(run)
-    index = discover(Path(data_dir))
+    index = discover_roots(data_dir)
     check_split_feasible(index, config.split, folds=config.folds)
     check_weights_available(config)
     taxa_rows = None if taxa is None else read_taxa(taxa, index.labels)
@@ -108,9 +110,9 @@ def train_run(
         write_json(run.segmentation_file, segmentation)
     if taxa_rows is not None:
         write_json(run.taxa_file, taxa_table(taxa_rows))
-    _write_run_record(run, index.root, config, status="training")
+    _write_run_record(run, index.all_roots, config, status="training")
     return _continue(
-        run, config, index.root, started=started, reporter=reporter, on_progress=on_progress
+        run, config, index.all_roots, started=started, reporter=reporter, on_progress=on_progress
     )
 
 
@@ -134,7 +136,7 @@ def resume_run(
     record = run.read_record()
     if record.status == "complete" and run.summary_file.exists():
         return run.read_summary(), False
-    if record.data_dir is None:
+    if not record.roots():
         raise TrainError(
             f"{run.run_file} does not say where the images are (no data_dir); start a new run"
         )
@@ -143,7 +145,7 @@ def resume_run(
     summary = _continue(
         run,
         config,
-        Path(record.data_dir),
+        tuple(Path(r) for r in record.roots()),
         started=started,
         reporter=reporter,
         on_progress=on_progress,
@@ -182,7 +184,7 @@ def check_weights_available(config: TrainConfig) -> None:
 def _continue(
     run: RunDir,
     config: TrainConfig,
-    data_dir: Path,
+    data_dir: Sequence[Path],
     *,
     started: float,
     reporter: FitReporter | None,
@@ -214,12 +216,12 @@ def _continue(
 
 
 def _prepare_split(
-    data_dir: Path,
+    data_dir: Sequence[Path],
     config: TrainConfig,
     cache: PreprocessCache,
     on_progress: ProgressCallback | None,
 ) -> tuple[LoadedImages, DataSplit]:
-    index = discover(data_dir)
+    index = discover_roots(data_dir)
     loaded = load_images(index.samples(), cache, on_progress=on_progress)
     if loaded.skipped:
         log.warning("%d unreadable images skipped (listed in split.json)", len(loaded.skipped))
@@ -237,7 +239,8 @@ def _load_split(
         first = loaded.skipped[0]
         raise TrainError(
             f"{len(loaded.skipped)} images of this run's split can no longer be read, e.g. "
-            f"{first.reason}; restore the data folder {split.root}"
+            f"{first.reason}; restore the data folder "
+            f"{' + '.join(str(r) for r in split.all_roots)}"
         )
     return loaded
 
@@ -437,14 +440,14 @@ def _evaluate(
 def _cross_validate(
     run: RunDir,
     config: TrainConfig,
-    data_dir: Path,
+    data_dir: Sequence[Path],
     cache: PreprocessCache,
     *,
     started: float,
     reporter: FitReporter | None,
     on_progress: ProgressCallback | None,
 ) -> RunSummary:
-    index = discover(data_dir)
+    index = discover_roots(data_dir)
     loaded = load_images(index.samples(), cache, on_progress=on_progress)
     index = index.without(s.path for s in loaded.skipped)
     splits = kfold_splits(
@@ -455,7 +458,7 @@ def _cross_validate(
         fold = run.fold(split.fold or 0)
         log.info("fold %d/%d", split.fold, config.folds)
         if not fold.summary_file.exists():
-            _train_fold(fold, config, split, loaded, data_root=index.root, reporter=reporter)
+            _train_fold(fold, config, split, loaded, roots=index.all_roots, reporter=reporter)
         fold_metrics.append(report.read_metrics(fold.path)["splits"]["test"])
     stats = report.write_fold_summary(run.path, fold_metrics)["metrics"]
     summary = RunSummary(
@@ -482,7 +485,7 @@ def _train_fold(
     split: DataSplit,
     loaded: LoadedImages,
     *,
-    data_root: Path,
+    roots: Sequence[Path],
     reporter: FitReporter | None,
 ) -> None:
     """Train one fold of a cross-validation run as a complete run folder of its own."""
@@ -493,10 +496,10 @@ def _train_fold(
     write_json(fold.labels_file, list(split.labels))
     if not fold.split_file.exists():
         split.write(fold.path)
-    _write_run_record(fold, data_root, config, status="training", fold=split.fold)
+    _write_run_record(fold, roots, config, status="training", fold=split.fold)
     fold_split = read_split(fold.path)
     _train_split(fold, config, fold_split, loaded, started=time.monotonic(), reporter=reporter)
-    _write_run_record(fold, data_root, config, status="complete", fold=split.fold)
+    _write_run_record(fold, roots, config, status="complete", fold=split.fold)
 
 
 def _augmented_samples(
@@ -530,8 +533,14 @@ def _check_new_run_dir(run: RunDir) -> None:
 
 
 def _write_run_record(
-    run: RunDir, data_dir: Path, config: TrainConfig, *, status: str, fold: int | None = None
+    run: RunDir,
+    roots: Sequence[Path],
+    config: TrainConfig,
+    *,
+    status: str,
+    fold: int | None = None,
 ) -> None:
+    """``run.json``, in the lowest run format that holds it (2 only for several folders)."""
     import tensorflow as tf
 
     try:
@@ -540,9 +549,12 @@ def _write_run_record(
         version = "unknown"
     previous = run.read_record() if run.run_file.exists() else None
     now = datetime.now(UTC).isoformat(timespec="seconds")
+    folders = [str(Path(r).resolve()) for r in roots]
+    several = len(folders) > 1
     record = RunRecord(
-        format_version=RUN_FORMAT_VERSION,
-        data_dir=str(Path(data_dir).resolve()),
+        format_version=MULTI_ROOT_FORMAT_VERSION if several else 1,
+        data_dir=folders[0],
+        data_dirs=folders if several else [],
         status="complete" if status == "complete" else "training",
         folds=config.folds,
         fold=fold,

@@ -24,8 +24,12 @@ Layout of RUN_DIR after ``fieldscope train``::
     state/              resumable fitting state; removed when the run completes
     fold-<k>/           with ``folds = K``: each fold is a complete run of its own
 
-Runs written before ``run.json`` carried ``format_version`` are read as the current
-format (version 1), which they are.
+Runs written before ``run.json`` carried ``format_version`` are format 1, which they
+are. Format 2 adds ``data_dirs`` (``fieldscope train`` given several data folders) to
+``run.json`` and ``split.json``, with each split entry naming its folder by index; a run
+of one data folder is still written as format 1, so earlier fieldscope reads it, and an
+earlier fieldscope refuses a format-2 run ("upgrade fieldscope") instead of looking for
+its images in the wrong folder.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -53,6 +58,7 @@ __all__ = [
     "METRICS_FILE",
     "METRICS_FORMAT_VERSION",
     "MODEL_FILE",
+    "MULTI_ROOT_FORMAT_VERSION",
     "PLOTS_DIR",
     "PROGRESS_FILE",
     "REPORT_FILE",
@@ -75,7 +81,10 @@ __all__ = [
     "write_json",
 ]
 
-RUN_FORMAT_VERSION = 1
+# The newest run format this fieldscope reads and writes; a run is written in the
+# lowest format that holds it (1 for one data folder, 2 for several).
+RUN_FORMAT_VERSION = 2
+MULTI_ROOT_FORMAT_VERSION = 2
 METRICS_FORMAT_VERSION = 1
 
 RUN_FILE = "run.json"
@@ -110,6 +119,7 @@ class RunRecord(msgspec.Struct, frozen=True, kw_only=True):
     """``run.json``: where the data came from, how far the run got, and with what."""
 
     # None only in hand-made or very old records; convert reads split.json's data_dir.
+    # With several data folders it is the first, and ``data_dirs`` lists them all.
     data_dir: str | None = None
     status: Literal["training", "complete"]
     folds: Annotated[int, msgspec.Meta(ge=0)] = 0
@@ -118,7 +128,14 @@ class RunRecord(msgspec.Struct, frozen=True, kw_only=True):
     updated: str | None = None
     versions: dict[str, str] = {}
     # Absent in runs from before it was written: they are format 1.
-    format_version: Annotated[int, msgspec.Meta(ge=1)] = RUN_FORMAT_VERSION
+    format_version: Annotated[int, msgspec.Meta(ge=1)] = 1
+    data_dirs: list[str] = []
+
+    def roots(self) -> list[str]:
+        """Every data folder of the run, in the order given (empty when none is recorded)."""
+        if self.data_dirs:
+            return list(self.data_dirs)
+        return [self.data_dir] if self.data_dir is not None else []
 
 
 class SegmentationRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -134,17 +151,20 @@ class SegmentationRecord(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class SplitEntry(msgspec.Struct, frozen=True):
-    """One image of ``split.json``: path relative to ``data_dir`` (or absolute), class name."""
+    """One image of ``split.json``: path relative to its data folder (or absolute), class
+    name, and which data folder (an index into ``SplitRecord.roots()``; 0 when one)."""
 
     path: str
     label: str
+    root: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
 class SkippedEntry(msgspec.Struct, frozen=True):
-    """An unreadable image left out of the split, and why."""
+    """An unreadable image left out of the split, and why (``root`` as in ``SplitEntry``)."""
 
     path: str
     reason: str
+    root: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
 class SplitRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -161,6 +181,36 @@ class SplitRecord(msgspec.Struct, frozen=True, kw_only=True):
     folds: int | None = None
     test_source: str = "split"
     skipped: list[SkippedEntry] = []
+    # Every data folder when there are several (format 2); ``data_dir`` is the first.
+    data_dirs: list[str] = []
+
+    def roots(self) -> list[str]:
+        """Every data folder the entries' ``root`` indices point into."""
+        return list(self.data_dirs) or [self.data_dir]
+
+    def problems(self) -> list[str]:
+        """Entries whose ``root`` names no data folder (a damaged or hand-edited file)."""
+        n = len(self.roots())
+        entries: list[SplitEntry | SkippedEntry] = [
+            *self.train,
+            *self.val,
+            *self.test,
+            *self.skipped,
+        ]
+        return [
+            f"{e.path} has root {e.root}, but there are {n} data folders"
+            for e in entries
+            if e.root >= n
+        ]
+
+    def path_of(
+        self, entry: SplitEntry | SkippedEntry, roots: Sequence[Path] | None = None
+    ) -> Path:
+        """The entry's file: its path under its data folder (``roots`` replaces the recorded
+        folders, for data that moved), or the path itself when absolute."""
+        path = Path(entry.path)
+        folders = [Path(r) for r in self.roots()] if roots is None else list(roots)
+        return path if path.is_absolute() else folders[entry.root] / path
 
 
 class StoredConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -405,7 +455,13 @@ class RunDir:
 
     def read_split(self) -> SplitRecord:
         """``split.json``: the files of train, val and test."""
-        return self._decode(self.split_file, SplitRecord, "which files are train and test")
+        record = self._decode(self.split_file, SplitRecord, "which files are train and test")
+        problems = record.problems()
+        if problems:
+            raise self.error(
+                f"{self.split_file} is damaged (which files are train and test): {problems[0]}"
+            )
+        return record
 
     def read_metrics(self) -> MetricsRecord:
         """``metrics.json``: per-split metrics, the decision threshold, fold summary."""

@@ -39,16 +39,28 @@ class DatasetIndex:
     """What ``discover`` found: the classes, and the samples of each given part.
 
     ``parts`` is ``{"all": ...}`` for plain class folders, or any of ``train``/``val``/
-    ``test`` for a pre-split folder (``train`` always present).
+    ``test`` for a pre-split folder (``train`` always present). ``roots`` lists every data
+    folder when there are several (``root`` is the first); empty means just ``root``.
     """
 
     root: Path
     labels: tuple[str, ...]
     parts: Mapping[str, tuple[Sample, ...]]
+    roots: tuple[Path, ...] = ()
 
     @property
     def presplit(self) -> bool:
         return "all" not in self.parts
+
+    @property
+    def all_roots(self) -> tuple[Path, ...]:
+        """Every data folder, in the order given."""
+        return self.roots or (self.root,)
+
+    @property
+    def where(self) -> str:
+        """The data folder(s), for messages."""
+        return " + ".join(str(r) for r in self.all_roots)
 
     def samples(self) -> tuple[Sample, ...]:
         return tuple(s for part in self.parts.values() for s in part)
@@ -57,7 +69,7 @@ class DatasetIndex:
         """The same index minus some files (those that could not be decoded)."""
         drop = set(paths)
         parts = {k: tuple(s for s in v if s.path not in drop) for k, v in self.parts.items()}
-        return DatasetIndex(self.root, self.labels, parts)
+        return DatasetIndex(self.root, self.labels, parts, self.roots)
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Images per class per part, every class listed (0 when absent)."""

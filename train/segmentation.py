@@ -21,6 +21,10 @@ folder below it (hidden folders aside, as for the images). Every one found is re
   it only warn (the person chose, and is told what they chose over).
 * image folders that no file covers while others are covered: a warning (they are
   taken to be cut like the rest, which only the person can know).
+
+With several data folders (``fieldscope train DATA DATA ...``) the files of all of them
+count together: they must agree, and a folder without one (say, reviewed field images
+exported as class folders) is named in the warning. The record stays one.
 """
 
 from __future__ import annotations
@@ -50,10 +54,12 @@ class FoundSegmentation(NamedTuple):
     notes: tuple[str, ...]
 
 
-def find_segmentation(data_dir: Path, given: Path | None = None) -> FoundSegmentation:
+def find_segmentation(
+    data_dir: Path | Sequence[Path], given: Path | None = None
+) -> FoundSegmentation:
     """The segmentation of DATA_DIR's images: ``given`` (``--segmentation``), else the
-    ``segmentation.toml`` files under DATA_DIR, which must agree (see the module's
-    docstring for why).
+    ``segmentation.toml`` files under DATA_DIR (each of them, when several), which must
+    agree (see the module's docstring for why).
 
     Raises:
         ConfigError: ``given`` does not exist; a file cannot be read or has an invalid
@@ -61,8 +67,10 @@ def find_segmentation(data_dir: Path, given: Path | None = None) -> FoundSegment
     """
     from fieldscope.edge.segment_cli import SETTINGS_FILE
 
-    root = Path(data_dir)
-    files, uncovered = _scan(root, SETTINGS_FILE) if root.is_dir() else ([], [])
+    roots = [Path(data_dir)] if isinstance(data_dir, str | Path) else [Path(d) for d in data_dir]
+    existing = [r for r in roots if r.is_dir()]
+    files, uncovered = _scan(existing, SETTINGS_FILE)
+    root = " + ".join(str(r) for r in roots)
     if given is not None:
         return _given(given, files)
     if not files:
@@ -70,7 +78,7 @@ def find_segmentation(data_dir: Path, given: Path | None = None) -> FoundSegment
             f"none recorded (no {SETTINGS_FILE} in {root} or its folders, no "
             "--segmentation): the bundle will say it was trained on whole frames"
         )
-        return FoundSegmentation(None, (note,) if root.is_dir() else ())
+        return FoundSegmentation(None, (note,) if existing else ())
     tables = [(path, _table(path)) for path in files]
     first, objects = tables[0]
     for path, table in tables[1:]:
@@ -84,7 +92,8 @@ def find_segmentation(data_dir: Path, given: Path | None = None) -> FoundSegment
         more = f" and {len(uncovered) - _LISTED} more" if len(uncovered) > _LISTED else ""
         notes.append(
             f"warning: no {SETTINGS_FILE} covers the images in {shown}{more}; they are "
-            f"taken to be cut with the same settings (put one at the top of {root} if so)"
+            f"taken to be cut with the same settings (put one at the top of their data "
+            "folder if so)"
         )
     record = SegmentationRecord(source=str(first.resolve()), objects=objects)
     return FoundSegmentation(record, tuple(notes))
@@ -110,21 +119,25 @@ def _given(given: Path, found: Sequence[Path]) -> FoundSegmentation:
     return FoundSegmentation(record, tuple(notes))
 
 
-def _scan(root: Path, name: str) -> tuple[list[Path], list[Path]]:
-    """The settings files under ``root`` (shallowest first), and the folders holding
-    images that none of them covers (none when there is no file at all)."""
+def _scan(roots: Sequence[Path], name: str) -> tuple[list[Path], list[Path]]:
+    """The settings files under the data folders (each folder's shallowest first, folders
+    in the order given), and the folders holding images that none of them covers (none
+    when there is no file at all)."""
     settings: list[Path] = []
     image_dirs: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        folder = Path(dirpath)
-        if name in filenames and (folder / name).is_file():
-            settings.append(folder / name)
-        if any(
-            not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES for f in filenames
-        ):
-            image_dirs.append(folder)
-    settings.sort(key=lambda p: (len(p.parts), str(p)))
+    for root in roots:
+        found: list[Path] = []
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            folder = Path(dirpath)
+            if name in filenames and (folder / name).is_file():
+                found.append(folder / name)
+            if any(
+                not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES
+                for f in filenames
+            ):
+                image_dirs.append(folder)
+        settings.extend(sorted(found, key=lambda p: (len(p.parts), str(p))))
     covering = [p.parent for p in settings]
     uncovered = [
         d for d in image_dirs if settings and not any(c == d or c in d.parents for c in covering)
@@ -154,7 +167,7 @@ def _shown(value: object) -> str:
     return json.dumps(value) if isinstance(value, str | bool) else str(value)
 
 
-def _conflict(root: Path, first: Path, other: Path, differences: Sequence[str]) -> str:
+def _conflict(root: str, first: Path, other: Path, differences: Sequence[str]) -> str:
     return (
         f"the images under {root} were cut with different [objects] settings: {first} vs "
         f"{other} ({'; '.join(differences)}). A bundle records one segmentation and a "
