@@ -132,6 +132,17 @@ def missing_in_ci(reason: str) -> NoReturn:
     pytest.skip(reason)
 
 
+def ndsb24_dir() -> Path:
+    """The real plankton images (24 class folders of NDSB's PlanktonSet 1.0) that lie beside
+    the repository, never in it: ``$FIELDSCOPE_NDSB24`` or ``../shared/data/ndsb24``;
+    skips here and fails under CI when they are missing (:func:`missing_in_ci`)."""
+    default = Path(__file__).resolve().parents[2] / "shared" / "data" / "ndsb24"
+    source = Path(os.environ.get("FIELDSCOPE_NDSB24") or default)
+    if not source.is_dir():
+        missing_in_ci(f"no ndsb24 images at {source} (set FIELDSCOPE_NDSB24 to the folder)")
+    return source
+
+
 def read_all(camera: Camera, timeout: float = 0.03, tries: int = 5) -> list[Frame]:
     """Every frame the camera gives until it has had nothing for ``tries`` reads in a
     row: what a capture loop would get from a folder before it runs dry."""

@@ -16,12 +16,11 @@ Unset or missing data skips locally and fails under CI (``CI=true``).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import missing_in_ci, run_main
+from helpers import missing_in_ci, ndsb24_dir, run_main
 
 from fieldscope.edge.bundle import read_bundle
 from fieldscope.edge.classify import Classifier
@@ -31,8 +30,6 @@ from fieldscope.train.errors import MissingWeightsError
 
 pytestmark = pytest.mark.slow
 
-ENV = "FIELDSCOPE_NDSB24"
-DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "data" / "ndsb24"
 CLASSES = 6
 PER_CLASS = 50
 SIZE = 96
@@ -40,9 +37,7 @@ SIZE = 96
 
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    source = Path(os.environ.get(ENV) or DEFAULT)
-    if not source.is_dir():
-        missing_in_ci(f"no ndsb24 images at {source} (set {ENV} to the folder)")
+    source = ndsb24_dir()
     try:
         ported.weights_file("efficientnet_lite0")
     except MissingWeightsError as exc:
