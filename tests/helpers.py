@@ -133,9 +133,10 @@ def missing_in_ci(reason: str) -> NoReturn:
 
 
 def ndsb24_dir() -> Path:
-    """The real plankton images (24 class folders of NDSB's PlanktonSet 1.0) that lie beside
-    the repository, never in it: ``$FIELDSCOPE_NDSB24`` or ``../shared/data/ndsb24``;
-    skips here and fails under CI when they are missing (:func:`missing_in_ci`)."""
+    """The real plankton images (24 class folders of NDSB's PlanktonSet 1.0) that lie
+    beside the repository, never in it: ``$FIELDSCOPE_NDSB24`` or ``shared/data/ndsb24``
+    next to the checkout; skips here and fails under CI when they are missing
+    (:func:`missing_in_ci`)."""
     default = Path(__file__).resolve().parents[2] / "shared" / "data" / "ndsb24"
     source = Path(os.environ.get("FIELDSCOPE_NDSB24") or default)
     if not source.is_dir():
