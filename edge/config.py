@@ -76,6 +76,7 @@ from fieldscope.edge.config_sections import (
     PreprocessingOverrides,
     QualityConfig,
     TlsConfig,
+    UploadConfig,
     _required,
     default_client_id,
     parse_size,
@@ -125,6 +126,7 @@ __all__ = [
     "SampleConfig",
     "SiteConfig",
     "TlsConfig",
+    "UploadConfig",
     "check_config",
     "config_from_dict",
     "config_summary",
@@ -149,6 +151,7 @@ class EdgeConfig(msgspec.Struct, frozen=True):
     mqtt: Annotated[BrokerSettings, _required("host is needed")]
     outbox: OutboxConfig
     archive: ArchiveConfig
+    upload: UploadConfig = msgspec.field(default_factory=UploadConfig)
     preprocessing: PreprocessingOverrides = msgspec.field(default_factory=PreprocessingOverrides)
     quality: QualityConfig = msgspec.field(default_factory=QualityConfig)
     objects: ObjectsSettings = msgspec.field(default_factory=ObjectsSettings)
