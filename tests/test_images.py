@@ -16,10 +16,23 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 from conftest import (
     EDGE_PREFIX,
+    Broker,
+    SpecimenImages,
+    TinyBundles,
+    start_mosquitto,
+    stop_mosquitto,
 )
+from helpers import mqtt_client, wait_for
+from test_daemon import running, write_config
 
+from fieldscope.cli.main import main
+from fieldscope.collect.images import ImageStore, image_kind
+from fieldscope.collect.store import open_store
+from fieldscope.collect.subscriber import Collector, CollectorSettings
+from fieldscope.edge.broker import BrokerSettings
 from fieldscope.edge.capture import Frame
 from fieldscope.edge.config import UploadConfig
 from fieldscope.edge.outbox import Outbox
@@ -31,10 +44,6 @@ TOPICS = Topics(EDGE_PREFIX, "pond-3", "scope-a")
 
 def noisy(height: int, width: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-
-
-def image_kind(data: bytes) -> str | None:
-    return "png" if data.startswith(b"\x89PNG") else "jpg" if data.startswith(b"\xff\xd8") else None
 
 
 def png(image: np.ndarray) -> bytes:
@@ -97,3 +106,159 @@ def test_the_policy_chooses_uncertain_all_or_a_random_share(tmp_path: Path) -> N
     finally:
         for each in opened:
             each.close()
+
+
+# --- the collector's store ---------------------------------------------------------------------
+
+
+def test_the_store_keeps_good_images_by_hash_and_refuses_bad_ones(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path / "images", max_bytes=50_000)
+    good = png(noisy(20, 20))
+    digest = hashlib.sha256(good).hexdigest()
+    assert store.receive(TOPICS.image(digest), good, EDGE_PREFIX)
+    kept = store.find(digest)
+    assert kept == tmp_path / "images" / digest[:2] / digest[2:4] / f"{digest}.png"
+    assert kept.read_bytes() == good
+    assert store.receive(TOPICS.image(digest), good, EDGE_PREFIX)  # a repeat
+    other = hashlib.sha256(b"other").hexdigest()
+    big = png(noisy(300, 300))
+    assert len(big) > 50_000
+    assert store.receive(TOPICS.image(other), good, EDGE_PREFIX)  # refused, but done with
+    assert store.receive(TOPICS.image(hashlib.sha256(big).hexdigest()), big, EDGE_PREFIX)
+    text = b"not an image"
+    assert store.receive(TOPICS.image(hashlib.sha256(text).hexdigest()), text, EDGE_PREFIX)
+    assert store.receive(TOPICS.identification, good, EDGE_PREFIX)
+    assert (store.counts.stored, store.counts.duplicates) == (1, 1)
+    assert dict(store.counts.refused) == {
+        "sha256 mismatch": 1,
+        "oversize": 1,
+        "format": 1,
+        "topic": 1,
+    }
+    assert store.find(other) is None
+    files = [p for p in (tmp_path / "images").rglob("*") if p.is_file()]
+    assert files == [kept]  # no temporary files left, nothing refused kept
+
+
+# --- station to collector through a real broker ------------------------------------------------
+
+
+@pytest.fixture
+def kept(tmp_path: Path) -> tuple[Path, ImageStore]:
+    return tmp_path / "collect.sqlite", ImageStore(tmp_path / "kept")
+
+
+def collector_for(broker: Broker, db: Path, images: ImageStore, client_id: str) -> Collector:
+    settings = CollectorSettings(
+        broker=BrokerSettings(
+            host=broker.host,
+            port=broker.port,
+            client_id=client_id,
+            prefix=EDGE_PREFIX,  # the test stations' prefix
+            reconnect_backoff_s=(1.0, 1.0),
+        )
+    )
+    collector = Collector(settings, open_store(str(db)), images)
+    collector.start()
+    assert collector.wait_subscribed(10)
+    return collector
+
+
+@pytest.mark.mqtt
+def test_images_stored_during_a_broker_outage_reach_the_collector_after_it(
+    tmp_path: Path,
+    kept: tuple[Path, ImageStore],
+    tiny_bundles: TinyBundles,
+    specimen_images: SpecimenImages,
+) -> None:
+    db, images = kept
+    broker = start_mosquitto(tmp_path / "broker")
+    collector = collector_for(broker, db, images, "collector-images")
+    try:
+        stop_mosquitto(broker)  # the outage: the collector's session stays at the broker
+        files = specimen_images.copy(tmp_path / "images", 5)
+        cfg = write_config(
+            tmp_path,
+            broker,
+            tiny_bundles.v1,
+            upload={"policy": "all", "max_side": 64, "max_bytes": "64 kB"},
+        )
+        with running(cfg) as daemon:
+            uploads = daemon.station.uploads
+            assert uploads is not None
+            wait_for(
+                lambda: (
+                    daemon.station.outbox.depth() == len(files)
+                    and uploads.queue.depth() == len(files)
+                ),
+                what="every identification and image queued while the broker is down",
+            )
+            broker = start_mosquitto(tmp_path / "broker", port=broker.port)
+            wait_for(
+                lambda: collector.stats.stored == len(files) and images.counts.stored == len(files),
+                timeout=40,
+                what="identifications and images at the collector after the outage",
+            )
+            assert uploads.queue.depth() == 0
+    finally:
+        collector.stop()
+        collector.store.close()
+        stop_mosquitto(broker)
+    with open_store(str(db), create=False) as store:
+        rows = list(store.iter_identifications())
+        assert store.gaps() == []  # images use their own queue: no hole in seq
+    assert sorted(r.source_name or "" for r in rows) == sorted(p.name for p in files)
+    for row in rows:
+        path = images.find(row.upload_sha256)
+        assert path is not None, row
+        data = path.read_bytes()
+        assert hashlib.sha256(data).hexdigest() == row.upload_sha256
+        decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        assert max(decoded.shape[:2]) <= 64  # bounded by the station's [upload]
+        assert len(data) <= 64_000
+    assert images.counts.refused == {}
+
+
+@pytest.mark.mqtt
+def test_a_bad_hash_or_an_oversize_image_is_refused_and_counted_never_kept(
+    mosquitto: Broker, kept: tuple[Path, ImageStore]
+) -> None:
+    db = kept[0]
+    images = ImageStore(kept[1].root, max_bytes=40_000)
+    collector = collector_for(mosquitto, db, images, "collector-refuses")
+    good = png(noisy(16, 16))
+    big = png(noisy(200, 200))
+    wrong = hashlib.sha256(b"something else").hexdigest()
+    try:
+        with mqtt_client(mosquitto.host, mosquitto.port, "scope-a") as client:
+            sent = [
+                client.publish(TOPICS.image(wrong), good, qos=1),
+                client.publish(TOPICS.image(hashlib.sha256(big).hexdigest()), big, qos=1),
+                client.publish(TOPICS.image(hashlib.sha256(good).hexdigest()), good, qos=1),
+            ]
+            for info in sent:
+                info.wait_for_publish(10)
+            wait_for(lambda: images.counts.stored == 1, what="the good image kept")
+            wait_for(lambda: sum(images.counts.refused.values()) == 2, what="two refused")
+        assert collector.connected
+    finally:
+        collector.stop()
+        collector.store.close()
+    assert dict(images.counts.refused) == {"sha256 mismatch": 1, "oversize": 1}
+    assert images.find(wrong) is None
+    assert images.find(hashlib.sha256(big).hexdigest()) is None
+    assert images.find(hashlib.sha256(good).hexdigest()) is not None
+
+
+def test_collect_run_refuses_an_image_folder_it_cannot_use(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    taken = tmp_path / "a-file"
+    taken.write_text("not a folder")
+    db = tmp_path / "collect.sqlite"
+    args = ["collect", "run", "--broker", "127.0.0.1:1", "--db", str(db), "--images", str(taken)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--images" in err
+    assert str(taken) in err
+    assert not db.exists()  # refused before anything was opened
