@@ -41,6 +41,7 @@ __all__ = [
     "ImageCounts",
     "ImageStore",
     "ImageStoreError",
+    "find_image",
     "image_kind",
     "is_image_topic",
 ]
@@ -114,13 +115,7 @@ class ImageStore:
 
     def find(self, sha256: str | None) -> Path | None:
         """The kept image ``sha256`` (lower-case hex), or None."""
-        if sha256 is None or not _SHA256.match(sha256):
-            return None
-        for kind in MEDIA_TYPES:
-            candidate = self.path(sha256, kind)
-            if candidate.is_file():
-                return candidate
-        return None
+        return find_image(self.root, sha256)
 
     def receive(self, topic: str, payload: bytes, prefix: str) -> bool:
         """Check and keep one image message; False only when writing failed (leave it
@@ -152,6 +147,18 @@ class ImageStore:
             return False
         self.counts.stored += 1
         return True
+
+
+def find_image(root: Path, sha256: str | None) -> Path | None:
+    """The image ``sha256`` kept under ``root`` (an image store's folder), or None; only
+    a 64-digit lower-case hex key is looked up, so no request can name another file."""
+    if sha256 is None or not _SHA256.match(sha256):
+        return None
+    for kind in MEDIA_TYPES:
+        candidate = root / sha256[:2] / sha256[2:4] / f"{sha256}.{kind}"
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 def is_image_topic(topic: str, prefix: str) -> bool:

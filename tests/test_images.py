@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import random
+import urllib.error
+import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -30,8 +32,9 @@ from test_daemon import running, write_config
 
 from fieldscope.cli.main import main
 from fieldscope.collect.images import ImageStore, image_kind
-from fieldscope.collect.store import open_store
+from fieldscope.collect.store import IdentificationRow, open_store
 from fieldscope.collect.subscriber import Collector, CollectorSettings
+from fieldscope.collect.web import Dashboard, DashboardSettings
 from fieldscope.edge.broker import BrokerSettings
 from fieldscope.edge.capture import Frame
 from fieldscope.edge.config import UploadConfig
@@ -165,7 +168,7 @@ def collector_for(broker: Broker, db: Path, images: ImageStore, client_id: str) 
 
 
 @pytest.mark.mqtt
-def test_images_stored_during_a_broker_outage_reach_the_collector_after_it(
+def test_images_stored_during_a_broker_outage_reach_the_collector_and_the_dashboard(
     tmp_path: Path,
     kept: tuple[Path, ImageStore],
     tiny_bundles: TinyBundles,
@@ -217,6 +220,38 @@ def test_images_stored_during_a_broker_outage_reach_the_collector_after_it(
         assert max(decoded.shape[:2]) <= 64  # bounded by the station's [upload]
         assert len(data) <= 64_000
     assert images.counts.refused == {}
+    shown_without_copying(db, images.root, rows)
+
+
+def fetch(url: str) -> tuple[int, bytes, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status, response.read(), response.headers.get("Content-Type", "")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read(), exc.headers.get("Content-Type", "")
+
+
+def shown_without_copying(db: Path, folder: Path, rows: list[IdentificationRow]) -> None:
+    """The dashboard, given only the collector's image folder, shows every row's image
+    (thumbnail and review size) and links it from the identifications table."""
+    dashboard = Dashboard(DashboardSettings(db_url=str(db), port=0, images=folder))
+    host, port = dashboard.start()
+    url = f"http://{host}:{port}"
+    try:
+        status, page, _ = fetch(url + "/identifications")
+        assert status == 200
+        for row in rows:
+            assert f"/thumb/{row.id}".encode() in page
+            for path in (f"/thumb/{row.id}", f"/preview/{row.id}"):
+                status, body, kind = fetch(url + path)
+                assert (status, kind) == (200, "image/jpeg"), path
+                decoded = cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_COLOR)
+                assert decoded is not None
+                assert decoded.shape[0] > 0
+        status, _, _ = fetch(url + "/thumb/999999")
+        assert status == 404
+    finally:
+        dashboard.stop()
 
 
 @pytest.mark.mqtt
