@@ -92,6 +92,9 @@ def station_warnings(st: StationParts, stall_limit_s: float) -> list[str]:
         warnings.append(clip(f"pipeline stuck: {', '.join(stalled)}"))
     if st.archive.errors:
         warnings.append(f"archive: {st.archive.errors} write error(s) so far")
+    lost_images = None if st.uploads is None else st.uploads.problem()
+    if lost_images is not None:
+        warnings.append(clip(lost_images))
     return warnings
 
 

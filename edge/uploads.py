@@ -182,6 +182,20 @@ class ImageUploads:
         logger.warning("the image of %s is not uploaded: %s (%d so far)", frame.source, why, failed)
         return None
 
+    def problem(self) -> str | None:
+        """A heartbeat warning when images were lost (not encodable, not storable, or
+        given up by the full queue), else None."""
+        with self._lock:
+            failed = self.failed
+        dropped = self.queue.dropped()
+        if not failed and not dropped:
+            return None
+        return (
+            f"upload: {failed} image(s) could not be queued and {dropped} were given up by "
+            f"the full image queue ({self.queue.depth()} waiting; raise upload.queue_bytes "
+            "or lower max_bytes)"
+        )
+
     def close(self) -> None:
         self.queue.close()
 

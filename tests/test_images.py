@@ -106,6 +106,12 @@ def test_the_policy_chooses_uncertain_all_or_a_random_share(tmp_path: Path) -> N
         assert (entry.topic, entry.payload, entry.qos) == (TOPICS.image(digest), encoded, 1)
         assert only.publish(frame, "ok") is None
         assert only.queue.depth() == 0
+        assert everything.problem() is None
+        broken = uploads("all")
+        broken.queue.close()  # a queue that cannot store: the image is lost, and said so
+        assert broken.publish(frame, "ok") is None
+        assert broken.failed == 1
+        assert "1 image(s) could not be queued" in (broken.problem() or "")
     finally:
         for each in opened:
             each.close()
