@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import cv2
+import msgspec
 import numpy as np
 import pytest
 from conftest import (
@@ -32,12 +33,16 @@ from test_daemon import running, write_config
 
 from fieldscope.cli.main import main
 from fieldscope.collect.images import ImageStore, image_kind
+from fieldscope.collect.records import decode
+from fieldscope.collect.samples import sample_identification
 from fieldscope.collect.store import IdentificationRow, open_store
 from fieldscope.collect.subscriber import Collector, CollectorSettings
 from fieldscope.collect.web import Dashboard, DashboardSettings
+from fieldscope.collect.web.files import image_file, shows_image
 from fieldscope.edge.broker import BrokerSettings
 from fieldscope.edge.capture import Frame
 from fieldscope.edge.config import UploadConfig
+from fieldscope.edge.message import Identification
 from fieldscope.edge.outbox import Outbox
 from fieldscope.edge.topics import Topics
 from fieldscope.edge.uploads import ImageUploads, bounded_image
@@ -303,3 +308,42 @@ def test_collect_run_refuses_an_image_folder_it_cannot_use(
     assert "--images" in err
     assert str(taken) in err
     assert not db.exists()  # refused before anything was opened
+
+
+def test_the_dashboard_looks_in_the_image_store_first_then_in_the_archive(tmp_path: Path) -> None:
+    store_dir, archive = tmp_path / "images", tmp_path / "archive"
+    images = ImageStore(store_dir)
+    arrived = png(noisy(8, 8))
+    digest = hashlib.sha256(arrived).hexdigest()
+    assert images.receive(TOPICS.image(digest), arrived, EDGE_PREFIX)
+    late = hashlib.sha256(b"not here yet").hexdigest()
+    kept = archive / "pond-3" / "scope-a" / "2026-11-23" / "b.png"
+    kept.parent.mkdir(parents=True)
+    kept.write_bytes(png(noisy(8, 8, seed=1)))
+    messages = [
+        sample_identification(1, archived_path="/data/archive/2026-11-23/a.png"),
+        sample_identification(2, archived_path="/data/archive/2026-11-23/b.png"),
+        sample_identification(3),
+    ]
+    uploads = [digest, late, late]
+    with open_store(str(tmp_path / "collect.sqlite")) as store:
+        store.write(
+            [
+                decode(TOPICS.identification, with_upload(m, u).to_json(), EDGE_PREFIX)
+                for m, u in zip(messages, uploads, strict=True)
+            ]
+        )
+        rows = sorted(store.iter_identifications(), key=lambda r: r.seq)
+    both = DashboardSettings(db_url="x", images=store_dir, archive=archive)
+    assert image_file(both, rows[0]) == images.find(digest)  # the store first
+    assert image_file(both, rows[1]) == kept.resolve()  # not arrived: the archive copy
+    assert image_file(both, rows[2]) == "The uploaded image has not arrived yet."
+    assert all(shows_image(both, r) for r in rows)
+    archive_only = DashboardSettings(db_url="x", archive=archive)
+    assert not shows_image(archive_only, rows[2])
+    assert shows_image(DashboardSettings(db_url="x", images=store_dir), rows[2])
+
+
+def with_upload(message: Identification, sha256: str) -> Identification:
+    image = msgspec.structs.replace(message.image, upload_sha256=sha256, source_name="a.png")
+    return msgspec.structs.replace(message, image=image)
