@@ -65,6 +65,7 @@ from fieldscope.edge.config_sections import (
     MQTT_PROTOCOLS,
     OUTBOX_WHEN_FULL,
     TRIGGERS,
+    UPLOAD_QUEUE_FILE,
     ArchiveConfig,
     CameraConfig,
     DeviceConfig,
@@ -176,6 +177,10 @@ class EdgeConfig(msgspec.Struct, frozen=True):
                 "taken for new images)"
             )
             out.append(("camera.folder.path", message))
+        queue = self.upload.queue or self.device.data_dir / UPLOAD_QUEUE_FILE
+        if queue == self.outbox.path:
+            message = f"must not be the outbox ({queue}): images wait in their own queue"
+            out.append(("upload.queue" if self.upload.queue else "outbox.path", message))
         if self.mqtt.max_in_flight != self.outbox.batch:
             message = f"must be outbox.batch ({self.outbox.batch}), the link's in-flight window"
             out.append(("mqtt.max_in_flight", f"{message}, got {self.mqtt.max_in_flight}"))

@@ -46,6 +46,8 @@ OUTBOX_WHEN_FULL: tuple[str, ...] = typing.get_args(OutboxWhenFull)
 ARCHIVE_MODES: tuple[str, ...] = typing.get_args(ArchiveMode)
 ARCHIVE_FORMATS: tuple[str, ...] = typing.get_args(ArchiveFormat)
 UPLOAD_POLICIES: tuple[str, ...] = typing.get_args(UploadPolicy)
+# The images' queue in device.data_dir when [upload] queue is not set.
+UPLOAD_QUEUE_FILE = "images.sqlite"
 LOG_LEVELS: tuple[str, ...] = typing.get_args(LogLevel)
 MQTT_PROTOCOLS: tuple[str, ...] = tuple(p.value for p in MqttProtocol)
 # The station's [mqtt] and [mqtt.tls] sections are the broker connection's own models.

@@ -40,7 +40,7 @@ import numpy.typing as npt
 
 from fieldscope.edge.archive import ImageArchive
 from fieldscope.edge.capture import Frame
-from fieldscope.edge.config_sections import UploadConfig
+from fieldscope.edge.config_sections import UPLOAD_QUEUE_FILE, UploadConfig
 from fieldscope.edge.message import MAX_NAME_CHARS, ImageRef
 from fieldscope.edge.outbox import Outbox, OutboxError
 from fieldscope.edge.topics import TOPIC_SPECS, TopicKind, Topics
@@ -56,7 +56,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-QUEUE_FILE: Final = "images.sqlite"
+QUEUE_FILE: Final = UPLOAD_QUEUE_FILE
 # An image queue never holds more entries than this (its byte cap comes first).
 _MAX_QUEUED = 100_000
 _JPEG_QUALITIES: Final = (90, 80, 70, 55, 40)

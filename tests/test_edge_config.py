@@ -505,3 +505,9 @@ def test_upload_section_reads_policy_and_bounds_and_refuses_bad_ones(tmp_path: P
     found = "\n".join(problems_of(write(tmp_path, bad)))
     for key in ("upload.policy", "upload.percent", "upload.max_bytes", "upload.queue_bytes"):
         assert key in found
+
+
+def test_the_image_queue_must_not_be_the_outbox(tmp_path: Path) -> None:
+    text = MINIMAL_EDGE_CONFIG + '\n[upload]\npolicy = "all"\nqueue = "data/outbox.sqlite"\n'
+    found = problems_of(write(tmp_path, text))
+    assert any("upload.queue" in p and "own queue" in p for p in found), found
