@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import threading
 import urllib.error
 import urllib.request
 from datetime import UTC, datetime
@@ -23,6 +24,7 @@ import pytest
 from conftest import (
     EDGE_PREFIX,
     Broker,
+    MqttRecorder,
     SpecimenImages,
     TinyBundles,
     start_mosquitto,
@@ -42,6 +44,7 @@ from fieldscope.collect.web.files import image_file, shows_image
 from fieldscope.edge.broker import BrokerSettings
 from fieldscope.edge.capture import Frame
 from fieldscope.edge.config import UploadConfig
+from fieldscope.edge.link import MqttLink
 from fieldscope.edge.message import Identification
 from fieldscope.edge.outbox import Outbox
 from fieldscope.edge.topics import Topics
@@ -347,3 +350,50 @@ def test_the_dashboard_looks_in_the_image_store_first_then_in_the_archive(tmp_pa
 def with_upload(message: Identification, sha256: str) -> Identification:
     image = msgspec.structs.replace(message.image, upload_sha256=sha256, source_name="a.png")
     return msgspec.structs.replace(message, image=image)
+
+
+@pytest.mark.mqtt
+def test_the_link_sends_identifications_before_images_and_deletes_both_once_acknowledged(
+    mosquitto: Broker, tmp_path: Path
+) -> None:
+    recorder = MqttRecorder(mosquitto)
+    outbox, queue = Outbox(tmp_path / "outbox.sqlite"), Outbox(tmp_path / "images.sqlite")
+    stop = threading.Event()
+    link = MqttLink(
+        BrokerSettings(
+            host=mosquitto.host, port=mosquitto.port, client_id="fieldscope-link", max_in_flight=4
+        ),
+        TOPICS,
+        outbox,
+        on_command=lambda _name, _payload: None,
+        retained_model=lambda: None,
+        stop=stop,
+        images=queue,
+    )
+    # The images are older, yet the identifications go first: they never wait for images.
+    for i in range(6):
+        data = f"image {i}".encode()
+        queue.add(TOPICS.image(hashlib.sha256(data).hexdigest()), lambda _seq, d=data: d)
+    for _ in range(6):
+        outbox.add(TOPICS.identification, lambda seq: str(seq).encode())
+    link.start()
+    try:
+        wait_for(lambda: outbox.depth() == 0 and queue.depth() == 0, what="both queues sent")
+        assert recorder.wait_for(
+            lambda r: (
+                sum("/image/" in t or t == TOPICS.identification for t, _, _ in r.messages) == 12
+            )
+        )
+        order = [
+            "image" if "/image/" in t else "identification"
+            for t, _, _ in recorder.messages
+            if "/image/" in t or t == TOPICS.identification
+        ]
+        assert order == ["identification"] * 6 + ["image"] * 6
+        assert link.health().acknowledged == 12
+    finally:
+        stop.set()
+        link.stop_clean(2.0)
+        outbox.close()
+        queue.close()
+        recorder.close()
