@@ -216,7 +216,7 @@ def test_images_stored_during_a_broker_outage_reach_the_collector_and_the_dashbo
                 timeout=40,
                 what="identifications and images at the collector after the outage",
             )
-            assert uploads.queue.depth() == 0
+            wait_for(lambda: uploads.queue.depth() == 0, what="every image acknowledged")
     finally:
         collector.stop()
         collector.store.close()
