@@ -368,7 +368,7 @@ class MqttLink:
                 with self._cv:
                     lane.unacked_deletes = batch
                     self._n.last_error = str(exc)
-                logger.warning("cannot delete acknowledged messages (sent again later): %s", exc)
+                logger.warning("cannot delete acknowledged messages (they will be resent): %s", exc)
                 continue
             with self._cv:
                 lane.unacked_deletes -= batch
