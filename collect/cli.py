@@ -6,6 +6,7 @@
         [--taxa taxa.csv|BUNDLE] [--metadata dataset.toml] [--media-base-url URL]
     fieldscope collect export --db URL --format folders --out NEW_DIR --archive DIR
     fieldscope collect serve --db URL [--port 8080] [--bundle DIR ...] [--archive DIR]
+                             [--images DIR]
                              [--host ADDR --auth-file FILE]
 
 Handlers import their modules lazily so ``fieldscope --help`` stays instant.
@@ -194,12 +195,7 @@ def _add_serve(actions: Any) -> None:
         help="a model bundle offered on the upload page (repeatable)",
     )
     s.add_argument("--public-key", type=Path, help="verify the bundles' signatures with this key")
-    s.add_argument(
-        "--archive",
-        type=Path,
-        help="folder with copies of the stations' image archives, for thumbnails "
-        "(ARCHIVE/STATION/DEVICE/DAY/FILE, ARCHIVE/DEVICE/DAY/FILE or ARCHIVE/DAY/FILE)",
-    )
+    _image_folder_arguments(s)
     s.add_argument(
         "--max-upload-mb", type=float, default=20.0, help="largest upload accepted (default 20)"
     )
@@ -220,6 +216,23 @@ def _add_serve(actions: Any) -> None:
     s.set_defaults(handler=_serve)
 
 
+def _image_folder_arguments(s: argparse.ArgumentParser) -> None:
+    """Where ``serve`` finds images: the image store first, then archive copies."""
+    s.add_argument(
+        "--archive",
+        type=Path,
+        help="folder with copies of the stations' image archives, for thumbnails "
+        "(ARCHIVE/STATION/DEVICE/DAY/FILE, ARCHIVE/DEVICE/DAY/FILE or ARCHIVE/DAY/FILE)",
+    )
+    s.add_argument(
+        "--images",
+        type=Path,
+        metavar="DIR",
+        help="the image folder `collect run --images` fills: thumbnails and review images "
+        "come from there first (then from --archive)",
+    )
+
+
 def _run_arguments(p: argparse.ArgumentParser, *, required: bool) -> None:
     p.add_argument(
         "--broker", required=required, metavar="HOST[:PORT]", help="MQTT broker (port 1883)"
@@ -236,6 +249,18 @@ def _run_arguments(p: argparse.ArgumentParser, *, required: bool) -> None:
         help="take identifications through $share/GROUP/... so several collectors split them",
     )
     _broker_arguments(p)
+    p.add_argument(
+        "--images",
+        type=Path,
+        metavar="DIR",
+        help="keep the images stations publish ([upload] in edge.toml) in DIR, by SHA-256",
+    )
+    p.add_argument(
+        "--image-max-mb",
+        type=float,
+        default=16.0,
+        help="refuse (and count) images larger than this (default 16)",
+    )
     p.add_argument(
         "--durable",
         action="store_true",
@@ -360,9 +385,10 @@ def _run(args: argparse.Namespace) -> int:
     from fieldscope.edge.broker import describe
 
     settings = _collector_settings(args)
+    images = _image_store(args)
     store = open_store(args.db, durable=args.durable)
     try:
-        collector = Collector(settings, store)
+        collector = Collector(settings, store, images)
     except BaseException:
         store.close()
         raise
@@ -387,7 +413,21 @@ def _run(args: argparse.Namespace) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     print(f"stopped: {collector.stats.line()}", file=sys.stderr)
+    if images is not None:
+        print(f"{images.counts.line()} (in {images.root})", file=sys.stderr)
     return 0
+
+
+def _image_store(args: argparse.Namespace) -> Any:
+    """The image store ``--images`` asks for, or None."""
+    from fieldscope.collect.images import ImageStore
+    from fieldscope.edge.errors import ConfigError
+
+    if args.images is None:
+        return None
+    if not 0 < args.image_max_mb <= 1024:
+        raise ConfigError(f"--image-max-mb must be > 0 and <= 1024, got {args.image_max_mb}")
+    return ImageStore(args.images, max_bytes=int(args.image_max_mb * 1024 * 1024))
 
 
 def _filters(args: argparse.Namespace) -> Any:
@@ -462,8 +502,9 @@ def _serve(args: argparse.Namespace) -> int:
     from fieldscope.collect.web import Dashboard, DashboardSettings
     from fieldscope.edge.errors import ConfigError
 
-    if args.archive is not None and not args.archive.is_dir():
-        raise ConfigError(f"--archive {args.archive} is not a folder")
+    for option, folder in (("--archive", args.archive), ("--images", args.images)):
+        if folder is not None and not folder.is_dir():
+            raise ConfigError(f"{option} {folder} is not a folder")
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must be 0-65535, got {args.port}")
     if args.max_upload_mb <= 0:
@@ -476,6 +517,7 @@ def _serve(args: argparse.Namespace) -> int:
             bundles=tuple(args.bundle),
             public_key=args.public_key,
             archive=args.archive,
+            images=args.images,
             max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
             stale_after_s=args.stale_after,
             auth_file=args.auth_file,

@@ -165,7 +165,11 @@ def decode(
     if decoder is None:
         # A command or its reply: the collector does not subscribe to them, so one here
         # means a broker or a filter behaves unexpectedly; keep it for a person to see.
-        reason = "the collector does not store commands"
+        reason = (
+            "this collector keeps no images (start it with --images DIR)"
+            if parsed.kind is TopicKind.IMAGE
+            else "the collector does not store commands"
+        )
         return _invalid(topic, parsed.kind, payload, reason, at)
     try:
         return decoder(topic, parsed, payload, at)

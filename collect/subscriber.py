@@ -14,7 +14,9 @@ Batching needs no timer: under load the queue fills while a batch is written, so
 batches grow by themselves; when messages trickle in, each is written at once.
 
 Subscriptions (``fieldscope.edge.topics.subscription_filters``): identifications,
-status, heartbeat and model of every device. With ``share_group`` the
+status, heartbeat and model of every device, and images when the collector keeps them
+(an :class:`~fieldscope.collect.images.ImageStore`: written and checked before the
+batch's PUBACKs, like the rows). With ``share_group`` the
 identifications are taken through ``$share/{group}/...`` so several collectors
 split them (one database, de-duplicated by the store); status and model are always
 subscribed plainly, because brokers do not send retained messages to shared
@@ -44,6 +46,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from fieldscope.collect.images import ImageStore, is_image_topic
 from fieldscope.collect.records import (
     MAX_KEPT_PAYLOAD,
     DeviceHeartbeat,
@@ -179,7 +182,9 @@ class Collector:
     The store is used only by the writer thread (a store is not thread-safe).
     """
 
-    def __init__(self, settings: CollectorSettings, store: Store) -> None:
+    def __init__(
+        self, settings: CollectorSettings, store: Store, images: ImageStore | None = None
+    ) -> None:
         """Check the settings and make the (not yet connected) client.
 
         Raises:
@@ -188,6 +193,7 @@ class Collector:
         settings.check()
         self.settings = settings
         self.store = store
+        self.images = images
         self.stats = CollectorStats()
         self._queue: queue.Queue[_Received | None] = queue.Queue(settings.queue_max)
         self._lock = threading.Lock()
@@ -230,9 +236,8 @@ class Collector:
         s = self.settings
         plain = [TopicKind.STATUS, TopicKind.MODEL, TopicKind.HEARTBEAT]
         subs = list(subscription_filters(s.broker.prefix, kinds=plain))
-        subs += subscription_filters(
-            s.broker.prefix, kinds=[TopicKind.IDENTIFICATION], share_group=s.share_group
-        )
+        shareable = [TopicKind.IDENTIFICATION] + ([TopicKind.IMAGE] if self.images else [])
+        subs += subscription_filters(s.broker.prefix, kinds=shareable, share_group=s.share_group)
         return [(sub.filter, sub.qos) for sub in subs]
 
     def start(self) -> None:
@@ -528,7 +533,21 @@ class Collector:
                         before[device] = None
         return before
 
-    def _store_and_ack(self, batch: list[_Received]) -> None:
+    def _take_images(self, batch: list[_Received]) -> tuple[list[_Received], set[int]]:
+        """Keep the batch's images (see :mod:`fieldscope.collect.images`); the other
+        messages, and the mids of images whose write failed (not to be acknowledged)."""
+        if self.images is None:
+            return batch, set()
+        rest, failed, prefix = [], set(), self.settings.broker.prefix
+        for m in batch:
+            if not is_image_topic(m.topic, prefix):
+                rest.append(m)
+            elif not self.images.receive(m.topic, m.payload, prefix):
+                failed.add(m.mid)
+        return rest, failed
+
+    def _store_and_ack(self, everything: list[_Received]) -> None:
+        batch, unkept = self._take_images(everything)
         records = [self._decode(m) for m in batch]
         before = self._highs_before(records)
         delay = _RETRY_MIN_S
@@ -566,8 +585,8 @@ class Collector:
             )
         with self._lock:
             generation = self._generation
-        for m in batch:
-            if m.qos > 0 and m.generation == generation:
+        for m in everything:
+            if m.qos > 0 and m.generation == generation and m.mid not in unkept:
                 self._client.ack(m.mid, m.qos)
 
     # --- for tests and the CLI ---------------------------------------------------------------

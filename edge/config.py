@@ -65,6 +65,7 @@ from fieldscope.edge.config_sections import (
     MQTT_PROTOCOLS,
     OUTBOX_WHEN_FULL,
     TRIGGERS,
+    UPLOAD_QUEUE_FILE,
     ArchiveConfig,
     CameraConfig,
     DeviceConfig,
@@ -76,6 +77,7 @@ from fieldscope.edge.config_sections import (
     PreprocessingOverrides,
     QualityConfig,
     TlsConfig,
+    UploadConfig,
     _required,
     default_client_id,
     parse_size,
@@ -125,6 +127,7 @@ __all__ = [
     "SampleConfig",
     "SiteConfig",
     "TlsConfig",
+    "UploadConfig",
     "check_config",
     "config_from_dict",
     "config_summary",
@@ -149,6 +152,7 @@ class EdgeConfig(msgspec.Struct, frozen=True):
     mqtt: Annotated[BrokerSettings, _required("host is needed")]
     outbox: OutboxConfig
     archive: ArchiveConfig
+    upload: UploadConfig = msgspec.field(default_factory=UploadConfig)
     preprocessing: PreprocessingOverrides = msgspec.field(default_factory=PreprocessingOverrides)
     quality: QualityConfig = msgspec.field(default_factory=QualityConfig)
     objects: ObjectsSettings = msgspec.field(default_factory=ObjectsSettings)
@@ -173,6 +177,10 @@ class EdgeConfig(msgspec.Struct, frozen=True):
                 "taken for new images)"
             )
             out.append(("camera.folder.path", message))
+        queue = self.upload.queue or self.device.data_dir / UPLOAD_QUEUE_FILE
+        if queue == self.outbox.path:
+            message = f"must not be the outbox ({queue}): images wait in their own queue"
+            out.append(("upload.queue" if self.upload.queue else "outbox.path", message))
         if self.mqtt.max_in_flight != self.outbox.batch:
             message = f"must be outbox.batch ({self.outbox.batch}), the link's in-flight window"
             out.append(("mqtt.max_in_flight", f"{message}, got {self.mqtt.max_in_flight}"))

@@ -38,12 +38,16 @@ Trigger = Literal["continuous", "interval", "command"]
 OutboxWhenFull = Literal["drop-oldest", "reject-new"]
 ArchiveMode = Literal["none", "all", "uncertain"]
 ArchiveFormat = Literal["png", "jpg"]
+UploadPolicy = Literal["none", "uncertain", "all", "percent"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 
 TRIGGERS: tuple[str, ...] = typing.get_args(Trigger)
 OUTBOX_WHEN_FULL: tuple[str, ...] = typing.get_args(OutboxWhenFull)
 ARCHIVE_MODES: tuple[str, ...] = typing.get_args(ArchiveMode)
 ARCHIVE_FORMATS: tuple[str, ...] = typing.get_args(ArchiveFormat)
+UPLOAD_POLICIES: tuple[str, ...] = typing.get_args(UploadPolicy)
+# The images' queue in device.data_dir when [upload] queue is not set.
+UPLOAD_QUEUE_FILE = "images.sqlite"
 LOG_LEVELS: tuple[str, ...] = typing.get_args(LogLevel)
 MQTT_PROTOCOLS: tuple[str, ...] = tuple(p.value for p in MqttProtocol)
 # The station's [mqtt] and [mqtt.tls] sections are the broker connection's own models.
@@ -244,6 +248,39 @@ class ArchiveConfig(msgspec.Struct, frozen=True):
             out.append(("max_bytes", f"must be at least 1 MiB, got {self.max_bytes} bytes"))
         if self.dir.exists() and not self.dir.is_dir():
             out.append(("dir", f"{self.dir} exists and is not a directory"))
+        return out
+
+
+class UploadConfig(msgspec.Struct, frozen=True):
+    """``[upload]``: which frames' images go to the collector, on the ``image`` topic.
+
+    ``policy``: ``none``, ``uncertain`` (the images worth labelling), ``all``, or
+    ``percent`` (that share of the frames, chosen at random). Each chosen image is
+    published as ``format`` (``jpg`` or ``png``), shrunk so its longer side is at most
+    ``max_side`` pixels and its bytes at most ``max_bytes`` (a JPEG is re-encoded at
+    lower quality, then smaller, until it fits); a file's own JPEG or PNG bytes are
+    sent unchanged when they already fit. Images wait in their own durable queue
+    (``queue``, default ``images.sqlite`` in ``device.data_dir``) of at most
+    ``queue_bytes``, the oldest given up first, so a long outage can never push out
+    identifications."""
+
+    policy: UploadPolicy = "none"
+    percent: Annotated[float, Meta(gt=0, le=100)] = 10.0
+    max_side: Annotated[int, Meta(ge=16, le=65535)] = 1600
+    max_bytes: Annotated[int, Meta(extra={"parse": _size})] = 1 << 20
+    format: Annotated[ArchiveFormat, Meta(extra={"case": "lower"})] = "jpg"
+    queue: Path | None = None
+    queue_bytes: Annotated[int, Meta(extra={"parse": _size})] = 256 << 20
+
+    def problems(self) -> Problems:
+        out: Problems = []
+        if not 16 << 10 <= self.max_bytes <= 64 << 20:
+            out.append(("max_bytes", f"must be from 16 KiB to 64 MiB, got {self.max_bytes} bytes"))
+        if self.queue_bytes < max(1 << 20, 4 * self.max_bytes):
+            message = "must be at least 1 MiB and four times upload.max_bytes"
+            out.append(("queue_bytes", f"{message}, got {self.queue_bytes} bytes"))
+        if self.queue is not None and self.queue.is_dir():
+            out.append(("queue", f"{self.queue} is a directory; give the database file's path"))
         return out
 
 

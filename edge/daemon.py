@@ -64,6 +64,7 @@ from fieldscope.edge.daemon_station import (
     drain,
     make_data_dir,
     open_outbox,
+    open_uploads_on,
     pause_or_resume,
     reload_reply,
     resend,
@@ -71,12 +72,7 @@ from fieldscope.edge.daemon_station import (
     station_warnings,
 )
 from fieldscope.edge.errors import FieldscopeError
-from fieldscope.edge.health import (
-    CommandReply,
-    Heartbeat,
-    cpu_temperature_c,
-    disk_free_bytes,
-)
+from fieldscope.edge.health import CommandReply, Heartbeat, cpu_temperature_c, disk_free_bytes
 from fieldscope.edge.link import MqttLink
 from fieldscope.edge.model_slot import (
     LoadedModel,
@@ -91,6 +87,7 @@ from fieldscope.edge.pipeline import FrameCounters, Pipeline
 from fieldscope.edge.sample_book import SAMPLE_FILE, SampleBook, sample_command, stamper
 from fieldscope.edge.site import site_part
 from fieldscope.edge.systemd import Notifier
+from fieldscope.edge.uploads import ImageUploads
 
 __all__ = [
     "BUNDLE_CHECK_INTERVAL_S",
@@ -210,16 +207,19 @@ class Daemon:
         samples = SampleBook(self.cfg.device.data_dir / SAMPLE_FILE, self.cfg.sample)
         outbox = open_outbox(self.cfg)
         stack.callback(outbox.close)
+        uploads = open_uploads_on(self.cfg, stack)  # None unless [upload] chooses images
         stack.callback(self._write_state, "stopped")
         slot = ModelSlot(self._load_model(), self.cfg.objects)
         archive = self._open_archive()
         supervisor, trigger = self._open_camera()
         stack.callback(supervisor.close)
-        link = self._start_link(outbox)
+        link = self._start_link(outbox, uploads)
         stack.callback(link.stop_clean, _FLUSH_S)
-        pipeline = self._start_pipeline(supervisor, trigger, slot, outbox, archive, samples=samples)
+        pipeline = self._start_pipeline(
+            supervisor, trigger, slot, outbox, archive, samples=samples, uploads=uploads
+        )
         stack.callback(drain, pipeline, _DRAIN_S)
-        parts = (outbox, slot, archive, supervisor, trigger, link, pipeline, samples)
+        parts = (outbox, slot, archive, supervisor, trigger, link, pipeline, samples, uploads)
         self._station = StationParts(*parts)
         self._write_state("running")
         self.notifier.ready(f"serving {slot.current().describe()}")
@@ -257,7 +257,7 @@ class Daemon:
         logger.info("camera %s, trigger %s", camera.name, c.trigger)
         return supervisor, make_trigger(c)
 
-    def _start_link(self, outbox: Outbox) -> MqttLink:
+    def _start_link(self, outbox: Outbox, uploads: ImageUploads | None) -> MqttLink:
         link = MqttLink(
             self.cfg.mqtt,  # its max_in_flight is outbox.batch (the loader sets it)
             self.topics,
@@ -265,6 +265,7 @@ class Daemon:
             on_command=self.on_command,
             retained_model=lambda: self._model_json,
             stop=self.stop,
+            images=None if uploads is None else uploads.queue,
         )
         link.start()
         self._link = link
@@ -279,6 +280,7 @@ class Daemon:
         archive: ImageArchive,
         *,
         samples: SampleBook,
+        uploads: ImageUploads | None,
     ) -> Pipeline:
         pipeline = Pipeline(
             camera=supervisor,
@@ -286,6 +288,7 @@ class Daemon:
             slot=slot,
             outbox=outbox,
             archive=archive,
+            uploads=uploads,
             quality=self.cfg.quality,
             topics=self.topics,
             stop=self.stop,

@@ -25,6 +25,7 @@ from fieldscope.edge.model_slot import ModelSlot, ReloadResult
 from fieldscope.edge.outbox import DEFAULT_KEEP_SENT, Outbox, OutboxError, clock_first_seq
 from fieldscope.edge.pipeline import Pipeline
 from fieldscope.edge.sample_book import SampleBook
+from fieldscope.edge.uploads import ImageUploads, open_uploads
 
 __all__ = [
     "StationParts",
@@ -34,6 +35,7 @@ __all__ = [
     "drain",
     "make_data_dir",
     "open_outbox",
+    "open_uploads_on",
     "pause_or_resume",
     "reload_reply",
     "resend",
@@ -58,6 +60,7 @@ class StationParts:
     link: MqttLink
     pipeline: Pipeline
     samples: SampleBook  # the current sample, which the ``sample`` command changes
+    uploads: ImageUploads | None = None  # images to the collector (``[upload]``)
 
 
 def _clip(text: str) -> str:
@@ -89,6 +92,9 @@ def station_warnings(st: StationParts, stall_limit_s: float) -> list[str]:
         warnings.append(clip(f"pipeline stuck: {', '.join(stalled)}"))
     if st.archive.errors:
         warnings.append(f"archive: {st.archive.errors} write error(s) so far")
+    lost_images = None if st.uploads is None else st.uploads.problem()
+    if lost_images is not None:
+        warnings.append(clip(lost_images))
     return warnings
 
 
@@ -207,6 +213,15 @@ def open_outbox(cfg: EdgeConfig) -> Outbox:
         "outbox %s: %d message(s) waiting, next seq %d", o.path, outbox.depth(), outbox.next_seq
     )
     return outbox
+
+
+def open_uploads_on(cfg: EdgeConfig, stack: contextlib.ExitStack) -> ImageUploads | None:
+    """The station's image uploads (None when ``[upload] policy`` is ``none``), closed
+    by ``stack``."""
+    uploads = open_uploads(cfg.upload, cfg.device.data_dir, cfg.topics)
+    if uploads is not None:
+        stack.callback(uploads.close)
+    return uploads
 
 
 def state_record(

@@ -30,6 +30,10 @@ Decisions:
   ``offline``; a clean stop publishes retained ``stopped`` first, since the broker
   does not send the will after a clean DISCONNECT.
 * **At most ``max_in_flight`` unacknowledged**, the rest waits on disk, not in memory.
+* **Images** (``[upload]``) wait in their own durable queue, a second :class:`Outbox`
+  (:class:`~fieldscope.edge.link_lane.Lane`), drained the same way with the room the
+  identifications leave: identifications go first, and neither queue's cap can push
+  out the other's messages. Each lane keeps its own seqs, cursor and deletions.
 * **Commands** (``.../command/+``) are handed to ``on_command(name, payload)`` on
   the link's own dispatcher thread, so a slow handler never stalls the network.
   Retained commands are ignored: they would run again on every reconnect.
@@ -62,6 +66,7 @@ from fieldscope.edge.broker import (
 from fieldscope.edge.errors import FieldscopeError
 from fieldscope.edge.link_commands import CommandInbox
 from fieldscope.edge.link_health import LinkCounters, LinkHealth
+from fieldscope.edge.link_lane import Lane
 from fieldscope.edge.outbox import Entry, Outbox, OutboxError
 from fieldscope.edge.topics import (
     TOPIC_SPECS,
@@ -127,6 +132,7 @@ class MqttLink:
         on_command: Callable[[str, bytes], None],
         retained_model: Callable[[], bytes | None],
         stop: threading.Event,
+        images: Outbox | None = None,
     ) -> None:
         self.settings = settings
         self.topics = topics
@@ -141,13 +147,11 @@ class MqttLink:
         self._dirty = True
         self._closing = False
         self._acks: list[tuple[int, ReasonCode | None]] = []
-        self._in_flight: dict[int, int] = {}  # paho mid -> outbox seq
-        self._in_flight_seqs: set[int] = set()
-        self._cursor = 0  # highest seq handed to paho since the last rewind
-        self._rewind = False  # re-scan the backlog from the start on the next fill
+        # The identifications' outbox first, then the images' queue (``images``).
+        self._lanes = [Lane(outbox)] + ([] if images is None else [Lane(images)])
+        self._in_flight: dict[int, tuple[Lane, int]] = {}  # paho mid -> lane and seq
         self._retry_at: float | None = None
         self._retry_delay = _REFUSED_RETRY_MIN_S
-        self._unacked_deletes: set[int] = set()
         self._online_mid: int | None = None
         self._online = False
         self._stopped_mid: int | None = None
@@ -157,7 +161,8 @@ class MqttLink:
         self._started = False
         self._stop_result: bool | None = None
         self._client = self._make_client()
-        outbox.add_listener(self.notify)
+        for lane in self._lanes:
+            lane.outbox.add_listener(self.notify)
 
     # --- set-up ---------------------------------------------------------------------------
 
@@ -202,7 +207,7 @@ class MqttLink:
             self._connected = True
             self._announce = True
             self._dirty = True
-            self._rewind = True  # re-scan the backlog for anything not in flight
+            self._rewind_lanes()  # re-scan the backlog for anything not in flight
             self._retry_at = None
             self._retry_delay = _REFUSED_RETRY_MIN_S
             self._n.last_connected_at = datetime.now(UTC)
@@ -266,9 +271,14 @@ class MqttLink:
         """Wake the publisher to read the outbox from its oldest entry again: entries
         older than those already published were put back (``Outbox.requeue``)."""
         with self._cv:
-            self._rewind = True
+            self._rewind_lanes()
             self._dirty = True
             self._cv.notify_all()
+
+    def _rewind_lanes(self) -> None:
+        """Re-scan every queue from its oldest entry on the next fill. Needs self._cv."""
+        for lane in self._lanes:
+            lane.rewind = True
 
     def run(self) -> None:
         """The publisher thread's body (started by :meth:`start`): drain the outbox to
@@ -311,16 +321,16 @@ class MqttLink:
             self._announce = False
             if self._retry_at is not None and time.monotonic() >= self._retry_at:
                 self._retry_at = None
-                self._rewind = True
+                self._rewind_lanes()
                 self._dirty = True
         self._delete(done)
         if announce:
             self._announce_state()
         self._fill()
 
-    def _resolve_acks(self, acks: list[tuple[int, ReasonCode | None]]) -> list[int]:
-        """Map PUBACKs to outbox seqs; a refusal schedules a retry. Needs self._cv."""
-        done: list[int] = []
+    def _resolve_acks(self, acks: list[tuple[int, ReasonCode | None]]) -> list[tuple[Lane, int]]:
+        """Map PUBACKs to queued seqs; a refusal schedules a retry. Needs self._cv."""
+        done: list[tuple[Lane, int]] = []
         for mid, reason in acks:
             if mid == self._online_mid:
                 self._online = True
@@ -328,10 +338,11 @@ class MqttLink:
             if mid == self._stopped_mid:
                 self._stopped_acked = True
                 self._cv.notify_all()
-            seq = self._in_flight.pop(mid, None)
-            if seq is None:
+            found = self._in_flight.pop(mid, None)
+            if found is None:
                 continue
-            self._in_flight_seqs.discard(seq)
+            lane, seq = found
+            lane.in_flight.discard(seq)
             if reason is not None and reason.is_failure:
                 self._n.refused += 1
                 self._n.last_error = f"the broker refused message seq {seq}: {reason}"
@@ -341,27 +352,26 @@ class MqttLink:
                     self._retry_delay = min(2 * self._retry_delay, _REFUSED_RETRY_MAX_S)
                 continue
             self._n.acknowledged += 1
-            done.append(seq)
+            done.append((lane, seq))
         return done
 
-    def _delete(self, seqs: list[int]) -> None:
+    def _delete(self, done: list[tuple[Lane, int]]) -> None:
         """Delete acknowledged entries; keep them for the next try if the disk refuses."""
-        with self._cv:
-            batch = self._unacked_deletes | set(seqs)
-        if not batch:
-            return
-        try:
-            self.outbox.ack_many(batch)
-        except OutboxError as exc:
+        for lane in self._lanes:
             with self._cv:
-                self._unacked_deletes = batch
-                self._n.last_error = str(exc)
-            logger.warning("cannot delete acknowledged messages (they will be resent): %s", exc)
-            return
-        with self._cv:
-            self._unacked_deletes -= batch
-        if self._unacked_deletes:
-            logger.debug("%d deletions still pending", len(self._unacked_deletes))
+                batch = lane.unacked_deletes | {seq for at, seq in done if at is lane}
+            if not batch:
+                continue
+            try:
+                lane.outbox.ack_many(batch)
+            except OutboxError as exc:
+                with self._cv:
+                    lane.unacked_deletes = batch
+                    self._n.last_error = str(exc)
+                logger.warning("cannot delete acknowledged messages (they will be resent): %s", exc)
+                continue
+            with self._cv:
+                lane.unacked_deletes -= batch
 
     def _announce_state(self) -> None:
         """Subscribe to commands, republish the retained model, then retained ``online``."""
@@ -385,46 +395,58 @@ class MqttLink:
         return self._client.publish(topic, payload, qos=spec.qos, retain=spec.retain)
 
     def _fill(self) -> None:
-        """Hand outbox entries to paho, oldest first, up to ``max_in_flight``."""
+        """Hand queued entries to paho, oldest first, identifications before images,
+        up to ``max_in_flight``."""
         while True:
             with self._cv:
                 room = self.settings.max_in_flight - len(self._in_flight)
                 if not self._connected or room <= 0 or not self._dirty:
                     return
                 self._dirty = False
-                if self._rewind:
-                    self._rewind = False
-                    self._cursor = 0
-                after = self._cursor
-            try:
-                entries = self.outbox.pending(room, after=after)
-            except OutboxError as exc:
-                with self._cv:
-                    self._n.last_error = str(exc)
-                    self._retry_at = time.monotonic() + self._retry_delay
-                logger.error("cannot read the outbox: %s", exc)
+            if not all(self._fill_lane(lane) for lane in self._lanes):
                 return
-            for entry in entries:
-                if not self._hand_over(entry):
-                    return
-            if len(entries) == room:
-                with self._cv:
-                    self._dirty = True  # a full batch: there may be more behind it
 
-    def _hand_over(self, entry: Entry) -> bool:
-        """Publish one outbox entry and remember its ``mid``; False to stop filling."""
+    def _fill_lane(self, lane: Lane) -> bool:
+        """Hand one queue's entries to paho with the room left; False to stop filling."""
+        with self._cv:
+            room = self.settings.max_in_flight - len(self._in_flight)
+            if room <= 0:
+                self._dirty = True  # the rest waits for acknowledgements
+                return False
+            if lane.rewind:
+                lane.rewind = False
+                lane.cursor = 0
+            after = lane.cursor
+        try:
+            entries = lane.outbox.pending(room, after=after)
+        except OutboxError as exc:
+            with self._cv:
+                self._n.last_error = str(exc)
+                self._retry_at = time.monotonic() + self._retry_delay
+            logger.error("cannot read the outbox: %s", exc)
+            return False
+        for entry in entries:
+            if not self._hand_over(lane, entry):
+                return False
+        if len(entries) == room:
+            with self._cv:
+                self._dirty = True  # a full batch: there may be more behind it
+        return True
+
+    def _hand_over(self, lane: Lane, entry: Entry) -> bool:
+        """Publish one queued entry and remember its ``mid``; False to stop filling."""
         with self._cv:
             if not self._connected:
                 self._dirty = True
                 return False
-            if entry.seq in self._in_flight_seqs or entry.seq in self._unacked_deletes:
-                self._cursor = max(self._cursor, entry.seq)
+            if entry.seq in lane.in_flight or entry.seq in lane.unacked_deletes:
+                lane.cursor = max(lane.cursor, entry.seq)
                 return True
         info = self._client.publish(entry.topic, entry.payload, qos=entry.qos)
         with self._cv:
             if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and entry.qos == 0:
                 # paho drops QoS 0 while disconnected: send it again after reconnect.
-                self._rewind = True
+                lane.rewind = True
                 self._dirty = True
                 return False
             if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
@@ -433,9 +455,9 @@ class MqttLink:
                 self._retry_at = time.monotonic() + self._retry_delay
                 return False
             # With NO_CONN paho keeps a QoS 1 message and sends it on reconnect.
-            self._in_flight[info.mid] = entry.seq
-            self._in_flight_seqs.add(entry.seq)
-            self._cursor = max(self._cursor, entry.seq)
+            self._in_flight[info.mid] = (lane, entry.seq)
+            lane.in_flight.add(entry.seq)
+            lane.cursor = max(lane.cursor, entry.seq)
             self._n.published += 1
         return True
 
@@ -531,7 +553,7 @@ class MqttLink:
         self._inbox.close()
         for thread in self._threads:
             thread.join(max(0.1, deadline - time.monotonic()))
-        left = self.outbox.depth()
+        left = sum(lane.outbox.depth() for lane in self._lanes)
         logger.info(
             "MQTT link stopped (%s; %d message(s) left in the outbox)",
             "clean" if flushed and stopped else "not everything was delivered",
@@ -544,8 +566,9 @@ class MqttLink:
         self.notify()
         while True:
             with self._cv:
-                idle = not self._in_flight and not self._unacked_deletes and not self._acks
-            if idle and self.outbox.depth() == 0:
+                deleting = any(lane.unacked_deletes for lane in self._lanes)
+                idle = not self._in_flight and not deleting and not self._acks
+            if idle and all(lane.outbox.depth() == 0 for lane in self._lanes):
                 return True
             remaining = deadline - time.monotonic()
             if remaining <= 0:

@@ -21,8 +21,8 @@ Decisions a subscriber relies on (also in docs/mqtt.md):
   quality gate and no inference ran, so ``label`` and ``score`` are null,
   ``top_k`` is empty and ``quality``/``reason`` say why.
 * **Optional fields** (``quality`` and its members, ``image.archived_path``,
-  ``reason``, ``object``, ``segmentation``, ``site``, ``sample``) are omitted when
-  unknown, never null.
+  ``image.upload_sha256``, ``image.source_name``, ``reason``, ``object``,
+  ``segmentation``, ``site``, ``sample``) are omitted when unknown, never null.
 * **Site and sample** (:mod:`fieldscope.edge.site`): the station's ``[site]`` (WGS84
   coordinates, depth or elevation, country, locality) and the sample current when the
   message was stored (started and ended by the ``sample`` command).
@@ -167,11 +167,16 @@ class ModelRef(_Part, frozen=True):
 
 
 class ImageRef(_Part, frozen=True):
-    """The captured frame: SHA-256 of its encoded bytes, its size, and where the
-    station archived it (a path on the station) when it keeps images."""
+    """The captured frame: SHA-256 of its encoded bytes, its size, where the station
+    archived it (a path on the station) when it keeps images, the SHA-256 of the copy it
+    publishes on the ``image`` topic when its ``[upload]`` policy chose this frame (the
+    key the collector stores it under), and the original file's name for frames read
+    from files (folder and replay cameras)."""
 
     _where: ClassVar[str] = "image"
-    _omit_none: ClassVar[frozenset[str]] = frozenset({"archived_path"})
+    _omit_none: ClassVar[frozenset[str]] = frozenset(
+        {"archived_path", "upload_sha256", "source_name"}
+    )
 
     sha256: Annotated[Sha256, _doc("SHA-256 of the encoded image bytes.")]
     width: Side
@@ -181,6 +186,21 @@ class ImageRef(_Part, frozen=True):
         _doc(
             "Where the station archived the image (a path on the station); omitted when it keeps "
             "none."
+        ),
+    ] = None
+    upload_sha256: Annotated[
+        Sha256 | None,
+        _doc(
+            "SHA-256 of the image published on the image topic (.../image/<sha256>), a bounded "
+            "JPEG or PNG copy of the frame; the collector stores it under this key. Omitted "
+            "when the station's [upload] policy did not choose the frame."
+        ),
+    ] = None
+    source_name: Annotated[
+        Name | None,
+        _doc(
+            "The original file name of a frame read from a file (folder or replay camera); "
+            "omitted for camera frames."
         ),
     ] = None
 

@@ -52,7 +52,6 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Final
 
 from fieldscope.edge.archive import ImageArchive
@@ -77,6 +76,7 @@ from fieldscope.edge.pipeline_parts import (
 from fieldscope.edge.preprocess import preprocess
 from fieldscope.edge.quality import assess
 from fieldscope.edge.topics import TOPIC_SPECS, TopicKind, Topics
+from fieldscope.edge.uploads import FrameImages, ImageUploads, source_name
 
 __all__ = ["STAGES", "FrameCounters", "Pipeline", "StorageProblem"]
 
@@ -118,6 +118,7 @@ class Pipeline:
         slot: ModelSlot,
         outbox: Outbox,
         archive: ImageArchive,
+        uploads: ImageUploads | None = None,
         quality: QualityConfig,
         topics: Topics,
         stop: threading.Event,
@@ -135,7 +136,7 @@ class Pipeline:
         self._trigger = trigger
         self._slot = slot
         self._outbox = outbox
-        self._archive = archive
+        self._images = FrameImages(archive, uploads)  # archived, uploaded, described
         self._quality = quality
         self._topics = topics
         self._topic = topics.identification
@@ -391,7 +392,8 @@ class Pipeline:
             started=started,
             capture_ms=capture_ms,
             image=frame.image,
-            frame=frame if self._archive.mode != "none" else None,
+            frame=frame if self._images.wanted else None,
+            source_name=source_name(frame),
             fail=frame.fail,
         )
 
@@ -471,16 +473,8 @@ class Pipeline:
         if work.segmented is not None:  # the frame's "worst" object decides its archiving
             statuses = {o.prediction.status for o in work.segmented.objects if o.prediction}
             status = next((s for s in ("uncertain", "ok") if s in statuses), "rejected")
-        archived: Path | None = None
-        if captured.frame is not None and self._archive.wants(status):
-            hint = prediction.label if prediction is not None else None
-            archived = self._archive.store(captured.frame, status, hint or status)
-        image = ImageRef(
-            captured.digest,
-            captured.width,
-            captured.height,
-            None if archived is None else str(archived),
-        )
+        label = prediction.label if prediction is not None else None
+        image = self._images.keep(captured, status, label)
         if work.segmented is not None:
             self._store_objects(work, image)
             return

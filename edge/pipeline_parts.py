@@ -127,6 +127,7 @@ class _Captured:
     image: npt.NDArray[np.uint8]
     frame: Frame | None  # kept only when the archive may want it
     fail: Callable[[str], None] | None = None  # the frame's own ``fail`` (see Frame)
+    source_name: str | None = None  # the file's name, for frames read from files
 
     @property
     def source_frame(self) -> Frame | None:

@@ -52,6 +52,10 @@ DEFAULT_PREFIX = "fieldscope"
 MAX_SEGMENT_BYTES = 128
 MAX_PREFIX_BYTES = 256
 _COMMAND_LEVEL = "command"
+# Kinds whose topic has one more level: the command's name, the image's SHA-256.
+_NAMED_KINDS: Mapping[str, str] = MappingProxyType(
+    {_COMMAND_LEVEL: "command name", "image": "image sha256"}
+)
 
 
 class TopicError(ConfigError):
@@ -70,6 +74,7 @@ class TopicKind(StrEnum):
     HEARTBEAT = "heartbeat"
     MODEL = "model"
     COMMAND = "command"
+    IMAGE = "image"
 
 
 class DeviceStatus(StrEnum):
@@ -129,6 +134,15 @@ TOPIC_SPECS: Mapping[TopicKind, TopicSpec] = MappingProxyType(
             description="the bundle the device is serving; retained so a new subscriber "
             "learns it at once",
         ),
+        TopicKind.IMAGE: TopicSpec(
+            TopicKind.IMAGE,
+            qos=1,
+            retain=False,
+            inbound=False,
+            description="an identification's image (JPEG or PNG bytes), named by the last "
+            "level: the SHA-256 of the payload, which the identification's "
+            "image.upload_sha256 names; at least once, so a repeat is the same file",
+        ),
         TopicKind.COMMAND: TopicSpec(
             TopicKind.COMMAND,
             qos=1,
@@ -140,8 +154,11 @@ TOPIC_SPECS: Mapping[TopicKind, TopicSpec] = MappingProxyType(
     }
 )
 
-# What a collector subscribes to: everything a device publishes, never the commands.
-COLLECTED_KINDS: tuple[TopicKind, ...] = tuple(k for k, s in TOPIC_SPECS.items() if not s.inbound)
+# What a collector subscribes to: everything a device publishes, never the commands, and
+# images only when it keeps them (``fieldscope collect run --images DIR`` adds them).
+COLLECTED_KINDS: tuple[TopicKind, ...] = tuple(
+    k for k, s in TOPIC_SPECS.items() if not s.inbound and k is not TopicKind.IMAGE
+)
 
 
 class Will(NamedTuple):
@@ -166,7 +183,7 @@ class ParsedTopic(NamedTuple):
     station: str
     device: str
     kind: TopicKind
-    command: str | None
+    command: str | None  # the command's name, or an image topic's SHA-256
 
 
 def segment_problem(value: object) -> str | None:
@@ -280,6 +297,11 @@ class Topics:
     def model(self) -> str:
         return self.topic(TopicKind.MODEL)
 
+    def image(self, sha256: str) -> str:
+        """The topic an image is published on, named by the SHA-256 (64 lower-case hex
+        digits) of its payload."""
+        return self.topic(TopicKind.IMAGE, sha256)
+
     def command(self, name: str) -> str:
         """The topic a command called ``name`` arrives on."""
         return self.topic(TopicKind.COMMAND, name)
@@ -298,14 +320,20 @@ class Topics:
         return f"{self.base}/{_COMMAND_LEVEL}/+"
 
     def topic(self, kind: TopicKind | str, command: str | None = None) -> str:
-        """The topic of ``kind``; ``command`` names the command and is required for it only."""
+        """The topic of ``kind``; ``command`` names the command (or the image's SHA-256)
+        and is required for those two kinds only."""
         kind = _kind(kind)
-        if kind is TopicKind.COMMAND:
+        what = _NAMED_KINDS.get(kind.value)
+        if what is not None:
             if command is None:
-                raise TopicError("a command topic needs the command's name")
-            return f"{self.base}/{_COMMAND_LEVEL}/{check_segment('command name', command)}"
+                needs = "the command's name" if kind is TopicKind.COMMAND else "the image's sha256"
+                raise TopicError(f"a {kind.value} topic needs {needs}")
+            return f"{self.base}/{kind.value}/{_check_named(what, command)}"
         if command is not None:
-            raise TopicError(f"only command topics take a command name, not {kind.value!r}")
+            raise TopicError(
+                "only command topics take a command name (and image topics a sha256), "
+                f"not {kind.value!r}"
+            )
         return f"{self.base}/{kind.value}"
 
     def spec(self, kind: TopicKind | str) -> TopicSpec:
@@ -316,6 +344,18 @@ class Topics:
         """The will to register before connecting: retained ``offline`` on ``status``."""
         spec = TOPIC_SPECS[TopicKind.STATUS]
         return Will(self.status, DeviceStatus.OFFLINE.value.encode(), spec.qos, spec.retain)
+
+
+def _check_named(what: str, value: object) -> str:
+    """A command's name, or an image's SHA-256 (which must be one: 64 lower-case hex)."""
+    name = check_segment(what, value)
+    if what == "image sha256" and not _is_sha256(name):
+        raise TopicError(f"{what} must be 64 lower-case hex digits, got {show(name)}")
+    return name
+
+
+def _is_sha256(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
 def _kind(kind: TopicKind | str) -> TopicKind:
@@ -336,15 +376,18 @@ def parse(topic: str, prefix: str) -> ParsedTopic:
     _check_prefix(prefix)
     if not isinstance(topic, str):
         raise TopicError(f"topic must be a string, got {type(topic).__name__}")
-    expected = f"{prefix}/STATION/DEVICE/KIND or {prefix}/STATION/DEVICE/command/NAME"
+    expected = (
+        f"{prefix}/STATION/DEVICE/KIND, {prefix}/STATION/DEVICE/command/NAME "
+        f"or {prefix}/STATION/DEVICE/image/SHA256"
+    )
     if not topic.startswith(prefix + "/"):
         raise TopicError(f"topic {show(topic)} is not under the prefix {show(prefix)}")
     levels = topic[len(prefix) + 1 :].split("/")
-    if len(levels) == 4 and levels[2] == _COMMAND_LEVEL:
-        station, device, _, name = levels
+    if len(levels) == 4 and levels[2] in _NAMED_KINDS:
+        station, device, last, name = levels
         command: str | None = name
-        kind = TopicKind.COMMAND
-    elif len(levels) == 3 and levels[2] != _COMMAND_LEVEL:
+        kind = TopicKind(last)
+    elif len(levels) == 3 and levels[2] not in _NAMED_KINDS:
         station, device, last = levels
         command = None
         try:
@@ -359,7 +402,7 @@ def parse(topic: str, prefix: str) -> ParsedTopic:
         check_segment("station", station)
         check_segment("device", device)
         if command is not None:
-            check_segment("command name", command)
+            _check_named(_NAMED_KINDS[kind.value], command)
     except TopicError as exc:
         raise TopicError(f"topic {show(topic)}: {exc}") from None
     return ParsedTopic(station, device, kind, command)
@@ -386,7 +429,7 @@ def subscription_filters(
     _check_level_or_wildcard("device", device)
     subs: list[Subscription] = []
     for kind in dict.fromkeys(_kind(k) for k in kinds):
-        last = f"{_COMMAND_LEVEL}/+" if kind is TopicKind.COMMAND else kind.value
+        last = f"{kind.value}/+" if kind.value in _NAMED_KINDS else kind.value
         flt = f"{prefix}/{station}/{device}/{last}"
         if share_group is not None:
             flt = shared(share_group, flt)

@@ -488,3 +488,26 @@ def test_objects_mistakes_are_all_reported_at_once(tmp_path: Path) -> None:
     assert "objects.mode: must be one of frame, segment" in joined
     assert "objects.blur_px: must be an odd number of pixels" in joined
     assert "did you mean 'max_area_um2'?" in joined
+
+
+def test_upload_section_reads_policy_and_bounds_and_refuses_bad_ones(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, MINIMAL_EDGE_CONFIG), environ={}).upload.policy == "none"
+    text = MINIMAL_EDGE_CONFIG + (
+        '\n[upload]\npolicy = "percent"\npercent = 25\nmax_side = 800\nmax_bytes = "200 kB"\n'
+        'format = "PNG"\n'
+    )
+    upload = load_config(write(tmp_path, text), environ={}).upload
+    assert (upload.policy, upload.percent, upload.max_side) == ("percent", 25.0, 800)
+    assert (upload.max_bytes, upload.format, upload.queue) == (200_000, "png", None)
+    bad = MINIMAL_EDGE_CONFIG + (
+        '\n[upload]\npolicy = "some"\npercent = 0\nmax_bytes = "1 kB"\nqueue_bytes = 1000\n'
+    )
+    found = "\n".join(problems_of(write(tmp_path, bad)))
+    for key in ("upload.policy", "upload.percent", "upload.max_bytes", "upload.queue_bytes"):
+        assert key in found
+
+
+def test_the_image_queue_must_not_be_the_outbox(tmp_path: Path) -> None:
+    text = MINIMAL_EDGE_CONFIG + '\n[upload]\npolicy = "all"\nqueue = "data/outbox.sqlite"\n'
+    found = problems_of(write(tmp_path, text))
+    assert any("upload.queue" in p and "own queue" in p for p in found), found

@@ -205,6 +205,26 @@ def test_optional_fields_are_omitted_never_null() -> None:
     assert "archived_path" not in out["image"]
 
 
+def test_the_upload_key_and_source_name_are_optional_and_checked() -> None:
+    payload = ok_payload()
+    payload["image"]["upload_sha256"] = "c" * 64
+    payload["image"]["source_name"] = "sample-0042.png"
+    message = Identification.from_dict(payload)
+    assert (message.image.upload_sha256, message.image.source_name) == (
+        "c" * 64,
+        "sample-0042.png",
+    )
+    assert Identification.from_json(message.to_json()) == message
+    assert not list(Draft202012Validator(load_schema()).iter_errors(message.to_dict()))
+    payload["image"]["upload_sha256"] = "C" * 64
+    with pytest.raises(MessageError, match=r"image\.upload_sha256"):
+        Identification.from_dict(payload)
+    payload["image"]["upload_sha256"] = "c" * 64
+    payload["image"]["source_name"] = ""
+    with pytest.raises(MessageError, match=r"image\.source_name"):
+        Identification.from_dict(payload)
+
+
 def test_identity_is_device_and_seq() -> None:
     message = sample()
     assert message.key == ("scope-a", 42)
@@ -621,8 +641,14 @@ def test_schema_names_exactly_the_fields_a_writer_emits() -> None:
     del minimal["image"]["archived_path"]
     assert sorted(schema["required"]) == sorted(Identification.from_dict(minimal).to_dict())
     with_site = json.loads((WIRE / "identification-site-sample-v1.json").read_bytes())
+    uploaded = json.loads((WIRE / "identification-upload-v1.json").read_bytes())
     full = Identification.from_dict(
-        {**object_payload(), "site": with_site["site"], "sample": with_site["sample"]}
+        {
+            **object_payload(),
+            "site": with_site["site"],
+            "sample": with_site["sample"],
+            "image": uploaded["image"],
+        }
     ).to_dict()
     assert sorted(props) == sorted(full)
     defs = schema["$defs"]

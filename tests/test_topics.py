@@ -145,7 +145,9 @@ def test_long_values_are_shortened_in_the_error() -> None:
 # --- parsing ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", [k for k in TopicKind if k is not TopicKind.COMMAND])
+@pytest.mark.parametrize(
+    "kind", [k for k in TopicKind if k not in (TopicKind.COMMAND, TopicKind.IMAGE)]
+)
 def test_parse_round_trips_each_kind(kind: TopicKind) -> None:
     assert parse(TOPICS.topic(kind), "fieldscope") == ("pond-3", "scope-a", kind, None)
 
@@ -430,3 +432,24 @@ def test_killed_device_leaves_retained_offline_status(
     late = _subscribe(mosquitto, "late-collector", subs, clients)
     _, msg = late.get(timeout=5)
     assert (msg.payload, bool(msg.retain)) == (b"offline", True)
+
+
+def test_image_topics_are_named_by_their_sha256_and_parse_back() -> None:
+    digest = "ab" * 32
+    topic = TOPICS.image(digest)
+    assert topic == f"{TOPICS.base}/image/{digest}"
+    assert parse(topic, "fieldscope") == ("pond-3", "scope-a", TopicKind.IMAGE, digest)
+    spec = TOPIC_SPECS[TopicKind.IMAGE]
+    assert (spec.qos, spec.retain, spec.inbound) == (1, False, False)
+    assert TopicKind.IMAGE not in COLLECTED_KINDS  # only a collector that keeps images
+    (images,) = subscription_filters("fieldscope", kinds=[TopicKind.IMAGE])
+    assert images.filter == "fieldscope/+/+/image/+"
+    assert mqtt.topic_matches_sub(images.filter, topic)
+    with pytest.raises(TopicError, match="image sha256 must be 64 lower-case hex digits"):
+        TOPICS.image("AB" * 32)
+    with pytest.raises(TopicError, match="needs the image's sha256"):
+        TOPICS.topic(TopicKind.IMAGE)
+    with pytest.raises(TopicError, match="image sha256 must be 64 lower-case hex"):
+        parse(f"{TOPICS.base}/image/nothex", "fieldscope")
+    with pytest.raises(TopicError, match="does not fit the scheme"):
+        parse(f"{TOPICS.base}/image", "fieldscope")

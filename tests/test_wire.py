@@ -77,6 +77,11 @@ FIXTURES = [
         _json_payload(Identification.from_json),
     ),
     (
+        "identification-upload-v1.json",
+        "identification.schema.json",
+        _json_payload(Identification.from_json),
+    ),
+    (
         "identification-no-objects-v1.json",
         "identification.schema.json",
         _json_payload(Identification.from_json),

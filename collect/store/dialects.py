@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from fieldscope.collect.store.base import Store
+from fieldscope.collect.store.image_columns import IMAGE_COLUMNS, add_image_columns
 from fieldscope.collect.store.object_columns import (
     OBJECT_COLUMNS,
     add_object_columns,
@@ -61,6 +62,7 @@ class SqliteStore(Store):
                     self._check_version(cur)
                     add_object_columns(cur, "sqlite")
                     add_site_columns(cur, "sqlite")
+                    add_image_columns(cur, "sqlite")
             else:
                 self._conn.execute("PRAGMA query_only=1")
                 try:
@@ -144,6 +146,7 @@ class PostgresStore(Store):
                     self._check_version(cur)
                     add_object_columns(cur, "postgres")
                     add_site_columns(cur, "postgres")
+                    add_image_columns(cur, "postgres")
             else:
                 cur = self._conn.cursor()
                 cur.execute("SELECT to_regclass('fieldscope_schema')")
@@ -187,9 +190,10 @@ class PostgresStore(Store):
 
 
 def _absent(cur: Any, dialect: str) -> frozenset[str]:
-    """The object, site and sample columns an older database (not yet opened by a
-    writer) lacks."""
-    return frozenset((*OBJECT_COLUMNS, *SITE_COLUMNS)) - existing_columns(cur, dialect)
+    """The object, site, sample and image columns an older database (not yet opened by
+    a writer) lacks."""
+    optional = (*OBJECT_COLUMNS, *SITE_COLUMNS, *IMAGE_COLUMNS)
+    return frozenset(optional) - existing_columns(cur, dialect)
 
 
 def _redact(url: str) -> str:

@@ -8,6 +8,7 @@ from typing import Any
 
 import msgspec
 
+from fieldscope.collect.store.image_columns import IMAGE_COLUMNS
 from fieldscope.collect.store.object_columns import OBJECT_COLUMNS
 from fieldscope.collect.store.site_columns import SITE_COLUMNS
 from fieldscope.edge.errors import FieldscopeError
@@ -52,6 +53,8 @@ RECORD_COLUMNS: tuple[str, ...] = (
     # The station's site and the sample current when it stored the identification
     # (null when the message has none): see site_columns.
     *SITE_COLUMNS,
+    # The key of the image the station uploaded, and its file's name: see image_columns.
+    *IMAGE_COLUMNS,
 )
 _IDENT_COLUMNS = (*RECORD_COLUMNS, "topic", "payload", "payload_sha256")
 # What a listing reads back (the payload stays in the database).
@@ -189,6 +192,9 @@ class IdentificationRow(msgspec.Struct, frozen=True, kw_only=True):
     sample_volume_l: float | None = None
     sample_operator: str | None = None
     sample_notes: str | None = None
+    # The uploaded image's key in the collector's image store, and the original file name.
+    upload_sha256: str | None = None
+    source_name: str | None = None
 
 
 class DeviceRow(msgspec.Struct, frozen=True, kw_only=True):

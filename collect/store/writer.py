@@ -20,6 +20,7 @@ from fieldscope.collect.records import (
     model_json,
     top_k_json,
 )
+from fieldscope.collect.store.image_columns import image_values
 from fieldscope.collect.store.object_columns import object_values
 from fieldscope.collect.store.rows import _IDENT_COLUMNS, StoreDataError, StoreError, WriteResult
 from fieldscope.collect.store.site_columns import site_values
@@ -180,6 +181,7 @@ class StoreWriter(ABC):
             m.version,
             *object_values(m),
             *site_values(m),
+            *image_values(m),
             r.topic,
             r.payload,
             r.payload_sha256,

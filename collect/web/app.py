@@ -92,12 +92,13 @@ def healthz() -> Response[bytes]:
 
 
 def _archived_jpeg(pages: Pages, ident: str, side: int, what: str) -> Response[bytes]:
-    archive = pages.settings.archive
-    if archive is None or not ROW_ID.fullmatch(ident) or int(ident) > MAX_ROW_ID:
+    settings = pages.settings
+    no_images = settings.archive is None and settings.images is None
+    if no_images or not ROW_ID.fullmatch(ident) or int(ident) > MAX_ROW_ID:
         return pages.error_page(HTTPStatus.NOT_FOUND, f"No such {what}.")
     with pages.store() as store:
         row = store.identification(int(ident))
-    jpeg = thumbnail_jpeg(archive, row, side)
+    jpeg = thumbnail_jpeg(settings, row, side)
     if isinstance(jpeg, str):
         return pages.error_page(HTTPStatus.NOT_FOUND, jpeg)
     return Response(jpeg, media_type="image/jpeg")

@@ -21,6 +21,7 @@ from fieldscope.collect.size_chart import size_histograms
 from fieldscope.collect.store import Store, open_store
 from fieldscope.collect.web import views
 from fieldscope.collect.web.auth import TokenFile
+from fieldscope.collect.web.files import shows_image
 from fieldscope.collect.web.settings import MAX_PAGE, PAGE_SIZE, DashboardSettings, UploadError
 from fieldscope.collect.web.uploads import (
     LoadedModel,
@@ -157,12 +158,12 @@ class Pages:
             chart=markup(chart),
             legend=legend,
             bucket=bucket,
-            items=[views.row_item(r, self.settings.archive is not None) for r in rows],
+            items=[views.row_item(r, shows_image(self.settings, r)) for r in rows],
             page_no=page,
             pages=pages,
             prev_url="?" + urlencode({**keep, "page": page - 1}) if page > 1 else None,
             next_url="?" + urlencode({**keep, "page": page + 1}) if page < pages else None,
-            thumbs=self.settings.archive is not None,
+            thumbs=self.settings.archive is not None or self.settings.images is not None,
         )
 
     def invalid_page(self) -> Response[bytes]:

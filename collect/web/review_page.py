@@ -23,6 +23,7 @@ from litestar.exceptions import HTTPException
 
 from fieldscope.collect.store import NOT_A_TAXON, AnnotationError, QueueItem
 from fieldscope.collect.web import views
+from fieldscope.collect.web.files import shows_image
 from fieldscope.collect.web.guards import read_upload, reviewer
 from fieldscope.collect.web.pages import Pages
 from fieldscope.collect.web.review_api import REVIEW_QC_SHARE, known_labels
@@ -60,7 +61,7 @@ def _item_context(pages: Pages, item: QueueItem, labels: set[str]) -> dict[str, 
             {"key": keys[i], "label": label, "score": score}
             for i, (label, score) in enumerate(row.top_k[:9])
         ],
-        "image": f"/preview/{row.id}" if pages.settings.archive and row.archived_path else None,
+        "image": f"/preview/{row.id}" if shows_image(pages.settings, row) else None,
         "labels": sorted(labels),
     }
 

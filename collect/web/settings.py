@@ -44,6 +44,7 @@ class DashboardSettings:
 
     ``bundles`` are bundle folders offered on the upload page; ``archive`` is a folder
     holding copies of the stations' image archives (see :func:`resolve_archived`);
+    ``images`` is the folder ``collect run --images`` fills (looked in first);
     ``stale_after_s``: a device whose last heartbeat is older is flagged.
     ``request_timeout_s``: a client that sends nothing for this long while the server
     waits for its request (a stalled upload, a slow request line, an idle keep-alive)
@@ -58,6 +59,7 @@ class DashboardSettings:
     bundles: tuple[Path, ...] = ()
     public_key: Path | None = None
     archive: Path | None = None
+    images: Path | None = None
     max_upload_bytes: int = 20 * 1024 * 1024
     stale_after_s: float = 300.0
     title: str = "fieldscope"

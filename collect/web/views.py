@@ -146,7 +146,7 @@ def page_filters(query: Mapping[str, str]) -> tuple[Filters, list[str]]:
 
 
 def row_item(r: IdentificationRow, thumbs: bool) -> dict[str, Any]:
-    """One row of the identifications table."""
+    """One row of the identifications table; ``thumbs``: the dashboard may have its image."""
     return {
         "id": r.id,
         "captured_at": r.captured_at,
@@ -159,7 +159,7 @@ def row_item(r: IdentificationRow, thumbs: bool) -> dict[str, Any]:
         "top_k": r.top_k,
         "model": f"{r.model_name} {r.model_version}",
         "reason": r.reason,
-        "thumb": f"/thumb/{r.id}" if thumbs and r.archived_path else None,
+        "thumb": f"/thumb/{r.id}" if thumbs else None,
     }
 
 
