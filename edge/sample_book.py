@@ -69,7 +69,8 @@ class SampleBook:
                 raise ValueError('it must be {"sample": {...}} or {"sample": null}')
             raw = data["sample"]
             return None if raw is None else Sample.from_dict(raw)
-        except (OSError, ValueError, FieldscopeError) as exc:
+        except (OSError, ValueError, RecursionError, FieldscopeError) as exc:
+            # RecursionError: JSON nested deeper than the parser's stack (a damaged file).
             self._set_aside(exc)
             return _from_config(initial)
 
@@ -121,7 +122,12 @@ class SampleBook:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.path) as tmp:
             write_file(tmp, data)
-        fsync_dir(self.path.parent)
+        try:
+            fsync_dir(self.path.parent)
+        except OSError as exc:
+            # The new file is in place (and what a restart reads); only its durability
+            # across a power cut is in doubt, so the command is not refused for it.
+            logger.warning("%s is written but its folder could not be synced: %s", self.path, exc)
 
 
 def _from_config(initial: SampleConfig | None) -> Sample | None:

@@ -168,7 +168,8 @@ def _key(text: str, column: str, where: str) -> int | None:
     value = text.strip()
     if not value:
         return None
-    if not value.isdigit() or not 1 <= int(value) < 2**31:
+    # isascii: "1100²" is a digit string to str.isdigit but not a number to int().
+    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) < 2**31:
         raise TaxaError(f"{where}: {column} must be a positive whole number, got {text!r}")
     return int(value)
 

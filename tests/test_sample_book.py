@@ -52,7 +52,14 @@ def test_a_started_sample_outlives_a_restart_and_an_ended_one_stays_ended(
 
 
 @pytest.mark.parametrize(
-    "content", [b"{not json", b"[]", b'{"sample": {"volume_l": 2}}', b'{"sample": null, "x": 1}']
+    "content",
+    [
+        b"{not json",
+        b"[]",
+        b'{"sample": {"volume_l": 2}}',
+        b'{"sample": null, "x": 1}',
+        b"[" * 100_000,  # deeper than the JSON parser's stack
+    ],
 )
 def test_an_unreadable_file_is_set_aside_and_the_station_goes_on(
     tmp_path: Path, content: bytes, caplog: pytest.LogCaptureFixture
