@@ -181,6 +181,9 @@ def test_metadata_errors_name_every_missing_key(tmp_path: Path, reviewed: Any) -
     path.write_text(DATASET.replace('"CC-BY"', '"CC-BY-SA"'), encoding="utf-8")
     with pytest.raises(ExportError, match="licence 'CC-BY-SA' is not one GBIF accepts"):
         read_metadata(path)
+    path.write_text(DATASET.replace('title = "', 'title = "\\u0001'), encoding="utf-8")
+    with pytest.raises(ExportError, match="title hold control characters"):
+        read_metadata(path)
     path.write_text(DATASET, encoding="utf-8")
     with pytest.raises(ExportError, match=r"give --out a \.zip"):
         export(reviewed[0], "darwin-core", tmp_path / "x.csv", metadata=read_metadata(path))

@@ -119,6 +119,18 @@ def read_metadata(path: Path) -> DatasetMetadata:
     if "license" in table and "licence" not in table:
         table["licence"] = table.pop("license")
     missing = [key for key in _REQUIRED if _value(table, key) is None]
+    # XML 1.0 cannot hold control characters other than tab, newline and carriage return:
+    # eml.xml would not parse (GBIF refuses the archive).
+    unprintable = [
+        key
+        for key in _REQUIRED
+        if any(ord(c) < 32 and c not in "\t\n\r" for c in str(_value(table, key) or ""))
+    ]
+    if unprintable:
+        raise ExportError(
+            f"--metadata {path}: key(s) {', '.join(unprintable)} hold control characters, "
+            "which XML cannot carry; remove them"
+        )
     if missing:
         raise ExportError(
             f"--metadata {path}: missing or empty key(s) {', '.join(missing)}; GBIF needs "
