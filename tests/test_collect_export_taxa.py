@@ -148,6 +148,23 @@ def test_darwin_core_archive_reads_with_its_eml_names_and_reviews(
     assert vorticella[DWC + "taxonRank"] == ""
 
 
+def test_media_url_for_an_image_only_the_collector_holds(tmp_path: Path) -> None:
+    """A station that uploads images but archives none: the dashboard's /preview serves
+    the uploaded copy, so associatedMedia points there too."""
+    import msgspec
+
+    sent = sample_identification(0, label="Amoeba")
+    image = msgspec.structs.replace(sent.image, archived_path=None, upload_sha256="ab" * 32)
+    with open_store(str(tmp_path / "c.sqlite")) as store:
+        store.write([received(msgspec.structs.replace(sent, image=image))])
+        (row_id,) = (r.id for r in store.iter_identifications())
+        out = tmp_path / "dwca.zip"
+        export(store, "darwin-core", out, media_base_url="https://c.example.org")
+    with dwca_read.DwCAReader(str(out)) as dwca:
+        (row,) = [r.data for r in dwca]
+    assert row[DWC + "associatedMedia"] == f"https://c.example.org/preview/{row_id}"
+
+
 def test_darwin_core_without_taxa_says_labels_are_names(
     reviewed: tuple[Store, Path, dict[int, int]], tmp_path: Path
 ) -> None:

@@ -92,10 +92,11 @@ DWC_TERMS: tuple[str, ...] = (
 
 
 def _media(row: IdentificationRow, options: ExportOptions) -> str:
+    # The dashboard's /preview serves the uploaded copy (upload_sha256) or the archive's.
+    if options.media_base_url and (row.archived_path or row.upload_sha256):
+        return f"{options.media_base_url.rstrip('/')}/preview/{row.id}"
     if row.archived_path is None:
         return ""
-    if options.media_base_url:
-        return f"{options.media_base_url.rstrip('/')}/preview/{row.id}"
     if options.media_url_prefix is None:
         return row.archived_path
     parts = PurePosixPath(row.archived_path).parts[-2:]
