@@ -26,12 +26,14 @@ import hashlib
 import logging
 import os
 import re
+import threading
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Final, Protocol, TypeVar
 
+from fieldscope.edge.bundle_files import fsync_dir
 from fieldscope.edge.errors import FieldscopeError
 from fieldscope.edge.topics import TopicError, TopicKind, parse, show
 
@@ -44,6 +46,8 @@ __all__ = [
     "find_image",
     "image_kind",
     "is_image_topic",
+    "receive_window",
+    "take_images",
 ]
 
 logger = logging.getLogger(__name__)
@@ -51,6 +55,8 @@ logger = logging.getLogger(__name__)
 # A station's default [upload] max_bytes is 1 MiB; this leaves room for larger settings.
 DEFAULT_MAX_BYTES: Final = 16 << 20
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_WINDOW_BYTES: Final = 1 << 30
+_RETRY_S: Final = (0.5, 30.0)
 _SIGNATURES: Final = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpg"))
 MEDIA_TYPES: Final = {"png": "image/png", "jpg": "image/jpeg"}
 
@@ -106,6 +112,14 @@ class ImageStore:
             ) from exc
         if not self.root.is_dir():
             raise ImageStoreError(f"{self.root} is not a folder; give --images a folder")
+        self._remove_leftovers()
+
+    def _remove_leftovers(self) -> None:
+        """Temporary files a killed collector left (never acknowledged, so sent again)."""
+        for leftover in self.root.glob("??/??/.*.tmp"):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+                logger.info("removed %s, left by a write that did not finish", leftover)
 
     def path(self, sha256: str, kind: str) -> Path:
         """Where the image ``sha256`` of ``kind`` (``jpg``/``png``) is (or would be) kept."""
@@ -130,10 +144,10 @@ class ImageStore:
         assert kind is not None  # _problem checked it
         assert sha256 is not None
         target = self.path(sha256, kind)
-        if target.is_file():
-            self.counts.duplicates += 1
-            return True
         try:
+            if target.is_file():  # stat can fail too (EACCES, EIO): a failed write
+                self.counts.duplicates += 1
+                return True
             _write_atomically(target, payload)
         except OSError as exc:
             self.counts.failed += 1
@@ -147,6 +161,58 @@ class ImageStore:
             return False
         self.counts.stored += 1
         return True
+
+    def keep(self, topic: str, payload: bytes, prefix: str, stopping: threading.Event) -> bool:
+        """:meth:`receive`, retried with backoff until the write succeeds or ``stopping``
+        is set (False then): like a failed database write, since the broker would not
+        send the image again before a reconnect (full disk, a network folder away)."""
+        delay, longest = _RETRY_S
+        while not self.receive(topic, payload, prefix):
+            if stopping.is_set():
+                return False
+            stopping.wait(delay)
+            delay = min(delay * 2, longest)
+        return True
+
+
+class Delivered(Protocol):
+    """What :func:`take_images` reads of a received MQTT message."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def payload(self) -> bytes: ...
+    @property
+    def mid(self) -> int: ...
+
+
+M = TypeVar("M", bound=Delivered)
+
+
+def take_images(
+    images: ImageStore | None, batch: list[M], prefix: str, stopping: threading.Event
+) -> tuple[list[M], set[int]]:
+    """Keep the batch's images (:meth:`ImageStore.keep`); the other messages, and the
+    mids of the images not kept because ``stopping`` was set (not to be acknowledged)."""
+    if images is None:
+        return batch, set()
+    rest: list[M] = []
+    unkept: set[int] = set()
+    for m in batch:
+        if not is_image_topic(m.topic, prefix):
+            rest.append(m)
+        elif not images.keep(m.topic, m.payload, prefix, stopping):
+            unkept.add(m.mid)
+    return rest, unkept
+
+
+def receive_window(images: ImageStore | None, most: int) -> int:
+    """How many unacknowledged messages a collector lets the broker send: ``most`` small
+    ones, but with images about 1 GiB of the largest allowed (64 at 16 MiB), since all of
+    them can wait in its memory at once."""
+    if images is None:
+        return most
+    return max(16, min(most, _WINDOW_BYTES // images.max_bytes))
 
 
 def find_image(root: Path, sha256: str | None) -> Path | None:
@@ -193,6 +259,9 @@ def _problem(
 
 
 def _write_atomically(target: Path, data: bytes) -> None:
+    """Write, fsync, rename, and fsync the folders whose entries changed: the collector
+    acknowledges the image right after, so it must survive a power cut from then on."""
+    created = [p for p in (target.parent.parent, target.parent) if not p.is_dir()]
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
     try:
@@ -201,6 +270,8 @@ def _write_atomically(target: Path, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         temporary.replace(target)
+        for folder in (target.parent, *(p.parent for p in reversed(created))):
+            fsync_dir(folder)
     except OSError:
         with contextlib.suppress(OSError):
             temporary.unlink(missing_ok=True)

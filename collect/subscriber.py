@@ -46,7 +46,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from fieldscope.collect.images import ImageStore, is_image_topic
+from fieldscope.collect.images import ImageStore, receive_window, take_images
 from fieldscope.collect.records import (
     MAX_KEPT_PAYLOAD,
     DeviceHeartbeat,
@@ -89,6 +89,7 @@ logger = logging.getLogger(__name__)
 _RETRY_MIN_S = 0.5
 _RETRY_MAX_S = 30.0
 _PROGRESS_EVERY_S = 10.0
+_RECEIVE_MAXIMUM = 5000
 _QUEUE_WAIT_S = 0.5
 
 
@@ -216,9 +217,13 @@ class Collector:
 
     def _make_client(self) -> mqtt.Client:
         # Every connection resumes the session, so nothing sent while it was away is lost;
-        # the broker may send up to 5000 unacknowledged messages (acked after commit).
+        # the broker may send up to receive_window() unacknowledged messages (acked after
+        # commit).
         client = make_client(
-            self.settings.broker, receive_maximum=5000, manual_ack=True, where="broker"
+            self.settings.broker,
+            receive_maximum=receive_window(self.images, _RECEIVE_MAXIMUM),
+            manual_ack=True,
+            where="broker",
         )
         route_connection(
             client,
@@ -533,21 +538,11 @@ class Collector:
                         before[device] = None
         return before
 
-    def _take_images(self, batch: list[_Received]) -> tuple[list[_Received], set[int]]:
-        """Keep the batch's images (see :mod:`fieldscope.collect.images`); the other
-        messages, and the mids of images whose write failed (not to be acknowledged)."""
-        if self.images is None:
-            return batch, set()
-        rest, failed, prefix = [], set(), self.settings.broker.prefix
-        for m in batch:
-            if not is_image_topic(m.topic, prefix):
-                rest.append(m)
-            elif not self.images.receive(m.topic, m.payload, prefix):
-                failed.add(m.mid)
-        return rest, failed
-
     def _store_and_ack(self, everything: list[_Received]) -> None:
-        batch, unkept = self._take_images(everything)
+        # The batch's images are kept first (unkept: their write failed while stopping).
+        batch, unkept = take_images(
+            self.images, everything, self.settings.broker.prefix, self._stopping
+        )
         records = [self._decode(m) for m in batch]
         before = self._highs_before(records)
         delay = _RETRY_MIN_S

@@ -157,6 +157,42 @@ def test_the_store_keeps_good_images_by_hash_and_refuses_bad_ones(tmp_path: Path
     assert files == [kept]  # no temporary files left, nothing refused kept
 
 
+def test_a_failed_image_write_is_retried_until_the_folder_takes_it(tmp_path: Path) -> None:
+    """The broker would not send an unacknowledged image again before a reconnect, so a
+    write that fails (here: a file where the shard folder belongs) is retried; a stopping
+    collector gives up, leaving it unacknowledged for the next run."""
+    store = ImageStore(tmp_path / "images")
+    good = png(noisy(20, 20))
+    digest = hashlib.sha256(good).hexdigest()
+    blocker = tmp_path / "images" / digest[:2]
+    blocker.write_bytes(b"in the way")
+    stopping = threading.Event()
+    assert not store.receive(TOPICS.image(digest), good, EDGE_PREFIX)
+    stopping.set()
+    assert not store.keep(TOPICS.image(digest), good, EDGE_PREFIX, stopping)
+    stopping.clear()
+    threading.Timer(0.8, blocker.unlink).start()
+    assert store.keep(TOPICS.image(digest), good, EDGE_PREFIX, stopping)
+    assert store.find(digest) is not None
+    assert store.counts.failed >= 3
+    assert store.counts.stored == 1
+
+
+def test_leftovers_go_and_the_window_shrinks_with_the_image_limit(tmp_path: Path) -> None:
+    from fieldscope.collect.images import receive_window
+
+    shard = tmp_path / "images" / "ab" / "cd"
+    shard.mkdir(parents=True)
+    leftover = shard / f".{'ab' * 32}.jpg.0123.tmp"
+    leftover.write_bytes(b"half an image")
+    store = ImageStore(tmp_path / "images")
+    assert not leftover.exists()
+    assert receive_window(None, 5000) == 5000
+    assert receive_window(store, 5000) == 64  # 1 GiB of 16 MiB images
+    assert receive_window(ImageStore(tmp_path / "small", max_bytes=100_000), 5000) == 5000
+    assert receive_window(ImageStore(tmp_path / "huge", max_bytes=1 << 30), 5000) == 16
+
+
 # --- station to collector through a real broker ------------------------------------------------
 
 
