@@ -66,7 +66,7 @@ from fieldscope.edge.broker import (
 from fieldscope.edge.errors import FieldscopeError
 from fieldscope.edge.link_commands import CommandInbox
 from fieldscope.edge.link_health import LinkCounters, LinkHealth
-from fieldscope.edge.link_lane import Lane
+from fieldscope.edge.link_lane import IMAGES_IN_FLIGHT, Lane
 from fieldscope.edge.outbox import Entry, Outbox, OutboxError
 from fieldscope.edge.topics import (
     TOPIC_SPECS,
@@ -147,8 +147,7 @@ class MqttLink:
         self._dirty = True
         self._closing = False
         self._acks: list[tuple[int, ReasonCode | None]] = []
-        # The identifications' outbox first, then the images' queue (``images``).
-        self._lanes = [Lane(outbox)] + ([] if images is None else [Lane(images)])
+        self._lanes = [Lane(outbox)] + ([] if images is None else [Lane(images, IMAGES_IN_FLIGHT)])
         self._in_flight: dict[int, tuple[Lane, int]] = {}  # paho mid -> lane and seq
         self._retry_at: float | None = None
         self._retry_delay = _REFUSED_RETRY_MIN_S
@@ -342,7 +341,8 @@ class MqttLink:
             if found is None:
                 continue
             lane, seq = found
-            lane.in_flight.discard(seq)
+            if lane.acknowledged(seq):
+                self._dirty = True
             if reason is not None and reason.is_failure:
                 self._n.refused += 1
                 self._n.last_error = f"the broker refused message seq {seq}: {reason}"
@@ -413,6 +413,9 @@ class MqttLink:
             if room <= 0:
                 self._dirty = True  # the rest waits for acknowledgements
                 return False
+            room = lane.room(room)
+            if room <= 0:
+                return True  # filled again when one of its own is acknowledged
             if lane.rewind:
                 lane.rewind = False
                 lane.cursor = 0

@@ -193,6 +193,23 @@ def test_leftovers_go_and_the_window_shrinks_with_the_image_limit(tmp_path: Path
     assert receive_window(ImageStore(tmp_path / "huge", max_bytes=1 << 30), 5000) == 16
 
 
+def test_the_image_lane_hands_paho_a_few_images_at_a_time(tmp_path: Path) -> None:
+    """paho keeps every handed-over message in memory until its PUBACK: after an outage a
+    backlog of large images must not all be handed over at once."""
+    from fieldscope.edge.link_lane import IMAGES_IN_FLIGHT, Lane
+
+    queue = Outbox(tmp_path / "images.sqlite")
+    try:
+        identifications, images = Lane(queue), Lane(queue, IMAGES_IN_FLIGHT)
+        assert identifications.room(100) == 100
+        images.in_flight = set(range(IMAGES_IN_FLIGHT))
+        assert (images.room(100), images.waiting) == (0, True)
+        assert images.acknowledged(0) is True  # the link fills the lane again
+        assert (images.room(100), images.acknowledged(1)) == (1, False)
+    finally:
+        queue.close()
+
+
 # --- station to collector through a real broker ------------------------------------------------
 
 
