@@ -30,6 +30,7 @@ import hashlib
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Final, Protocol
@@ -201,15 +202,15 @@ class ImageUploads:
 
 
 def open_uploads(cfg: UploadConfig, data_dir: Path, topics: Topics) -> ImageUploads | None:
-    """The station's uploads, with their queue opened; None when the policy is ``none``.
-
-    Raises:
-        OutboxError: the queue's file cannot be opened.
-    """
+    """The station's uploads, with their queue opened; None when the policy is ``none``
+    or the queue cannot be opened even after setting a damaged file aside: images are
+    best effort, so the station identifies without them rather than not at all."""
     if cfg.policy == "none":
         return None
     path = cfg.queue or data_dir / QUEUE_FILE
-    queue = Outbox(path, max_messages=_MAX_QUEUED, max_bytes=cfg.queue_bytes)
+    queue = _open_queue(path, cfg)
+    if queue is None:
+        return None
     logger.info(
         "uploading images (%s) through %s, at most %d px and %d bytes each",
         cfg.policy if cfg.policy != "percent" else f"{cfg.percent:g} %",
@@ -218,6 +219,27 @@ def open_uploads(cfg: UploadConfig, data_dir: Path, topics: Topics) -> ImageUplo
         cfg.max_bytes,
     )
     return ImageUploads(cfg, queue, topics)
+
+
+def _open_queue(path: Path, cfg: UploadConfig) -> Outbox | None:
+    try:
+        return Outbox(path, max_messages=_MAX_QUEUED, max_bytes=cfg.queue_bytes)
+    except OutboxError as first:
+        aside = path.with_name(f"{path.name}.bad-{time.strftime('%Y%m%dT%H%M%S')}")
+        try:
+            path.rename(aside)
+            queue = Outbox(path, max_messages=_MAX_QUEUED, max_bytes=cfg.queue_bytes)
+        except (OSError, OutboxError) as exc:
+            logger.error(
+                "images are not uploaded: cannot open the image queue %s (%s; then %s); "
+                "identifications go on. Free the disk or remove the file, then restart",
+                path,
+                first,
+                exc,
+            )
+            return None
+        logger.error("the image queue %s was unreadable (%s); set aside as %s", path, first, aside)
+        return queue
 
 
 class FrameImages:

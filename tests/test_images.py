@@ -210,6 +210,26 @@ def test_the_image_lane_hands_paho_a_few_images_at_a_time(tmp_path: Path) -> Non
         queue.close()
 
 
+def test_a_damaged_image_queue_is_set_aside_and_never_stops_the_station(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from fieldscope.edge.uploads import QUEUE_FILE, open_uploads
+
+    cfg = UploadConfig(policy="all")
+    damaged = tmp_path / QUEUE_FILE
+    damaged.write_bytes(b"this is not SQLite " * 100)
+    uploads = open_uploads(cfg, tmp_path, TOPICS)
+    assert uploads is not None  # a fresh queue in its place
+    uploads.close()
+    (aside,) = tmp_path.glob(f"{QUEUE_FILE}.bad-*")
+    assert aside.read_bytes().startswith(b"this is not SQLite")
+    blocked = tmp_path / "file"
+    blocked.write_text("a file where the data folder should be")
+    with caplog.at_level("ERROR", logger="fieldscope.edge"):
+        assert open_uploads(cfg, blocked, TOPICS) is None
+    assert "images are not uploaded" in caplog.text
+
+
 # --- station to collector through a real broker ------------------------------------------------
 
 
