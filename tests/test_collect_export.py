@@ -277,6 +277,52 @@ def test_csv_and_parquet_carry_every_measurement(object_store: Store, tmp_path: 
     assert by_seq[10]["touches_border"] is True
 
 
+def test_exports_of_objects_carry_the_object_not_the_whole_frame(tmp_path: Path) -> None:
+    """An object's row names its frame's image: the EcoTaxa bundle and the reviewed
+    folders cut the object out (its box and 8 px), as the station classified it."""
+    import cv2
+    import msgspec
+    import numpy as np
+
+    from fieldscope.collect.samples import sample_objects
+
+    day = "2026-11-20"
+    sent = [
+        msgspec.structs.replace(
+            m, image=msgspec.structs.replace(m.image, archived_path=f"/a/{day}/f.png")
+        )
+        for m in sample_objects(10, 2)
+    ]  # boxes (0, 30, 21, 21) and (40, 30, 31, 31) in a 640 x 480 frame
+    frame_dir = tmp_path / "archive" / day
+    frame_dir.mkdir(parents=True)
+    assert cv2.imwrite(str(frame_dir / "f.png"), np.full((480, 640, 3), 200, np.uint8))
+    db = tmp_path / "o.sqlite"
+    with open_store(str(db)) as store:
+        store.write([decode(Topics("fieldscope", "pond-3", "scope-a").identification,
+                            m.to_json(), "fieldscope") for m in sent])  # fmt: skip
+        ids = [r.id for r in store.iter_identifications()]
+        for i in ids:
+            store.add_annotation(i, "Amoeba", "ana")
+        export(store, "ecotaxa", tmp_path / "e.zip", archive=tmp_path / "archive")
+        export(store, "folders", tmp_path / "reviewed", archive=tmp_path / "archive")
+    with zipfile.ZipFile(tmp_path / "e.zip") as zf:
+        shapes = sorted(
+            cv2.imdecode(np.frombuffer(zf.read(n), np.uint8), cv2.IMREAD_COLOR).shape[:2]
+            for n in zf.namelist()
+            if n.startswith("images/")
+        )
+    assert shapes == [(37, 29), (47, 47)]  # the first clipped at the frame's left edge
+    crops = sorted(cv2.imread(str(p)).shape[:2] for p in (tmp_path / "reviewed").rglob("*.png"))
+    assert crops == shapes
+
+
+def test_exported_objects_are_padded_like_the_station_pads_its_crops() -> None:
+    from fieldscope.collect.archive import OBJECT_PAD_PX
+    from fieldscope.edge.objects import ObjectsSettings
+
+    assert ObjectsSettings().pad_px == OBJECT_PAD_PX
+
+
 def test_ecotaxa_writes_its_object_features_in_pixels(object_store: Store, tmp_path: Path) -> None:
     out = tmp_path / "ecotaxa_objects.tsv"
     summary = export(object_store, "ecotaxa", out)

@@ -3,7 +3,9 @@
 EcoTaxa stores PNG, JPEG and GIF only; a station may archive BMP or TIFF (a microscope
 camera's format), so those are decoded with the edge's reader (OpenCV; 16-bit and
 grey become 8-bit RGB) and written as PNG. PNG and JPEG are packed byte for byte: a
-re-encoded JPEG would lose quality for nothing.
+re-encoded JPEG would lose quality for nothing. An object of a segmenting station is
+cut from its frame (:func:`~fieldscope.collect.archive.object_png`), since EcoTaxa's
+features and category describe the object.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import zipfile
 from collections import Counter
 from pathlib import Path
 
-from fieldscope.collect.archive import resolve_archived
+from fieldscope.collect.archive import object_png, resolve_archived
 from fieldscope.collect.export.folders import folder_name
 from fieldscope.collect.store import IdentificationRow
 from fieldscope.edge.errors import FieldscopeError
@@ -62,7 +64,8 @@ class ImagePacker:
             self._missing[f"not found in {self._archive}"] += 1
             return ""
         try:
-            data, suffix = self._image(found)
+            crop = object_png(found, row)  # an object's row names its whole frame
+            data, suffix = (crop, ".png") if crop is not None else self._image(found)
         except (OSError, FieldscopeError):
             self._missing["unreadable"] += 1
             return ""

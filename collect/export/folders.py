@@ -8,8 +8,10 @@ collector's host, found as the dashboard finds them (``--archive DIR``, see
 :func:`~fieldscope.collect.archive.resolve_archived`). ``OUT/manifest.csv`` lists
 every reviewed identification and what became of it (``written``, ``missing``: the
 image is not in the archive, ``not_a_taxon``: left out), so nothing is dropped
-silently. ``fieldscope train --data OUT`` reads the folders as they are (the
-manifest is no image, so training ignores it).
+silently. An object of a segmenting station is cut from its frame as the station cut
+it (:func:`~fieldscope.collect.archive.object_png`; unreadable: ``missing``), so the
+folders hold what the station classifies. ``fieldscope train OUT`` reads the folders
+as they are (the manifest is no image, so training ignores it).
 
 The folder is written beside ``OUT`` under a temporary name and renamed when
 complete: an export that fails leaves no half-filled training set.
@@ -25,7 +27,7 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
-from fieldscope.collect.archive import resolve_archived
+from fieldscope.collect.archive import object_png, resolve_archived
 from fieldscope.collect.export.base import (
     ExportError,
     ExportFormat,
@@ -35,6 +37,7 @@ from fieldscope.collect.export.base import (
     utc_text,
 )
 from fieldscope.collect.store import NOT_A_TAXON, AnnotationRow, IdentificationRow
+from fieldscope.edge.errors import FieldscopeError
 
 __all__ = ["FORMAT", "MANIFEST", "MANIFEST_COLUMNS", "folder_name", "write_reviewed"]
 
@@ -93,9 +96,17 @@ def _place(
     if found is None:
         return "missing", ""
     name = folder_name(review.label)
-    target = work / name / f"{folder_name(row.device)}-{row.seq}{found.suffix.lower()}"
+    try:
+        crop = object_png(found, row)  # an object's row names its whole frame
+    except (OSError, FieldscopeError):
+        return "missing", ""
+    suffix = ".png" if crop is not None else found.suffix.lower()
+    target = work / name / f"{folder_name(row.device)}-{row.seq}{suffix}"
     target.parent.mkdir(exist_ok=True)
-    shutil.copyfile(found, target)
+    if crop is not None:
+        target.write_bytes(crop)
+    else:
+        shutil.copyfile(found, target)
     return "written", f"{name}/{target.name}"
 
 
