@@ -8,7 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from test_collect_store import received
+from helpers import received
 
 from fieldscope.cli.main import main
 from fieldscope.collect.samples import sample_identification

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from helpers import SITE, received
 
 from fieldscope.collect.records import (
     DeviceHeartbeat,
@@ -47,11 +48,6 @@ PREFIX = "fieldscope"
 
 def topics(device: str = "scope-a", station: str = "pond-3") -> Topics:
     return Topics(PREFIX, station, device)
-
-
-def received(message: Identification, payload: bytes | None = None) -> object:
-    t = topics(message.device, message.station)
-    return decode(t.identification, message.to_json() if payload is None else payload, PREFIX)
 
 
 # --- a real PostgreSQL server --------------------------------------------------------------------
@@ -592,16 +588,6 @@ def test_size_distribution_per_label_on_shared_edges(store: Store) -> None:
 
 # --- site and sample -----------------------------------------------------------------------------
 
-SITE = Site(
-    name="Etang de Thau, pontoon 3",
-    decimal_latitude=43.4167,
-    decimal_longitude=3.6,
-    geodetic_datum="WGS84",
-    coordinate_uncertainty_m=30.0,
-    depth_m=1.5,
-    country_code="FR",
-    locality="Bouzigues",
-)
 SAMPLE = Sample(
     id="thau-a",
     started_at=datetime(2026, 11, 23, 17, 0, tzinfo=UTC),
