@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -41,7 +40,14 @@ from typing import Any
 import numpy as np
 from _broker import Broker
 from _machine import Figure, Goal, Report, add_common_args, positive_float, positive_int
-from edge_pipeline import Arrivals, keras_path, stop_daemon, vm_hwm_mb, write_config
+from _research import research_frames, research_start
+from edge_pipeline import (
+    Arrivals,
+    keras_path,
+    stop_daemon,
+    vm_hwm_mb,
+    write_config,
+)
 from edge_pipeline import write_frames as write_calibration_frames
 
 PREFIX = "bench"
@@ -113,22 +119,11 @@ def measure(
 
 def research_loop(keras_file: Path, frames: Path, port: int) -> None:
     """The research way, until killed: threshold, regionprops, Keras predict per object."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import cv2
-    import keras
-    import paho.mqtt.client as mqtt
     import skimage.measure
 
-    model = keras.models.load_model(keras_file)
-    size = int(model.input_shape[1])
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
-    client.connect("127.0.0.1", port)
-    client.loop_start()
-    paths = sorted(frames.glob("*.png"))
-    i = 0
-    while True:
-        path = paths[i % len(paths)]
-        image = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+    model, size, client = research_start(keras_file, port)
+    for path, image in research_frames(frames):
         grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
         _, mask = cv2.threshold(grey, 0, 255, cv2.THRESH_BINARY_INV | cv2.THRESH_OTSU)
         for region in skimage.measure.regionprops(skimage.measure.label(mask > 0), grey):
@@ -150,7 +145,6 @@ def research_loop(keras_file: Path, frames: Path, port: int) -> None:
                 "minor": float(region.axis_minor_length),
             }
             client.publish(RESEARCH_TOPIC, json.dumps(message), qos=1)
-        i += 1
 
 
 def stage_shares(bundle_dir: Path, frames: Path, runs: int) -> dict[str, float]:

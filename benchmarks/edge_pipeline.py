@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 from _broker import Broker
 from _machine import Figure, Goal, Report, add_common_args, positive_float, positive_int
+from _research import research_frames, research_start
 
 FRAME_W, FRAME_H = 640, 480
 LABELS = ("globigerina", "orbulina", "textularia", "nodosaria")
@@ -316,30 +317,18 @@ def research_loop(keras_file: Path, frames: Path, port: int) -> None:
     """What the research scripts ran on the Pi: one loop, one frame after another —
     read, denoise, resize, Keras ``model.predict`` (full TensorFlow), publish QoS 1 with
     a plain paho client. Runs until killed."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import json
 
     import cv2
-    import keras
-    import paho.mqtt.client as mqtt
 
-    model = keras.models.load_model(keras_file)
-    size = int(model.input_shape[1])
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
-    client.connect("127.0.0.1", port)
-    client.loop_start()
-    paths = sorted(frames.glob("*.png"))
-    i = 0
-    while True:
-        path = paths[i % len(paths)]
-        image = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
-        image = cv2.bilateralFilter(image, 9, 75, 75)
+    model, size, client = research_start(keras_file, port)
+    for path, frame in research_frames(frames):
+        image = cv2.bilateralFilter(frame, 9, 75, 75)
         image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
         probs = model.predict(image[None].astype(np.float32), verbose=0)[0]
         best = int(np.argmax(probs))
         message = {"image": path.name, "label": LABELS[best], "score": float(probs[best])}
         client.publish(RESEARCH_TOPIC, json.dumps(message), qos=1)
-        i += 1
 
 
 def run_research(
