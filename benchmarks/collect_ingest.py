@@ -24,7 +24,6 @@ The baseline commits (and fsyncs) once per message, so it gets ``--baseline-mess
 
 from __future__ import annotations
 
-import argparse
 import json
 import sqlite3
 import subprocess
@@ -37,7 +36,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from _broker import Broker
-from _machine import Figure, Goal, Report, add_common_args, positive_int
+from _machine import Figure, Goal, Report, add_common_args, positive_int, script_parser
 from paho.mqtt.enums import CallbackAPIVersion
 
 from fieldscope.collect.samples import sample_identification
@@ -219,9 +218,7 @@ def naive(port: int, n: int, work: Path) -> tuple[float, float]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = script_parser(__doc__)
     parser.add_argument("--messages", type=positive_int, default=20_000, help="messages for ours")
     parser.add_argument(
         "--baseline-messages", type=positive_int, default=1000, help="messages for the baseline"

@@ -38,7 +38,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _machine import Figure, Goal, Report, add_common_args, positive_float, positive_int
+from _machine import (
+    Figure,
+    Goal,
+    Report,
+    add_common_args,
+    positive_float,
+    positive_int,
+    script_parser,
+)
 
 from fieldscope.edge.errors import FieldscopeError
 
@@ -319,9 +327,7 @@ def _figures(
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = script_parser(__doc__)
     parser.add_argument("--run", type=Path, help="benchmark a trained run (default: untrained)")
     parser.add_argument(
         "--alpha", type=positive_float, default=1.0, help="MobileNetV2 width (untrained)"

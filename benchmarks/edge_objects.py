@@ -39,7 +39,15 @@ from typing import Any
 
 import numpy as np
 from _broker import Broker
-from _machine import Figure, Goal, Report, add_common_args, positive_float, positive_int
+from _machine import (
+    Figure,
+    Goal,
+    Report,
+    add_common_args,
+    positive_float,
+    positive_int,
+    script_parser,
+)
 from _research import research_frames, research_start
 from edge_pipeline import (
     Arrivals,
@@ -251,9 +259,7 @@ def summarise(report: Report, results: list[dict[str, Any]]) -> None:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = script_parser(__doc__)
     parser.add_argument("--work", type=Path, help="working folder (kept; the bundle is reused)")
     parser.add_argument("--bundle", type=Path, help="use this bundle (baseline: BUNDLE.keras)")
     parser.add_argument("--frames", type=positive_int, default=4, help="distinct frames per N")

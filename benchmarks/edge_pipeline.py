@@ -52,7 +52,15 @@ from typing import Any
 
 import numpy as np
 from _broker import Broker
-from _machine import Figure, Goal, Report, add_common_args, positive_float, positive_int
+from _machine import (
+    Figure,
+    Goal,
+    Report,
+    add_common_args,
+    positive_float,
+    positive_int,
+    script_parser,
+)
 from _research import research_frames, research_start
 
 FRAME_W, FRAME_H = 640, 480
@@ -518,9 +526,7 @@ def summarise(
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = script_parser(__doc__)
     parser.add_argument("--work", type=Path, help="working folder (kept; the bundle is reused)")
     parser.add_argument(
         "--bundle", type=Path, help="use this bundle (the baseline needs BUNDLE.keras beside it)"

@@ -23,7 +23,6 @@ frames are 640x480 to 4056x3040, so the default generates 1024-pixel specimens.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -38,7 +37,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras
 import numpy as np
 import tensorflow as tf
-from _machine import Figure, Goal, Report, add_common_args, positive_int
+from _machine import Figure, Goal, Report, add_common_args, positive_int, script_parser
 
 from fieldscope.edge.preprocess import PreprocessRecipe, denoise
 from fieldscope.edge.specimens import write_dataset
@@ -161,9 +160,7 @@ def _epochs(times: list[float]) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = script_parser(__doc__)
     parser.add_argument("--data", type=Path, help="class folders (default: generate specimens)")
     parser.add_argument(
         "--source-size", type=positive_int, default=1024, help="generated image side"
