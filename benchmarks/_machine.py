@@ -53,6 +53,14 @@ def script_parser(doc: str) -> argparse.ArgumentParser:
     )
 
 
+def benchmark_parser(doc: str) -> argparse.ArgumentParser:
+    """:func:`script_parser` with ``--json`` and ``--quick`` already in it: what every
+    benchmark script that run_all runs takes."""
+    parser = script_parser(doc)
+    add_common_args(parser)
+    return parser
+
+
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     """``--json`` and ``--quick``, the same in every script (run_all and the test use them)."""
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures here")

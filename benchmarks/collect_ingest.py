@@ -36,7 +36,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from _broker import Broker
-from _machine import Figure, Goal, Report, add_common_args, positive_int, script_parser
+from _machine import Figure, Goal, Report, benchmark_parser, positive_int
 from paho.mqtt.enums import CallbackAPIVersion
 
 from fieldscope.collect.samples import sample_identification
@@ -223,12 +223,11 @@ def naive(port: int, n: int, work: Path) -> tuple[float, float]:
 
 
 def main() -> int:
-    parser = script_parser(__doc__)
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--messages", type=positive_int, default=20_000, help="messages for ours")
     parser.add_argument(
         "--baseline-messages", type=positive_int, default=1000, help="messages for the baseline"
     )
-    add_common_args(parser)
     args = parser.parse_args()
     if args.quick:
         args.messages, args.baseline_messages = 400, 100

@@ -39,15 +39,7 @@ from typing import Any
 
 import numpy as np
 from _broker import Broker
-from _machine import (
-    Figure,
-    Goal,
-    Report,
-    add_common_args,
-    positive_float,
-    positive_int,
-    script_parser,
-)
+from _machine import Figure, Goal, Report, benchmark_parser, positive_float, positive_int
 from _research import research_frames, research_start
 from edge_pipeline import (
     Arrivals,
@@ -259,7 +251,7 @@ def summarise(report: Report, results: list[dict[str, Any]]) -> None:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = script_parser(__doc__)
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--work", type=Path, help="working folder (kept; the bundle is reused)")
     parser.add_argument("--bundle", type=Path, help="use this bundle (baseline: BUNDLE.keras)")
     parser.add_argument("--frames", type=positive_int, default=4, help="distinct frames per N")
@@ -270,7 +262,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-baseline", action="store_true", help="skip the research loop")
     parser.add_argument("--size", type=positive_int, default=224, help="model input side")
     parser.add_argument("--alpha", type=positive_float, default=1.0, help="MobileNetV2 width")
-    add_common_args(parser)
     parser.add_argument("--research-loop", nargs=3, help=argparse.SUPPRESS)
     return parser.parse_args()
 

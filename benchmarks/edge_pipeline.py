@@ -52,15 +52,7 @@ from typing import Any
 
 import numpy as np
 from _broker import Broker
-from _machine import (
-    Figure,
-    Goal,
-    Report,
-    add_common_args,
-    positive_float,
-    positive_int,
-    script_parser,
-)
+from _machine import Figure, Goal, Report, benchmark_parser, positive_float, positive_int
 from _research import research_frames, research_start
 
 FRAME_W, FRAME_H = 640, 480
@@ -526,7 +518,7 @@ def summarise(
 
 
 def parse_args() -> argparse.Namespace:
-    parser = script_parser(__doc__)
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--work", type=Path, help="working folder (kept; the bundle is reused)")
     parser.add_argument(
         "--bundle", type=Path, help="use this bundle (the baseline needs BUNDLE.keras beside it)"
@@ -549,7 +541,6 @@ def parse_args() -> argparse.Namespace:
         help="daemon starts timed (the median is reported)",
     )
     parser.add_argument("--no-baseline", action="store_true", help="skip the research loop")
-    add_common_args(parser)
     parser.add_argument("--size", type=positive_int, default=224, help="model input side")
     parser.add_argument("--alpha", type=positive_float, default=1.0, help="MobileNetV2 width")
     parser.add_argument("--build-bundle", nargs=4, help=argparse.SUPPRESS)

@@ -37,7 +37,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras
 import numpy as np
 import tensorflow as tf
-from _machine import Figure, Goal, Report, add_common_args, positive_int, script_parser
+from _machine import Figure, Goal, Report, benchmark_parser, positive_int
 
 from fieldscope.edge.preprocess import PreprocessRecipe, denoise
 from fieldscope.edge.specimens import write_dataset
@@ -160,7 +160,7 @@ def _epochs(times: list[float]) -> str:
 
 
 def main() -> int:
-    parser = script_parser(__doc__)
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--data", type=Path, help="class folders (default: generate specimens)")
     parser.add_argument(
         "--source-size", type=positive_int, default=1024, help="generated image side"
@@ -172,7 +172,6 @@ def main() -> int:
     parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--epochs", type=positive_int, default=3)
     parser.add_argument("--denoise", default="bilateral")
-    add_common_args(parser)
     args = parser.parse_args()
     if args.data is not None and not args.data.is_dir():
         parser.error(f"--data {args.data}: not a folder of class folders")
