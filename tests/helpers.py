@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -30,7 +31,7 @@ from fieldscope.edge.bundle import MODEL_FILE, FileEntry, Manifest, Provenance, 
 from fieldscope.edge.capture import Camera, Frame
 from fieldscope.edge.message import Identification
 from fieldscope.edge.preprocess import PreprocessRecipe
-from fieldscope.edge.site import Site
+from fieldscope.edge.site import Sample, Site
 from fieldscope.edge.topics import Topics
 
 # A sampling site with every Darwin Core place field set, for the store and the exports.
@@ -43,6 +44,14 @@ SITE = Site(
     depth_m=1.5,
     country_code="FR",
     locality="Bouzigues",
+)
+# A sample taken there, with every field set.
+SAMPLE = Sample(
+    id="thau-a",
+    started_at=datetime(2026, 11, 23, 17, 0, tzinfo=UTC),
+    volume_l=2.5,
+    operator="A. Martin",
+    notes="net 20 µm",
 )
 
 # The smallest edge configuration that loads: a replay camera, a bundle folder and a

@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from helpers import SITE, store_holding
+from helpers import SAMPLE, SITE, store_holding
 
 from fieldscope.collect.export import (
     CSV_COLUMNS,
@@ -297,20 +297,13 @@ def site_store(tmp_path: Path) -> Iterator[Store]:
     message that carries neither (an older station)."""
     import msgspec
 
-    from fieldscope.edge.site import Sample, Site
+    from fieldscope.edge.site import Site
 
-    water = SITE
     land = Site(name="Roof tank", elevation_m=40.0, country_code="DE")
-    sample = Sample(
-        id="thau-a",
-        started_at=datetime(2026, 11, 20, 6, 0, tzinfo=UTC),
-        volume_l=2.5,
-        operator="A. Martin",
-        notes="net 20 µm",
-    )
+    sample = msgspec.structs.replace(SAMPLE, started_at=datetime(2026, 11, 20, 6, 0, tzinfo=UTC))
     sent = [
         msgspec.structs.replace(
-            sample_identification(1, label="Amoeba", captured_at=BASE), site=water, sample=sample
+            sample_identification(1, label="Amoeba", captured_at=BASE), site=SITE, sample=sample
         ),
         msgspec.structs.replace(
             sample_identification(2, label="Euglena", captured_at=BASE + timedelta(hours=1)),

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from helpers import SITE, received
+from helpers import SAMPLE, SITE, received
 
 from fieldscope.collect.records import (
     DeviceHeartbeat,
@@ -596,14 +596,6 @@ def test_size_distribution_per_label_on_shared_edges(store: Store) -> None:
 
 
 # --- site and sample -----------------------------------------------------------------------------
-
-SAMPLE = Sample(
-    id="thau-a",
-    started_at=datetime(2026, 11, 23, 17, 0, tzinfo=UTC),
-    volume_l=2.5,
-    operator="A. Martin",
-    notes="net 20 µm",
-)
 
 
 def placed(seq: int, site: Site | None = SITE, sample: Sample | None = SAMPLE) -> Identification:
