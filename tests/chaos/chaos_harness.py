@@ -312,6 +312,13 @@ class Site:
             self.report.fault(f"daemon {sig.name}")
         self.daemon = None
 
+    def kill_daemon(self, down_s: float = 0.0) -> None:
+        """A power cut: SIGKILL the daemon, leave it down ``down_s``, start it again
+        (until its link is online)."""
+        self.stop_daemon(signal.SIGKILL)
+        time.sleep(down_s)
+        self.start_daemon()
+
     def stop_broker(self) -> None:
         """A clean broker stop (SIGTERM: it saves its persistence file)."""
         stop_mosquitto(self.broker)
