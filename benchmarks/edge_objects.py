@@ -44,6 +44,7 @@ from _research import research_frames, research_start
 from edge_pipeline import (
     Arrivals,
     keras_path,
+    peak_rss_figure,
     stop_daemon,
     vm_hwm_mb,
     write_config,
@@ -221,16 +222,7 @@ def summarise(report: Report, results: list[dict[str, Any]]) -> None:
                 goal=goal,
             )
         )
-        report.add(
-            Figure(
-                f"peak RSS, {n} per frame",
-                ours["rss_mb"],
-                "MB",
-                baseline=base.get("rss_mb"),
-                higher_is_better=False,
-                goal=Goal("<=", 120),
-            )
-        )
+        report.add(peak_rss_figure(f"peak RSS, {n} per frame", ours["rss_mb"], base.get("rss_mb")))
         s = r["stages_ms"]
         total = s["segment"] + s["preprocess"] + s["classify"]
         report.add(

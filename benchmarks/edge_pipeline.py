@@ -439,6 +439,12 @@ def stage_costs(bundle_dir: Path, frames: Path, work: Path, threads: int | None,
     return costs
 
 
+def peak_rss_figure(name: str, mb: float, baseline: float | None) -> Figure:
+    """A station's peak RSS against the memory goal, <= 120 MB (see the module doc),
+    the same for the one-frame and the segmenting station (edge_objects.py)."""
+    return Figure(name, mb, "MB", baseline=baseline, higher_is_better=False, goal=Goal("<=", 120))
+
+
 # --- main ----------------------------------------------------------------------------------------
 
 
@@ -472,16 +478,7 @@ def summarise(
             note="1.0: the other stages are hidden behind the slowest",
         )
     )
-    report.add(
-        Figure(
-            "peak RSS (VmHWM)",
-            daemon["peak_rss_mb"],
-            "MB",
-            baseline=base.get("peak_rss_mb"),
-            higher_is_better=False,
-            goal=Goal("<=", 120),
-        )
-    )
+    report.add(peak_rss_figure("peak RSS (VmHWM)", daemon["peak_rss_mb"], base.get("peak_rss_mb")))
     firsts = daemon["firsts"]
     report.add(
         Figure(
