@@ -44,6 +44,23 @@ _PACKAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
+def script_parser(doc: str) -> argparse.ArgumentParser:
+    """The command line of a benchmark script: the first paragraph of its docstring
+    ``doc`` as the description, laid out as written (the scripts wrap it by hand)."""
+    return argparse.ArgumentParser(
+        description=doc.split("\n\n", maxsplit=1)[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def benchmark_parser(doc: str) -> argparse.ArgumentParser:
+    """:func:`script_parser` with ``--json`` and ``--quick`` already in it: what every
+    benchmark script that run_all runs takes."""
+    parser = script_parser(doc)
+    add_common_args(parser)
+    return parser
+
+
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     """``--json`` and ``--quick``, the same in every script (run_all and the test use them)."""
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures here")

@@ -24,7 +24,6 @@ The baseline commits (and fsyncs) once per message, so it gets ``--baseline-mess
 
 from __future__ import annotations
 
-import argparse
 import json
 import sqlite3
 import subprocess
@@ -37,11 +36,11 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from _broker import Broker
-from _machine import Figure, Goal, Report, add_common_args, positive_int
+from _machine import Figure, Goal, Report, benchmark_parser, positive_int
 from paho.mqtt.enums import CallbackAPIVersion
 
 from fieldscope.collect.samples import sample_identification
-from fieldscope.collect.store import open_store
+from fieldscope.collect.store import Store, open_store
 from fieldscope.collect.subscriber import BrokerSettings, Collector, CollectorSettings
 from fieldscope.edge.topics import Topics
 
@@ -152,10 +151,20 @@ def start_publisher(port: int, n: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-c", code])
 
 
-def ours(port: int, n: int, work: Path) -> tuple[float, float]:
-    settings = CollectorSettings(
-        broker=BrokerSettings(host="127.0.0.1", port=port, client_id="bench-collector")
+def _settings(port: int, client_id: str) -> CollectorSettings:
+    return CollectorSettings(
+        broker=BrokerSettings(host="127.0.0.1", port=port, client_id=client_id)
     )
+
+
+def _check_stored(store: Store, n: int, what: str) -> None:
+    """The collector kept every message: a figure over fewer would flatter it."""
+    if store.count() != n:
+        raise SystemExit(f"{what}: {store.count()} stored, expected {n}")
+
+
+def ours(port: int, n: int, work: Path) -> tuple[float, float]:
+    settings = _settings(port, "bench-collector")
     with open_store(str(work / "drain.sqlite")) as store:
         # Create the persistent session, then stop: the broker queues for it.
         collector = Collector(settings, store)
@@ -170,14 +179,10 @@ def ours(port: int, n: int, work: Path) -> tuple[float, float]:
         wait_until(lambda: stats.stored + stats.duplicates, n, "collector drain")
         drain = n / (time.perf_counter() - start)
         collector.stop()
-        if store.count() != n:
-            raise SystemExit(f"collector drain: {store.count()} stored, expected {n}")
+        _check_stored(store, n, "collector drain")
 
-    live_settings = CollectorSettings(
-        broker=BrokerSettings(host="127.0.0.1", port=port, client_id="bench-live")
-    )
     with open_store(str(work / "live.sqlite")) as store:
-        collector = Collector(live_settings, store)
+        collector = Collector(_settings(port, "bench-live"), store)
         collector.start()
         collector.wait_subscribed(10)
         pub = start_publisher(port, n)
@@ -187,8 +192,7 @@ def ours(port: int, n: int, work: Path) -> tuple[float, float]:
         live = n / wait_until(lambda: stats.stored + stats.duplicates, n, "collector live")
         pub.wait(60)
         collector.stop()
-        if store.count() != n:
-            raise SystemExit(f"collector live: {store.count()} stored, expected {n}")
+        _check_stored(store, n, "collector live")
     return drain, live
 
 
@@ -219,14 +223,11 @@ def naive(port: int, n: int, work: Path) -> tuple[float, float]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--messages", type=positive_int, default=20_000, help="messages for ours")
     parser.add_argument(
         "--baseline-messages", type=positive_int, default=1000, help="messages for the baseline"
     )
-    add_common_args(parser)
     args = parser.parse_args()
     if args.quick:
         args.messages, args.baseline_messages = 400, 100

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _machine import Figure, Goal, Report, add_common_args, positive_float, positive_int
+from _machine import Figure, Goal, Report, benchmark_parser, positive_float, positive_int
 
 from fieldscope.edge.errors import FieldscopeError
 
@@ -319,9 +319,7 @@ def _figures(
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--run", type=Path, help="benchmark a trained run (default: untrained)")
     parser.add_argument(
         "--alpha", type=positive_float, default=1.0, help="MobileNetV2 width (untrained)"
@@ -331,7 +329,6 @@ def main() -> int:
         "--repeats", type=positive_int, default=30, help="timed Keras calls (bundles: 4x)"
     )
     parser.add_argument("--work", type=Path, help="keep models and bundles here")
-    add_common_args(parser)
     parser.add_argument(
         "--child", nargs=3, metavar=("WAY", "MODEL", "IMAGE"), help=argparse.SUPPRESS
     )

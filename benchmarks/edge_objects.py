@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -40,8 +39,16 @@ from typing import Any
 
 import numpy as np
 from _broker import Broker
-from _machine import Figure, Goal, Report, add_common_args, positive_float, positive_int
-from edge_pipeline import Arrivals, keras_path, stop_daemon, vm_hwm_mb, write_config
+from _machine import Figure, Goal, Report, benchmark_parser, positive_float, positive_int
+from _research import research_frames, research_start
+from edge_pipeline import (
+    Arrivals,
+    keras_path,
+    peak_rss_figure,
+    stop_daemon,
+    vm_hwm_mb,
+    write_config,
+)
 from edge_pipeline import write_frames as write_calibration_frames
 
 PREFIX = "bench"
@@ -113,22 +120,11 @@ def measure(
 
 def research_loop(keras_file: Path, frames: Path, port: int) -> None:
     """The research way, until killed: threshold, regionprops, Keras predict per object."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import cv2
-    import keras
-    import paho.mqtt.client as mqtt
     import skimage.measure
 
-    model = keras.models.load_model(keras_file)
-    size = int(model.input_shape[1])
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
-    client.connect("127.0.0.1", port)
-    client.loop_start()
-    paths = sorted(frames.glob("*.png"))
-    i = 0
-    while True:
-        path = paths[i % len(paths)]
-        image = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+    model, size, client = research_start(keras_file, port)
+    for path, image in research_frames(frames):
         grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
         _, mask = cv2.threshold(grey, 0, 255, cv2.THRESH_BINARY_INV | cv2.THRESH_OTSU)
         for region in skimage.measure.regionprops(skimage.measure.label(mask > 0), grey):
@@ -150,7 +146,6 @@ def research_loop(keras_file: Path, frames: Path, port: int) -> None:
                 "minor": float(region.axis_minor_length),
             }
             client.publish(RESEARCH_TOPIC, json.dumps(message), qos=1)
-        i += 1
 
 
 def stage_shares(bundle_dir: Path, frames: Path, runs: int) -> dict[str, float]:
@@ -227,16 +222,7 @@ def summarise(report: Report, results: list[dict[str, Any]]) -> None:
                 goal=goal,
             )
         )
-        report.add(
-            Figure(
-                f"peak RSS, {n} per frame",
-                ours["rss_mb"],
-                "MB",
-                baseline=base.get("rss_mb"),
-                higher_is_better=False,
-                goal=Goal("<=", 120),
-            )
-        )
+        report.add(peak_rss_figure(f"peak RSS, {n} per frame", ours["rss_mb"], base.get("rss_mb")))
         s = r["stages_ms"]
         total = s["segment"] + s["preprocess"] + s["classify"]
         report.add(
@@ -257,9 +243,7 @@ def summarise(report: Report, results: list[dict[str, Any]]) -> None:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--work", type=Path, help="working folder (kept; the bundle is reused)")
     parser.add_argument("--bundle", type=Path, help="use this bundle (baseline: BUNDLE.keras)")
     parser.add_argument("--frames", type=positive_int, default=4, help="distinct frames per N")
@@ -270,7 +254,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-baseline", action="store_true", help="skip the research loop")
     parser.add_argument("--size", type=positive_int, default=224, help="model input side")
     parser.add_argument("--alpha", type=positive_float, default=1.0, help="MobileNetV2 width")
-    add_common_args(parser)
     parser.add_argument("--research-loop", nargs=3, help=argparse.SUPPRESS)
     return parser.parse_args()
 

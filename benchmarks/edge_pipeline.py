@@ -52,7 +52,8 @@ from typing import Any
 
 import numpy as np
 from _broker import Broker
-from _machine import Figure, Goal, Report, add_common_args, positive_float, positive_int
+from _machine import Figure, Goal, Report, benchmark_parser, positive_float, positive_int
+from _research import research_frames, research_start
 
 FRAME_W, FRAME_H = 640, 480
 LABELS = ("globigerina", "orbulina", "textularia", "nodosaria")
@@ -316,30 +317,18 @@ def research_loop(keras_file: Path, frames: Path, port: int) -> None:
     """What the research scripts ran on the Pi: one loop, one frame after another —
     read, denoise, resize, Keras ``model.predict`` (full TensorFlow), publish QoS 1 with
     a plain paho client. Runs until killed."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import json
 
     import cv2
-    import keras
-    import paho.mqtt.client as mqtt
 
-    model = keras.models.load_model(keras_file)
-    size = int(model.input_shape[1])
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
-    client.connect("127.0.0.1", port)
-    client.loop_start()
-    paths = sorted(frames.glob("*.png"))
-    i = 0
-    while True:
-        path = paths[i % len(paths)]
-        image = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
-        image = cv2.bilateralFilter(image, 9, 75, 75)
+    model, size, client = research_start(keras_file, port)
+    for path, frame in research_frames(frames):
+        image = cv2.bilateralFilter(frame, 9, 75, 75)
         image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
         probs = model.predict(image[None].astype(np.float32), verbose=0)[0]
         best = int(np.argmax(probs))
         message = {"image": path.name, "label": LABELS[best], "score": float(probs[best])}
         client.publish(RESEARCH_TOPIC, json.dumps(message), qos=1)
-        i += 1
 
 
 def run_research(
@@ -450,6 +439,12 @@ def stage_costs(bundle_dir: Path, frames: Path, work: Path, threads: int | None,
     return costs
 
 
+def peak_rss_figure(name: str, mb: float, baseline: float | None) -> Figure:
+    """A station's peak RSS against the memory goal, <= 120 MB (see the module doc),
+    the same for the one-frame and the segmenting station (edge_objects.py)."""
+    return Figure(name, mb, "MB", baseline=baseline, higher_is_better=False, goal=Goal("<=", 120))
+
+
 # --- main ----------------------------------------------------------------------------------------
 
 
@@ -483,16 +478,7 @@ def summarise(
             note="1.0: the other stages are hidden behind the slowest",
         )
     )
-    report.add(
-        Figure(
-            "peak RSS (VmHWM)",
-            daemon["peak_rss_mb"],
-            "MB",
-            baseline=base.get("peak_rss_mb"),
-            higher_is_better=False,
-            goal=Goal("<=", 120),
-        )
-    )
+    report.add(peak_rss_figure("peak RSS (VmHWM)", daemon["peak_rss_mb"], base.get("peak_rss_mb")))
     firsts = daemon["firsts"]
     report.add(
         Figure(
@@ -529,9 +515,7 @@ def summarise(
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--work", type=Path, help="working folder (kept; the bundle is reused)")
     parser.add_argument(
         "--bundle", type=Path, help="use this bundle (the baseline needs BUNDLE.keras beside it)"
@@ -554,7 +538,6 @@ def parse_args() -> argparse.Namespace:
         help="daemon starts timed (the median is reported)",
     )
     parser.add_argument("--no-baseline", action="store_true", help="skip the research loop")
-    add_common_args(parser)
     parser.add_argument("--size", type=positive_int, default=224, help="model input side")
     parser.add_argument("--alpha", type=positive_float, default=1.0, help="MobileNetV2 width")
     parser.add_argument("--build-bundle", nargs=4, help=argparse.SUPPRESS)

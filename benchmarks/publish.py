@@ -44,7 +44,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from _broker import Broker
-from _machine import Figure, Goal, Report, add_common_args, positive_float, positive_int
+from _machine import Figure, Goal, Report, benchmark_parser, positive_float, positive_int
 from paho.mqtt.enums import CallbackAPIVersion
 
 from fieldscope.collect.samples import sample_identification
@@ -353,9 +353,7 @@ def incident(
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--messages", type=positive_int, default=3000, help="throughput messages")
     parser.add_argument("--count", type=positive_int, default=600, help="messages per incident run")
     parser.add_argument(
@@ -367,7 +365,6 @@ def main() -> int:
     parser.add_argument(
         "--quiet", type=positive_float, default=5.0, help="seconds without arrivals that end a run"
     )
-    add_common_args(parser)
     parser.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

@@ -12,13 +12,12 @@ table on a quiet machine is one command (``benchmarks/run_all --write-readme``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from _machine import figures_table, gain_text, machine_line, number, verdict
+from _machine import figures_table, gain_text, machine_line, number, script_parser, verdict
 
 HERE = Path(__file__).resolve().parent
 LATEST = HERE / "results" / "latest.json"
@@ -128,9 +127,7 @@ def write_readme(readme: Path, latest: dict[str, Any]) -> bool:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = script_parser(__doc__)
     parser.add_argument("--latest", type=Path, default=LATEST, help="run_all's JSON")
     parser.add_argument("--readme", type=Path, default=README, help="the README to rewrite")
     group = parser.add_mutually_exclusive_group()

@@ -34,6 +34,7 @@ import numpy.typing as npt
 
 from fieldscope.edge.classify import Prediction
 from fieldscope.edge.message import (
+    Identification,
     ImageRef,
     ModelRef,
     Quality,
@@ -215,24 +216,37 @@ def _timings(facts: FrameFacts, preprocess_ms: float, inference_ms: float) -> Ti
     )
 
 
-def _no_objects(segmented: Segmented, facts: FrameFacts) -> Callable[[int], bytes]:
-    timings = _timings(facts, segmented.segment_ms, 0.0)
+def _frame_payload(
+    build: Callable[..., Identification],
+    segmented: Segmented,
+    facts: FrameFacts,
+    timings: Timings,
+    **specific: object,
+) -> Callable[[int], bytes]:
+    """The message for a seq, built by ``build`` (``build_rejection`` or
+    ``build_identification``) from what every message of the frame carries (station,
+    capture, model, image, quality, segmentation) plus its ``specific`` fields."""
 
     def payload(seq: int) -> bytes:
-        return build_rejection(
+        return build(
             device=facts.topics.device,
             station=facts.topics.station,
             seq=seq,
             captured_at=facts.captured_at,
-            reason=NO_OBJECTS_REASON,
             model=facts.model_ref,
             image=facts.image,
             timings=timings,
             quality=facts.quality,
             segmentation=segmented.summary,
+            **specific,
         ).to_json()
 
     return payload
+
+
+def _no_objects(segmented: Segmented, facts: FrameFacts) -> Callable[[int], bytes]:
+    timings = _timings(facts, segmented.segment_ms, 0.0)
+    return _frame_payload(build_rejection, segmented, facts, timings, reason=NO_OBJECTS_REASON)
 
 
 def _one_object(
@@ -250,23 +264,9 @@ def _one_object(
         measurements=obj.measurements,
     )
     timings = _timings(facts, segmented.segment_ms + obj.preprocess_ms, obj.inference_ms)
-
-    def payload(seq: int) -> bytes:
-        return build_identification(
-            device=facts.topics.device,
-            station=facts.topics.station,
-            seq=seq,
-            captured_at=facts.captured_at,
-            prediction=prediction,
-            model=facts.model_ref,
-            image=facts.image,
-            timings=timings,
-            quality=facts.quality,
-            object_ref=ref,
-            segmentation=segmented.summary,
-        ).to_json()
-
-    return payload
+    return _frame_payload(
+        build_identification, segmented, facts, timings, prediction=prediction, object_ref=ref
+    )
 
 
 class _Counters(Protocol):

@@ -13,8 +13,9 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -23,11 +24,35 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from fieldscope.cli.main import main
-from fieldscope.collect.store import open_store
+from fieldscope.collect.records import decode
+from fieldscope.collect.store import Store, open_store
 from fieldscope.collect.subscriber import Collector, CollectorSettings
 from fieldscope.edge.bundle import MODEL_FILE, FileEntry, Manifest, Provenance, Quantization
 from fieldscope.edge.capture import Camera, Frame
+from fieldscope.edge.message import Identification
 from fieldscope.edge.preprocess import PreprocessRecipe
+from fieldscope.edge.site import Sample, Site
+from fieldscope.edge.topics import Topics
+
+# A sampling site with every Darwin Core place field set, for the store and the exports.
+SITE = Site(
+    name="Etang de Thau, pontoon 3",
+    decimal_latitude=43.4167,
+    decimal_longitude=3.6,
+    geodetic_datum="WGS84",
+    coordinate_uncertainty_m=30.0,
+    depth_m=1.5,
+    country_code="FR",
+    locality="Bouzigues",
+)
+# A sample taken there, with every field set.
+SAMPLE = Sample(
+    id="thau-a",
+    started_at=datetime(2026, 11, 23, 17, 0, tzinfo=UTC),
+    volume_l=2.5,
+    operator="A. Martin",
+    notes="net 20 µm",
+)
 
 # The smallest edge configuration that loads: a replay camera, a bundle folder and a
 # broker, all relative to the file's folder. Tests add or replace one part of it.
@@ -181,6 +206,23 @@ def running_collector(db: Path, settings: CollectorSettings) -> Iterator[Collect
     finally:
         collector.stop()
         store.close()
+
+
+def received(message: Identification, payload: bytes | None = None) -> object:
+    """``message`` as the collector receives it: decoded from its own station's
+    identification topic (``payload`` instead of its JSON, to send something else)."""
+    topic = Topics("fieldscope", message.station, message.device).identification
+    return decode(topic, message.to_json() if payload is None else payload, "fieldscope")
+
+
+@contextlib.contextmanager
+def store_holding(db: Path, messages: Iterable[Identification]) -> Iterator[Store]:
+    """The SQLite store ``db`` after the collector stored ``messages``, opened for
+    reading as the exports and the dashboard open it (``create=False``)."""
+    with open_store(str(db)) as store:
+        store.write([received(m) for m in messages])
+    with open_store(str(db), create=False) as reader:
+        yield reader
 
 
 def identification_document() -> dict[str, Any]:

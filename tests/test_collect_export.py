@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from helpers import SAMPLE, SITE, store_holding
 
 from fieldscope.collect.export import (
     CSV_COLUMNS,
@@ -23,11 +24,9 @@ from fieldscope.collect.export import (
     parse_time,
     read_csv,
 )
-from fieldscope.collect.records import decode
 from fieldscope.collect.samples import sample_identification
-from fieldscope.collect.store import Filters, Store, open_store
+from fieldscope.collect.store import Filters, Store
 from fieldscope.edge.message import Identification
-from fieldscope.edge.topics import Topics
 
 BASE = datetime(2026, 11, 20, 6, 30, tzinfo=UTC)
 # What a research group adds to the Darwin Core occurrence core before GBIF accepts it.
@@ -51,21 +50,8 @@ def messages() -> list[Identification]:
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[Store]:
-    db = tmp_path / "collect.sqlite"
-    with open_store(str(db)) as s:
-        s.write(
-            [
-                decode(
-                    Topics("fieldscope", m.station, m.device).identification,
-                    m.to_json(),
-                    "fieldscope",
-                )
-                for m in messages()
-            ]
-        )
-    reader = open_store(str(db), create=False)
-    yield reader
-    reader.close()
+    with store_holding(tmp_path / "collect.sqlite", messages()) as reader:
+        yield reader
 
 
 def test_csv_round_trips(store: Store, tmp_path: Path) -> None:
@@ -240,14 +226,9 @@ def object_store(tmp_path: Path) -> Iterator[Store]:
     """Three objects of one frame, a frame without objects, a one-frame station's message."""
     from fieldscope.collect.samples import sample_objects
 
-    db = tmp_path / "objects.sqlite"
     sent = [*sample_objects(10, 3), *sample_objects(20, 0), sample_identification(30)]
-    with open_store(str(db)) as s:
-        topic = Topics("fieldscope", "pond-3", "scope-a").identification
-        s.write([decode(topic, m.to_json(), "fieldscope") for m in sent])
-    reader = open_store(str(db), create=False)
-    yield reader
-    reader.close()
+    with store_holding(tmp_path / "objects.sqlite", sent) as reader:
+        yield reader
 
 
 def test_csv_and_parquet_carry_every_measurement(object_store: Store, tmp_path: Path) -> None:
@@ -362,29 +343,13 @@ def site_store(tmp_path: Path) -> Iterator[Store]:
     message that carries neither (an older station)."""
     import msgspec
 
-    from fieldscope.edge.site import Sample, Site
+    from fieldscope.edge.site import Site
 
-    water = Site(
-        name="Etang de Thau, pontoon 3",
-        decimal_latitude=43.4167,
-        decimal_longitude=3.6,
-        geodetic_datum="WGS84",
-        coordinate_uncertainty_m=30.0,
-        depth_m=1.5,
-        country_code="FR",
-        locality="Bouzigues",
-    )
     land = Site(name="Roof tank", elevation_m=40.0, country_code="DE")
-    sample = Sample(
-        id="thau-a",
-        started_at=datetime(2026, 11, 20, 6, 0, tzinfo=UTC),
-        volume_l=2.5,
-        operator="A. Martin",
-        notes="net 20 µm",
-    )
+    sample = msgspec.structs.replace(SAMPLE, started_at=datetime(2026, 11, 20, 6, 0, tzinfo=UTC))
     sent = [
         msgspec.structs.replace(
-            sample_identification(1, label="Amoeba", captured_at=BASE), site=water, sample=sample
+            sample_identification(1, label="Amoeba", captured_at=BASE), site=SITE, sample=sample
         ),
         msgspec.structs.replace(
             sample_identification(2, label="Euglena", captured_at=BASE + timedelta(hours=1)),
@@ -392,13 +357,8 @@ def site_store(tmp_path: Path) -> Iterator[Store]:
         ),
         sample_identification(3, label="Amoeba", captured_at=BASE + timedelta(hours=2)),
     ]
-    db = tmp_path / "site.sqlite"
-    with open_store(str(db)) as s:
-        topic = Topics("fieldscope", "pond-3", "scope-a").identification
-        s.write([decode(topic, m.to_json(), "fieldscope") for m in sent])
-    reader = open_store(str(db), create=False)
-    yield reader
-    reader.close()
+    with store_holding(tmp_path / "site.sqlite", sent) as reader:
+        yield reader
 
 
 def test_export_of_one_sample_from_the_command_line(site_store: Store, tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from test_collect_store import received
+from helpers import received
 
 from fieldscope.cli.main import main
 from fieldscope.collect.samples import sample_identification
@@ -42,6 +42,11 @@ def reviewed(tmp_path: Path) -> tuple[Path, Path]:
     return db, archive
 
 
+def _folders_export(db: Path, out: Path) -> list[str]:
+    """The command line of a folders export of ``db`` into ``out`` (add --archive)."""
+    return ["collect", "export", "--db", str(db), "--format", "folders", "--out", str(out)]
+
+
 def _manifest(out: Path) -> dict[int, dict[str, str]]:
     with (out / "manifest.csv").open(encoding="utf-8", newline="") as fh:
         return {int(r["seq"]): r for r in csv.DictReader(fh)}
@@ -52,7 +57,7 @@ def test_folders_hold_the_validated_labels_and_a_manifest_of_what_is_missing(
 ) -> None:
     db, archive = reviewed
     out = tmp_path / "field-set"
-    argv = ["collect", "export", "--db", str(db), "--format", "folders", "--out", str(out)]
+    argv = _folders_export(db, out)
     assert main([*argv, "--archive", str(archive)]) == 0
     said = capsys.readouterr().out
     assert "wrote 3 folders record(s)" in said
@@ -88,7 +93,7 @@ def test_folders_need_the_archive(
 ) -> None:
     db, _ = reviewed
     out = tmp_path / "x"
-    argv = ["collect", "export", "--db", str(db), "--format", "folders", "--out", str(out)]
+    argv = _folders_export(db, out)
     assert main(argv) == 2
     assert "give --archive DIR" in capsys.readouterr().err
     assert not out.exists()

@@ -19,8 +19,8 @@ import cv2
 import numpy as np
 import pytest
 from dwca import read as dwca_read
+from helpers import received
 from pyecotaxa import archive as pyecotaxa_archive
-from test_collect_store import received
 
 from fieldscope.cli.main import main
 from fieldscope.collect.export import ExportError, export

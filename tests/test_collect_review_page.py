@@ -11,7 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from test_collect_store import received
+from helpers import received
 from test_collect_web import Browser
 from test_collect_web import browser as browser  # noqa: PLC0414  (the fixture)
 from test_collect_web_api import TOKEN

@@ -8,10 +8,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from helpers import received
 from test_collect_store import (
     new_database,
     postgres_server,  # noqa: F401  (the fixture)
-    received,
 )
 
 from fieldscope.collect.samples import sample_identification

@@ -16,12 +16,13 @@ import socket
 import subprocess
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import msgspec
 import pytest
+from helpers import SAMPLE, SITE, received
 
 from fieldscope.collect.records import (
     DeviceHeartbeat,
@@ -37,7 +38,7 @@ from fieldscope.collect.samples import (
     sample_identification,
     sample_model_info,
 )
-from fieldscope.collect.store import Filters, Store, StoreError, open_store
+from fieldscope.collect.store import Filters, IdentificationRow, Store, StoreError, open_store
 from fieldscope.edge.message import Identification
 from fieldscope.edge.site import Sample, Site
 from fieldscope.edge.topics import DeviceStatus, Topics
@@ -47,11 +48,6 @@ PREFIX = "fieldscope"
 
 def topics(device: str = "scope-a", station: str = "pond-3") -> Topics:
     return Topics(PREFIX, station, device)
-
-
-def received(message: Identification, payload: bytes | None = None) -> object:
-    t = topics(message.device, message.station)
-    return decode(t.identification, message.to_json() if payload is None else payload, PREFIX)
 
 
 # --- a real PostgreSQL server --------------------------------------------------------------------
@@ -466,37 +462,46 @@ def test_objects_are_stored_with_their_measurements_and_frame_counts(store: Stor
     assert rows[30].objects_found is None
 
 
-def _drop_object_columns(db_url: str) -> None:
-    """Make the database what a collector before the object columns left."""
-    from fieldscope.collect.store.object_columns import OBJECT_COLUMNS
-
+def _execute(db_url: str, statements: Sequence[str]) -> None:
+    """Run ``statements`` on the SQLite file or PostgreSQL database behind the store."""
     if db_url.startswith("postgresql://"):
         import psycopg
 
         with psycopg.connect(db_url, autocommit=True) as conn:
-            for name in OBJECT_COLUMNS:
-                conn.execute(f"ALTER TABLE identifications DROP COLUMN {name}")
+            for statement in statements:
+                conn.execute(statement)
         return
     import sqlite3
 
     conn = sqlite3.connect(db_url)
-    for name in OBJECT_COLUMNS:
-        conn.execute(f"ALTER TABLE identifications DROP COLUMN {name}")
+    for statement in statements:
+        conn.execute(statement)
     conn.commit()
     conn.close()
 
 
-def test_an_older_database_is_read_as_it_is_and_migrated_by_a_writer(db_url: str) -> None:
-    from fieldscope.collect.samples import sample_objects
-
+def _older_row(db_url: str, statements: Sequence[str]) -> IdentificationRow:
+    """One identification stored, then the database made older by ``statements`` (what
+    an earlier collector left); the row as a reader, which migrates nothing, sees it."""
     with open_store(db_url) as store:
         store.write([received(sample_identification(1))])
-    _drop_object_columns(db_url)
-    # A reader (an export, the dashboard) does not change the database: nulls.
+    _execute(db_url, statements)
     with open_store(db_url, create=False) as reader:
         (old,) = list(reader.iter_identifications())
-        assert old.seq == 1
-        assert old.area_um2 is None
+    return old
+
+
+def test_an_older_database_is_read_as_it_is_and_migrated_by_a_writer(db_url: str) -> None:
+    from fieldscope.collect.samples import sample_objects
+    from fieldscope.collect.store.object_columns import OBJECT_COLUMNS
+
+    # What a collector before the object columns left; read by a reader (an export,
+    # the dashboard), which does not change the database: nulls.
+    old = _older_row(
+        db_url, [f"ALTER TABLE identifications DROP COLUMN {name}" for name in OBJECT_COLUMNS]
+    )
+    assert old.seq == 1
+    assert old.area_um2 is None
     # The next collector adds the columns; the old row stays, objects are stored.
     with open_store(db_url) as store:
         assert store.write([received(m) for m in sample_objects(2, 2)]).stored == 2
@@ -592,24 +597,6 @@ def test_size_distribution_per_label_on_shared_edges(store: Store) -> None:
 
 # --- site and sample -----------------------------------------------------------------------------
 
-SITE = Site(
-    name="Etang de Thau, pontoon 3",
-    decimal_latitude=43.4167,
-    decimal_longitude=3.6,
-    geodetic_datum="WGS84",
-    coordinate_uncertainty_m=30.0,
-    depth_m=1.5,
-    country_code="FR",
-    locality="Bouzigues",
-)
-SAMPLE = Sample(
-    id="thau-a",
-    started_at=datetime(2026, 11, 23, 17, 0, tzinfo=UTC),
-    volume_l=2.5,
-    operator="A. Martin",
-    notes="net 20 µm",
-)
-
 
 def placed(seq: int, site: Site | None = SITE, sample: Sample | None = SAMPLE) -> Identification:
     return msgspec.structs.replace(sample_identification(seq), site=site, sample=sample)
@@ -635,37 +622,18 @@ def test_site_and_sample_are_stored_as_columns(store: Store) -> None:
     assert (rows[3].site_name, rows[3].sample_id, rows[3].depth_m) == (None, None, None)
 
 
-def _drop_site_columns(db_url: str) -> None:
-    """Make the database what a collector before the site and sample columns left."""
+def test_a_database_without_site_columns_is_read_and_migrated(db_url: str) -> None:
     from fieldscope.collect.store.site_columns import SITE_COLUMNS
 
-    drops = [
-        "DROP INDEX IF EXISTS identifications_sample",
-        *(f"ALTER TABLE identifications DROP COLUMN {name}" for name in SITE_COLUMNS),
-    ]
-    if db_url.startswith("postgresql://"):
-        import psycopg
-
-        with psycopg.connect(db_url, autocommit=True) as conn:
-            for statement in drops:
-                conn.execute(statement)
-        return
-    import sqlite3
-
-    conn = sqlite3.connect(db_url)
-    for statement in drops:
-        conn.execute(statement)
-    conn.commit()
-    conn.close()
-
-
-def test_a_database_without_site_columns_is_read_and_migrated(db_url: str) -> None:
-    with open_store(db_url) as store:
-        store.write([received(sample_identification(1))])
-    _drop_site_columns(db_url)
-    with open_store(db_url, create=False) as reader:
-        (old,) = list(reader.iter_identifications())
-        assert (old.seq, old.sample_id, old.decimal_latitude) == (1, None, None)
+    # What a collector before the site and sample columns left.
+    old = _older_row(
+        db_url,
+        [
+            "DROP INDEX IF EXISTS identifications_sample",
+            *(f"ALTER TABLE identifications DROP COLUMN {name}" for name in SITE_COLUMNS),
+        ],
+    )
+    assert (old.seq, old.sample_id, old.decimal_latitude) == (1, None, None)
     with open_store(db_url) as store:
         assert store.write([received(placed(2))]).stored == 1
         rows = {r.seq: r for r in store.iter_identifications()}

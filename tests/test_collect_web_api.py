@@ -18,6 +18,7 @@ import cv2
 import msgspec
 import pytest
 from conftest import TinyBundles, TinyModels
+from helpers import received
 
 from fieldscope.cli.main import main
 from fieldscope.collect.charts import bucket_range, series_from_counts, stacked_bars
@@ -417,16 +418,7 @@ def fill_objects(db: Path) -> None:
         ),
     ]
     with open_store(str(db)) as store:
-        store.write(
-            [
-                decode(
-                    Topics("fieldscope", m.station, m.device).identification,
-                    m.to_json(),
-                    "fieldscope",
-                )
-                for m in messages
-            ]
-        )
+        store.write([received(m) for m in messages])
 
 
 @pytest.fixture

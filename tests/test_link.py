@@ -466,26 +466,24 @@ def test_tls_with_username_and_password(broker_dir: Path, stations: Callable[...
     broker = start_configured(
         broker_dir, certs.broker_lines() + password_lines(broker_dir, "scope", "s3cret")
     )
-    try:
-        good = stations(
+
+    def scope(device: str, password: str) -> Station:
+        """A station logging in as user ``scope`` over TLS (the broker's CA)."""
+        return stations(
             broker,
-            broker_dir / "good.db",
-            device="good",
+            broker_dir / f"{device}.db",
+            device=device,
             tls=TlsSettings(ca=certs.ca),
             username="scope",
-            password="s3cret",
+            password=password,
         )
+
+    try:
+        good = scope("good", "s3cret")
         assert good.link.wait_online(10)
         good.add(3)
         assert wait_until(lambda: good.outbox.depth() == 0)
-        bad = stations(
-            broker,
-            broker_dir / "bad.db",
-            device="bad",
-            tls=TlsSettings(ca=certs.ca),
-            username="scope",
-            password="nope",
-        )
+        bad = scope("bad", "nope")
         assert wait_until(lambda: "refused the connection" in (bad.link.health().last_error or ""))
         assert not bad.link.connected
         assert "s3cret" not in repr(good.link.settings)

@@ -483,33 +483,26 @@ def test_segment_command_reads_the_objects_table(
     frame_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config = tmp_path / "edge.toml"
-    config.write_text(
-        '[device]\nstation = "lake"\n\n[objects]\nmax_objects = 3\nmin_area_um2 = 200.0\n',
-        encoding="utf-8",
-    )
+
+    def segment(toml: str, out: Path) -> int:
+        """``fieldscope segment`` of the frames into ``out``, ``toml`` as its --config."""
+        config.write_text(toml, encoding="utf-8")
+        return main(["segment", str(frame_dir), "--out", str(out), "--config", str(config)])
+
     out = tmp_path / "crops"
-    assert main(["segment", str(frame_dir), "--out", str(out), "--config", str(config)]) == 0
+    station = '[device]\nstation = "lake"\n\n[objects]\nmax_objects = 3\nmin_area_um2 = 200.0\n'
+    assert segment(station, out) == 0
     assert len(_rows(out / "objects.csv")) == 6
     # A station still in frame mode: its settings cut the same objects.
-    config.write_text(
-        '[objects]\nmode = "frame"\nmax_objects = 3\nmin_area_um2 = 200.0\n', encoding="utf-8"
-    )
     framed = tmp_path / "framed"
-    assert main(["segment", str(frame_dir), "--out", str(framed), "--config", str(config)]) == 0
+    frame_mode = '[objects]\nmode = "frame"\nmax_objects = 3\nmin_area_um2 = 200.0\n'
+    assert segment(frame_mode, framed) == 0
     assert len(_rows(framed / "objects.csv")) == 6
-    config.write_text("[objects]\nmax_object = 3\nblur_px = 4\n", encoding="utf-8")
-    assert (
-        main(["segment", str(frame_dir), "--out", str(tmp_path / "x"), "--config", str(config)])
-        == 2
-    )
+    assert segment("[objects]\nmax_object = 3\nblur_px = 4\n", tmp_path / "x") == 2
     err = capsys.readouterr().err
     assert f"{config}:2: objects.max_object: unknown key (did you mean 'max_objects'?)" in err
     assert f"{config}:3: objects.blur_px: must be an odd number of pixels, got 4" in err
-    config.write_text('[objects]\nmax_area_um2 = -5\npolarity = "dark"\n', encoding="utf-8")
-    assert (
-        main(["segment", str(frame_dir), "--out", str(tmp_path / "x"), "--config", str(config)])
-        == 2
-    )
+    assert segment('[objects]\nmax_area_um2 = -5\npolarity = "dark"\n', tmp_path / "x") == 2
     err = capsys.readouterr().err
     assert f"{config}:2: objects.max_area_um2: must be > 0 µm², got -5" in err
     assert f"{config}:3: objects.polarity: must be one of dark-on-light, light-on-dark, auto" in err

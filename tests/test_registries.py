@@ -13,6 +13,7 @@ from pathlib import Path
 import msgspec
 import numpy as np
 import pytest
+from helpers import store_holding
 
 from fieldscope.collect.export import (
     EXPORTERS,
@@ -23,9 +24,8 @@ from fieldscope.collect.export import (
     ExportSummary,
     export,
 )
-from fieldscope.collect.records import decode
 from fieldscope.collect.samples import sample_identification
-from fieldscope.collect.store import IdentificationRow, Store, open_store
+from fieldscope.collect.store import IdentificationRow, Store
 from fieldscope.edge import config
 from fieldscope.edge.capture import (
     CAMERA_BACKENDS,
@@ -49,7 +49,6 @@ from fieldscope.edge.denoise import (
 from fieldscope.edge.errors import ConfigError, RecipeError
 from fieldscope.edge.preprocess import PreprocessRecipe, save_png
 from fieldscope.edge.registry import Registry
-from fieldscope.edge.topics import Topics
 from fieldscope.edge.typed import problems_of
 
 # ── camera backends ──────────────────────────────────────────────────────────────────
@@ -273,17 +272,8 @@ def store(tmp_path: Path) -> Iterator[Store]:
         )
         for i, label in enumerate(labels)
     ]
-    db = tmp_path / "collect.sqlite"
-    with open_store(str(db)) as s:
-        s.write(
-            [
-                decode(Topics("fieldscope", "s1", "a").identification, m.to_json(), "fieldscope")
-                for m in messages
-            ]
-        )
-    reader = open_store(str(db), create=False)
-    yield reader
-    reader.close()
+    with store_holding(tmp_path / "collect.sqlite", messages) as reader:
+        yield reader
 
 
 def _write_labels(

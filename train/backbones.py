@@ -63,6 +63,18 @@ class BackboneSpec:
     ported: bool = False
 
 
+def _mobilenet_v3(constructor: str) -> BackboneSpec:
+    """Both MobileNetV3 sizes alike: a width multiplier with ImageNet weights at 0.75 and
+    1.0, and their own rescaling inside the model."""
+    return BackboneSpec(
+        constructor,
+        "builtin",
+        takes_alpha=True,
+        imagenet_alphas=(0.75, 1.0),
+        include_preprocessing=True,
+    )
+
+
 BACKBONES: Mapping[str, BackboneSpec] = {
     "mobilenet_v2": BackboneSpec(
         "MobileNetV2",
@@ -70,20 +82,8 @@ BACKBONES: Mapping[str, BackboneSpec] = {
         takes_alpha=True,
         imagenet_alphas=(0.35, 0.5, 0.75, 1.0, 1.3, 1.4),
     ),
-    "mobilenet_v3_small": BackboneSpec(
-        "MobileNetV3Small",
-        "builtin",
-        takes_alpha=True,
-        imagenet_alphas=(0.75, 1.0),
-        include_preprocessing=True,
-    ),
-    "mobilenet_v3_large": BackboneSpec(
-        "MobileNetV3Large",
-        "builtin",
-        takes_alpha=True,
-        imagenet_alphas=(0.75, 1.0),
-        include_preprocessing=True,
-    ),
+    "mobilenet_v3_small": _mobilenet_v3("MobileNetV3Small"),
+    "mobilenet_v3_large": _mobilenet_v3("MobileNetV3Large"),
     "efficientnet_b0": BackboneSpec("EfficientNetB0", "builtin"),
     "efficientnet_v2_b0": BackboneSpec("EfficientNetV2B0", "builtin", include_preprocessing=True),
     "resnet50": BackboneSpec("ResNet50", "caffe"),

@@ -41,6 +41,7 @@ __all__ = [
     "escape_formula",
     "parse_time",
     "unescape_formula",
+    "unreviewed",
     "utc_text",
     "write_counted",
 ]
@@ -103,6 +104,15 @@ class ExportOptions:
     metadata: DatasetMetadata | None = None
 
 
+# How a format writes rows (``write``), and rows each with its latest review, if any
+# (``annotated``: Darwin Core, EcoTaxa).
+RowWriter = Callable[[Iterable[IdentificationRow], Path, ExportOptions], ExportSummary]
+AnnotatedWriter = Callable[
+    [Iterable[tuple[IdentificationRow, AnnotationRow | None]], Path, ExportOptions],
+    ExportSummary,
+]
+
+
 @dataclass(frozen=True)
 class ExportFormat:
     """One export format as the registry knows it: ``write(rows, out, options)`` writes
@@ -112,7 +122,7 @@ class ExportFormat:
 
     name: str
     suffix: str
-    write: Callable[[Iterable[IdentificationRow], Path, ExportOptions], ExportSummary]
+    write: RowWriter
     summary: str = ""
     # A format of reviewed identifications gets each one with its latest review
     # (``Store.iter_reviewed``) instead, and writes a folder.
@@ -123,13 +133,19 @@ class ExportFormat:
         | None
     ) = None
     # A format that takes each row with its latest review, if any (Darwin Core, EcoTaxa).
-    annotated: (
-        Callable[
-            [Iterable[tuple[IdentificationRow, AnnotationRow | None]], Path, ExportOptions],
-            ExportSummary,
-        ]
-        | None
-    ) = None
+    annotated: AnnotatedWriter | None = None
+
+
+def unreviewed(annotated: AnnotatedWriter) -> RowWriter:
+    """The ``write`` of a format that takes reviews (Darwin Core, EcoTaxa): its
+    ``annotated`` writer given the rows without any review."""
+
+    def write(
+        rows: Iterable[IdentificationRow], out: Path, options: ExportOptions
+    ) -> ExportSummary:
+        return annotated(((row, None) for row in rows), out, options)
+
+    return write
 
 
 def parse_time(text: str, what: str = "time") -> datetime:

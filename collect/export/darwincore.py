@@ -45,6 +45,7 @@ from fieldscope.collect.export.base import (
     ExportSummary,
     atomic,
     clean_tsv,
+    unreviewed,
     utc_text,
 )
 from fieldscope.collect.export.eml import eml_xml
@@ -292,9 +293,8 @@ def write_annotated(
     return ExportSummary(out, "darwin-core", n, sum(skipped.values()), why, naming.notes())
 
 
-def write(rows: Iterable[IdentificationRow], out: Path, options: ExportOptions) -> ExportSummary:
-    """The rows as occurrences, without reviews (see :func:`write_annotated`)."""
-    return write_annotated(((row, None) for row in rows), out, options)
+# The rows as occurrences, without reviews (see :func:`write_annotated`).
+write = unreviewed(write_annotated)
 
 
 FORMAT = ExportFormat(

@@ -52,6 +52,7 @@ from fieldscope.collect.export.base import (
     atomic,
     clean_tsv,
     escape_formula,
+    unreviewed,
 )
 from fieldscope.collect.export.ecotaxa_images import ImagePacker
 from fieldscope.collect.export.taxonomy import Identified, Naming, identified
@@ -271,9 +272,8 @@ def write_annotated(
     )
 
 
-def write(rows: Iterable[IdentificationRow], out: Path, options: ExportOptions) -> ExportSummary:
-    """Every row as an EcoTaxa object, without reviews (see :func:`write_annotated`)."""
-    return write_annotated(((row, None) for row in rows), out, options)
+# Every row as an EcoTaxa object, without reviews (see :func:`write_annotated`).
+write = unreviewed(write_annotated)
 
 
 FORMAT = ExportFormat(

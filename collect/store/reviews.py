@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from fieldscope.collect.store.rows import _ROW_COLUMNS, Filters, IdentificationRow, StoreError
+from fieldscope.collect.store.schema import in_dialect
 from fieldscope.edge.errors import FieldscopeError
 
 __all__ = [
@@ -55,29 +56,19 @@ DEFAULT_LOW_SCORE = 0.6
 _HASH_SPACE = 16**4
 _ANNOTATION_COLUMNS = "id, identification_id, label, reviewer, reviewed_at, note"
 
-SQLITE_REVIEWS = """
+_REVIEWS = """
 CREATE TABLE IF NOT EXISTS annotations (
-    id INTEGER PRIMARY KEY,
-    identification_id INTEGER NOT NULL REFERENCES identifications (id),
+    id {id},
+    identification_id {bigint} NOT NULL REFERENCES identifications (id),
     label TEXT NOT NULL,
     reviewer TEXT NOT NULL,
-    reviewed_at TEXT NOT NULL,
+    reviewed_at {time} NOT NULL,
     note TEXT
 );
 CREATE INDEX IF NOT EXISTS annotations_identification ON annotations (identification_id, id);
 """
-
-POSTGRES_REVIEWS = """
-CREATE TABLE IF NOT EXISTS annotations (
-    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    identification_id BIGINT NOT NULL REFERENCES identifications (id),
-    label TEXT NOT NULL,
-    reviewer TEXT NOT NULL,
-    reviewed_at TIMESTAMPTZ NOT NULL,
-    note TEXT
-);
-CREATE INDEX IF NOT EXISTS annotations_identification ON annotations (identification_id, id);
-"""
+SQLITE_REVIEWS = in_dialect(_REVIEWS, "sqlite")
+POSTGRES_REVIEWS = in_dialect(_REVIEWS, "postgres")
 
 
 class AnnotationError(FieldscopeError):

@@ -1,18 +1,50 @@
-"""The tables, in each database's dialect (one schema, see the package docstring)."""
+"""The tables, in each database's dialect (one schema, see the package docstring).
 
-_SQLITE_SCHEMA = """
+The schema is written once, with ``{id}``, ``{bigint}``, ``{real}``, ``{time}``,
+``{json}`` and ``{blob}`` where SQLite and PostgreSQL name a column type differently:
+:func:`in_dialect` fills them in, so a new column cannot be added to one dialect only.
+"""
+
+from collections.abc import Mapping
+
+_COLUMN_TYPES: Mapping[str, Mapping[str, str]] = {
+    "sqlite": {
+        "id": "INTEGER PRIMARY KEY",
+        "bigint": "INTEGER",
+        "real": "REAL",
+        "time": "TEXT",
+        "json": "TEXT",
+        "blob": "BLOB",
+    },
+    "postgres": {
+        "id": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
+        "bigint": "BIGINT",
+        "real": "DOUBLE PRECISION",
+        "time": "TIMESTAMPTZ",
+        "json": "JSONB",
+        "blob": "BYTEA",
+    },
+}
+
+
+def in_dialect(ddl: str, dialect: str) -> str:
+    """``ddl`` with its column type placeholders in ``dialect`` (``sqlite`` or ``postgres``)."""
+    return ddl.format_map(_COLUMN_TYPES[dialect])
+
+
+_SCHEMA = """
 CREATE TABLE IF NOT EXISTS fieldscope_schema (version INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS identifications (
-    id INTEGER PRIMARY KEY,
+    id {id},
     device TEXT NOT NULL,
     station TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    captured_at TEXT NOT NULL,
-    received_at TEXT NOT NULL,
+    seq {bigint} NOT NULL,
+    captured_at {time} NOT NULL,
+    received_at {time} NOT NULL,
     status TEXT NOT NULL,
     label TEXT,
-    score REAL,
-    top_k TEXT NOT NULL,
+    score {real},
+    top_k {json} NOT NULL,
     model_name TEXT NOT NULL,
     model_version TEXT NOT NULL,
     model_sha256 TEXT NOT NULL,
@@ -20,17 +52,17 @@ CREATE TABLE IF NOT EXISTS identifications (
     image_width INTEGER NOT NULL,
     image_height INTEGER NOT NULL,
     archived_path TEXT,
-    quality_sharpness REAL,
-    quality_exposure REAL,
+    quality_sharpness {real},
+    quality_exposure {real},
     reason TEXT,
-    capture_ms REAL NOT NULL,
-    quality_ms REAL NOT NULL,
-    preprocess_ms REAL NOT NULL,
-    inference_ms REAL NOT NULL,
-    total_ms REAL NOT NULL,
+    capture_ms {real} NOT NULL,
+    quality_ms {real} NOT NULL,
+    preprocess_ms {real} NOT NULL,
+    inference_ms {real} NOT NULL,
+    total_ms {real} NOT NULL,
     message_version INTEGER NOT NULL,
     topic TEXT NOT NULL,
-    payload BLOB NOT NULL,
+    payload {blob} NOT NULL,
     payload_sha256 TEXT NOT NULL,
     UNIQUE (device, seq)
 );
@@ -38,88 +70,29 @@ CREATE INDEX IF NOT EXISTS identifications_captured_at ON identifications (captu
 CREATE INDEX IF NOT EXISTS identifications_station ON identifications (station, captured_at);
 CREATE INDEX IF NOT EXISTS identifications_label ON identifications (label, captured_at);
 CREATE TABLE IF NOT EXISTS invalid_messages (
-    id INTEGER PRIMARY KEY,
-    received_at TEXT NOT NULL,
+    id {id},
+    received_at {time} NOT NULL,
     topic TEXT NOT NULL,
     kind TEXT,
     reason TEXT NOT NULL,
-    payload BLOB NOT NULL
+    payload {blob} NOT NULL
 );
 CREATE TABLE IF NOT EXISTS devices (
     device TEXT PRIMARY KEY,
     station TEXT NOT NULL,
     status TEXT,
-    status_at TEXT,
-    heartbeat_at TEXT,
-    heartbeat_received_at TEXT,
-    heartbeat TEXT,
-    outbox_depth INTEGER,
+    status_at {time},
+    heartbeat_at {time},
+    heartbeat_received_at {time},
+    heartbeat {json},
+    outbox_depth {bigint},
     model_name TEXT,
     model_version TEXT,
     model_sha256 TEXT,
-    model_info TEXT,
-    updated_at TEXT NOT NULL
+    model_info {json},
+    updated_at {time} NOT NULL
 );
 """
 
-_POSTGRES_SCHEMA = """
-CREATE TABLE IF NOT EXISTS fieldscope_schema (version INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS identifications (
-    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    device TEXT NOT NULL,
-    station TEXT NOT NULL,
-    seq BIGINT NOT NULL,
-    captured_at TIMESTAMPTZ NOT NULL,
-    received_at TIMESTAMPTZ NOT NULL,
-    status TEXT NOT NULL,
-    label TEXT,
-    score DOUBLE PRECISION,
-    top_k JSONB NOT NULL,
-    model_name TEXT NOT NULL,
-    model_version TEXT NOT NULL,
-    model_sha256 TEXT NOT NULL,
-    image_sha256 TEXT NOT NULL,
-    image_width INTEGER NOT NULL,
-    image_height INTEGER NOT NULL,
-    archived_path TEXT,
-    quality_sharpness DOUBLE PRECISION,
-    quality_exposure DOUBLE PRECISION,
-    reason TEXT,
-    capture_ms DOUBLE PRECISION NOT NULL,
-    quality_ms DOUBLE PRECISION NOT NULL,
-    preprocess_ms DOUBLE PRECISION NOT NULL,
-    inference_ms DOUBLE PRECISION NOT NULL,
-    total_ms DOUBLE PRECISION NOT NULL,
-    message_version INTEGER NOT NULL,
-    topic TEXT NOT NULL,
-    payload BYTEA NOT NULL,
-    payload_sha256 TEXT NOT NULL,
-    UNIQUE (device, seq)
-);
-CREATE INDEX IF NOT EXISTS identifications_captured_at ON identifications (captured_at);
-CREATE INDEX IF NOT EXISTS identifications_station ON identifications (station, captured_at);
-CREATE INDEX IF NOT EXISTS identifications_label ON identifications (label, captured_at);
-CREATE TABLE IF NOT EXISTS invalid_messages (
-    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    received_at TIMESTAMPTZ NOT NULL,
-    topic TEXT NOT NULL,
-    kind TEXT,
-    reason TEXT NOT NULL,
-    payload BYTEA NOT NULL
-);
-CREATE TABLE IF NOT EXISTS devices (
-    device TEXT PRIMARY KEY,
-    station TEXT NOT NULL,
-    status TEXT,
-    status_at TIMESTAMPTZ,
-    heartbeat_at TIMESTAMPTZ,
-    heartbeat_received_at TIMESTAMPTZ,
-    heartbeat JSONB,
-    outbox_depth BIGINT,
-    model_name TEXT,
-    model_version TEXT,
-    model_sha256 TEXT,
-    model_info JSONB,
-    updated_at TIMESTAMPTZ NOT NULL
-);
-"""
+_SQLITE_SCHEMA = in_dialect(_SCHEMA, "sqlite")
+_POSTGRES_SCHEMA = in_dialect(_SCHEMA, "postgres")

@@ -34,6 +34,11 @@ __all__ = ["router"]
 
 Score = Annotated[float | None, QueryParameter(ge=0.0, le=1.0, description="0..1")]
 Names = Annotated[list[str] | None, QueryParameter(description="repeatable")]
+Samples = Annotated[
+    list[str] | None, QueryParameter(description="sample id (the sample command's id)")
+]
+Since = Annotated[str | None, QueryParameter(description="date or ISO time, UTC")]
+Until = Annotated[str | None, QueryParameter(description="exclusive; a date includes it")]
 Limit = Annotated[int, QueryParameter(ge=1, le=API_MAX_LIMIT, description=f"1..{API_MAX_LIMIT}")]
 
 
@@ -120,13 +125,9 @@ def provide_filters(
     station: Names = None,
     label: Names = None,
     status: Names = None,
-    sample: Annotated[
-        list[str] | None, QueryParameter(description="sample id (the sample command's id)")
-    ] = None,
-    since: Annotated[str | None, QueryParameter(description="date or ISO time, UTC")] = None,
-    until: Annotated[
-        str | None, QueryParameter(description="exclusive; a date includes it")
-    ] = None,
+    sample: Samples = None,
+    since: Since = None,
+    until: Until = None,
     min_score: Score = None,
     max_score: Score = None,
 ) -> Filters:

@@ -23,7 +23,7 @@ from fieldscope.collect.store import (
     SizeDistribution,
 )
 from fieldscope.collect.store.objects import MAX_BINS
-from fieldscope.collect.web.api import Names, provide_filters
+from fieldscope.collect.web.api import Names, Samples, Since, Until, provide_filters
 from fieldscope.collect.web.pages import Pages
 
 __all__ = ["router"]
@@ -43,13 +43,9 @@ def provide_object_filters(
     device: Names = None,
     station: Names = None,
     label: Names = None,
-    sample: Annotated[
-        list[str] | None, QueryParameter(description="sample id (the sample command's id)")
-    ] = None,
-    since: Annotated[str | None, QueryParameter(description="date or ISO time, UTC")] = None,
-    until: Annotated[
-        str | None, QueryParameter(description="exclusive; a date includes it")
-    ] = None,
+    sample: Samples = None,
+    since: Since = None,
+    until: Until = None,
 ) -> Filters:
     """The filters of the object endpoints (no status or score: objects are classified);
     a bad one is a 400 naming it."""

@@ -312,6 +312,13 @@ class Site:
             self.report.fault(f"daemon {sig.name}")
         self.daemon = None
 
+    def kill_daemon(self, down_s: float = 0.0) -> None:
+        """A power cut: SIGKILL the daemon, leave it down ``down_s``, start it again
+        (until its link is online)."""
+        self.stop_daemon(signal.SIGKILL)
+        time.sleep(down_s)
+        self.start_daemon()
+
     def stop_broker(self) -> None:
         """A clean broker stop (SIGTERM: it saves its persistence file)."""
         stop_mosquitto(self.broker)
@@ -421,24 +428,41 @@ class Site:
 
     # --- the count ----------------------------------------------------------------------
 
-    def finish(self, timeout: float = 90.0) -> None:
-        """Let everything settle, stop cleanly, count and check (see the module doc)."""
-        n = len(self.expected)
-        self.wait_until(lambda: self.stored() >= n, timeout, f"all {n} images in the store")
+    def stop_when_stored(self, n: int, what: str, timeout: float, *, settle_s: float = 0.0) -> None:
+        """Wait until ``n`` rows of the station are stored, then stop the daemon and the
+        collector cleanly (``settle_s`` between the two), so the count sees a still store."""
+        self.wait_until(lambda: self.stored() >= n, timeout, what)
         if self.daemon is not None:
             self.stop_daemon(signal.SIGTERM, count=False)
-        time.sleep(0.5)  # the last heartbeat/status reach the collector
+        time.sleep(settle_s)
         if self.collector is not None:
             self.collector.send_signal(signal.SIGTERM)
             assert self.collector.wait(30) == 0, tail(self.root / "collector.log")
             self.collector = None
+
+    def stored_rows(self, columns: str, order: str = "") -> tuple[list[Any], int]:
+        """The station's stored identifications (``columns``, ``order``) and how many
+        messages the collector quarantined."""
         with self._store() as db:
             rows = db.execute(
-                "SELECT seq, image_sha256, captured_at, payload FROM identifications "
-                "WHERE device = ? ORDER BY seq",
+                f"SELECT {columns} FROM identifications WHERE device = ? {order}",
                 (TOPICS.device,),
             ).fetchall()
-            invalid = db.execute("SELECT count(*) FROM invalid_messages").fetchone()[0]
+            invalid = int(db.execute("SELECT count(*) FROM invalid_messages").fetchone()[0])
+        return rows, invalid
+
+    def assert_no_traceback(self) -> None:
+        """Neither process logged a traceback (a crash the exit codes may not show)."""
+        for name in ("daemon.log", "collector.log"):
+            text = (self.root / name).read_text(errors="replace")
+            assert "Traceback" not in text, tail(self.root / name, 60)
+
+    def finish(self, timeout: float = 90.0) -> None:
+        """Let everything settle, stop cleanly, count and check (see the module doc)."""
+        n = len(self.expected)
+        # settle_s: the last heartbeat/status reach the collector
+        self.stop_when_stored(n, f"all {n} images in the store", timeout, settle_s=0.5)
+        rows, invalid = self.stored_rows("seq, image_sha256, captured_at, payload", "ORDER BY seq")
         digests = [str(r[1]) for r in rows]
         self.captured_at = [datetime.fromisoformat(str(r[2])) for r in rows]
         counts = collections.Counter(digests)
@@ -469,9 +493,7 @@ class Site:
         assert digests == self.expected, "ordered by seq, the images are not in folder order"
         for payload in (bytes(row[3]) for row in rows):
             json.loads(payload)  # stored payloads are intact JSON
-        for name in ("daemon.log", "collector.log"):
-            text = (self.root / name).read_text(errors="replace")
-            assert "Traceback" not in text, tail(self.root / name, 60)
+        self.assert_no_traceback()
         r.passed = True
 
 
@@ -481,20 +503,8 @@ def check_objects(site: Site, counts: dict[str, int], timeout: float = 90.0) -> 
     is in the store exactly once, as ``(frame_id, object_index)``; an image without
     objects is its one "no objects" row; nothing quarantined, no traceback."""
     total = sum(max(1, c) for c in counts.values())
-    site.wait_until(lambda: site.stored() >= total, timeout, f"all {total} objects stored")
-    if site.daemon is not None:
-        site.stop_daemon(signal.SIGTERM, count=False)
-    if site.collector is not None:
-        site.collector.send_signal(signal.SIGTERM)
-        assert site.collector.wait(30) == 0, tail(site.root / "collector.log")
-        site.collector = None
-    with site._store() as db:
-        rows = db.execute(
-            "SELECT image_sha256, object_index, objects_kept, status FROM identifications "
-            "WHERE device = ?",
-            (TOPICS.device,),
-        ).fetchall()
-        invalid = db.execute("SELECT count(*) FROM invalid_messages").fetchone()[0]
+    site.stop_when_stored(total, f"all {total} objects stored", timeout)
+    rows, invalid = site.stored_rows("image_sha256, object_index, objects_kept, status")
     found: dict[str, list[int | None]] = collections.defaultdict(list)
     for digest, index, _kept, _status in rows:
         found[str(digest)].append(None if index is None else int(index))
@@ -508,7 +518,5 @@ def check_objects(site: Site, counts: dict[str, int], timeout: float = 90.0) -> 
         got = sorted(found[digest], key=lambda i: -1 if i is None else i)
         assert got == want, f"frame {digest[:12]}: objects {got}, expected {want}\n{site.logs()}"
     assert invalid == 0, f"{invalid} message(s) quarantined"
-    for name in ("daemon.log", "collector.log"):
-        text = (site.root / name).read_text(errors="replace")
-        assert "Traceback" not in text, tail(site.root / name, 60)
+    site.assert_no_traceback()
     r.passed = True

@@ -51,15 +51,12 @@ def test_kill_storm(make_site: MakeSite, chaos_images: list[Path]) -> None:
         site.wait_progress(int(rng.integers(4, 18)))
         time.sleep(float(rng.uniform(0.0, 0.4)))
         if fault == "daemon kill":
-            site.stop_daemon(signal.SIGKILL)
-            time.sleep(float(rng.uniform(0.0, 1.0)))
-            site.start_daemon()
+            site.kill_daemon(float(rng.uniform(0.0, 1.0)))
         elif fault == "daemon kill during start-up":
             site.stop_daemon(signal.SIGKILL)
             site.start_daemon(wait=False)
             time.sleep(float(rng.uniform(0.2, 1.5)))
-            site.stop_daemon(signal.SIGKILL)
-            site.start_daemon()
+            site.kill_daemon()
         elif fault == "broker restart":
             site.restart_broker(float(rng.uniform(0.3, 2.0)))
         elif fault == "collector kill":
@@ -102,9 +99,7 @@ def test_kill_storm_on_a_segmenting_station(make_site: MakeSite, tmp_path: Path)
         site.wait_until(lambda t=target: site.seen() >= t, 60, f"{target} objects")
         time.sleep(float(rng.uniform(0.0, 0.2)))
         if fault == "daemon kill":
-            site.stop_daemon(signal.SIGKILL)
-            time.sleep(float(rng.uniform(0.0, 0.5)))
-            site.start_daemon()
+            site.kill_daemon(float(rng.uniform(0.0, 0.5)))
         elif fault == "broker restart":
             site.restart_broker(float(rng.uniform(0.3, 1.5)))
         else:
@@ -204,8 +199,7 @@ def test_full_disk(small_disk: Path | None, make_site: MakeSite, chaos_images: l
         site.wait_until(lambda: bool(held_warnings(site)), 10, "a heartbeat saying why")
         time.sleep(float(rng.uniform(0.5, 2.0)))
         # Killed and restarted while the disk is still full: it starts, and holds again.
-        site.stop_daemon(signal.SIGKILL)
-        site.start_daemon()
+        site.kill_daemon()
         before = len(held_warnings(site))
         site.wait_until(lambda: len(held_warnings(site)) > before, 15, "the restart to hold too")
         held_at = site.stored()
@@ -327,8 +321,7 @@ def test_clock_jumps(
     before.release()  # captured under a clock an hour behind, and seen so
     site.wait_until(lambda: site.seen_any(before.digests), 30, "an image released at -1h")
     site.wait_progress(int(rng.integers(3, 8)))
-    site.stop_daemon(signal.SIGKILL)
-    site.start_daemon()  # starts and continues its seq under a clock an hour behind
+    site.kill_daemon()  # starts and continues its seq under a clock an hour behind
 
     # The camera goes down, the clock jumps a day back, the camera comes back: the
     # reopen backoff does not wait for a day, and the outage lasted seconds, not -1 day.
