@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from helpers import SAMPLE, SITE, store_holding
+from helpers import SAMPLE, SITE, received, store_holding
 
 from fieldscope.collect.export import (
     CSV_COLUMNS,
@@ -25,7 +25,7 @@ from fieldscope.collect.export import (
     read_csv,
 )
 from fieldscope.collect.samples import sample_identification
-from fieldscope.collect.store import Filters, Store
+from fieldscope.collect.store import Filters, Store, open_store
 from fieldscope.edge.message import Identification
 
 BASE = datetime(2026, 11, 20, 6, 30, tzinfo=UTC)
@@ -278,12 +278,10 @@ def test_exports_of_objects_carry_the_object_not_the_whole_frame(tmp_path: Path)
     frame_dir.mkdir(parents=True)
     assert cv2.imwrite(str(frame_dir / "f.png"), np.full((480, 640, 3), 200, np.uint8))
     db = tmp_path / "o.sqlite"
-    with open_store(str(db)) as store:
-        store.write([decode(Topics("fieldscope", "pond-3", "scope-a").identification,
-                            m.to_json(), "fieldscope") for m in sent])  # fmt: skip
-        ids = [r.id for r in store.iter_identifications()]
-        for i in ids:
-            store.add_annotation(i, "Amoeba", "ana")
+    with open_store(str(db)) as store:  # writable: the reviews are added here
+        store.write([received(m) for m in sent])
+        for row in store.iter_identifications():
+            store.add_annotation(row.id, "Amoeba", "ana")
         export(store, "ecotaxa", tmp_path / "e.zip", archive=tmp_path / "archive")
         export(store, "folders", tmp_path / "reviewed", archive=tmp_path / "archive")
     with zipfile.ZipFile(tmp_path / "e.zip") as zf:

