@@ -472,12 +472,12 @@ def test_fidelity_reports_tflite_runtime_2_14_agreement_when_it_is_available(
         images[i, :, :, i % 3] = 250  # a dominant colour: a confident, known answer
     bundle = tiny_models.bundle(tmp_path / "b")
     litert = np.stack([Classifier(bundle).classify(im).probabilities for im in images])
+    python = os.environ.get(TFLITE_214_ENV) or _cached_tflite_214_python()  # before delenv
     monkeypatch.delenv(TFLITE_214_ENV, raising=False)
     assert second_runtime_agreement(model, images, litert, None) is None
     broken = second_runtime_agreement(model, images, litert, None, python="/bin/false")
     assert broken is not None
     assert broken["error"] == "exit status 1"
-    python = os.environ.get(TFLITE_214_ENV) or _cached_tflite_214_python()
     if python is None:
         pytest.skip(f"set {TFLITE_214_ENV} to a python with tflite-runtime 2.14 and numpy<2")
     found = second_runtime_agreement(model, images, litert, None, python=python)
