@@ -15,8 +15,9 @@ shows it without anyone copying a station's archive by hand. Decisions:
   reason and counted (``refused``), never stored and never a crash; it is
   acknowledged, since sending it again cannot make it right.
 * **Atomic**: written to a temporary file in its folder, flushed to disk, then renamed,
-  so a crash never leaves half an image under a final name. A write that fails (a full
-  disk) is not acknowledged: the broker sends the image again after a reconnect.
+  so a crash never leaves half an image under a final name, and the folder synced before
+  the PUBACK. A write that fails (a full disk) is retried with backoff (:meth:`ImageStore.keep`),
+  holding the batch: the broker would send it again only after a reconnect.
 """
 
 from __future__ import annotations
@@ -132,9 +133,8 @@ class ImageStore:
         return find_image(self.root, sha256)
 
     def receive(self, topic: str, payload: bytes, prefix: str) -> bool:
-        """Check and keep one image message; False only when writing failed (leave it
-        unacknowledged, the broker sends it again). A refused one is logged, counted and
-        True: it is done with."""
+        """Check and keep one image message; False only when writing failed (see
+        :meth:`keep`). A refused one is logged, counted and True: it is done with."""
         why, sha256 = _problem(topic, payload, prefix, self.max_bytes)
         if why is not None:
             self.counts.refused[why.split(":")[0]] += 1
