@@ -152,8 +152,8 @@ class ImageStore:
         except OSError as exc:
             self.counts.failed += 1
             logger.error(
-                "cannot keep the image %s in %s (%s); left unacknowledged, the broker "
-                "sends it again",
+                "cannot keep the image %s in %s (%s); not acknowledged, retried (free the "
+                "disk or fix the folder)",
                 sha256,
                 self.root,
                 exc.strerror or exc,
