@@ -210,7 +210,7 @@ class _Demo:
                 model_version=MODEL_VERSION,
                 max_accuracy_drop=self.m.max_accuracy_drop,
                 # The quick toy model is barely trained: its int8 agreement means nothing,
-                # and the debugger would only add a minute.
+                # and the float-layer search would only add time.
                 float_fallback=self.m.max_accuracy_drop < 100,
                 overwrite=True,
             )

@@ -86,8 +86,8 @@ def _add_convert_arguments(p: argparse.ArgumentParser) -> None:
         dest="float_fallback",
         action="store_false",
         help="keep every layer int8 even when the int8 model's top-1 agreement with the "
-        "float model is below 0.98 (by default the layers the TFLite quantisation debugger "
-        "blames are then kept in float)",
+        "float model is below 0.98 (by default a growing share of the first layers, up to "
+        "three quarters, is then kept in float until it reaches 0.98)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
 

@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import logging
 import re
-import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,25 +42,18 @@ import numpy as np
 from fieldscope.convert.errors import ConversionError
 
 __all__ = [
-    "BLAME_STEPS",
     "QUANTIZE_MODES",
-    "blamed_layers",
-    "convert_int8_with_float_layers",
+    "Calibrated",
+    "calibrate",
     "convert_saved_model",
     "export_saved_model",
+    "quantize_with_float_layers",
     "stratified_sample",
 ]
 
 log = logging.getLogger(__name__)
 
 QUANTIZE_MODES: tuple[str, ...] = ("int8", "float16", "dynamic", "float32")
-# A layer is blamed when the root-mean-square difference between its int8 output and
-# the float output exceeds this many of its quantisation steps (the TFLite quantisation
-# debugger's rmse/scale). A well-quantised layer stays around 0.3: rounding alone.
-BLAME_STEPS = 1.0
-# Images the quantisation debugger runs (float and int8, layer by layer): enough for
-# stable per-layer statistics, few enough to take seconds.
-DEBUG_IMAGES = 64
 
 
 def stratified_sample(labels: Sequence[int] | np.ndarray, n: int, *, seed: int = 0) -> np.ndarray:
@@ -176,83 +169,63 @@ def _int8_converter(saved_model: Path, calibration_images: np.ndarray) -> Any:
     return converter
 
 
-def blamed_layers(
-    saved_model: Path, calibration_images: np.ndarray, *, max_steps: float = BLAME_STEPS
-) -> list[str]:
-    """The tensors whose int8 version strays most from the float model, worst first.
+@dataclass(frozen=True)
+class Calibrated:
+    """A float TFLite model with its activation ranges recorded, ready to quantise.
 
-    Runs TensorFlow Lite's quantisation debugger on (a sample of) the calibration
-    images and returns the output tensors of the layers whose error exceeds
-    ``max_steps`` quantisation steps: the candidates to keep in float.
+    ``layers`` names the output tensor of every operator in execution order: the names
+    the quantiser takes to keep layers in float. Calibrating once and quantising many
+    times makes a search over float layers cost seconds per candidate, not a new pass
+    over the calibration images.
     """
-    import csv
-    import io
 
+    model: bytes
+    layers: tuple[str, ...]
+
+
+def calibrate(saved_model: Path, calibration_images: np.ndarray) -> Calibrated:
+    """Run the calibration images through the float model once and record the ranges.
+
+    Raises:
+        ConversionError: the converter cannot express or calibrate the model.
+    """
     import tensorflow as tf
+    from tensorflow.lite.tools import flatbuffer_utils
 
     converter = _int8_converter(saved_model, calibration_images)
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    debug_images = calibration_images[:DEBUG_IMAGES]
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    converter._experimental_calibrate_only = True
     try:
-        with warnings.catch_warnings():
-            # The debugger runs tf.lite.Interpreter, which warns that it is deprecated.
-            warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")
-            debugger = tf.lite.experimental.QuantizationDebugger(
-                converter=converter, debug_dataset=_representative(debug_images)
-            )
-            debugger.run()
-        dump = io.StringIO()
-        debugger.layer_statistics_dump(dump)
-    except Exception as exc:  # the debugger raises what the converter raises
+        model = bytes(converter.convert())
+    except Exception as exc:  # the converter's errors all mean "cannot"
         raise ConversionError(
-            f"the quantisation debugger failed: {_converter_reason(str(exc))}"
+            f"TFLite cannot calibrate the model: {_converter_reason(str(exc))}"
         ) from exc
-    errors: list[tuple[float, str]] = []
-    for row in csv.DictReader(io.StringIO(dump.getvalue())):
-        scale = float(row.get("scale") or 0.0)
-        mse = float(row.get("mean_squared_error") or 0.0)
-        if scale > 0 and np.isfinite(mse):
-            steps = float(np.sqrt(mse) / scale)
-            if steps > max_steps:
-                errors.append((steps, row["tensor_name"]))
-    errors.sort(reverse=True)
-    for steps, name in errors:
-        log.info("int8 error %.2f steps at %s", steps, name)
-    return [name for _, name in errors]
+    graph = flatbuffer_utils.convert_bytearray_to_object(bytearray(model)).subgraphs[0]
+    layers: list[str] = []
+    for operator in graph.operators:
+        for index in operator.outputs:
+            name = graph.tensors[index].name
+            layers.append(name.decode() if isinstance(name, bytes) else str(name))
+    return Calibrated(model, tuple(layers))
 
 
-def convert_int8_with_float_layers(
-    saved_model: Path, calibration_images: np.ndarray, float_layers: Sequence[str]
-) -> bytes:
+def quantize_with_float_layers(calibrated: Calibrated, float_layers: Sequence[str]) -> bytes:
     """int8 except for the layers producing ``float_layers``, which stay float.
 
     Selective quantisation: quantize/dequantize ops surround the float layers, every
     other layer is int8 as in full-integer quantisation. The model's input and output
-    are float32 (the edge classifier feeds pixels as float and reads logits).
+    are float32 (the edge classifier feeds pixels as float and reads logits). Dense
+    weights stay per-tensor, as in full int8 (tflite-runtime 2.14, module docstring).
 
     Raises:
-        ConversionError: the converter cannot produce the model.
+        ConversionError: the quantiser cannot produce the model.
     """
-    import tensorflow as tf
+    from tensorflow.lite.python import convert as tflite_convert
 
-    converter = _int8_converter(saved_model, calibration_images)
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-    options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=list(float_layers))
     try:
-        from tensorflow.lite.python import convert as tflite_convert
-
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")
-            debugger = tf.lite.experimental.QuantizationDebugger(
-                converter=converter,
-                debug_dataset=_representative(calibration_images[:1]),
-                debug_options=options,
-            )
-        # The debugger's own get_nondebug_quantized_model() drops the converter's
-        # per-tensor Dense setting; quantise its calibrated model the same way it does,
-        # with that setting kept (tflite-runtime 2.14, see the module docstring).
         model = tflite_convert.mlir_quantize(
-            debugger.calibrated_model,
+            calibrated.model,
             disable_per_channel=False,
             fully_quantize=False,
             denylisted_nodes=list(float_layers),

@@ -116,8 +116,31 @@ def test_augmentation_changes_training_batches_only_and_keeps_the_pixel_range() 
     assert out.max() <= 255.0
     same = keras.ops.convert_to_numpy(augmenter(batch, training=False))
     assert np.array_equal(same, batch)
-    off = AugmentConfig(flip=False, rotate90=False, rotation=0, zoom=0, contrast=0, brightness=0)
+    off = AugmentConfig(
+        flip=False, rotate90=False, rotation=0, zoom=0, contrast=0, brightness=0, noise=0
+    )
     assert build_augmenter(off, seed=0) is None
+
+
+def test_camera_noise_is_rounded_clipped_and_of_varying_strength() -> None:
+    """Noise like a sensor's: whole grey levels, never above white, some images almost
+    clean and some noisy, and nothing at evaluation."""
+    config = AugmentConfig(
+        flip=False, rotate90=False, rotation=0, zoom=0, contrast=0, brightness=0, noise=4.0
+    )
+    augmenter = build_augmenter(config, seed=0)
+    assert augmenter is not None
+    batch = np.full((64, 32, 32, 3), 255.0, dtype="float32")  # a scanned white background
+    batch[:, 8:24, 8:24] = 90.0  # and a dark specimen
+    out = keras.ops.convert_to_numpy(augmenter(batch, training=True))
+    assert np.array_equal(out, np.round(out))
+    assert out.min() >= 0.0 and out.max() <= 255.0
+    inside = out[:, 8:24, 8:24] - 90.0
+    spread = inside.reshape(64, -1).std(axis=1)
+    assert spread.min() < 1.0 < 2.0 < spread.max() <= 4.5
+    assert (out[:, :4] < 255).mean() > 0.1  # the background gets darker pixels
+    same = keras.ops.convert_to_numpy(augmenter(batch, training=False))
+    assert np.array_equal(same, batch)
 
 
 def _dihedral(image: np.ndarray) -> list[np.ndarray]:
@@ -138,7 +161,7 @@ def test_flips_and_quarter_turns_are_lossless_symmetries(
     flip: bool, rotate90: bool, expected: set[int]
 ) -> None:
     config = AugmentConfig(
-        flip=flip, rotate90=rotate90, rotation=0, zoom=0, contrast=0, brightness=0
+        flip=flip, rotate90=rotate90, rotation=0, zoom=0, contrast=0, brightness=0, noise=0
     )
     augmenter = build_augmenter(config, seed=3)
     assert augmenter is not None

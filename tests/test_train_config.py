@@ -87,6 +87,7 @@ FLAG_VALUES: dict[str, tuple[str, object]] = {
     "augment.zoom": ("0", 0.0),
     "augment.contrast": ("0.3", 0.3),
     "augment.brightness": ("0", 0.0),
+    "augment.noise": ("1.5", 1.5),
 }
 
 

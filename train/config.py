@@ -100,6 +100,15 @@ class AugmentConfig(msgspec.Struct, frozen=True, kw_only=True):
     zoom: Annotated[float, _key("random zoom in/out, fraction of the size", ge=0, lt=1)] = 0.1
     contrast: Annotated[float, _key("random contrast change, fraction", ge=0, lt=1)] = 0.2
     brightness: Annotated[float, _key("random brightness change, fraction", ge=0, lt=1)] = 0.1
+    noise: Annotated[
+        float,
+        _key(
+            "camera noise: per image, Gaussian pixel noise of a standard deviation drawn "
+            "from 0 to this many grey levels (0-255), rounded and clipped like a sensor",
+            ge=0,
+            le=64,
+        ),
+    ] = 3.0
 
 
 def _split(raw: object, reader: Reader) -> object:
