@@ -86,8 +86,9 @@ def _add_convert_arguments(p: argparse.ArgumentParser) -> None:
         dest="float_fallback",
         action="store_false",
         help="keep every layer int8 even when the int8 model's top-1 agreement with the "
-        "float model is below 0.98 (by default a growing share of the first layers, up to "
-        "three quarters, is then kept in float until it reaches 0.98)",
+        "float model is below 0.98 or it loses more than 0.5 points of accuracy (by default "
+        "a growing share of the first layers, up to three quarters, is then kept in float "
+        "until both hold)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
 

@@ -16,6 +16,7 @@ import keras
 import numpy as np
 import pytest
 
+from fieldscope.convert.fidelity import Fidelity
 from fieldscope.convert.pipeline import convert_model, logits_model, write_converted_bundle
 from fieldscope.edge.bundle import read_bundle
 from fieldscope.edge.classify import Classifier
@@ -204,21 +205,12 @@ def test_missing_offline_weights_fail_before_any_preprocessing(
     assert not (tmp_path / "run" / "cache").exists(), "no image was preprocessed"
 
 
-def test_the_first_layers_can_stay_in_float(tmp_path: Path) -> None:
-    """Selective fallback: the first layers run in float, the rest in int8, and the
-    model still loads in tflite-runtime 2.14's op set (no per-channel Dense)."""
-    from fieldscope.convert.opcheck import check_edge_compatible, read_operators
-    from fieldscope.convert.pipeline import _layer_name
-    from fieldscope.convert.quantize import (
-        calibrate,
-        export_saved_model,
-        quantize_with_float_layers,
-    )
-    from fieldscope.edge.runtime import make_interpreter
+def _toy_saved_model(tmp_path: Path) -> tuple[keras.Model, Path, np.ndarray]:
+    """A small network with random weights whose logits are far from zero (an untrained
+    MobileNetV2's are ~1e-11, which no quantisation error could show in), exported."""
+    from fieldscope.convert.quantize import export_saved_model
 
     keras.utils.set_random_seed(0)
-    # A small network with random weights whose logits are far from zero (an untrained
-    # MobileNetV2's are ~1e-11, which no quantisation error could show in).
     inputs = keras.Input((32, 32, 3))
     x = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="normalisation")(inputs)
     for i, filters in enumerate((16, 24, 32, 48)):
@@ -232,10 +224,21 @@ def test_the_first_layers_can_stay_in_float(tmp_path: Path) -> None:
         )(x)  # fmt: skip
     x = keras.layers.GlobalAveragePooling2D()(x)
     dense = keras.layers.Dense(3, activation="softmax", kernel_initializer="he_normal")
-    model = keras.Model(inputs, dense(x))
-    exported, _ = logits_model(model)
+    exported, _ = logits_model(keras.Model(inputs, dense(x)))
     saved = export_saved_model(exported, tmp_path / "saved")
     images = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+    return exported, saved, images
+
+
+def test_the_first_layers_can_stay_in_float(tmp_path: Path) -> None:
+    """Selective fallback: the first layers run in float, the rest in int8, and the
+    model still loads in tflite-runtime 2.14's op set (no per-channel Dense)."""
+    from fieldscope.convert.opcheck import check_edge_compatible, read_operators
+    from fieldscope.convert.pipeline import _layer_name
+    from fieldscope.convert.quantize import calibrate, quantize_with_float_layers
+    from fieldscope.edge.runtime import make_interpreter
+
+    exported, saved, images = _toy_saved_model(tmp_path)
     calibrated = calibrate(saved, images)
     assert len(calibrated.layers) >= 10
     # Execution order, from the input.
@@ -273,3 +276,76 @@ def test_the_first_layers_can_stay_in_float(tmp_path: Path) -> None:
     assert conv_inputs[2] == [np.float32] * 8
     # Every layer in float is the float model.
     assert errors[2] < 0.02 * errors[0]
+
+
+def _fidelity(agreement: float, drop_points: float) -> Fidelity:
+    return Fidelity(
+        quantize="int8", n_images=100, top1_agreement=agreement, keras_accuracy=0.8,
+        edge_accuracy=0.8 - drop_points / 100, keras_macro_f1=0.8, edge_macro_f1=0.8,
+        max_prob_diff=0.1, mean_abs_prob_diff=0.01, runtime="test",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("checks", "chosen"),
+    [
+        # agreement short twice, then it holds: the least float that holds
+        ([(0.95, 0.0), (0.97, 0.2), (0.985, 0.2)], 3),
+        # agreement holds but the accuracy drop is above 0.5 points (yet under the
+        # refusal gate's 1 point) until the third share
+        ([(0.99, 0.8), (0.99, 0.7), (0.99, 0.3)], 3),
+        # nothing holds: every share is tried and the best agreement kept
+        ([(0.9, 0.0), (0.95, 0.0), (0.93, 0.0)] + [(0.91, 0.0)] * 5, 2),
+    ],
+)
+def test_float_fallback_keeps_the_least_float_that_holds(
+    tmp_path: Path, checks: list[tuple[float, float]], chosen: int
+) -> None:
+    from fieldscope.convert import pipeline
+    from fieldscope.convert.opcheck import read_operators
+    from fieldscope.convert.quantize import calibrate
+
+    _, saved, images = _toy_saved_model(tmp_path)
+    layers = calibrate(saved, images).layers
+    results = iter(checks)
+    tried: list[bytes] = []
+
+    def fidelity_of(candidate: bytes, name: str) -> pipeline._Checked:
+        tried.append(candidate)
+        return pipeline._Checked(
+            candidate, read_operators(candidate), _fidelity(*next(results)),
+            None, None, np.zeros((1, 3)),  # type: ignore[arg-type]
+        )  # fmt: skip
+
+    int8 = pipeline._Checked(
+        b"int8", None, _fidelity(0.92, 0.0), None, None, np.zeros((1, 3)),  # type: ignore[arg-type]
+    )  # fmt: skip
+    notes: list[str] = []
+    best = pipeline._float_fallback(
+        int8, saved, images, fidelity_of, max_accuracy_drop=1.0,
+        allow_newer_runtime=False, progress=notes.append,
+    )  # fmt: skip
+    assert len(tried) == len(checks)
+    share = pipeline.FLOAT_PREFIX_SHARES[chosen - 1]
+    assert best.model == tried[chosen - 1]
+    assert best.float_layers == layers[: max(1, round(share * len(layers)))]
+    assert best.layer_count == len(layers)
+    assert "int8 falls short" in notes[0]
+    assert ("still falls short" in notes[-1]) == (len(checks) == len(pipeline.FLOAT_PREFIX_SHARES))
+
+
+def test_float_fallback_leaves_an_int8_model_that_holds(tmp_path: Path) -> None:
+    from fieldscope.convert import pipeline
+
+    int8 = pipeline._Checked(
+        b"int8", None, _fidelity(0.99, 0.3), None, None, np.zeros((1, 3)),  # type: ignore[arg-type]
+    )  # fmt: skip
+
+    def never(candidate: bytes, name: str) -> pipeline._Checked:
+        raise AssertionError("no float candidate is needed")
+
+    best = pipeline._float_fallback(
+        int8, tmp_path / "no-saved-model", np.zeros((1, 32, 32, 3), np.uint8), never,
+        max_accuracy_drop=1.0, allow_newer_runtime=False, progress=None,
+    )  # fmt: skip
+    assert best is int8
