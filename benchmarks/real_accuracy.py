@@ -358,7 +358,8 @@ def _parser() -> argparse.ArgumentParser:
         "--keep",
         type=Path,
         metavar="DIR",
-        help="keep the runs and bundles of (c) in DIR; a run already there is reused",
+        help="keep the runs and bundles of (c) in DIR; (a) and (b) reuse a run already "
+        "there when (c) is not asked for (with it, (c) trains afresh)",
     )
     parser.add_argument(
         "--parts",
