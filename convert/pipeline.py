@@ -213,8 +213,9 @@ def _float_fallback(
     )
     calibrated = calibrate(saved, calibration)
     total = len(calibrated.layers)
-    for share in FLOAT_PREFIX_SHARES:
-        layers = calibrated.layers[: max(1, round(share * total))]
+    counts = sorted({max(1, round(share * total)) for share in FLOAT_PREFIX_SHARES})
+    for count in counts:  # a small network maps several shares to one count
+        layers = calibrated.layers[:count]
         candidate = quantize_with_float_layers(calibrated, layers)
         check_edge_compatible(
             read_operators(candidate), require_tflite_runtime=not allow_newer_runtime

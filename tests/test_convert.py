@@ -99,6 +99,8 @@ def _converted(
             eval_labels=trained.test_y,
             quantize=mode,
             max_accuracy_drop=100.0,  # this test checks agreement itself, more strictly
+            # Each mode as it is; the float-layer search has its own test below.
+            float_fallback=False,
         )
     return conversions[mode]
 
@@ -164,6 +166,42 @@ def test_each_mode_runs_on_the_edge_and_agrees_with_keras(
     else:
         assert (m.input_dtype, m.output_dtype) == ("float32", "float32")
         assert m.quantization is None
+
+
+def test_int8_that_falls_short_keeps_its_first_layers_in_float(
+    trained: Trained, conversions: dict[str, ConversionResult], tmp_path: Path
+) -> None:
+    """The default conversion: where full int8 disagrees with Keras, a bundle with its
+    first layers in float (float input) that agrees better; the edge runs it and gets
+    the figures the manifest records."""
+    full = _converted(conversions, trained, "int8")
+    picked = stratified_sample(trained.train_y, 64, seed=0)
+    result = convert_model(
+        trained.model, labels=trained.labels, recipe=trained.recipe,
+        calibration_images=trained.train_x[picked], eval_images=trained.test_x,
+        eval_labels=trained.test_y, quantize="int8", max_accuracy_drop=100.0,
+    )  # fmt: skip
+    if full.fidelity.top1_agreement >= 0.98 and full.fidelity.accuracy_drop_points <= 0.5:
+        pytest.skip("full int8 already holds on this fixture: nothing to fall back from")
+    assert result.float_layers, "int8 fell short, so some layers must be in float"
+    assert result.fidelity.top1_agreement >= full.fidelity.top1_agreement
+    bundle = verify_bundle(
+        write_converted_bundle(
+            result, tmp_path / "mixed", model_name="specimens", model_version="1",
+            threshold=0.5,
+        ).path
+    )  # fmt: skip
+    m = bundle.manifest
+    assert (m.input_dtype, m.output_dtype) == ("float32", "float32")
+    fidelity = m.provenance.fidelity
+    assert fidelity["quantization"] == "int8"
+    assert 0 < fidelity["float_layer_share"] <= 0.75
+    assert fidelity["float_layers"][0] == "rescaling"  # the in-graph normalisation
+    classifier = Classifier(bundle)
+    edge = np.stack([classifier.classify(image).probabilities for image in trained.test_x])
+    keras_probs = trained.model.predict(trained.test_x.astype(np.float32), verbose=0)
+    agreement = float((edge.argmax(1) == keras_probs.argmax(1)).mean())
+    assert fidelity["top1_agreement"] == pytest.approx(agreement, abs=1e-6)
 
 
 @pytest.mark.slow

@@ -295,7 +295,7 @@ def _fidelity(agreement: float, drop_points: float) -> Fidelity:
         # refusal gate's 1 point) until the third share
         ([(0.99, 0.8), (0.99, 0.7), (0.99, 0.3)], 3),
         # nothing holds: every share is tried and the best agreement kept
-        ([(0.9, 0.0), (0.95, 0.0), (0.93, 0.0)] + [(0.91, 0.0)] * 5, 2),
+        ([(0.9, 0.0), (0.95, 0.0), (0.93, 0.0)] + [(0.91, 0.0)] * 20, 2),
     ],
 )
 def test_float_fallback_keeps_the_least_float_that_holds(
@@ -325,13 +325,15 @@ def test_float_fallback_keeps_the_least_float_that_holds(
         int8, saved, images, fidelity_of, max_accuracy_drop=1.0,
         allow_newer_runtime=False, progress=notes.append,
     )  # fmt: skip
-    assert len(tried) == len(checks)
-    share = pipeline.FLOAT_PREFIX_SHARES[chosen - 1]
+    counts = sorted({max(1, round(s * len(layers))) for s in pipeline.FLOAT_PREFIX_SHARES})
+    holds = checks[chosen - 1][0] >= 0.98
+    # The first that holds ends the search; else every distinct count is tried once.
+    assert len(tried) == (chosen if holds else len(counts))
     assert best.model == tried[chosen - 1]
-    assert best.float_layers == layers[: max(1, round(share * len(layers)))]
+    assert best.float_layers == layers[: counts[chosen - 1]]
     assert best.layer_count == len(layers)
     assert "int8 falls short" in notes[0]
-    assert ("still falls short" in notes[-1]) == (len(checks) == len(pipeline.FLOAT_PREFIX_SHARES))
+    assert ("still falls short" in notes[-1]) == (not holds)
 
 
 def test_float_fallback_leaves_an_int8_model_that_holds(tmp_path: Path) -> None:
