@@ -24,11 +24,10 @@ half-written, unsigned or unverified bundle.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,14 +43,19 @@ from fieldscope.convert.fidelity import (
     keras_probabilities,
     second_runtime_agreement,
 )
+from fieldscope.convert.float_layers import (
+    Checked,
+    Progress,
+    layer_name,
+    note,
+    search_float_prefix,
+)
 from fieldscope.convert.keys import check_private_key
 from fieldscope.convert.opcheck import OpReport, check_edge_compatible, min_runtime, read_operators
 from fieldscope.convert.quantize import (
     QUANTIZE_MODES,
-    calibrate,
     convert_saved_model,
     export_saved_model,
-    quantize_with_float_layers,
 )
 from fieldscope.edge.bundle import (
     Bundle,
@@ -66,7 +70,6 @@ from fieldscope.edge.bundle import (
 from fieldscope.edge.bundle_files import swap_into_place
 from fieldscope.edge.errors import BundleError
 from fieldscope.edge.preprocess import PreprocessRecipe
-from fieldscope.edge.runtime import RuntimeInfo
 
 __all__ = [
     "DEFAULT_MAX_ACCURACY_DROP",
@@ -81,24 +84,6 @@ log = logging.getLogger(__name__)
 
 # Percentage points of test accuracy the converted model may lose against Keras.
 DEFAULT_MAX_ACCURACY_DROP = 1.0
-# Below this top-1 agreement with the float model, an int8 conversion keeps its first
-# layers in float (the int8 bundle of a many-class set otherwise names a different
-# species for a few images in a hundred).
-INT8_AGREEMENT_TARGET = 0.98
-# ... and above this accuracy drop, in points (the refusal gate, --max-accuracy-drop,
-# is looser: a drop between the two is shipped, but only after trying float layers).
-INT8_DROP_TARGET = 0.5
-# Shares of the network's layers, counted in execution order from the input, tried in
-# float in turn until the agreement holds. The first layers, not the ones with the
-# largest error in quantisation steps: their rounding acts like pixel noise, which every
-# later layer amplifies. On a 24-class plankton model (agreement 0.921 in full int8)
-# float blocks up to the 6th of 16 gave 0.977 for +5 % size, while the 20 layers the
-# TFLite quantisation debugger blamed most gave 0.963 for +80 %, and float from the
-# 12th block to the end gave nothing (0.921). Beyond three quarters little of int8's
-# speed would be left: past that the best candidate is kept and the gap reported.
-FLOAT_PREFIX_SHARES: tuple[float, ...] = (1 / 16, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4)
-
-Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -130,7 +115,7 @@ class ConversionResult:
             "max_accuracy_drop_points": self.max_accuracy_drop,
             "calibration_images": self.calibration_images,
             "output": self.output,
-            "float_layers": [_layer_name(t) for t in self.float_layers],
+            "float_layers": [layer_name(t) for t in self.float_layers],
             "float_layer_share": (
                 round(len(self.float_layers) / self.layer_count, 4) if self.layer_count else 0.0
             ),
@@ -152,104 +137,6 @@ INT8_NEEDS_LITERT = (
     "moved by one quantisation step and 3 of 48 images changed their top-1 on an "
     "emulated Pi 4), so a station would not give the answers this conversion checked"
 )
-
-
-def _note(progress: Progress | None, message: str) -> None:
-    log.info("%s", message)
-    if progress is not None:
-        progress(message)
-
-
-def _layer_name(tensor: str) -> str:
-    """The Keras layer behind a converted tensor name, for the manifest and messages.
-
-    TFLite names a fused op's output after every op it fused, joined by ``;`` (e.g.
-    ``model/backbone/stem_relu_1/Relu6;...;model/backbone/stem_conv_1/convolution``);
-    the layer that holds weights (a convolution or dense layer) names it best.
-    """
-    layers = [part.split("/")[-2] for part in tensor.split(";") if part.count("/") >= 1]
-    layers = [name.removesuffix("_1") for name in layers]
-    weighted = [n for n in layers if "conv" in n or "dense" in n or "predictions" in n]
-    return (weighted or layers or [tensor])[0]
-
-
-@dataclass(frozen=True)
-class _Checked:
-    """A converted model with its fidelity check."""
-
-    model: bytes
-    operators: OpReport
-    fidelity: Fidelity
-    runtime: RuntimeInfo
-    staged: Bundle
-    edge_probs: np.ndarray
-    float_layers: tuple[str, ...] = ()
-    layer_count: int = 0
-
-
-def _float_fallback(
-    best: _Checked,
-    saved: Path,
-    calibration: np.ndarray,
-    fidelity_of: Callable[[bytes, str], _Checked],
-    *,
-    max_accuracy_drop: float,
-    allow_newer_runtime: bool,
-    progress: Progress | None,
-) -> _Checked:
-    """Keep a growing share of the first layers in float while int8 falls short.
-
-    Returns the first candidate that holds (the least float that does), else the best
-    one seen.
-    """
-    if _int8_holds(best.fidelity, max_accuracy_drop):
-        return best
-    _note(
-        progress,
-        f"int8 falls short (top-1 agreement {best.fidelity.top1_agreement:.3f}, target "
-        f"{INT8_AGREEMENT_TARGET}; accuracy drop {best.fidelity.accuracy_drop_points:.2f} "
-        f"points, target {min(INT8_DROP_TARGET, max_accuracy_drop):g}): keeping the first "
-        "layers in float, a share at a time",
-    )
-    calibrated = calibrate(saved, calibration)
-    total = len(calibrated.layers)
-    counts = sorted({max(1, round(share * total)) for share in FLOAT_PREFIX_SHARES})
-    for count in counts:  # a small network maps several shares to one count
-        layers = calibrated.layers[:count]
-        candidate = quantize_with_float_layers(calibrated, layers)
-        check_edge_compatible(
-            read_operators(candidate), require_tflite_runtime=not allow_newer_runtime
-        )
-        mixed = dataclasses.replace(
-            fidelity_of(candidate, f"fidelity-check-{len(layers)}"),
-            float_layers=tuple(layers),
-            layer_count=total,
-        )
-        _note(
-            progress,
-            f"first {len(layers)} of {total} layers in float (to {_layer_name(layers[-1])}, "
-            f"{len(candidate) / 1e6:.1f} MB): {mixed.fidelity.summary()}",
-        )
-        if (mixed.fidelity.top1_agreement, -mixed.fidelity.accuracy_drop_points) > (
-            best.fidelity.top1_agreement,
-            -best.fidelity.accuracy_drop_points,
-        ):
-            best = mixed
-        if _int8_holds(mixed.fidelity, max_accuracy_drop):
-            return mixed
-    _note(
-        progress,
-        f"int8 still falls short with {FLOAT_PREFIX_SHARES[-1]:.0%} of the layers in "
-        f"float; keeping the best (top-1 agreement {best.fidelity.top1_agreement:.3f}, "
-        f"{len(best.float_layers)} float layers)",
-    )
-    return best
-
-
-def _int8_holds(fidelity: Fidelity, max_accuracy_drop: float) -> bool:
-    return fidelity.top1_agreement >= INT8_AGREEMENT_TARGET and (
-        fidelity.accuracy_drop_points <= min(INT8_DROP_TARGET, max_accuracy_drop)
-    )
 
 
 def logits_model(keras_model: Any) -> tuple[Any, str | None]:
@@ -333,7 +220,8 @@ def convert_model(
 
     With ``float_fallback``, an int8 model whose top-1 agreement with Keras is below
     ``INT8_AGREEMENT_TARGET`` (or whose accuracy drop exceeds the limit) is quantised
-    again with a growing share of its first layers in float (``FLOAT_PREFIX_SHARES``),
+    again with a growing share of its first layers in float
+    (:mod:`~fieldscope.convert.float_layers`),
     and the first candidate that holds (else the best) is kept.
 
     ``calibration_images`` (a stratified sample of the training split) and
@@ -367,11 +255,11 @@ def convert_model(
 
 def _convert_with_fallback(
     work: _Work, calibration: np.ndarray | None, float_fallback: bool, max_accuracy_drop: float
-) -> tuple[_Checked, dict[str, Any] | None]:
+) -> tuple[Checked, dict[str, Any] | None]:
     """The best candidate (int8, or int8 with float layers) and the second runtime's check."""
     saved, best = _convert_and_check(work, calibration)
     if float_fallback and calibration is not None:
-        best = _float_fallback(
+        best = search_float_prefix(
             best,
             saved,
             calibration,
@@ -384,13 +272,13 @@ def _convert_with_fallback(
         best.staged.model_path, work.eval_images, best.edge_probs, work.output
     )
     if second is not None:
-        _note(work.progress, f"tflite-runtime 2.14 against {best.runtime.name}: {second}")
+        note(work.progress, f"tflite-runtime 2.14 against {best.runtime.name}: {second}")
     return best, second
 
 
 def _result(
     work: _Work,
-    best: _Checked,
+    best: Checked,
     second: dict[str, Any] | None,
     calibration: np.ndarray | None,
     max_accuracy_drop: float,
@@ -403,7 +291,7 @@ def _result(
     runtimes = min_runtime(best.operators, litert_version=litert, tensorflow_version=tf.__version__)
     if work.quantize == "int8" and runtimes.pop("tflite_runtime", None) is not None:
         second = {**(second or {"runtime": "tflite_runtime 2.14"}), "refused": INT8_NEEDS_LITERT}
-        _note(work.progress, "min_runtime leaves tflite_runtime out: " + INT8_NEEDS_LITERT)
+        note(work.progress, "min_runtime leaves tflite_runtime out: " + INT8_NEEDS_LITERT)
     return ConversionResult(
         model=best.model,
         quantize=work.quantize,
@@ -466,7 +354,7 @@ class _Work:
     keras_probs: np.ndarray | None = None
     allow_newer_runtime: bool = False
 
-    def fidelity_of(self, candidate: bytes, name: str) -> _Checked:
+    def fidelity_of(self, candidate: bytes, name: str) -> Checked:
         """Stage ``candidate`` as a bundle and compare the edge's answers with Keras's."""
         assert self.keras_probs is not None
         staged = write_bundle(
@@ -486,25 +374,25 @@ class _Work:
             quantize=self.quantize,
             runtime=f"{used.name} {used.version}",
         )
-        return _Checked(candidate, read_operators(candidate), result, used, staged, edge_probs)
+        return Checked(candidate, read_operators(candidate), result, used, staged, edge_probs)
 
 
-def _convert_and_check(work: _Work, calibration: np.ndarray | None) -> tuple[Path, _Checked]:
+def _convert_and_check(work: _Work, calibration: np.ndarray | None) -> tuple[Path, Checked]:
     """Export, convert, check the operators and the fidelity; the SavedModel and result."""
-    _note(work.progress, "exporting the Keras model as a SavedModel")
+    note(work.progress, "exporting the Keras model as a SavedModel")
     exported, work.output = logits_model(work.keras_model)
     saved = export_saved_model(exported, work.folder / "saved_model")
     what = (
         f" (calibrating on {len(calibration)} training images)" if calibration is not None else ""
     )
-    _note(work.progress, f"converting to TFLite {work.quantize}{what}")
+    note(work.progress, f"converting to TFLite {work.quantize}{what}")
     model = convert_saved_model(saved, work.quantize, calibration)
     operators = read_operators(model)
     check_edge_compatible(operators, require_tflite_runtime=not work.allow_newer_runtime)
-    _note(work.progress, f"checking fidelity on {len(work.eval_images)} test images")
+    note(work.progress, f"checking fidelity on {len(work.eval_images)} test images")
     work.keras_probs = keras_probabilities(work.keras_model, work.eval_images)
     best = work.fidelity_of(model, "fidelity-check")
-    _note(work.progress, best.fidelity.summary())
+    note(work.progress, best.fidelity.summary())
     return saved, best
 
 

@@ -233,8 +233,8 @@ def _toy_saved_model(tmp_path: Path) -> tuple[keras.Model, Path, np.ndarray]:
 def test_the_first_layers_can_stay_in_float(tmp_path: Path) -> None:
     """Selective fallback: the first layers run in float, the rest in int8, and the
     model still loads in tflite-runtime 2.14's op set (no per-channel Dense)."""
+    from fieldscope.convert.float_layers import layer_name
     from fieldscope.convert.opcheck import check_edge_compatible, read_operators
-    from fieldscope.convert.pipeline import _layer_name
     from fieldscope.convert.quantize import calibrate, quantize_with_float_layers
     from fieldscope.edge.runtime import make_interpreter
 
@@ -242,7 +242,7 @@ def test_the_first_layers_can_stay_in_float(tmp_path: Path) -> None:
     calibrated = calibrate(saved, images)
     assert len(calibrated.layers) >= 10
     # Execution order, from the input.
-    names = [_layer_name(t) for t in calibrated.layers]
+    names = [layer_name(t) for t in calibrated.layers]
     assert names[0] == "normalisation"
     assert names.index("c0") < names.index("d0") < names.index("c3")
     reference = exported.predict(images[:4].astype("float32"), verbose=0)
@@ -301,7 +301,7 @@ def _fidelity(agreement: float, drop_points: float) -> Fidelity:
 def test_float_fallback_keeps_the_least_float_that_holds(
     tmp_path: Path, checks: list[tuple[float, float]], chosen: int
 ) -> None:
-    from fieldscope.convert import pipeline
+    from fieldscope.convert import float_layers
     from fieldscope.convert.opcheck import read_operators
     from fieldscope.convert.quantize import calibrate
 
@@ -310,22 +310,22 @@ def test_float_fallback_keeps_the_least_float_that_holds(
     results = iter(checks)
     tried: list[bytes] = []
 
-    def fidelity_of(candidate: bytes, name: str) -> pipeline._Checked:
+    def fidelity_of(candidate: bytes, name: str) -> float_layers.Checked:
         tried.append(candidate)
-        return pipeline._Checked(
+        return float_layers.Checked(
             candidate, read_operators(candidate), _fidelity(*next(results)),
             None, None, np.zeros((1, 3)),  # type: ignore[arg-type]
         )  # fmt: skip
 
-    int8 = pipeline._Checked(
+    int8 = float_layers.Checked(
         b"int8", None, _fidelity(0.92, 0.0), None, None, np.zeros((1, 3)),  # type: ignore[arg-type]
     )  # fmt: skip
     notes: list[str] = []
-    best = pipeline._float_fallback(
+    best = float_layers.search_float_prefix(
         int8, saved, images, fidelity_of, max_accuracy_drop=1.0,
         allow_newer_runtime=False, progress=notes.append,
     )  # fmt: skip
-    counts = sorted({max(1, round(s * len(layers))) for s in pipeline.FLOAT_PREFIX_SHARES})
+    counts = sorted({max(1, round(s * len(layers))) for s in float_layers.FLOAT_PREFIX_SHARES})
     holds = checks[chosen - 1][0] >= 0.98
     # The first that holds ends the search; else every distinct count is tried once.
     assert len(tried) == (chosen if holds else len(counts))
@@ -337,16 +337,16 @@ def test_float_fallback_keeps_the_least_float_that_holds(
 
 
 def test_float_fallback_leaves_an_int8_model_that_holds(tmp_path: Path) -> None:
-    from fieldscope.convert import pipeline
+    from fieldscope.convert import float_layers
 
-    int8 = pipeline._Checked(
+    int8 = float_layers.Checked(
         b"int8", None, _fidelity(0.99, 0.3), None, None, np.zeros((1, 3)),  # type: ignore[arg-type]
     )  # fmt: skip
 
-    def never(candidate: bytes, name: str) -> pipeline._Checked:
+    def never(candidate: bytes, name: str) -> float_layers.Checked:
         raise AssertionError("no float candidate is needed")
 
-    best = pipeline._float_fallback(
+    best = float_layers.search_float_prefix(
         int8, tmp_path / "no-saved-model", np.zeros((1, 32, 32, 3), np.uint8), never,
         max_accuracy_drop=1.0, allow_newer_runtime=False, progress=None,
     )  # fmt: skip
