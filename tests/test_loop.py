@@ -65,7 +65,7 @@ TRAIN = [
     "--augment-copies", "1",
 ]  # fmt: skip
 # The station accepts at 0.9: the A/B look-alikes (0.5 each) are uncertain, C is not.
-# Fidelity is not this test's subject (test_convert_cli.py): no refusal, no debugger.
+# Fidelity is not this test's subject (test_convert_cli.py): no refusal, no float-layer search.
 CONVERT = ["--threshold", "0.9", "--max-accuracy-drop", "100", "--no-float-fallback"]
 
 

@@ -104,7 +104,7 @@ def test_default_recipe_beats_a_linear_probe_on_real_plankton(
     bundle = read_bundle(bundle_dir)
     assert bundle.manifest.output == "logits"
     fidelity = bundle.manifest.provenance.fidelity
-    # int8 (with the layers the quantisation debugger blamed kept in float, if any).
+    # int8 (with its first layers kept in float where full int8 fell short).
     assert fidelity["quantization"] == "int8"
 
     split = json.loads((run / "split.json").read_text())
