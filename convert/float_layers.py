@@ -153,6 +153,8 @@ def search_float_prefix(
 
 
 def int8_holds(fidelity: Fidelity, max_accuracy_drop: float) -> bool:
-    return fidelity.top1_agreement >= INT8_AGREEMENT_TARGET and (
-        fidelity.accuracy_drop_points <= min(INT8_DROP_TARGET, max_accuracy_drop)
+    """Whether a candidate is close enough to Keras to stop looking for float layers."""
+    return bool(
+        fidelity.top1_agreement >= INT8_AGREEMENT_TARGET
+        and fidelity.accuracy_drop_points <= min(INT8_DROP_TARGET, max_accuracy_drop)
     )
