@@ -196,7 +196,7 @@ def test_int8_that_falls_short_keeps_its_first_layers_in_float(
     fidelity = m.provenance.fidelity
     assert fidelity["quantization"] == "int8"
     assert 0 < fidelity["float_layer_share"] <= 0.75
-    assert fidelity["float_layers"][0] == "rescaling"  # the in-graph normalisation
+    assert fidelity["float_layers"][0].startswith("rescaling")  # the in-graph normalisation
     classifier = Classifier(bundle)
     edge = np.stack([classifier.classify(image).probabilities for image in trained.test_x])
     keras_probs = trained.model.predict(trained.test_x.astype(np.float32), verbose=0)
